@@ -1,0 +1,50 @@
+"""`nanoseek <command>`: thin argument parsing over library functions.
+
+Each stage keeps its subcommands in its own module here (`register(subparsers)`), so a
+command's flags sit next to each other and heavy imports happen only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nanoseek.cli import compute_cmds, data_cmds, infer_cmds, model_cmds, train_cmds
+
+COMMAND_MODULES = [model_cmds, data_cmds, train_cmds, infer_cmds, compute_cmds]
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanoseek",
+        description="A small, fast, readable DeepSeek-V3 / R1: train, check, serve and cost it.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (UserError, ValueError, FileNotFoundError, OSError) as e:
+        # ConfigError, CheckpointError and friends subclass ValueError: one clear line.
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""ModelConfig: every number that shapes a DeepSeek-V3 model, its presets, and the
+mapping to and from Hugging Face `config.json`.
+
+Field names are the Hugging Face ones, so a `config.json` reads straight into the
+dataclass; the modules use the paper's names for their weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a model; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # vocabulary and width
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    num_hidden_layers: int = 61
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    # mla
+    num_attention_heads: int = 128
+    q_lora_rank: int | None = 1536  # None: uncompressed queries (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # rope / yarn
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"type": "yarn", "factor", ...}
+    # dense layers
+    first_k_dense_replace: int = 3
+    intermediate_size: int = 18432
+    # moe
+    moe_intermediate_size: int = 2048
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2)
+    topk_method: str = "noaux_tc"  # V3: noaux_tc; V2: greedy / group_limited_greedy
+    # mtp
+    num_nextn_predict_layers: int = 1
+    model_type: str = "deepseek_v3"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- derived sizes -------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0 and self.first_k_dense_replace < self.num_hidden_layers
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return self.n_routed_experts > 0 and layer_id >= self.first_k_dense_replace
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"invalid ModelConfig: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)")
+        need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank must be positive or None")
+        need(self.scoring_func in ("sigmoid", "softmax"), f"scoring_func must be sigmoid or softmax, got {self.scoring_func!r}")
+        if self.n_routed_experts > 0:
+            need(1 <= self.num_experts_per_tok <= self.n_routed_experts,
+                 "num_experts_per_tok must be between 1 and n_routed_experts")
+            need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
+                 f"n_routed_experts ({self.n_routed_experts}) must divide into n_group ({self.n_group}) groups")
+            need(1 <= self.topk_group <= self.n_group, "topk_group must be between 1 and n_group")
+            per_group = self.n_routed_experts // self.n_group
+            need(self.topk_group * per_group >= self.num_experts_per_tok,
+                 "topk_group groups must hold at least num_experts_per_tok experts")
+            need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
+        if self.first_k_dense_replace > 0 or self.n_routed_experts == 0:
+            need(self.intermediate_size > 0, "intermediate_size must be positive for dense layers")
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            need(kind in ("yarn", "default", None), f"rope_scaling type {kind!r} is not supported (only yarn)")
+            if kind == "yarn":
+                need(float(self.rope_scaling.get("factor", 0)) >= 1, "yarn factor must be >= 1")
+                need("original_max_position_embeddings" in self.rope_scaling,
+                     "yarn rope_scaling needs original_max_position_embeddings")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # --- Hugging Face config.json --------------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        rope_params: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling and self._yarn:
+            rope_params.update({k: v for k, v in self.rope_scaling.items() if k != "type"})
+            rope_params["rope_type"] = "yarn"
+        d.update(
+            architectures=["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"],
+            num_key_value_heads=self.num_attention_heads,
+            hidden_act="silu",
+            attention_bias=False,
+            rope_interleave=True,
+            rope_parameters=rope_params,  # transformers >= 5
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+        )
+        if self.rope_scaling and self._yarn:  # transformers 4.x reads this key
+            d["rope_scaling"] = {**{k: v for k, v in self.rope_scaling.items() if k != "rope_type"}, "type": "yarn"}
+        return d
+
+    @property
+    def _yarn(self) -> bool:
+        s = self.rope_scaling or {}
+        return s.get("type", s.get("rope_type")) == "yarn"
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        model_type = d.get("model_type")
+        if model_type not in ("deepseek_v3", "deepseek_v2"):
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not a DeepSeek model; "
+                "nanoseek reads 'deepseek_v3' and 'deepseek_v2' checkpoints"
+            )
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_scaling", "rope_theta"}
+        kw = {k: d[k] for k in names if k in d and (d[k] is not None or k == "q_lora_rank")}
+        # rope: transformers 5 writes rope_parameters, 4.x writes rope_theta + rope_scaling
+        rp = d.get("rope_parameters") or {}
+        kw["rope_theta"] = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
+        scaling = d.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+        if scaling:
+            scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "rope_type")}
+            scaling["type"] = (d.get("rope_scaling") or {}).get("type", rp.get("rope_type", "yarn"))
+            kw["rope_scaling"] = scaling
+        if model_type == "deepseek_v2":
+            kw.setdefault("scoring_func", "softmax")
+            kw.setdefault("topk_method", "greedy")
+            kw.setdefault("n_group", d.get("n_group") or 1)
+            kw.setdefault("topk_group", d.get("topk_group") or 1)
+            kw.setdefault("routed_scaling_factor", 1.0)
+            kw.setdefault("norm_topk_prob", False)
+            kw.setdefault("num_nextn_predict_layers", 0)
+        for key in ("n_group", "topk_group"):
+            if d.get(key) is None and key in kw:
+                kw.pop(key)
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from e
+
+    def save(self, path: str | Path) -> None:
+        from nanoseek.utils import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise ConfigError(f"{path}: no config.json here; point at a checkpoint directory")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_hf_dict(d, source=str(path))
+
+
+# --- parameter counts (without building the model) ---------------------------------
+
+
+def _attention_params(c: ModelConfig) -> int:
+    d, h = c.hidden_size, c.num_attention_heads
+    if c.q_lora_rank is None:
+        q = d * h * c.qk_head_dim
+    else:
+        q = d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * c.qk_head_dim
+    kv = d * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
+    kv += c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim)
+    return q + kv + h * c.v_head_dim * d
+
+
+def _layer_params(c: ModelConfig, layer_id: int) -> tuple[int, int]:
+    """(total, activated) parameters of one transformer block."""
+    d = c.hidden_size
+    attn = _attention_params(c) + 2 * d  # + the two RMSNorms
+    if not c.is_moe_layer(layer_id):
+        mlp = 3 * d * c.intermediate_size
+        return attn + mlp, attn + mlp
+    expert = 3 * d * c.moe_intermediate_size
+    gate = c.n_routed_experts * d
+    shared = c.n_shared_experts * expert
+    total = attn + gate + shared + c.n_routed_experts * expert
+    active = attn + gate + shared + c.num_experts_per_tok * expert
+    return total, active
+
+
+def param_counts(c: ModelConfig, include_mtp: bool = False) -> dict[str, int]:
+    """Total and activated parameter counts, computed from the config alone.
+
+    Total counts every matrix. Activated counts the parameters a token computes with: the
+    input embedding is a table lookup, so it is left out (as in DeepSeek's "37B activated");
+    the output head is in. MTP modules are excluded by default, as DeepSeek's
+    "671B total" does (the released checkpoint, 685B, includes them).
+    """
+    emb = c.vocab_size * c.hidden_size
+    head = 0 if c.tie_word_embeddings else emb
+    total = emb + head + c.hidden_size  # + final norm
+    active = c.vocab_size * c.hidden_size + c.hidden_size  # the head (shared with emb if tied)
+    for i in range(c.num_hidden_layers):
+        t, a = _layer_params(c, i)
+        total += t
+        active += a
+    mtp_t = mtp_a = 0
+    for _ in range(c.num_nextn_predict_layers):
+        t, a = _layer_params(c, c.num_hidden_layers)  # MTP blocks are MoE blocks past the last layer
+        extra = 2 * c.hidden_size * c.hidden_size + 3 * c.hidden_size  # eh_proj + enorm/hnorm/head norm
+        mtp_t += t + extra
+        mtp_a += a + extra
+    if include_mtp:
+        total += mtp_t
+        active += mtp_a
+    return {"total": total, "activated": active, "mtp": mtp_t, "embedding": emb + head}
+
+
+def kv_cache_bytes_per_token(c: ModelConfig, bytes_per_value: int = 2) -> dict[str, int]:
+    """Latent cache (c_kv + k_rope) versus full per-head keys and values, all layers."""
+    latent = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * bytes_per_value
+    full = c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * bytes_per_value
+    return {"latent": latent, "full": full}
+
+
+# --- presets -----------------------------------------------------------------------
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, max_position_embeddings=256,
+        num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, intermediate_size=128,
+        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=2, topk_group=1, routed_scaling_factor=1.0, num_nextn_predict_layers=1,
+    )
+
+
+def _small() -> ModelConfig:
+    # ~35M total / ~11M activated: a 5-minute CPU run learns visible Python structure.
+    return ModelConfig(
+        vocab_size=8192, hidden_size=256, num_hidden_layers=6, max_position_embeddings=1024,
+        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=32,
+        qk_rope_head_dim=32, v_head_dim=64, first_k_dense_replace=1, intermediate_size=1024,
+        moe_intermediate_size=256, n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
+    )
+
+
+def _dense_small() -> ModelConfig:
+    # Same activated FFN width as `small` (shared + top-k experts = 5 x 256 = 1280), every layer dense.
+    s = _small()
+    width = (s.n_shared_experts + s.num_experts_per_tok) * s.moe_intermediate_size
+    return s.replace(first_k_dense_replace=s.num_hidden_layers, intermediate_size=width,
+                     n_routed_experts=0, n_shared_experts=0, n_group=1, topk_group=1)
+
+
+def _deepseek_v3() -> ModelConfig:
+    return ModelConfig(
+        max_position_embeddings=163840,
+        rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    )
+
+
+def _deepseek_v2_lite() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=102400, hidden_size=2048, num_hidden_layers=27, max_position_embeddings=163840,
+        num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=1, intermediate_size=10944,
+        moe_intermediate_size=1408, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+        n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False,
+        scoring_func="softmax", topk_method="greedy", num_nextn_predict_layers=0,
+        bos_token_id=100000, eos_token_id=100001, model_type="deepseek_v2",
+        rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    )
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "small": _small,
+    "dense-small": _dense_small,
+    "deepseek-v3": _deepseek_v3,
+    "deepseek-v2-lite": _deepseek_v2_lite,
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M' (for tables)."""
+    for unit, k in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= k:
+            return f"{n / k:.3g}{unit}"
+    return f"{n:.3g}" if not float(n).is_integer() else str(int(n))
+
+
+__all__ = [
+    "ConfigError", "ModelConfig", "PRESETS", "get_preset", "param_counts",
+    "kv_cache_bytes_per_token", "human",
+]

@@ -1,0 +1,5 @@
+from nanoseek.model.attention import MLA, LayerKV
+from nanoseek.model.moe import MLP, Experts, Gate, MoE
+from nanoseek.model.transformer import Block, ModelOutput, MTPModule, Transformer
+
+__all__ = ["MLA", "LayerKV", "MLP", "Experts", "Gate", "MoE", "Block", "MTPModule", "ModelOutput", "Transformer"]

@@ -1,0 +1,135 @@
+"""DeepSeekMoE: a gate, fine-grained routed experts, and always-on shared experts.
+
+Gate (V3): s = sigmoid(x W_gate). Experts are *selected* by s + b, where b is a
+per-expert bias moved by the trainer towards balanced load (auxiliary-loss-free
+balancing); the *weights* use s alone, normalised over the chosen experts, times
+route_scale. Group-limited routing: a group scores the sum of its top-2 (s + b) and each
+token first picks `topk_group` groups. V2's softmax gate is supported for loading.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.n_groups, self.topk_groups = cfg.n_group, cfg.topk_group
+        self.route_scale = cfg.routed_scaling_factor
+        self.norm_topk = cfg.norm_topk_prob
+        self.scoring = cfg.scoring_func
+        self.method = cfg.topk_method
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # selection-only bias: a buffer, moved by the trainer, never by gradients
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts), persistent=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, d] -> (weights [N, k], expert indices [N, k], scores [N, E])."""
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
+            logits = F.linear(x.float(), self.weight.float())
+        if self.scoring == "sigmoid":
+            scores = logits.sigmoid()
+            choice = scores + self.bias
+        else:
+            scores = logits.softmax(dim=-1)
+            choice = scores
+        if self.n_groups > 1 and self.method != "greedy":
+            N, E = choice.shape
+            grouped = choice.view(N, self.n_groups, E // self.n_groups)
+            if self.scoring == "sigmoid":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:  # V2 group_limited_greedy: a group scores its best expert
+                group_scores = grouped.amax(dim=-1)
+            top_groups = group_scores.topk(self.topk_groups, dim=-1, sorted=False).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(E // self.n_groups, dim=1), float("-inf"))
+        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices, scores
+
+
+class Experts(nn.Module):
+    """All routed experts' weights stacked: w13 = [gate; up] per expert, w2 = down."""
+
+    def __init__(self, n_experts: int, dim: int, inter: int):
+        super().__init__()
+        self.inter = inter
+        self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [N, d]; each token goes to its k experts. Tokens are sorted by expert and every
+        expert runs once on its contiguous slice (a loop over experts, never over tokens)."""
+        N, k = indices.shape
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.w13.shape[0]).tolist()  # one sync per layer
+        xs = x[order // k]  # token copies grouped by expert
+        outs = []
+        for e, chunk in enumerate(xs.split(counts)):
+            if chunk.shape[0] == 0:
+                continue
+            gate, up = F.linear(chunk, self.w13[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.w2[e]))
+        ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
+        out = torch.zeros_like(x)
+        return out.index_add_(0, order // k, ys.to(out.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared = (
+            MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+            if cfg.n_shared_experts > 0
+            else None
+        )
+        self.balance_alpha = 0.0  # sequence-wise balance loss weight, set by the trainer
+        self.tokens_per_expert: torch.Tensor | None = None  # from the last forward
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, indices, scores = self.gate(flat)
+        self.tokens_per_expert = torch.bincount(indices.flatten(), minlength=self.n_experts).detach()
+        if self.training and self.balance_alpha > 0:
+            self.aux_loss = self.balance_alpha * self._sequence_balance_loss(scores, indices, shape)
+        out = self.experts(flat, weights, indices)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(shape)
+
+    def _sequence_balance_loss(self, scores, indices, shape) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise loss: sum_i f_i P_i per sequence, averaged over the batch."""
+        B, T = shape[0], shape[1]
+        E, k = self.n_experts, self.top_k
+        chosen = torch.zeros(B * T, E, device=scores.device).scatter_(1, indices, 1.0)
+        f = chosen.view(B, T, E).sum(1) * E / (k * T)
+        p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)
+        return (f * p).sum(-1).mean()

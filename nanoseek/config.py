@@ -79,32 +79,55 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(f"invalid ModelConfig: {msg}")
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "v_head_dim",
+        ):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)")
-        need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank must be positive or None")
-        need(self.scoring_func in ("sigmoid", "softmax"), f"scoring_func must be sigmoid or softmax, got {self.scoring_func!r}")
+        need(
+            self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank must be positive or None"
+        )
+        need(
+            self.scoring_func in ("sigmoid", "softmax"),
+            f"scoring_func must be sigmoid or softmax, got {self.scoring_func!r}",
+        )
         if self.n_routed_experts > 0:
-            need(1 <= self.num_experts_per_tok <= self.n_routed_experts,
-                 "num_experts_per_tok must be between 1 and n_routed_experts")
-            need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
-                 f"n_routed_experts ({self.n_routed_experts}) must divide into n_group ({self.n_group}) groups")
+            need(
+                1 <= self.num_experts_per_tok <= self.n_routed_experts,
+                "num_experts_per_tok must be between 1 and n_routed_experts",
+            )
+            need(
+                self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
+                f"n_routed_experts ({self.n_routed_experts}) must divide into n_group ({self.n_group}) groups",
+            )
             need(1 <= self.topk_group <= self.n_group, "topk_group must be between 1 and n_group")
             per_group = self.n_routed_experts // self.n_group
-            need(self.topk_group * per_group >= self.num_experts_per_tok,
-                 "topk_group groups must hold at least num_experts_per_tok experts")
+            need(
+                self.topk_group * per_group >= self.num_experts_per_tok,
+                "topk_group groups must hold at least num_experts_per_tok experts",
+            )
             need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
         if self.first_k_dense_replace > 0 or self.n_routed_experts == 0:
             need(self.intermediate_size > 0, "intermediate_size must be positive for dense layers")
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            need(kind in ("yarn", "default", None), f"rope_scaling type {kind!r} is not supported (only yarn)")
+            need(
+                kind in ("yarn", "default", None),
+                f"rope_scaling type {kind!r} is not supported (only yarn)",
+            )
             if kind == "yarn":
                 need(float(self.rope_scaling.get("factor", 0)) >= 1, "yarn factor must be >= 1")
-                need("original_max_position_embeddings" in self.rope_scaling,
-                     "yarn rope_scaling needs original_max_position_embeddings")
+                need(
+                    "original_max_position_embeddings" in self.rope_scaling,
+                    "yarn rope_scaling needs original_max_position_embeddings",
+                )
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -117,7 +140,11 @@ class ModelConfig:
             rope_params.update({k: v for k, v in self.rope_scaling.items() if k != "type"})
             rope_params["rope_type"] = "yarn"
         d.update(
-            architectures=["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"],
+            architectures=[
+                "DeepseekV3ForCausalLM"
+                if self.model_type == "deepseek_v3"
+                else "DeepseekV2ForCausalLM"
+            ],
             num_key_value_heads=self.num_attention_heads,
             hidden_act="silu",
             attention_bias=False,
@@ -127,7 +154,10 @@ class ModelConfig:
             topk_group=self.topk_group,
         )
         if self.rope_scaling and self._yarn:  # transformers 4.x reads this key
-            d["rope_scaling"] = {**{k: v for k, v in self.rope_scaling.items() if k != "rope_type"}, "type": "yarn"}
+            d["rope_scaling"] = {
+                **{k: v for k, v in self.rope_scaling.items() if k != "rope_type"},
+                "type": "yarn",
+            }
         return d
 
     @property
@@ -148,7 +178,9 @@ class ModelConfig:
         # rope: transformers 5 writes rope_parameters, 4.x writes rope_theta + rope_scaling
         rp = d.get("rope_parameters") or {}
         kw["rope_theta"] = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
-        scaling = d.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+        scaling = d.get("rope_scaling") or (
+            rp if rp.get("rope_type", "default") != "default" else None
+        )
         if scaling:
             scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "rope_type")}
             scaling["type"] = (d.get("rope_scaling") or {}).get("type", rp.get("rope_type", "yarn"))
@@ -237,8 +269,12 @@ def param_counts(c: ModelConfig, include_mtp: bool = False) -> dict[str, int]:
         active += a
     mtp_t = mtp_a = 0
     for _ in range(c.num_nextn_predict_layers):
-        t, a = _layer_params(c, c.num_hidden_layers)  # MTP blocks are MoE blocks past the last layer
-        extra = 2 * c.hidden_size * c.hidden_size + 3 * c.hidden_size  # eh_proj + enorm/hnorm/head norm
+        t, a = _layer_params(
+            c, c.num_hidden_layers
+        )  # MTP blocks are MoE blocks past the last layer
+        extra = (
+            2 * c.hidden_size * c.hidden_size + 3 * c.hidden_size
+        )  # eh_proj + enorm/hnorm/head norm
         mtp_t += t + extra
         mtp_a += a + extra
     if include_mtp:
@@ -250,7 +286,12 @@ def param_counts(c: ModelConfig, include_mtp: bool = False) -> dict[str, int]:
 def kv_cache_bytes_per_token(c: ModelConfig, bytes_per_value: int = 2) -> dict[str, int]:
     """Latent cache (c_kv + k_rope) versus full per-head keys and values, all layers."""
     latent = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * bytes_per_value
-    full = c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * bytes_per_value
+    full = (
+        c.num_hidden_layers
+        * c.num_attention_heads
+        * (c.qk_head_dim + c.v_head_dim)
+        * bytes_per_value
+    )
     return {"latent": latent, "full": full}
 
 
@@ -259,22 +300,52 @@ def kv_cache_bytes_per_token(c: ModelConfig, bytes_per_value: int = 2) -> dict[s
 
 def _tiny() -> ModelConfig:
     return ModelConfig(
-        vocab_size=256, hidden_size=64, num_hidden_layers=3, max_position_embeddings=256,
-        num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, intermediate_size=128,
-        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-        n_group=2, topk_group=1, routed_scaling_factor=1.0, num_nextn_predict_layers=1,
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=3,
+        max_position_embeddings=256,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        first_k_dense_replace=1,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        num_nextn_predict_layers=1,
     )
 
 
 def _small() -> ModelConfig:
     # ~35M total / ~11M activated: a 5-minute CPU run learns visible Python structure.
     return ModelConfig(
-        vocab_size=8192, hidden_size=256, num_hidden_layers=6, max_position_embeddings=1024,
-        num_attention_heads=4, q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=32,
-        qk_rope_head_dim=32, v_head_dim=64, first_k_dense_replace=1, intermediate_size=1024,
-        moe_intermediate_size=256, n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4,
-        n_group=4, topk_group=2, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
+        vocab_size=8192,
+        hidden_size=256,
+        num_hidden_layers=6,
+        max_position_embeddings=1024,
+        num_attention_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=128,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        first_k_dense_replace=1,
+        intermediate_size=1024,
+        moe_intermediate_size=256,
+        n_routed_experts=32,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        num_nextn_predict_layers=1,
     )
 
 
@@ -282,29 +353,68 @@ def _dense_small() -> ModelConfig:
     # Same activated FFN width as `small` (shared + top-k experts = 5 x 256 = 1280), every layer dense.
     s = _small()
     width = (s.n_shared_experts + s.num_experts_per_tok) * s.moe_intermediate_size
-    return s.replace(first_k_dense_replace=s.num_hidden_layers, intermediate_size=width,
-                     n_routed_experts=0, n_shared_experts=0, n_group=1, topk_group=1)
+    return s.replace(
+        first_k_dense_replace=s.num_hidden_layers,
+        intermediate_size=width,
+        n_routed_experts=0,
+        n_shared_experts=0,
+        n_group=1,
+        topk_group=1,
+    )
 
 
 def _deepseek_v3() -> ModelConfig:
     return ModelConfig(
         max_position_embeddings=163840,
-        rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
-                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        rope_scaling={
+            "type": "yarn",
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
     )
 
 
 def _deepseek_v2_lite() -> ModelConfig:
     return ModelConfig(
-        vocab_size=102400, hidden_size=2048, num_hidden_layers=27, max_position_embeddings=163840,
-        num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
-        qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=1, intermediate_size=10944,
-        moe_intermediate_size=1408, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
-        n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False,
-        scoring_func="softmax", topk_method="greedy", num_nextn_predict_layers=0,
-        bos_token_id=100000, eos_token_id=100001, model_type="deepseek_v2",
-        rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
-                      "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        vocab_size=102400,
+        hidden_size=2048,
+        num_hidden_layers=27,
+        max_position_embeddings=163840,
+        num_attention_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        first_k_dense_replace=1,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=False,
+        scoring_func="softmax",
+        topk_method="greedy",
+        num_nextn_predict_layers=0,
+        bos_token_id=100000,
+        eos_token_id=100001,
+        model_type="deepseek_v2",
+        rope_scaling={
+            "type": "yarn",
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        },
     )
 
 
@@ -332,6 +442,11 @@ def human(n: float) -> str:
 
 
 __all__ = [
-    "ConfigError", "ModelConfig", "PRESETS", "get_preset", "param_counts",
-    "kv_cache_bytes_per_token", "human",
+    "ConfigError",
+    "ModelConfig",
+    "PRESETS",
+    "get_preset",
+    "param_counts",
+    "kv_cache_bytes_per_token",
+    "human",
 ]

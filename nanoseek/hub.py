@@ -123,7 +123,9 @@ class _TensorSource:
             try:
                 self._handles[f] = safe_open(str(f), framework="pt")
             except (SafetensorError, OSError, Exception) as e:
-                raise CheckpointError(f"{f}: unreadable safetensors file (truncated or corrupt?): {e}") from e
+                raise CheckpointError(
+                    f"{f}: unreadable safetensors file (truncated or corrupt?): {e}"
+                ) from e
         return self._handles[f]
 
     def __contains__(self, name: str) -> bool:
@@ -134,14 +136,18 @@ class _TensorSource:
         try:
             t = self._open(f).get_tensor(name)
         except Exception as e:
-            raise CheckpointError(f"{f}: cannot read tensor {name} (truncated or corrupt?): {e}") from e
+            raise CheckpointError(
+                f"{f}: cannot read tensor {name} (truncated or corrupt?): {e}"
+            ) from e
         scale_name = name.replace(".weight", ".weight_scale_inv")
         if t.dtype == torch.float8_e4m3fn and scale_name in self.files:
             t = dequantize_fp8(t, self._open(self.files[scale_name]).get_tensor(scale_name))
         return t
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+def dequantize_fp8(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK
+) -> torch.Tensor:
     """float8 weight [out, in] times its per-(block x block) scale -> float32."""
     out, inp = weight.shape
     scale = scale_inv.float().repeat_interleave(block, 0)[:out].repeat_interleave(block, 1)[:, :inp]
@@ -168,13 +174,17 @@ def from_pretrained(
     """Load a Hugging Face DeepSeek-V3 (or V2) checkpoint directory into a nanoseek model."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory (expected config.json + safetensors)")
+        raise CheckpointError(
+            f"{path}: not a checkpoint directory (expected config.json + safetensors)"
+        )
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: missing config.json")
     cfg = ModelConfig.load(path / "config.json")
     src = _TensorSource(path)
-    present = sum(f"model.layers.{cfg.num_hidden_layers + k}.eh_proj.weight" in src
-                  for k in range(cfg.num_nextn_predict_layers))
+    present = sum(
+        f"model.layers.{cfg.num_hidden_layers + k}.eh_proj.weight" in src
+        for k in range(cfg.num_nextn_predict_layers)
+    )
     if present < cfg.num_nextn_predict_layers:  # e.g. saved by transformers, which drops MTP layers
         cfg = cfg.replace(num_nextn_predict_layers=present)
     with torch.device("meta"):
@@ -193,10 +203,14 @@ def from_pretrained(
         for e in range(cfg.n_routed_experts):
             p = f"{theirs}.{e}."
             try:
-                w13.append(torch.cat([src.get(p + "gate_proj.weight"), src.get(p + "up_proj.weight")]))
+                w13.append(
+                    torch.cat([src.get(p + "gate_proj.weight"), src.get(p + "up_proj.weight")])
+                )
                 w2.append(src.get(p + "down_proj.weight"))
             except KeyError as err:
-                raise CheckpointError(f"{path}: expert tensor {err} is missing from the checkpoint") from err
+                raise CheckpointError(
+                    f"{path}: expert tensor {err} is missing from the checkpoint"
+                ) from err
         state[f"{ours}.w13"], state[f"{ours}.w2"] = torch.stack(w13), torch.stack(w2)
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     for name, t in state.items():
@@ -231,21 +245,26 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             out[f"{theirs}.{e}.up_proj.weight"] = w13[e, inter:]
             out[f"{theirs}.{e}.down_proj.weight"] = w2[e]
     cfg = model.config
-    for k in range(cfg.num_nextn_predict_layers):  # the official layout repeats embed/head per MTP layer
+    for k in range(
+        cfg.num_nextn_predict_layers
+    ):  # the official layout repeats embed/head per MTP layer
         hf = f"model.layers.{cfg.num_hidden_layers + k}."
         out[hf + "embed_tokens.weight"] = model.embed.weight.detach()
         out[hf + "shared_head.head.weight"] = model.head.weight.detach()
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def save_pretrained(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def save_pretrained(
+    model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None
+) -> Path:
     """Write config.json + model.safetensors atomically: into a temp dir, then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(model)
     if dtype is not None:
         tensors = {
-            k: v if k.endswith("e_score_correction_bias") else v.to(dtype) for k, v in tensors.items()
+            k: v if k.endswith("e_score_correction_bias") else v.to(dtype)
+            for k, v in tensors.items()
         }
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

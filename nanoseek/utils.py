@@ -19,6 +19,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs should be readable like any other
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

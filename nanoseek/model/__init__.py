@@ -2,4 +2,15 @@ from nanoseek.model.attention import MLA, LayerKV
 from nanoseek.model.moe import MLP, Experts, Gate, MoE
 from nanoseek.model.transformer import Block, ModelOutput, MTPModule, Transformer
 
-__all__ = ["MLA", "LayerKV", "MLP", "Experts", "Gate", "MoE", "Block", "MTPModule", "ModelOutput", "Transformer"]
+__all__ = [
+    "MLA",
+    "LayerKV",
+    "MLP",
+    "Experts",
+    "Gate",
+    "MoE",
+    "Block",
+    "MTPModule",
+    "ModelOutput",
+    "Transformer",
+]

@@ -39,7 +39,11 @@ class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.num_attention_heads
-        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.nope, self.rope, self.v_dim = (
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+        )
         self.kv_rank = cfg.kv_lora_rank
         d, h, qk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
         if cfg.q_lora_rank is None:
@@ -96,15 +100,21 @@ class MLA(nn.Module):
     def _attend_plain(self, q_nope, q_rope, c_kv, k_rope, mask):
         B, S, _ = c_kv.shape
         T = q_nope.shape[1]
-        k_nope, v = self.wkv_b(c_kv).view(B, S, self.n_heads, self.nope + self.v_dim).split(
-            [self.nope, self.v_dim], dim=-1
+        k_nope, v = (
+            self.wkv_b(c_kv)
+            .view(B, S, self.n_heads, self.nope + self.v_dim)
+            .split([self.nope, self.v_dim], dim=-1)
         )
         k = torch.cat([k_nope, k_rope[:, :, None, :].expand(B, S, self.n_heads, self.rope)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         attn_mask = None if mask is None else mask[:, None, :, :]  # [B, 1, T, S]
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=attn_mask, is_causal=mask is None and T > 1, scale=self.scale,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=attn_mask,
+            is_causal=mask is None and T > 1,
+            scale=self.scale,
         )
         return out.transpose(1, 2)  # [B, T, H, v]
 
@@ -112,7 +122,9 @@ class MLA(nn.Module):
         w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, nope, C], [H, v, C]
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
-        scores = torch.einsum("bthc,bsc->bhts", q_lat, c_kv) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
+        scores = torch.einsum("bthc,bsc->bhts", q_lat, c_kv) + torch.einsum(
+            "bthr,bsr->bhts", q_rope, k_rope
+        )
         scores = (scores.float() * self.scale).masked_fill(~mask[:, None], float("-inf"))
         probs = scores.softmax(dim=-1).to(c_kv.dtype)
         o_lat = torch.einsum("bhts,bsc->bthc", probs, c_kv)

@@ -61,7 +61,9 @@ class Gate(nn.Module):
                 group_scores = grouped.amax(dim=-1)
             top_groups = group_scores.topk(self.topk_groups, dim=-1, sorted=False).indices
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
-            choice = choice.masked_fill(~keep.repeat_interleave(E // self.n_groups, dim=1), float("-inf"))
+            choice = choice.masked_fill(
+                ~keep.repeat_interleave(E // self.n_groups, dim=1), float("-inf")
+            )
         indices = choice.topk(self.top_k, dim=-1, sorted=False).indices
         weights = scores.gather(1, indices)
         if self.norm_topk:
@@ -78,7 +80,9 @@ class Experts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
+    ) -> torch.Tensor:
         """x [N, d]; each token goes to its k experts. Tokens are sorted by expert and every
         expert runs once on its contiguous slice (a loop over experts, never over tokens)."""
         N, k = indices.shape
@@ -87,11 +91,14 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.w13.shape[0]).tolist()  # one sync per layer
         xs = x[order // k]  # token copies grouped by expert
         outs = []
+        # unbind once: indexing w13[e] per expert would make backward build a full-size
+        # gradient per expert (E^2 memory traffic)
+        w13, w2 = self.w13.unbind(0), self.w2.unbind(0)
         for e, chunk in enumerate(xs.split(counts)):
             if chunk.shape[0] == 0:
                 continue
-            gate, up = F.linear(chunk, self.w13[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.w2[e]))
+            gate, up = F.linear(chunk, w13[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, w2[e]))
         ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
         out = torch.zeros_like(x)
         return out.index_add_(0, order // k, ys.to(out.dtype))
@@ -117,7 +124,9 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(flat)
-        self.tokens_per_expert = torch.bincount(indices.flatten(), minlength=self.n_experts).detach()
+        self.tokens_per_expert = torch.bincount(
+            indices.flatten(), minlength=self.n_experts
+        ).detach()
         if self.training and self.balance_alpha > 0:
             self.aux_loss = self.balance_alpha * self._sequence_balance_loss(scores, indices, shape)
         out = self.experts(flat, weights, indices)

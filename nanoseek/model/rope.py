@@ -40,7 +40,9 @@ def inv_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None = Non
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(
+        0, 1
+    )
     keep_original = 1 - ramp  # high-frequency pairs keep their original frequency
     return inv_freq / factor * (1 - keep_original) + inv_freq * keep_original
 

@@ -21,7 +21,9 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = MLA(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn = (
+            MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        )
 
     def forward(self, x, cos, sin, kv=None, positions=None, absorb=True):
         x = x + self.attn(self.attn_norm(x), cos, sin, kv, positions, absorb)
@@ -114,7 +116,9 @@ class Transformer(nn.Module):
         out = ModelOutput(logits=logits, hidden=h)
         if targets is None:
             return out
-        out.main_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        out.main_loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100
+        )
         out.loss = out.main_loss
         if self.mtp and mtp_weight > 0:
             out.mtp_losses = self._mtp_losses(h, input_ids, targets, positions)
@@ -135,7 +139,11 @@ class Transformer(nn.Module):
             cos, sin = self.rope(pos)
             h = module(h[:, : T - k], self.embed(input_ids[:, k:]), cos, sin)
             logits = self.head(module.norm(h))
-            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=-100))
+            losses.append(
+                F.cross_entropy(
+                    logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=-100
+                )
+            )
         return losses
 
     def num_params(self) -> int:

@@ -1,0 +1,116 @@
+"""Forward and forward+backward throughput: nanoseek versus transformers' DeepSeek-V3.
+
+Same config (the `small` preset by default), same weights, same batch, in one run, fp32 and
+bf16 autocast. Timings alternate between the two implementations so machine noise hits both.
+
+    python -m benchmarks.forward [--preset small] [--batch 8] [--seq 256] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+
+import nanoseek
+from nanoseek.compute import flops_per_token, measure_matmul_peak
+from nanoseek.config import get_preset
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import DeepseekV3ForCausalLM
+
+    cfg = get_preset(args.preset)
+    torch.manual_seed(0)
+    ours = nanoseek.Transformer(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        nanoseek.save_pretrained(ours, d)
+        ref = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    tokens = ids.numel()
+    with torch.no_grad():  # same weights, same numbers
+        diff = (ours.eval()(ids).logits - ref.eval()(ids).logits).abs().max().item()
+
+    def fwd(model, hf):
+        def run():
+            with torch.no_grad():
+                model(ids) if hf else model(ids, mtp_weight=0.0)
+
+        return run
+
+    def fwd_bwd(model, hf):
+        def run():
+            if hf:
+                loss = model(ids, labels=ids).loss
+            else:  # MTP off so both do the same work
+                loss = model(ids, targets=torch.roll(ids, -1, 1), mtp_weight=0.0).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return run
+
+    fl_fwd = flops_per_token(cfg.replace(num_nextn_predict_layers=0), args.seq, training=False)
+    rows = []
+    for name in args.dtypes.split(","):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        peak = measure_matmul_peak(dtype)
+        ctx = (
+            (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if name == "bf16" else nullcontext
+        )
+        for mode, make, mult in (("forward", fwd, 1), ("fwd+bwd", fwd_bwd, 3)):
+            for m in (ours, ref):
+                m.train(mode != "forward")
+            runs = {"nanoseek": make(ours, False), "transformers": make(ref, True)}
+            with ctx():
+                for r in runs.values():  # warm up
+                    r()
+                samples = {k: [] for k in runs}
+                for _ in range(args.repeats):
+                    for k, r in runs.items():
+                        samples[k].append(timed(r, 1))
+            t = {k: statistics.median(v) for k, v in samples.items()}
+            for k in runs:
+                tps = tokens / t[k]
+                rows.append(
+                    (name, mode, k, tps, tps * fl_fwd * mult / peak, t["transformers"] / t[k], peak)
+                )
+    print(
+        f"\nforward benchmark: preset={args.preset} batch={args.batch} seq={args.seq} "
+        f"threads={args.threads}; max |logit diff| vs transformers (fp32) = {diff:.2e}"
+    )
+    print(
+        f"{'dtype':<6}{'pass':<9}{'implementation':<15}{'tokens/s':>10}{'% of peak':>11}"
+        f"{'vs transformers':>17}{'peak GFLOP/s':>14}"
+    )
+    for name, mode, k, tps, frac, ratio, peak in rows:
+        print(
+            f"{name:<6}{mode:<9}{k:<15}{tps:>10.0f}{frac * 100:>10.1f}%{ratio:>16.2f}x{peak / 1e9:>14.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

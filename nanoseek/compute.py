@@ -1,0 +1,503 @@
+"""Compute accounting: matmul FLOPs per token for any ModelConfig, a GPU catalog, and what
+a training run costs in GPU-hours, days and dollars -- or what MFU a published claim implies.
+
+Conventions: a multiply-add is 2 FLOPs; training is 3x the forward (the backward computes a
+gradient for the input and one for the weight of every matmul); only matmuls are counted
+(norms, softmax, RoPE and activations are a fraction of a percent); MFU is model FLOPs per
+second over the dense peak of the chosen precision, never the 2:4-sparsity headline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.config import ModelConfig, get_preset, param_counts
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+CATALOG_PATH = Path(__file__).with_name("gpus.toml")
+PRECISIONS = ("bf16", "fp8")
+
+
+class ComputeError(ValueError):
+    """Bad input to the compute accounting; the message names the value and the fix."""
+
+
+# --- quantities: "14.8T", "2.788M", "3e24" -------------------------------------------
+
+_SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12, "P": 1e15}
+_QUANTITY = re.compile(r"^([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)([KMBGTP]?)$", re.IGNORECASE)
+
+
+def parse_quantity(text: str | float | int, what: str = "quantity") -> float:
+    if isinstance(text, int | float):
+        return float(text)
+    m = _QUANTITY.match(text.strip().replace(",", "").replace("_", ""))
+    if not m:
+        raise ComputeError(
+            f"{what}: cannot read {text!r} as a number; write it like 14.8T, 2.788M, 671B or 3e24"
+        )
+    return float(m.group(1)) * _SUFFIX[m.group(2).upper()]
+
+
+def format_quantity(x: float, digits: int = 4) -> str:
+    # Past P the suffixes stop being readable (3e24 FLOPs would be "3e+09P"): use e-notation.
+    if abs(x) >= 1e15:
+        return f"{x:.{digits}g}"
+    for suffix in ("T", "B", "M", "K"):
+        if abs(x) >= _SUFFIX[suffix]:
+            return f"{x / _SUFFIX[suffix]:.{digits}g}{suffix}"
+    return f"{x:.{digits}g}"
+
+
+def _positive(what: str, x: float) -> float:
+    if not (isinstance(x, int | float) and math.isfinite(x) and x > 0):
+        raise ComputeError(f"{what} must be a positive number, got {x!r}")
+    return float(x)
+
+
+def _count(what: str, x: float) -> int:
+    if _positive(what, x) != int(x):
+        raise ComputeError(f"{what} must be a whole number, got {x!r}")
+    return int(x)
+
+
+def _check_mfu(mfu: float) -> float:
+    _positive("MFU", mfu)
+    if mfu > 1:
+        raise ComputeError(f"MFU is a fraction of peak and cannot exceed 1, got {mfu} (40% is 0.4)")
+    return mfu
+
+
+# --- FLOPs per token -------------------------------------------------------------------
+
+
+def _attention_macs(c: ModelConfig, ctx: float) -> tuple[float, float]:
+    """(projection, score+value) multiply-adds per token of one MLA layer, training path
+    (keys and values expanded per head, as DeepSeek trains; the absorbed decode path differs)."""
+    d, h = c.hidden_size, c.num_attention_heads
+    if c.q_lora_rank is None:
+        q = d * h * c.qk_head_dim
+    else:
+        q = d * c.q_lora_rank + c.q_lora_rank * h * c.qk_head_dim
+    kv = d * (c.kv_lora_rank + c.qk_rope_head_dim)
+    kv += c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim)
+    out = h * c.v_head_dim * d
+    scores = h * (c.qk_head_dim + c.v_head_dim) * ctx  # q.k over ctx keys, then p @ v
+    return q + kv + out, scores
+
+
+def _ffn_macs(c: ModelConfig, layer_id: int) -> dict[str, float]:
+    d = c.hidden_size
+    if not c.is_moe_layer(layer_id):
+        return {"dense_mlp": 3 * d * c.intermediate_size}  # SwiGLU: w1, w3 up, w2 down
+    expert = 3 * d * c.moe_intermediate_size
+    return {
+        "gate": d * c.n_routed_experts,
+        "routed_experts": c.num_experts_per_tok * expert,
+        "shared_experts": c.n_shared_experts * expert,
+    }
+
+
+def flops_breakdown(cfg: ModelConfig, seq_len: int, training: bool = True) -> dict[str, float]:
+    """Matmul FLOPs per token by component, averaged over the positions of a causal sequence."""
+    seq_len = int(_positive("seq_len", seq_len))
+    # Causal attention: position i (1-based) attends to i keys, so (L + 1) / 2 on average.
+    ctx = (seq_len + 1) / 2
+    parts = dict.fromkeys(
+        ("attention_proj", "attention_scores", "gate", "routed_experts", "shared_experts",
+         "dense_mlp", "head", "mtp"), 0.0,
+    )  # fmt: skip
+    proj, scores = _attention_macs(cfg, ctx)
+    for layer_id in range(cfg.num_hidden_layers):
+        parts["attention_proj"] += proj
+        parts["attention_scores"] += scores
+        for k, v in _ffn_macs(cfg, layer_id).items():
+            parts[k] += v
+    head = cfg.hidden_size * cfg.vocab_size
+    parts["head"] = head
+    # Each MTP module: eh_proj over [h; emb] (2d -> d), one MoE block, the shared head.
+    mtp_block = proj + scores + sum(_ffn_macs(cfg, cfg.num_hidden_layers).values())
+    parts["mtp"] = cfg.num_nextn_predict_layers * (2 * cfg.hidden_size**2 + mtp_block + head)
+    scale = 2 * (3 if training else 1)
+    return {k: scale * v for k, v in parts.items()}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+    return sum(flops_breakdown(cfg, seq_len, training).values())
+
+
+def six_n_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """The rule of thumb 6 * N_activated, and with the causal attention term added, for
+    comparison with the exact count (which also has the MTP modules)."""
+    n_active = param_counts(cfg)["activated"]
+    attn = flops_breakdown(cfg, seq_len)["attention_scores"]
+    return {"six_n": 6.0 * n_active, "six_n_plus_attention": 6.0 * n_active + attn}
+
+
+# --- this machine's matmul peak ----------------------------------------------------------
+
+_PEAK_CACHE: dict[tuple[torch.dtype, str], float] = {}
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+    key = (dtype, str(device))
+    if key in _PEAK_CACHE:
+        return _PEAK_CACHE[key]
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        torch.mm(a, b)  # warm-up: first call pays for allocation and kernel selection
+        sync()
+        for _ in range(5):  # best of 5: a busy core or a thread-pool wake-up only slows a run
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            sync()
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    _PEAK_CACHE[key] = best
+    return best
+
+
+# --- GPU catalog -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GPU:
+    key: str
+    name: str
+    bf16_flops: float  # dense peak, FLOP/s
+    fp8_flops: float | None
+    memory_gb: float | None
+    bandwidth_tbs: float | None
+    price_usd_per_hour: float
+    source: str = ""
+    aliases: tuple[str, ...] = field(default=(), repr=False)
+
+    def peak(self, precision: str) -> float:
+        if precision not in PRECISIONS:
+            raise ComputeError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+            )
+        if precision == "fp8":
+            if self.fp8_flops is None:
+                raise ComputeError(f"{self.name} has no FP8 tensor cores; use --precision bf16")
+            return self.fp8_flops
+        return self.bf16_flops
+
+
+def _gpu_from_table(key: str, t: dict[str, Any], source: str) -> GPU:
+    def num(name: str, required: bool = False) -> float | None:
+        if name not in t:
+            if required:
+                raise ComputeError(f"{source}: [{key}] needs {name} (a positive number)")
+            return None
+        try:
+            return _positive(f"{source}: [{key}] {name}", t[name])
+        except ComputeError:
+            if name == "price_usd_per_hour" and t[name] == 0:
+                return 0.0  # free hardware (this machine) is allowed
+            raise
+
+    tflops = num("bf16_tflops", required=True)
+    fp8 = num("fp8_tflops")
+    return GPU(
+        key=key,
+        name=str(t.get("name", key)),
+        bf16_flops=tflops * 1e12,
+        fp8_flops=fp8 * 1e12 if fp8 else None,
+        memory_gb=num("memory_gb"),
+        bandwidth_tbs=num("bandwidth_tbs"),
+        price_usd_per_hour=num("price_usd_per_hour", required=True),
+        source=str(t.get("source", "")),
+        aliases=tuple(t.get("aliases", ())),
+    )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ComputeError(f"{path}: no such GPU file; give a TOML file like nanoseek/gpus.toml")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ComputeError(f"{path}: not valid TOML ({e})") from e
+
+
+def load_catalog(user_file: str | Path | None = None) -> dict[str, GPU]:
+    """The built-in catalog, with a user file's fields laid over it (new GPUs may be added)."""
+    tables = _read_toml(CATALOG_PATH)
+    user_file = user_file or os.environ.get("NANOSEEK_GPUS")
+    source = str(CATALOG_PATH)
+    if user_file:
+        source = str(user_file)
+        for key, t in _read_toml(Path(user_file)).items():
+            if not isinstance(t, dict):
+                raise ComputeError(f"{user_file}: {key!r} must be a table like [H100]")
+            tables[key] = {**tables.get(key, {}), **t}
+    return {key: _gpu_from_table(key, t, source) for key, t in tables.items()}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", name.lower())
+
+
+def this_machine() -> GPU:
+    """The local accelerator (or CPU), with its BF16 matmul peak measured, not looked up."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        memory = torch.cuda.get_device_properties(0).total_memory / 1e9
+    else:
+        name = f"this machine (CPU, {torch.get_num_threads()} threads)"
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    return GPU("this", name, measure_matmul_peak(torch.bfloat16, device), None, memory, None, 0.0,
+               source="measured by nanoseek.compute.measure_matmul_peak")  # fmt: skip
+
+
+def find_gpu(name: str, catalog: dict[str, GPU] | None = None) -> GPU:
+    if _norm(name) in ("this", "local", "cpu", "thismachine"):
+        return this_machine()
+    catalog = catalog if catalog is not None else load_catalog()
+    for gpu in catalog.values():
+        if _norm(name) in {_norm(n) for n in (gpu.key, gpu.name, *gpu.aliases)}:
+            return gpu
+    raise ComputeError(
+        f"unknown GPU {name!r}; choose one of {', '.join(catalog)} or 'this' "
+        "(or describe it in a --gpu-file)"
+    )
+
+
+# --- what a run costs, what a claim implies, what a fleet can do --------------------------
+
+# Published large-scale MFUs (BF16/FP16 dense peak) that a claimed number is judged against.
+PUBLISHED_MFU = (
+    ("PaLM 540B on 6,144 TPU v4 (Chowdhery et al. 2022)", 0.462),
+    ("Llama 3 405B on 16K H100, BF16 (Dubey et al. 2024)", 0.38, 0.43),
+    ("MegaScale 175B on 12,288 GPUs (Jiang et al. 2024)", 0.552),
+)
+
+
+def judge_mfu(mfu: float) -> tuple[str, str]:
+    """(verdict, why) for an MFU against published large-run numbers (38-55% of dense peak)."""
+    if mfu > 1:
+        return "impossible", "more FLOPs than the GPUs can do at 100% of peak"
+    if mfu > 0.6:
+        return "implausible", "above the best published large-scale MFU (~55%, MegaScale)"
+    if mfu >= 0.3:
+        return "plausible", "within the range of well-tuned large runs (38-55% published)"
+    if mfu >= 0.15:
+        return "plausible", "a typical utilisation for large runs, MoE and FP8 runs especially"
+    return "easily met", "well below what large runs achieve; the claim leaves room to spare"
+
+
+def _model_numbers(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    p = param_counts(cfg)
+    return {
+        "params_total": p["total"],
+        "params_activated": p["activated"],
+        "seq_len": seq_len,
+        "flops_per_token": flops_per_token(cfg, seq_len),
+    }
+
+
+def estimate_training(cfg: ModelConfig, tokens: float, gpu: GPU, gpus: int, mfu: float,
+                      seq_len: int = 4096, precision: str = "bf16",
+                      price: float | None = None) -> dict[str, Any]:  # fmt: skip
+    tokens, gpus = _positive("tokens", tokens), _count("GPU count", gpus)
+    _check_mfu(mfu)
+    price = gpu.price_usd_per_hour if price is None else _positive("price", price)
+    out = _model_numbers(cfg, seq_len)
+    total = out["flops_per_token"] * tokens
+    gpu_hours = total / (gpu.peak(precision) * mfu) / 3600
+    out.update(tokens=tokens, total_flops=total, gpu=gpu.name, gpus=gpus, precision=precision,
+               peak_flops_per_gpu=gpu.peak(precision), mfu=mfu, gpu_hours=gpu_hours,
+               wall_days=gpu_hours / gpus / 24, price_usd_per_gpu_hour=price,
+               cost_usd=gpu_hours * price)  # fmt: skip
+    return out
+
+
+def check_claim(cfg: ModelConfig, tokens: float, gpu: GPU, gpu_hours: float,
+                seq_len: int = 4096, precision: str = "bf16",
+                price: float | None = None) -> dict[str, Any]:  # fmt: skip
+    tokens, gpu_hours = _positive("tokens", tokens), _positive("GPU-hours", gpu_hours)
+    price = gpu.price_usd_per_hour if price is None else _positive("price", price)
+    out = _model_numbers(cfg, seq_len)
+    total = out["flops_per_token"] * tokens
+    achieved = total / (gpu_hours * 3600)  # model FLOP/s each GPU must have sustained
+    mfu_bf16 = achieved / gpu.bf16_flops
+    mfu_fp8 = achieved / gpu.fp8_flops if gpu.fp8_flops else None
+    implied = achieved / gpu.peak(precision)
+    verdict, why = judge_mfu(implied)
+    text = (
+        f"{format_quantity(tokens)} tokens need {total:.3g} FLOPs; {format_quantity(gpu_hours)} "
+        f"{gpu.name} GPU-hours deliver that at {achieved / 1e12:.0f} TFLOP/s per GPU: "
+        f"{mfu_bf16:.1%} of the dense BF16 peak"
+        + (f" and {mfu_fp8:.1%} of the dense FP8 peak." if mfu_fp8 is not None else ".")
+        + f" Against the {precision.upper()} peak, {implied:.1%} is {verdict}: {why}."
+    )
+    if precision == "bf16" and mfu_fp8 is not None:
+        text += (" If the matmuls ran in FP8, the FP8 peak is the honest denominator"
+                 " (rerun with --precision fp8); published MFUs are quoted against BF16.")  # fmt: skip
+    elif precision == "fp8":
+        text += (" FP8 is the honest denominator when the matmuls ran in FP8; the BF16 figure"
+                 " is only comparable with the published (BF16) MFUs.")  # fmt: skip
+    out.update(tokens=tokens, total_flops=total, gpu=gpu.name, gpu_hours=gpu_hours,
+               precision=precision, achieved_flops_per_gpu=achieved, implied_mfu=implied,
+               implied_mfu_bf16=mfu_bf16, implied_mfu_fp8=mfu_fp8, verdict=verdict,
+               price_usd_per_gpu_hour=price, cost_usd=gpu_hours * price,
+               explanation=text)  # fmt: skip
+    return out
+
+
+def compute_optimal(total_flops: float, tokens_per_param: float = 20.0) -> tuple[float, float]:
+    """Chinchilla (Hoffmann et al. 2022): C = 6 N D with D ~ 20 N. Returns (N, D)."""
+    n = math.sqrt(total_flops / (6 * tokens_per_param))
+    return n, tokens_per_param * n
+
+
+def fleet_capacity(gpu: GPU, gpus: int, days: float, mfu: float,
+                   cfg: ModelConfig | None = None, seq_len: int = 4096,
+                   precision: str = "bf16", tokens_per_param: float = 20.0,
+                   price: float | None = None) -> dict[str, Any]:  # fmt: skip
+    gpus, days = _count("GPU count", gpus), _positive("days", days)
+    _check_mfu(mfu)
+    price = gpu.price_usd_per_hour if price is None else _positive("price", price)
+    gpu_hours = gpus * days * 24
+    total = gpu_hours * 3600 * gpu.peak(precision) * mfu
+    n_opt, d_opt = compute_optimal(total, _positive("tokens per parameter", tokens_per_param))
+    out: dict[str, Any] = dict(gpu=gpu.name, gpus=gpus, days=days, mfu=mfu, precision=precision,
+                               gpu_hours=gpu_hours, total_flops=total,
+                               price_usd_per_gpu_hour=price, cost_usd=gpu_hours * price,
+                               optimal_params=n_opt, optimal_tokens=d_opt)  # fmt: skip
+    if cfg is not None:
+        out.update(_model_numbers(cfg, seq_len))
+        out["tokens"] = total / out["flops_per_token"]
+    return out
+
+
+# --- a finished nanoseek run ---------------------------------------------------------------
+
+RUN_KEYS = ("tokens_seen", "wall_seconds", "seq_len")
+
+
+def run_report(run_dir: str | Path, catalog: dict[str, GPU] | None = None, mfu: float = 0.4,
+               precision: str = "bf16") -> dict[str, Any]:  # fmt: skip
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.json"
+    if not path.exists():
+        raise ComputeError(f"{path}: no summary.json; point at a finished run (runs/NAME)")
+    try:
+        s = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ComputeError(f"{path}: not valid JSON ({e})") from e
+    missing = [k for k in RUN_KEYS if s.get(k) is None]
+    if missing:
+        raise ComputeError(f"{path}: missing {', '.join(missing)}; was the run finished?")
+    if (run_dir / "config.json").exists():
+        cfg = ModelConfig.load(run_dir)
+    elif s.get("preset"):
+        cfg = get_preset(s["preset"])
+    else:
+        raise ComputeError(f"{run_dir}: no config.json and no preset in summary.json")
+    _check_mfu(mfu)
+    tokens = _positive("tokens_seen", s["tokens_seen"])
+    wall = _positive("wall_seconds", s["wall_seconds"])
+    out: dict[str, Any] = {"run": run_dir.name, "preset": s.get("preset"),
+                           "device": s.get("device"), "dtype": s.get("dtype")}  # fmt: skip
+    out.update(_model_numbers(cfg, int(s["seq_len"])))
+    recomputed = out.pop("flops_per_token")
+    fpt = float(s.get("flops_per_token") or recomputed)
+    total = float(s.get("total_flops") or fpt * tokens)
+    out.update(tokens_seen=tokens, wall_seconds=wall, tokens_per_second=tokens / wall,
+               flops_per_token=fpt, flops_per_token_recomputed=recomputed, total_flops=total,
+               achieved_flops_per_s=total / wall, peak_flops=s.get("peak_flops"),
+               mfu=s.get("mfu"))  # fmt: skip
+    if out["mfu"] is None and out["peak_flops"]:
+        out["mfu"] = total / wall / float(out["peak_flops"])
+    if abs(fpt / recomputed - 1) > 0.01:
+        out["note"] = (f"summary.json's flops_per_token ({fpt:.4g}) differs from the config's "
+                       f"({recomputed:.4g}) by more than 1%")  # fmt: skip
+    out["assumed_mfu_on_gpus"] = mfu
+    for gpu in (catalog if catalog is not None else load_catalog()).values():
+        if precision == "fp8" and gpu.fp8_flops is None:
+            continue
+        hours = total / (gpu.peak(precision) * mfu) / 3600
+        out[f"{gpu.key}_gpu_hours"] = hours
+        out[f"{gpu.key}_cost_usd"] = hours * gpu.price_usd_per_hour
+    return out
+
+
+# --- plot: cost and GPU-days against model size -------------------------------------------
+
+
+def plot_cost(out: str | Path, gpus: tuple[GPU, ...], mfu: float = 0.4,
+              tokens_per_param: float = 20.0, precision: str = "bf16",
+              marker: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    """Compute-optimal dense training (D = tokens_per_param * N, C = 6 N D) on each GPU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nanoseek.utils import atomic_path
+
+    _check_mfu(mfu)
+    sizes = [10 ** (8 + i / 10) for i in range(0, 41)]  # 100M .. 1T parameters
+    fig, (ax_days, ax_cost) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for gpu in gpus:
+        hours = [6 * n * tokens_per_param * n / (gpu.peak(precision) * mfu) / 3600 for n in sizes]
+        label = f"{gpu.name} (${gpu.price_usd_per_hour:.2f}/h)"
+        ax_days.loglog(sizes, [h / 24 for h in hours], label=label)
+        ax_cost.loglog(sizes, [h * gpu.price_usd_per_hour for h in hours], label=label)
+    if marker:
+        ax_days.loglog([marker["params"]], [marker["gpu_hours"] / 24], "k*", ms=11)
+        ax_cost.loglog([marker["params"]], [marker["cost_usd"]], "k*", ms=11, label=marker["label"])
+    for ax, ylabel in ((ax_days, "GPU-days"), (ax_cost, "cost (USD)")):
+        ax.set_xlabel("parameters N (activated, for MoE)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_cost.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"Compute-optimal training, D = {tokens_per_param:g} N tokens, "
+                 f"{precision.upper()} at {mfu:.0%} MFU")  # fmt: skip
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return out
+
+
+__all__ = [
+    "ComputeError",
+    "GPU",
+    "PUBLISHED_MFU",
+    "parse_quantity",
+    "format_quantity",
+    "flops_breakdown",
+    "flops_per_token",
+    "six_n_flops_per_token",
+    "measure_matmul_peak",
+    "load_catalog",
+    "find_gpu",
+    "this_machine",
+    "judge_mfu",
+    "estimate_training",
+    "check_claim",
+    "compute_optimal",
+    "fleet_capacity",
+    "run_report",
+    "plot_cost",
+]

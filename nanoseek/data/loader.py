@@ -1,0 +1,73 @@
+"""Batches of random contiguous windows from a token shard.
+
+A batch is a pure function of (seed, step, rank): no iterator state, so a run resumed at
+step k sees exactly the batches it would have seen, and ranks see different windows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanoseek.data.errors import DataError
+from nanoseek.data.shards import open_split, read_meta
+
+_SPLIT_CODE = {"train": 0, "val": 1}  # so a train and a val loader never share windows
+
+
+class BatchLoader:
+    def __init__(
+        self,
+        shard_dir: str | Path,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.meta = read_meta(shard_dir)
+        self.data = open_split(shard_dir, split, self.meta)
+        self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        if len(self.data) < seq_len + 1:
+            raise DataError(
+                f"{shard_dir}: the {split} split has {len(self.data):,} tokens, fewer than "
+                f"seq_len + 1 = {seq_len + 1}; use a shorter --seq-len or more text"
+            )
+        s = self.meta["splits"][split]
+        self.bytes_per_token = s["bytes"] / s["tokens"]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.data)
+
+    def _windows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = starts[:, None] + np.arange(self.seq_len + 1)  # (B, T+1)
+        chunk = torch.from_numpy(np.asarray(self.data[idx], dtype=np.int64))
+        return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()  # x, y: (B, T)
+
+    def get_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, self.rank, _SPLIT_CODE.get(self.split, 2)])
+        starts = rng.integers(0, len(self.data) - self.seq_len, size=self.batch_size)
+        return self._windows(starts)
+
+    def val_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The same n_batches every call: windows evenly spaced over the split, this rank's
+        share of them, so validation losses are comparable across steps and runs."""
+        n = n_batches * self.batch_size * self.world_size
+        starts = np.linspace(0, len(self.data) - self.seq_len - 1, n).astype(np.int64)
+        mine = starts[self.rank :: self.world_size]
+        for b in range(n_batches):
+            yield self._windows(mine[b * self.batch_size : (b + 1) * self.batch_size])
+
+    def bits_per_byte(self, loss: float) -> float:
+        """Mean cross-entropy per token (nats) -> bits per byte of text, comparable across
+        tokenizers."""
+        return loss / math.log(2) / self.bytes_per_token

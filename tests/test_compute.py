@@ -1,0 +1,358 @@
+"""Compute accounting: counts against DeepSeek's published numbers and against a counted
+forward pass, the DeepSeek-V3 claim, quantity parsing, the catalog, runs and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from nanoseek import compute
+from nanoseek.compute import (
+    ComputeError,
+    check_claim,
+    estimate_training,
+    find_gpu,
+    fleet_capacity,
+    flops_breakdown,
+    flops_per_token,
+    format_quantity,
+    load_catalog,
+    parse_quantity,
+    run_report,
+)
+from nanoseek.config import ModelConfig, get_preset, param_counts
+
+V3 = get_preset("deepseek-v3")
+
+
+# --- parameter and FLOP counts -------------------------------------------------------------
+
+
+def test_deepseek_v3_parameter_counts():
+    p = param_counts(V3)
+    assert abs(p["total"] / 671e9 - 1) < 0.01
+    # DeepSeek's "37B activated" is rounded to two figures: 36.63B (embedding lookup out,
+    # head in) is what rounds to it, 1.01% below 37B, inside the +-0.5B of that rounding.
+    assert p["activated"] == 36_625_603_584
+    assert abs(p["activated"] - 37e9) <= 0.5e9
+
+
+def test_flops_agree_with_six_n_plus_attention():
+    seq = 4096
+    parts = flops_breakdown(V3, seq)
+    n_active = param_counts(V3)["activated"]
+    # The causal attention term, written out: 3 (fwd+bwd) x 2 FLOPs x layers x heads x
+    # (q.k dim + v dim) x (L+1)/2 keys on average.
+    attention = 6 * 61 * 128 * (192 + 128) * (seq + 1) / 2
+    assert parts["attention_scores"] == attention
+    main_model = sum(parts.values()) - parts["mtp"]
+    # Without MTP the two agree to 0.01%: N also counts RMSNorm weights, which do no matmul.
+    assert main_model == pytest.approx(6 * n_active + attention, rel=1e-4)
+    # The MTP module (one more MoE block, eh_proj and a second pass through the head) adds 4%.
+    total = flops_per_token(V3, seq)
+    assert 1.03 < total / (6 * n_active + attention) < 1.05
+    assert total == pytest.approx(2.6065e11, rel=1e-4)
+    # and attention alone is 12% at 4096 tokens: why 6 N under-counts long-context training.
+    assert parts["attention_scores"] / total == pytest.approx(0.118, abs=0.001)
+
+
+def _counted_forward_flops(cfg: ModelConfig) -> int:
+    """A plain one-token forward (random weights), its matmul FLOPs counted by torch."""
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    nope, rope, vd, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    W = torch.randn
+
+    def swiglu(x: torch.Tensor, width: int) -> torch.Tensor:
+        return (F.silu(x @ W(d, width)) * (x @ W(d, width))) @ W(width, d)
+
+    def block(x: torch.Tensor, layer_id: int) -> torch.Tensor:
+        if cfg.q_lora_rank:
+            q = x @ W(d, cfg.q_lora_rank) @ W(cfg.q_lora_rank, h * cfg.qk_head_dim)
+        else:
+            q = x @ W(d, h * cfg.qk_head_dim)
+        kv = x @ W(d, r + rope)
+        kvb = (kv[:, :r] @ W(r, h * (nope + vd))).view(h, nope + vd)
+        k = torch.cat([kvb[:, :nope], kv[:, r:].expand(h, rope)], dim=-1)
+        scores = q.view(h, 1, -1) @ k.view(h, -1, 1)  # one key: the token itself
+        out = torch.softmax(scores, -1) @ kvb[:, nope:].reshape(h, 1, vd)
+        x = x + out.reshape(1, h * vd) @ W(h * vd, d)
+        if not cfg.is_moe_layer(layer_id):
+            return x + swiglu(x, cfg.intermediate_size)
+        chosen = torch.sigmoid(x @ W(d, cfg.n_routed_experts)).topk(cfg.num_experts_per_tok).indices
+        y = sum(swiglu(x, cfg.moe_intermediate_size) for _ in chosen[0])
+        return (
+            x + y + sum(swiglu(x, cfg.moe_intermediate_size) for _ in range(cfg.n_shared_experts))
+        )
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        x = torch.randn(1, d)
+        for i in range(cfg.num_hidden_layers):
+            x = block(x, i)
+        x @ W(d, cfg.vocab_size)
+        for _ in range(cfg.num_nextn_predict_layers):
+            m = block(torch.cat([x, torch.randn(1, d)], -1) @ W(2 * d, d), cfg.num_hidden_layers)
+            m @ W(d, cfg.vocab_size)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "dense-small"])
+def test_flops_match_a_counted_forward(preset):
+    cfg = get_preset(preset)
+    assert flops_per_token(cfg, 1, training=False) == _counted_forward_flops(cfg)
+    assert flops_per_token(cfg, 1) == 3 * flops_per_token(cfg, 1, training=False)
+
+
+def test_measure_matmul_peak_is_positive_and_cached():
+    peak = compute.measure_matmul_peak()
+    assert 1e9 < peak < 1e16  # any CPU does a GFLOP/s; nothing does 10 PFLOP/s
+    assert compute.measure_matmul_peak() == peak
+    assert (torch.float32, "cpu") in compute._PEAK_CACHE
+
+
+# --- the DeepSeek-V3 claim, a plan, a fleet --------------------------------------------------
+
+
+def test_deepseek_v3_claim_implies_plausible_mfu():
+    r = check_claim(V3, parse_quantity("14.8T"), find_gpu("H800"), parse_quantity("2.788M"))
+    # 3.86e24 FLOPs in 2.788M H800-hours = 384 TFLOP/s per GPU: 38.8% of the BF16 peak,
+    # 19.4% of FP8 -- both inside the 15-60% band of published large-run MFUs.
+    assert r["total_flops"] == pytest.approx(3.8576e24, rel=1e-4)
+    assert 0.35 < r["implied_mfu_bf16"] < 0.42
+    assert 0.17 < r["implied_mfu_fp8"] < 0.21
+    assert r["implied_mfu"] == r["implied_mfu_bf16"]
+    assert r["verdict"] == "plausible"
+    assert r["cost_usd"] == pytest.approx(5.576e6)  # DeepSeek's own $2/h figure
+    fp8 = check_claim(V3, 14.8e12, find_gpu("H800"), 2.788e6, precision="fp8")
+    assert fp8["implied_mfu"] == fp8["implied_mfu_fp8"]
+    assert "honest denominator" in fp8["explanation"]
+
+
+def test_verdicts_span_the_bands():
+    h800 = find_gpu("H800")
+    assert check_claim(V3, 14.8e12, h800, 0.9e6)["verdict"] == "impossible"  # >100% of peak
+    assert check_claim(V3, 14.8e12, h800, 1.6e6)["verdict"] == "implausible"
+    assert check_claim(V3, 14.8e12, h800, 30e6)["verdict"] == "easily met"
+
+
+def test_estimate_training_deepseek_v3():
+    r = estimate_training(V3, 14.8e12, find_gpu("H800"), 2048, 0.35)
+    gpu_hours = 2.6065e11 * 14.8e12 / (989.4e12 * 0.35) / 3600
+    assert r["gpu_hours"] == pytest.approx(gpu_hours, rel=1e-4)
+    assert r["wall_days"] == pytest.approx(gpu_hours / 2048 / 24, rel=1e-4)
+    assert r["cost_usd"] == pytest.approx(2.0 * gpu_hours, rel=1e-4)
+
+
+def test_fleet_of_50k_h100():
+    r = fleet_capacity(find_gpu("H100"), 50_000, 60, 0.4, cfg=V3)
+    assert r["total_flops"] == pytest.approx(50_000 * 60 * 86400 * 989.4e12 * 0.4)
+    assert r["gpu_hours"] == 72e6
+    assert 6 * r["optimal_params"] * r["optimal_tokens"] == pytest.approx(r["total_flops"])
+    assert r["optimal_tokens"] == pytest.approx(20 * r["optimal_params"])
+    assert 0.9e12 < r["optimal_params"] < 0.95e12
+    assert r["tokens"] == pytest.approx(r["total_flops"] / flops_per_token(V3, 4096))
+
+
+# --- quantities and errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [("14.8T", 14.8e12), ("2.788M", 2.788e6), ("3e24", 3e24), ("671B", 671e9), ("50k", 5e4),
+     ("1,000", 1000.0), ("0.35", 0.35), ("2.25G", 2.25e9), ("1.5e3K", 1.5e6)],
+)  # fmt: skip
+def test_parse_quantity(text, value):
+    assert parse_quantity(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["14.8T", "2.788M", "671B", "3e+24", "512", "1.25K"])
+def test_quantity_round_trip(text):
+    assert format_quantity(parse_quantity(text)) == text
+
+
+@pytest.mark.parametrize("x", [3.14159, 12345.678, 6.02e23, 1e15, 999.95e9])
+def test_value_round_trip(x):
+    assert parse_quantity(format_quantity(x)) == pytest.approx(x, rel=1e-3)
+
+
+@pytest.mark.parametrize("text", ["abc", "14.8X", "-5", "1T2", "", "T"])
+def test_unparseable_quantities(text):
+    with pytest.raises(ComputeError, match="cannot read"):
+        parse_quantity(text, "--tokens")
+
+
+def test_bad_numbers_raise_clear_errors():
+    h100 = find_gpu("H100")
+    with pytest.raises(ComputeError, match="MFU .* cannot exceed 1"):
+        estimate_training(V3, 1e12, h100, 8, 1.5)
+    with pytest.raises(ComputeError, match="MFU must be a positive"):
+        estimate_training(V3, 1e12, h100, 8, 0)
+    with pytest.raises(ComputeError, match="tokens must be a positive"):
+        estimate_training(V3, -1e12, h100, 8, 0.4)
+    with pytest.raises(ComputeError, match="GPU count must be a whole"):
+        fleet_capacity(h100, 2.5, 60, 0.4)
+    with pytest.raises(ComputeError, match="GPU-hours must be a positive"):
+        check_claim(V3, 1e12, h100, 0)
+    with pytest.raises(ComputeError, match="no FP8"):
+        estimate_training(V3, 1e12, find_gpu("A100"), 8, 0.4, precision="fp8")
+    with pytest.raises(ComputeError, match="seq_len must be a positive"):
+        flops_per_token(V3, 0)
+
+
+# --- the catalog -----------------------------------------------------------------------------
+
+
+def test_catalog_has_the_issue_gpus_with_sources():
+    cat = load_catalog()
+    for name in ("A100", "H100", "H800", "H20", "H200", "B200", "MI300X"):
+        gpu = find_gpu(name, cat)
+        assert gpu.source and gpu.price_usd_per_hour > 0 and gpu.memory_gb
+    assert find_gpu("h100-sxm", cat).bf16_flops == 989.4e12
+    assert find_gpu("H800", cat).fp8_flops == pytest.approx(
+        2 * find_gpu("H800", cat).bf16_flops, rel=1e-4
+    )
+    assert find_gpu("A100 80GB", cat).fp8_flops is None
+    with pytest.raises(ComputeError, match="unknown GPU 'H900'; choose one of A100"):
+        find_gpu("H900", cat)
+
+
+def test_user_gpu_file_overrides_and_adds(tmp_path, monkeypatch):
+    f = tmp_path / "gpus.toml"
+    f.write_text(
+        "[H100]\nprice_usd_per_hour = 1.25\n\n[TPUv5p]\nbf16_tflops = 459\nprice_usd_per_hour = 4.2\n"
+    )
+    cat = load_catalog(f)
+    assert cat["H100"].price_usd_per_hour == 1.25 and cat["H100"].bf16_flops == 989.4e12
+    assert find_gpu("tpuv5p", cat).bf16_flops == 459e12
+    monkeypatch.setenv("NANOSEEK_GPUS", str(f))
+    assert load_catalog()["H100"].price_usd_per_hour == 1.25
+    f.write_text("[X]\nprice_usd_per_hour = 1\n")
+    with pytest.raises(ComputeError, match=r"\[X\] needs bf16_tflops"):
+        load_catalog(f)
+    f.write_text("[X\n")
+    with pytest.raises(ComputeError, match="not valid TOML"):
+        load_catalog(f)
+    with pytest.raises(ComputeError, match="no such GPU file"):
+        load_catalog(tmp_path / "missing.toml")
+
+
+def test_this_machine_is_measured():
+    gpu = find_gpu("this")
+    assert gpu.bf16_flops > 1e9 and gpu.fp8_flops is None and gpu.price_usd_per_hour == 0
+
+
+# --- a finished run --------------------------------------------------------------------------
+
+
+def _fake_run(root: Path, **overrides) -> Path:
+    run = root / "runs" / "tiny-test"
+    run.mkdir(parents=True)
+    cfg = get_preset("tiny")
+    cfg.save(run / "config.json")
+    fpt = flops_per_token(cfg, 256)
+    summary = {"preset": "tiny", "tokens_seen": 2_000_000, "wall_seconds": 100.0,
+               "flops_per_token": fpt, "total_flops": fpt * 2e6, "mfu": fpt * 2e6 / 100 / 4e11,
+               "peak_flops": 4e11, "device": "cpu", "dtype": "bfloat16", "seq_len": 256}  # fmt: skip
+    summary.update(overrides)
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_run_report(tmp_path):
+    run = _fake_run(tmp_path)
+    r = run_report(run, load_catalog(), mfu=0.5)
+    fpt = flops_per_token(get_preset("tiny"), 256)
+    assert r["flops_per_token_recomputed"] == r["flops_per_token"] == fpt
+    assert r["total_flops"] == fpt * 2e6
+    assert r["mfu"] == pytest.approx(fpt * 2e6 / 100 / 4e11)
+    assert r["tokens_per_second"] == 20_000
+    assert r["H100_gpu_hours"] == pytest.approx(fpt * 2e6 / (989.4e12 * 0.5) / 3600)
+    assert r["A100_cost_usd"] == pytest.approx(r["A100_gpu_hours"] * 1.80)
+    assert "note" not in r
+
+
+def test_run_report_errors(tmp_path):
+    with pytest.raises(ComputeError, match="no summary.json"):
+        run_report(tmp_path / "runs" / "nope")
+    run = _fake_run(tmp_path, wall_seconds=None)
+    with pytest.raises(ComputeError, match="missing wall_seconds"):
+        run_report(run)
+    (run / "summary.json").write_text("{")
+    with pytest.raises(ComputeError, match="not valid JSON"):
+        run_report(run)
+
+
+def test_run_report_flags_a_disagreeing_flop_count(tmp_path):
+    run = _fake_run(tmp_path, flops_per_token=1.0, total_flops=None, mfu=None)
+    r = run_report(run)
+    assert "differs from the config" in r["note"]
+    assert r["mfu"] == pytest.approx(2e6 / 100 / 4e11)  # recomputed from the totals
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+
+def _cli(argv: list[str], capsys) -> str:
+    # Load compute_cmds on its own so these tests do not depend on the other stages' commands.
+    path = Path(compute.__file__).parent / "cli" / "compute_cmds.py"
+    spec = importlib.util.spec_from_file_location("compute_cmds", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    parser = argparse.ArgumentParser(prog="nanoseek")
+    mod.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compute", *argv])
+    assert args.func(args) == 0
+    return capsys.readouterr().out
+
+
+def test_cli_json_keys(capsys):
+    out = json.loads(_cli(["train", "--preset", "deepseek-v3", "--tokens", "14.8T", "--gpu",
+                           "H800", "--gpus", "2048", "--mfu", "0.35", "--json"], capsys))  # fmt: skip
+    for key in ("params_total", "params_activated", "flops_per_token", "total_flops",
+                "gpu_hours", "cost_usd", "wall_days"):  # fmt: skip
+        assert isinstance(out[key], int | float), key
+    out = json.loads(_cli(["check", "--preset", "deepseek-v3", "--tokens", "14.8T", "--gpu",
+                           "H800", "--gpu-hours", "2.788M", "--json"], capsys))  # fmt: skip
+    assert 0.35 < out["implied_mfu"] < 0.42
+    out = json.loads(
+        _cli(["fleet", "--gpu", "H100", "--gpus", "50k", "--days", "60", "--json"], capsys)
+    )
+    assert out["gpu_hours"] == 72e6 and "optimal_params" in out
+
+
+def test_cli_tables(tmp_path, capsys):
+    out = _cli(["check", "--preset", "deepseek-v3", "--tokens", "14.8T", "--gpu", "H800",
+                "--gpu-hours", "2.788M"], capsys)  # fmt: skip
+    assert "implied mfu bf16" in out and "38.8%" in out and "19.4%" in out
+    out = _cli(["flops", "--preset", "deepseek-v3"], capsys)
+    assert "attention_scores" in out and "6 N + attention" in out
+    cfg_path = tmp_path / "config.json"
+    get_preset("small").save(cfg_path)
+    out = _cli(["flops", "--config", str(cfg_path), "--seq-len", "1024", "--json"], capsys)
+    assert json.loads(out)["flops_per_token"] == flops_per_token(get_preset("small"), 1024)
+    out = _cli(["run", str(_fake_run(tmp_path))], capsys)
+    assert "H100" in out and "GPU-hours" in out
+    out = _cli(["gpus", "--sources"], capsys)
+    assert "MI300X" in out and "datasheet" in out
+
+
+def test_cli_rejects_bad_quantities(capsys):
+    with pytest.raises(SystemExit):
+        _cli(
+            ["train", "--preset", "tiny", "--tokens", "14.8X", "--gpu", "H100", "--gpus", "8"],
+            capsys,
+        )
+    assert "cannot read '14.8X' as a number" in capsys.readouterr().err
+
+
+def test_cli_plot(tmp_path, capsys):
+    out = tmp_path / "cost.png"
+    _cli(["plot", "--out", str(out)], capsys)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

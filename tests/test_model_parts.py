@@ -1,0 +1,204 @@
+"""Unit checks of the model's parts: gate, dispatch, RoPE/YaRN, MTP loss, parameter counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.config import (
+    ConfigError,
+    ModelConfig,
+    get_preset,
+    kv_cache_bytes_per_token,
+    param_counts,
+)
+from nanoseek.model import Gate, MoE, Transformer
+from nanoseek.model.rope import apply_rope, attention_factor, inv_frequencies, softmax_scale
+
+
+def gate_config(**kw) -> ModelConfig:
+    base = dict(
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        hidden_size=32,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+    )
+    return get_preset("tiny").replace(**{**base, **kw})
+
+
+def test_bias_changes_selection_but_not_gate_weights():
+    torch.manual_seed(0)
+    gate = Gate(gate_config(n_group=1, topk_group=1))
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    x = torch.randn(64, 32)
+    w0, idx0, scores = gate(x)
+    gate.bias[3] = 10.0  # expert 3 now wins every selection
+    w1, idx1, _ = gate(x)
+    assert (idx1 == 3).any(dim=1).all() and not (idx0 == 3).any(dim=1).all()
+    # weights are the unbiased sigmoid scores of the chosen experts, normalised, times scale
+    expect = scores.gather(1, idx1)
+    expect = expect / expect.sum(-1, keepdim=True) * 2.5
+    assert torch.allclose(w1, expect)
+    assert torch.allclose(w0.sum(-1), torch.full((64,), 2.5))
+
+
+def test_group_limits_are_respected():
+    torch.manual_seed(1)
+    cfg = gate_config()
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=1.0)
+    _, idx, scores = gate(torch.randn(256, 32))
+    groups = idx // (cfg.n_routed_experts // cfg.n_group)
+    for row in groups:
+        assert len(set(row.tolist())) <= cfg.topk_group
+    # and the chosen groups are those with the best top-2 score sums
+    g = scores.view(256, 4, 4).topk(2, -1).values.sum(-1)
+    best = g.topk(2, -1).indices
+    for row, b in zip(groups, best, strict=True):
+        assert set(row.tolist()) <= set(b.tolist())
+
+
+def test_expert_dispatch_equals_a_per_token_reference():
+    torch.manual_seed(2)
+    cfg = gate_config(moe_intermediate_size=8)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 10, 32)
+    out = moe(x)
+    flat = x.view(-1, 32)
+    w, idx, _ = moe.gate(flat)
+    want = moe.shared(flat).clone()
+    for t in range(flat.shape[0]):
+        for j in range(cfg.num_experts_per_tok):
+            e = idx[t, j]
+            g, u = (moe.experts.w13[e] @ flat[t]).chunk(2)
+            want[t] += w[t, j] * (moe.experts.w2[e] @ (F.silu(g) * u))
+    assert torch.allclose(out.view(-1, 32), want, atol=1e-5)
+    assert moe.tokens_per_expert.sum().item() == 20 * cfg.num_experts_per_tok
+    assert torch.equal(moe.tokens_per_expert, torch.bincount(idx.flatten(), minlength=16))
+
+
+def test_rope_matches_complex_rotation_of_interleaved_pairs():
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 3, 8)
+    pos = torch.arange(5).expand(2, 5)
+    inv = inv_frequencies(8, 10000.0)
+    ang = pos[..., None].float() * inv
+    out = apply_rope(x, ang.cos(), ang.sin())
+    z = (
+        torch.view_as_complex(x.view(2, 5, 3, 4, 2))
+        * torch.polar(torch.ones_like(ang), ang)[:, :, None]
+    )
+    z = torch.view_as_real(z)  # [..., 4, 2] interleaved
+    assert torch.allclose(out, torch.cat([z[..., 0], z[..., 1]], dim=-1), atol=1e-6)
+    # dot products between positions depend only on the offset
+    q, k = torch.randn(8), torch.randn(8)
+
+    def rot(v, p):
+        a = torch.tensor([p]).float()[:, None] * inv
+        return apply_rope(v[None], a.cos(), a.sin())[0]
+
+    assert math.isclose(rot(q, 7) @ rot(k, 3), rot(q, 14) @ rot(k, 10), rel_tol=1e-4)
+
+
+def test_yarn_matches_transformers_and_the_papers_constants():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {
+        "type": "yarn",
+        "factor": 40.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 0.707,
+    }
+    hf = transformers.DeepseekV3Config(
+        qk_rope_head_dim=64,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            **{k: v for k, v in scaling.items() if k != "type"},
+        },
+    )
+    want, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    got = inv_frequencies(64, 10000.0, scaling)
+    assert torch.allclose(got, want, rtol=1e-6)
+    assert math.isclose(attention_factor(scaling), want_factor, rel_tol=1e-9)
+    m = 0.1 * 0.707 * math.log(40) + 1
+    assert math.isclose(softmax_scale(192, scaling), 192**-0.5 * m * m)
+    assert softmax_scale(192, None) == 192**-0.5
+    # YaRN keeps the fastest rotations and slows the slowest by the full factor
+    plain = inv_frequencies(64, 10000.0)
+    assert torch.allclose(got[:4], plain[:4]) and torch.allclose(got[-4:], plain[-4:] / 40)
+
+
+def test_mtp_loss_shape_and_value():
+    torch.manual_seed(4)
+    cfg = get_preset("tiny").replace(num_nextn_predict_layers=2)
+    model = Transformer(cfg)
+    x = torch.randint(0, 256, (2, 12))
+    y = torch.roll(x, -1, dims=1)
+    out = model(x, targets=y, mtp_weight=0.3)
+    assert out.logits.shape == (2, 12, 256)
+    assert len(out.mtp_losses) == 2
+    main = F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
+    assert torch.allclose(out.main_loss, main)
+    # module 1 reads final hidden h[:, :T-1] and token x[:, 1:], and predicts y[:, 1:]
+    cos, sin = model.rope(torch.arange(11).expand(2, 11))
+    h1 = model.mtp[0](out.hidden[:, :11], model.embed(x[:, 1:]), cos, sin)
+    l1 = F.cross_entropy(model.head(model.mtp[0].norm(h1)).flatten(0, 1), y[:, 1:].flatten())
+    assert torch.allclose(out.mtp_losses[0], l1)
+    assert torch.allclose(out.loss, main + 0.3 / 2 * (out.mtp_losses[0] + out.mtp_losses[1]))
+    # a fresh model predicts near-uniformly: every loss is close to log(vocab)
+    for loss in [out.main_loss, *out.mtp_losses]:
+        assert abs(loss.item() - math.log(256)) < 0.1
+
+
+def test_mtp_weight_zero_gives_the_main_loss():
+    model = Transformer(get_preset("tiny"))
+    x = torch.randint(0, 256, (1, 8))
+    out = model(x, targets=x, mtp_weight=0.0)
+    assert torch.equal(out.loss, out.main_loss) and out.mtp_losses == []
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "dense-small"])
+def test_param_counts_match_the_built_model(name):
+    cfg = get_preset(name)
+    model = Transformer(cfg)
+    counts = param_counts(cfg, include_mtp=True)
+    assert counts["total"] == model.num_params()
+    assert counts["mtp"] == sum(p.numel() for p in model.mtp.parameters())
+
+
+def test_presets_have_the_documented_sizes():
+    v3 = param_counts(get_preset("deepseek-v3"))
+    assert abs(v3["total"] / 671e9 - 1) < 0.01
+    # DeepSeek's "37B" is rounded: 36.6B without the input-embedding lookup (our count),
+    # 37.5B with it; both are within 1.5% of 37B.
+    assert abs(v3["activated"] / 37e9 - 1) < 0.015
+    assert abs((v3["activated"] + v3["embedding"] / 2) / 37e9 - 1) < 0.015
+    small, dense = param_counts(get_preset("small")), param_counts(get_preset("dense-small"))
+    assert 20e6 <= small["total"] <= 60e6
+    assert 0.15 <= small["activated"] / small["total"] <= 0.4
+    assert abs(dense["activated"] / small["activated"] - 1) < 0.05
+    kv = kv_cache_bytes_per_token(get_preset("deepseek-v3"))
+    assert kv["latent"] == 61 * (512 + 64) * 2
+    assert 60 < kv["full"] / kv["latent"] < 80  # "about 1/70"
+
+
+def test_bad_configs_raise_clear_errors():
+    with pytest.raises(ConfigError, match="n_group"):
+        get_preset("tiny").replace(n_group=3)
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        get_preset("huge")
+    with pytest.raises(ConfigError, match="qk_rope_head_dim must be even"):
+        get_preset("tiny").replace(qk_rope_head_dim=7)

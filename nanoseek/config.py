@@ -191,7 +191,7 @@ class ModelConfig:
             kw.setdefault("n_group", d.get("n_group") or 1)
             kw.setdefault("topk_group", d.get("topk_group") or 1)
             kw.setdefault("routed_scaling_factor", 1.0)
-            kw.setdefault("norm_topk_prob", False)
+            kw["norm_topk_prob"] = False  # transformers' V2 gate never renormalises
             kw.setdefault("num_nextn_predict_layers", 0)
         for key in ("n_group", "topk_group"):
             if d.get(key) is None and key in kw:

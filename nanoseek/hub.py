@@ -75,6 +75,8 @@ def hf_names(model: Transformer) -> dict[str, str]:
         names.update({f"mtp.{k}.block.{a}": hf + b for a, b in BLOCK_NAMES.items()})
         names.update({f"mtp.{k}.{a}": hf + b for a, b in MTP_NAMES.items()})
     own = dict(model.named_parameters()) | dict(model.named_buffers())
+    if cfg.scoring_func == "softmax":  # V2 checkpoints have no selection bias
+        own = {k: v for k, v in own.items() if not k.endswith("gate.bias")}
     return {a: b for a, b in names.items() if a in own}
 
 
@@ -191,11 +193,10 @@ def from_pretrained(
         model = Transformer(cfg)
     model = model.to_empty(device=device)
     state = {}
+    for moe in model.moe_layers():
+        moe.gate.bias.zero_()
     for ours, theirs in hf_names(model).items():
         if theirs not in src:
-            if theirs.endswith("e_score_correction_bias") and cfg.scoring_func == "softmax":
-                state[ours] = torch.zeros(cfg.n_routed_experts)
-                continue
             raise CheckpointError(f"{path}: tensor {theirs} is missing from the checkpoint")
         state[ours] = src.get(theirs)
     for ours, theirs in _expert_layers(model).items():

@@ -90,6 +90,34 @@ def test_parity_both_ways(seed, tmp_path):
     assert (again - got).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy"])
+def test_deepseek_v2_parity_both_ways(method, tmp_path):
+    torch.manual_seed(7)
+    cfg = transformers.DeepseekV2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        num_hidden_layers=3, num_attention_heads=4, n_shared_experts=2, n_routed_experts=8,
+        kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=8,
+        n_group=4, topk_group=2, topk_method=method, num_experts_per_tok=2, first_k_dense_replace=1,
+        routed_scaling_factor=1.5, max_position_embeddings=256,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+                         "rope_theta": 10000.0},
+    )
+    ref = transformers.DeepseekV2ForCausalLM(cfg).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    ours = nanoseek.from_pretrained(tmp_path / "hf")
+    assert ours.config.scoring_func == "softmax"
+    ids = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        got = ours(ids).logits
+        assert (got - ref(ids).logits).abs().max().item() <= 1e-4
+    nanoseek.save_pretrained(ours, tmp_path / "ns")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ns").eval()
+    assert type(back).__name__ == "DeepseekV2ForCausalLM"
+    with torch.no_grad():
+        assert (back(ids).logits - got).abs().max().item() <= 1e-4
+
+
 def test_nanoseek_model_with_mtp_roundtrips_and_opens_in_transformers(tmp_path):
     torch.manual_seed(0)
     model = nanoseek.Transformer(get_preset("tiny")).eval()

@@ -7,6 +7,7 @@ command's flags sit next to each other and heavy imports happen only when it run
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from nanoseek.cli import compute_cmds, data_cmds, infer_cmds, model_cmds, train_cmds
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (UserError, ValueError, FileNotFoundError, OSError) as e:
         # ConfigError, CheckpointError and friends subclass ValueError: one clear line.
+        if os.environ.get("NANOSEEK_DEBUG"):
+            raise
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -98,6 +98,17 @@ def main() -> None:
                 rows.append(
                     (name, mode, k, tps, tps * fl_fwd * mult / peak, t["transformers"] / t[k], peak)
                 )
+    # the MoE layer alone (gate + dispatch + experts), same weights, fp32 forward
+    layer = next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
+    our_moe, ref_moe = ours.layers[layer].ffn.eval(), ref.model.layers[layer].mlp.eval()
+    h = torch.randn(args.batch, args.seq, cfg.hidden_size)
+    with torch.no_grad():
+        moe_diff = (our_moe(h) - ref_moe(h)).abs().max().item()
+        moe_t = {
+            k: statistics.median([timed(lambda f=f: f(h), 1) for _ in range(args.repeats)])
+            for k, f in (("nanoseek", our_moe), ("transformers", ref_moe))
+        }
+
     print(
         f"\nforward benchmark: preset={args.preset} batch={args.batch} seq={args.seq} "
         f"threads={args.threads}; max |logit diff| vs transformers (fp32) = {diff:.2e}"
@@ -110,6 +121,12 @@ def main() -> None:
         print(
             f"{name:<6}{mode:<9}{k:<15}{tps:>10.0f}{frac * 100:>10.1f}%{ratio:>16.2f}x{peak / 1e9:>14.0f}"
         )
+    print(
+        f"\nMoE layer {layer} alone (fp32 forward, {tokens} tokens, max diff {moe_diff:.1e}): "
+        f"nanoseek {tokens / moe_t['nanoseek']:.0f} tok/s, transformers "
+        f"{tokens / moe_t['transformers']:.0f} tok/s, "
+        f"ratio {moe_t['transformers'] / moe_t['nanoseek']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

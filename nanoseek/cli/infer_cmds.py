@@ -1,0 +1,148 @@
+"""`nanoseek sample | generate | chat`: text out of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    p.add_argument(
+        "ckpt", help="checkpoint directory (config.json + safetensors [+ tokenizer.json])"
+    )
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="stream a completion of a prompt to stdout")
+    _sampling_flags(p)
+    p.add_argument("prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("sample", help="print n independent samples for a prompt")
+    _sampling_flags(p, max_tokens=64)
+    p.add_argument("prompt")
+    p.add_argument("-n", type=int, default=3, help="number of samples (batched)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit)")
+    _sampling_flags(p, max_tokens=512)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+
+def _engine(args, max_batch: int = 1):
+    import torch
+
+    from nanoseek.infer import Engine, SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )  # validated before the (slower) checkpoint load
+    engine = Engine.load(
+        args.ckpt,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        max_batch=max_batch,
+        speculative=args.speculative,
+    )
+    return engine, params
+
+
+def _need_tokenizer(engine) -> None:
+    if engine.tokenizer is None:
+        from nanoseek.infer import EngineError
+
+        raise EngineError(
+            "this checkpoint has no tokenizer.json; copy the training tokenizer into it"
+        )
+
+
+def _summary(engine, n_tokens: int, seconds: float) -> str:
+    s = f"[{n_tokens} tokens, {n_tokens / max(seconds, 1e-9):.1f} tok/s"
+    if engine.speculative:
+        s += f", MTP acceptance {engine.spec_stats.acceptance:.0%}"
+    return s + "]"
+
+
+def cmd_generate(args) -> int:
+    engine, params = _engine(args)
+    _need_tokenizer(engine)
+    t0 = time.perf_counter()
+    for delta in engine.stream(args.prompt, params):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    print()
+    print(_summary(engine, engine.tokens_generated, time.perf_counter() - t0), file=sys.stderr)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    if args.n < 1:
+        raise ValueError(f"-n must be >= 1, got {args.n}")
+    engine, params = _engine(args, max_batch=min(args.n, 16))
+    _need_tokenizer(engine)
+    t0 = time.perf_counter()
+    outs = engine.generate([args.prompt] * args.n, params)
+    for i, out in enumerate(outs):
+        print(f"--- sample {i + 1} ({out.finish_reason})\n{args.prompt}{out.text}")
+    n = sum(len(o.token_ids) for o in outs)
+    print(_summary(engine, n, time.perf_counter() - t0), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    engine, params = _engine(args)
+    _need_tokenizer(engine)
+    tok = engine.tokenizer
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    print("nanoseek chat: /reset clears the conversation, /exit (or Ctrl-D) quits", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if user in ("/exit", "/quit"):
+            return 0
+        if user == "/reset":
+            messages = list(system)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not user:
+            continue
+        messages.append({"role": "user", "content": user})
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+        room = engine.max_len - len(prompt)
+        if room < 1:
+            print(
+                "(the conversation no longer fits the context; /reset to start over)",
+                file=sys.stderr,
+            )
+            messages.pop()
+            continue
+        params.max_tokens = min(args.max_tokens, room)
+        reply = []
+        sys.stdout.write("bot> ")
+        try:
+            for delta in engine.stream(prompt, params):
+                reply.append(delta)
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # stop this reply, keep the chat
+            sys.stdout.write(" [interrupted]")
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})

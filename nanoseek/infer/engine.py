@@ -1,0 +1,342 @@
+"""The engine: requests in, tokens out, over a continuously batched latent cache.
+
+    engine = Engine.load("ckpt/")                       # model + tokenizer
+    engine.generate(["Once upon"], SamplingParams(max_tokens=32, temperature=0))
+    for delta in engine.stream("Once upon", params): print(delta, end="")
+
+A server drives the same loop itself: `add_request` whenever a request arrives, `step()`
+in a loop (each step either prefills newly admitted requests or decodes every running
+one), and reads each step's outputs; finished sequences leave the batch at once.
+
+With `speculative=True`, MTP module 1 drafts one token per step; the main model checks
+[last token, draft] in one forward, so a step commits one or two tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanoseek.infer.cache import KVCache
+from nanoseek.infer.runner import ModelRunner
+from nanoseek.infer.sampling import SamplingParams, chosen_logprobs, sample, verify
+from nanoseek.infer.scheduler import Scheduler, Sequence
+from nanoseek.model.transformer import Transformer
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve; the message names the problem and the fix."""
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str  # "stop" (EOS, stop token or stop string) | "length" | "abort"
+    prompt_tokens: int = 0
+
+
+@dataclass
+class StepOutput:
+    seq_id: int
+    token_ids: list[int]  # committed this step
+    text: str  # text delta this step ("" without a tokenizer or when not tracked)
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / max(self.drafted, 1)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer=None,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        speculative: bool = False,
+        plain: bool = False,
+    ):
+        """`max_len`: context length (default: the config's max_position_embeddings).
+        `plain=True` runs the reference path (re-expanded keys/values) instead of absorbed MLA."""
+        cfg = model.config
+        if speculative and len(model.mtp) == 0:
+            raise EngineError(
+                "speculative decoding needs the model's MTP modules, and this checkpoint has none "
+                "(checkpoints saved by transformers drop them); run without --speculative"
+            )
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_len = max_len or cfg.max_position_embeddings
+        self.speculative, self.plain = speculative, plain
+        p = next(model.parameters())
+        self.device = p.device
+        self.cache = KVCache(
+            cfg, max_batch, self.max_len, p.dtype, p.device, mtp_layers=1 if speculative else 0
+        )
+        self.runner = ModelRunner(model, self.cache)
+        self.scheduler = Scheduler(self.cache)
+        self.spec_stats = SpecStats()
+        eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        self.eos_ids = {eos} if eos is not None else set()
+        if getattr(tokenizer, "end_id", None) is not None:  # end of a chat turn
+            self.eos_ids.add(tokenizer.end_id)
+        self._seqs: dict[int, Sequence] = {}
+        self.tokens_generated = 0
+
+    @classmethod
+    def load(
+        cls,
+        ckpt_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **kwargs,
+    ) -> Engine:
+        """Model (and tokenizer, when the directory has tokenizer.json) from a checkpoint."""
+        from nanoseek.hub import from_pretrained
+
+        model = from_pretrained(ckpt_dir, dtype=dtype, device=device)
+        tokenizer = None
+        if (Path(ckpt_dir) / "tokenizer.json").exists():
+            from nanoseek.data.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.load(ckpt_dir)
+        return cls(model, tokenizer, **kwargs)
+
+    # --- requests ------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise EngineError(
+                    "this checkpoint has no tokenizer.json; pass token ids instead of text"
+                )
+            ids = [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
+        else:
+            ids = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise EngineError(
+                f"prompt token ids must be in [0, {vocab}) for this model "
+                "(is the tokenizer from another checkpoint?)"
+            )
+        return ids
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, stream: bool = False
+    ) -> Sequence:
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if not ids:
+            raise EngineError("empty prompt; give at least one token")
+        if len(ids) >= self.max_len:
+            raise EngineError(
+                f"prompt is {len(ids)} tokens, the context holds {self.max_len}; "
+                "shorten the prompt (or load with a larger max_len)"
+            )
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        seq = Sequence(ids, params, frozenset(stop_ids), stream=stream)
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        self.scheduler.add(seq)
+        self._seqs[seq.id] = seq
+        return seq
+
+    def abort(self, seq_id: int) -> None:
+        seq = self._seqs.pop(seq_id, None)
+        if seq is not None and not seq.finished:
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- the loop ------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """One forward: prefill newly admitted requests if there are any, else decode all."""
+        new = self.scheduler.admit()
+        if new:
+            committed = self._prefill(new)
+        elif self.scheduler.running:
+            run = self.scheduler.running
+            committed = self._speculate(run) if self.speculative else self._decode(run)
+        else:
+            return []
+        outputs = []
+        for seq, toks, lps in committed:
+            before = len(seq.output_ids)
+            for t, lp in zip(toks, lps, strict=True):
+                self._append(seq, t, lp)
+                if seq.finished:
+                    break
+            delta = self._text_delta(seq)
+            outputs.append(
+                StepOutput(seq.id, seq.output_ids[before:], delta, seq.finished, seq.finish_reason)
+            )
+        for seq, *_ in committed:
+            if seq.finished:
+                self.scheduler.finish(seq)
+                self._seqs.pop(seq.id, None)
+        return outputs
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
+        params = [s.params for s in seqs]
+        tok = sample(logits, params, [s.generator for s in seqs])
+        lp = chosen_logprobs(logits, tok) if any(p.logprobs for p in params) else None
+        return tok, lp
+
+    def _prefill(self, seqs: list[Sequence]):
+        B, lens = len(seqs), [len(s.prompt_ids) for s in seqs]
+        T = max(lens)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for b, s in enumerate(seqs):  # right-padded; pads write rows no query ever sees
+            ids[b, : lens[b]] = torch.tensor(s.prompt_ids)
+        ids = ids.to(self.device)
+        pos = torch.arange(T, device=self.device).expand(B, T)
+        start = seqs[0].slot
+        h = self.runner.forward(ids, pos, start, S=T, plain=self.plain)
+        rows, last = torch.arange(B, device=self.device), torch.tensor(lens, device=self.device) - 1
+        logits = self.runner.logits(h[rows, last])
+        tok, lp = self._sample(logits, seqs)
+        if self.speculative:  # MTP module 1 over the prompt: position i sees h_i and token i+1
+            nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+            nxt[rows, last] = tok
+            g = self.runner.mtp_forward(h, nxt, pos, start, S=T, plain=self.plain)
+            drafts = self.runner.logits(g[rows, last]).argmax(-1).tolist()
+            for s, d in zip(seqs, drafts, strict=True):
+                s.draft = d
+        toks = tok.tolist()
+        lps = lp.tolist() if lp is not None else [None] * B
+        return [(s, [t], [p]) for s, t, p in zip(seqs, toks, lps, strict=True)]
+
+    def _decode(self, seqs: list[Sequence]):
+        positions = [s.num_tokens - 1 for s in seqs]
+        ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
+        pos = torch.tensor(positions, device=self.device)[:, None]
+        h = self.runner.forward(ids, pos, 0, S=max(positions) + 1, plain=self.plain)
+        tok, lp = self._sample(self.runner.logits(h[:, 0]), seqs)
+        lps = lp.tolist() if lp is not None else [None] * len(seqs)
+        return [(s, [t], [p]) for s, t, p in zip(seqs, tok.tolist(), lps, strict=True)]
+
+    def _speculate(self, seqs: list[Sequence]):
+        """Verify [last, draft] at positions [n-1, n]; commit 1 + accepted tokens; draft again."""
+        B = len(seqs)
+        n = [s.num_tokens for s in seqs]
+        ids = torch.tensor([[s.last_token, s.draft] for s in seqs], device=self.device)
+        pos = torch.tensor([[k - 1, k] for k in n], device=self.device)
+        S = max(n) + 1
+        h = self.runner.forward(ids, pos, 0, S=S, plain=self.plain)
+        logits = self.runner.logits(h)  # [B, 2, V]
+        params, gens = [s.params for s in seqs], [s.generator for s in seqs]
+        toks, acc = verify(logits, ids[:, 1], params, gens)
+        # MTP at n-1 and n sees (h, the token after): the draft comes from the last valid one
+        g = self.runner.mtp_forward(h, toks, pos, 0, S=S, plain=self.plain)
+        rows = torch.arange(B, device=self.device)
+        drafts = self.runner.logits(g[rows, acc]).argmax(-1)
+        lp = chosen_logprobs(logits, toks) if any(p.logprobs for p in params) else None
+        host = torch.cat([toks, acc[:, None], drafts[:, None]], 1).tolist()  # one sync
+        lps = lp.tolist() if lp is not None else [[None, None]] * B
+        self.spec_stats.steps += 1
+        self.spec_stats.drafted += B
+        out = []
+        for s, (t0, t1, a, d), lp_row in zip(seqs, host, lps, strict=True):
+            self.spec_stats.accepted += a
+            s.draft = d
+            out.append((s, [t0, t1][: 1 + a], lp_row[: 1 + a]))
+        return out
+
+    # --- bookkeeping ---------------------------------------------------------------------
+    def _append(self, seq: Sequence, tok: int, lp: float | None) -> None:
+        p = seq.params
+        if tok in seq.stop_ids:
+            seq.finish_reason = "stop"
+            return
+        seq.output_ids.append(tok)
+        self.tokens_generated += 1
+        if p.logprobs:
+            seq.logprobs.append(lp)
+        if self.tokenizer is not None and (p.stop or seq.stream):
+            seq.text = self.tokenizer.decode(seq.output_ids)
+            for stop in p.stop:
+                i = seq.text.find(stop, max(0, seq.emitted - len(stop)))
+                if i >= 0:
+                    seq.text, seq.finish_reason = seq.text[:i], "stop"
+                    return
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_len:
+            seq.finish_reason = "length"
+
+    def _text_delta(self, seq: Sequence) -> str:
+        if not seq.stream or self.tokenizer is None:
+            return ""
+        end = len(seq.text)
+        if not seq.finished:
+            if seq.text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
+                end -= 1
+            for stop in seq.params.stop:  # hold back what could be the start of a stop string
+                for k in range(min(len(stop) - 1, end), 0, -1):
+                    if seq.text[end - k : end] == stop[:k]:
+                        end -= k
+                        break
+        delta, seq.emitted = seq.text[seq.emitted : max(end, seq.emitted)], max(end, seq.emitted)
+        return delta
+
+    def _completion(self, seq: Sequence) -> Completion:
+        text = ""
+        if self.tokenizer is not None:
+            text = (
+                seq.text
+                if (seq.params.stop or seq.stream)
+                else self.tokenizer.decode(seq.output_ids)
+            )
+        lps = seq.logprobs if seq.params.logprobs else None
+        return Completion(
+            text, list(seq.output_ids), lps, seq.finish_reason or "abort", len(seq.prompt_ids)
+        )
+
+    # --- convenience ---------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[Completion]:
+        """Generate for every prompt, batched; results in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            raise EngineError("generate() takes a list of prompts; wrap a single prompt in a list")
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise EngineError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        for p in prompts:  # validate all before queueing any
+            self.encode(p)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        while not all(s.finished for s in seqs):
+            self.step()
+        return [self._completion(s) for s in seqs]
+
+    def stream(
+        self, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> Iterator[str]:
+        """Yield text deltas as they are decoded (token ids as text when there is no tokenizer)."""
+        seq = self.add_request(prompt, params, stream=True)
+        try:
+            while not seq.finished:
+                for out in self.step():
+                    if out.seq_id == seq.id:
+                        yield (
+                            out.text
+                            if self.tokenizer is not None
+                            else "".join(f"{t} " for t in out.token_ids)
+                        )
+        finally:
+            if not seq.finished:
+                self.abort(seq.id)

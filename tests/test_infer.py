@@ -1,0 +1,230 @@
+"""Inference engine: absorbed decode vs the plain path, batching, speculation, sampling, CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.config import kv_cache_bytes_per_token
+from nanoseek.infer import Engine, EngineError, KVCache, ModelRunner, SamplingError, SamplingParams
+from nanoseek.infer.sampling import filtered_probs, sample
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+def tiny_model(seed: int = 0, **changes) -> nanoseek.Transformer:
+    torch.manual_seed(seed)
+    model = nanoseek.Transformer(nanoseek.get_preset("tiny").replace(**changes)).eval()
+    with torch.no_grad():
+        for moe in model.moe_layers():  # non-zero routing bias: selection != weighting
+            moe.gate.bias.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> nanoseek.Transformer:
+    return tiny_model()
+
+
+@pytest.mark.parametrize("q_lora_rank", [32, None])
+def test_absorbed_decode_matches_plain_path(q_lora_rank):
+    """Ragged batch: prefill, then 32 decode steps; absorbed and plain logits within 1e-5."""
+    m = tiny_model(1, q_lora_rank=q_lora_rank)
+    cfg = m.config
+    runners = [ModelRunner(m, KVCache(cfg, 4, 64, torch.float32, "cpu")) for _ in range(2)]
+    lens = torch.tensor([9, 4, 6])
+    ids = torch.randint(0, cfg.vocab_size, (3, 9))
+    pos = torch.arange(9).expand(3, 9)
+    h = [
+        r.forward(ids, pos, 0, plain=plain) for r, plain in zip(runners, (False, True), strict=True)
+    ]
+    last = (torch.arange(3), lens - 1)
+    assert (h[0][last] - h[1][last]).abs().max() < 1e-5
+    tok = runners[1].logits(h[1][last]).argmax(-1, keepdim=True)
+    p = lens[:, None]
+    for _ in range(32):
+        la, lp = (
+            r.logits(r.forward(tok, p, 0, plain=plain))
+            for r, plain in zip(runners, (False, True), strict=True)
+        )
+        assert (la - lp).abs().max() < 1e-5, (la - lp).abs().max()
+        tok, p = lp[:, -1].argmax(-1, keepdim=True), p + 1
+    # and the caches they wrote are the same latents
+    a, b = runners[0].cache.latent, runners[1].cache.latent
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_batched_generation_equals_one_by_one(model):
+    prompts = [list(range(3, 3 + k)) for k in (5, 11, 2, 7)]
+    batched = Engine(model).generate(prompts, GREEDY)
+    single = [Engine(model).generate([p], GREEDY)[0] for p in prompts]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+    assert all(len(c.token_ids) == 24 and c.finish_reason == "length" for c in batched)
+    # the plain (re-expanded K/V) engine agrees token for token
+    plain = Engine(model, plain=True).generate(prompts, GREEDY)
+    assert [c.token_ids for c in plain] == [c.token_ids for c in batched]
+
+
+def test_continuous_batching_join_and_leave(model):
+    """Requests join a running batch and leave it at different times; same tokens as alone."""
+    eng = Engine(model, max_batch=3)
+    short = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    a = eng.add_request([5, 6, 7], GREEDY)
+    b = eng.add_request([9, 8, 7, 6], short)
+    for _ in range(3):
+        eng.step()
+    c = eng.add_request([11, 12], GREEDY)  # joins mid-run
+    d = eng.add_request([13, 14, 15], short)  # waits for a free slot, then takes b's
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.cache.used == 0
+    for seq in (a, b, c, d):
+        alone = Engine(model).generate([seq.prompt_ids], seq.params)[0]
+        assert seq.output_ids == alone.token_ids
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_speculative_greedy_equals_plain_greedy(plain):
+    m = tiny_model(2)
+    prompts = [list(range(3, 3 + k)) for k in (6, 3, 9)]
+    ref = Engine(m).generate(prompts, GREEDY)
+    eng = Engine(m, speculative=True, plain=plain)
+    spec = eng.generate(prompts, GREEDY)
+    assert [c.token_ids for c in spec] == [c.token_ids for c in ref]
+    assert eng.spec_stats.drafted > 0 and 0 <= eng.spec_stats.acceptance <= 1
+
+
+def test_speculation_bookkeeping():
+    """Every verify step commits 1 + accepted tokens: the counts add up to the output."""
+    m = tiny_model(3)
+    eng = Engine(m, speculative=True)
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    out = eng.generate([[4, 5, 6]], sp)[0]
+    st = eng.spec_stats
+    assert st.drafted == st.steps
+    # the prefill commits the first token; the last step may be cut by max_tokens
+    assert st.steps + st.accepted in (len(out.token_ids) - 1, len(out.token_ids))
+
+
+def test_speculation_unavailable_without_mtp():
+    with pytest.raises(EngineError, match="MTP"):
+        Engine(tiny_model(0, num_nextn_predict_layers=0), speculative=True)
+
+
+def test_cache_memory_is_the_latent_formula(model):
+    cfg = model.config
+    eng = Engine(model, max_batch=2)
+    per_token = kv_cache_bytes_per_token(cfg, bytes_per_value=4)["latent"]
+    assert eng.cache.bytes_per_token() == per_token == 3 * (32 + 8) * 4
+    assert eng.cache.latent.nbytes == per_token * 2 * (eng.max_len + 1)
+    assert eng.cache.mtp_latent is None  # allocated only for speculation
+
+
+def test_sampling_top_k_top_p_seed():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = filtered_probs(logits, [SamplingParams(top_k=2)])
+    assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0, 0]]))
+    p = filtered_probs(logits, [SamplingParams(top_p=0.7)])  # 0.5 < 0.7, 0.8 >= 0.7: two tokens
+    assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0, 0]]))
+    p = filtered_probs(logits, [SamplingParams(top_p=0.5)])
+    assert torch.allclose(p, torch.tensor([[1.0, 0, 0, 0]]))
+    # frequencies follow the distribution; top-k never leaves its set
+    gen = torch.Generator().manual_seed(0)
+    rows = logits.expand(4000, 4)
+    draws = sample(rows, [SamplingParams()] * 4000, [None] * 4000)
+    freq = torch.bincount(draws, minlength=4).float() / 4000
+    assert (freq - torch.tensor([0.5, 0.3, 0.15, 0.05])).abs().max() < 0.03
+    draws = sample(rows, [SamplingParams(top_k=2)] * 4000, [gen] * 4000)
+    assert set(draws.tolist()) == {0, 1}
+    assert sample(logits, [SamplingParams(temperature=0)], [None]).item() == 0
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(model):
+    sp = SamplingParams(max_tokens=16, temperature=1.0, top_k=50, seed=7, ignore_eos=True)
+    a = Engine(model).generate([[5, 6, 7]], sp)[0].token_ids
+    b = Engine(model).generate([[1, 2], [5, 6, 7], [9]], sp)[1].token_ids
+    c = (
+        Engine(model)
+        .generate([[5, 6, 7]], SamplingParams(**{**sp.__dict__, "seed": 8}))[0]
+        .token_ids
+    )
+    assert a == b and a != c
+
+
+def test_logprobs_and_stop_tokens(model):
+    eng = Engine(model)
+    out = eng.generate(
+        [[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0, logprobs=True, ignore_eos=True)
+    )[0]
+    assert len(out.logprobs) == 8 and all(lp <= 0 for lp in out.logprobs)
+    # the first token's logprob equals log_softmax of the full forward
+    with torch.no_grad():
+        ref = model(torch.tensor([[5, 6, 7]])).logits[0, -1].log_softmax(-1)
+    assert abs(out.logprobs[0] - ref[out.token_ids[0]].item()) < 1e-5
+    stop_at = out.token_ids[3]
+    first = out.token_ids.index(stop_at)
+    cut = eng.generate(
+        [[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[stop_at])
+    )[0]
+    assert cut.token_ids == out.token_ids[:first] and cut.finish_reason == "stop"
+
+
+def test_text_stop_strings_and_stream():
+    from nanoseek.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(
+        ["the cat sat on the mat. " * 50, "a dog ran far away. " * 50], vocab_size=300
+    )
+    eng = Engine(tiny_model(4, vocab_size=tok.vocab_size), tok)
+    sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    full = eng.generate(["the cat"], sp)[0]
+    assert full.text == tok.decode(full.token_ids)
+    streamed = "".join(eng.stream("the cat", sp))
+    assert streamed == full.text
+    stop = full.text[5:8]
+    if stop.strip():
+        cut = eng.generate(
+            ["the cat"], SamplingParams(max_tokens=30, temperature=0, stop=[stop], ignore_eos=True)
+        )[0]
+        assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+        stop_params = SamplingParams(max_tokens=30, temperature=0, stop=[stop], ignore_eos=True)
+        assert "".join(eng.stream("the cat", stop_params)) == cut.text
+
+
+def test_clear_errors(model, tmp_path):
+    with pytest.raises(SamplingError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(SamplingError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(SamplingError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    eng = Engine(model, max_len=16)
+    with pytest.raises(EngineError, match="context"):
+        eng.generate([list(range(20))], GREEDY)
+    with pytest.raises(EngineError, match="tokenizer"):
+        eng.generate(["hello"], GREEDY)
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        Engine.load(tmp_path / "missing")
+    # generation stops at the context end
+    out = eng.generate(
+        [list(range(10))], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    )[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"
+
+
+def test_loads_transformers_checkpoint_and_matches_its_greedy(tmp_path, model):
+    transformers = pytest.importorskip("transformers")
+    nanoseek.save_pretrained(model, tmp_path / "ns")
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ns").eval()
+    hf.save_pretrained(tmp_path / "hf")  # no MTP layers in a transformers checkpoint
+    eng = Engine.load(tmp_path / "hf")
+    assert len(eng.model.mtp) == 0
+    ids = torch.tensor([[5, 6, 7, 8]])
+    ref = hf.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    ours = eng.generate(
+        [[5, 6, 7, 8]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    )
+    assert ours[0].token_ids == ref[0, 4:].tolist()
+    with pytest.raises(EngineError, match="MTP"):
+        Engine.load(tmp_path / "hf", speculative=True)

@@ -1,15 +1,18 @@
 """Decode benchmark: nanoseek's engine versus transformers `generate(use_cache=True)`.
 
-    python -m benchmarks.decode [--ckpt PATH] [--train-seconds 60] [--threads 1]
+    python -m benchmarks.decode [--ckpt PATH] [--train-seconds 60] [--threads 1] [--no-small]
 
 One run, same weights for both (saved with nanoseek, loaded by both): decode tokens/s and
 time to first token at batch 1 and 8, KV-cache bytes per token read off the tensors each
 holds, absorbed vs plain attention at 2K and 8K tokens of context, MTP speculation on a
 trained model, and the machine's memory bandwidth as the physical limit.
 
-Without --ckpt the tiny preset is trained for --train-seconds on a repetitive synthetic
-corpus (so MTP drafts have something to learn); its numbers say what the engine does at
-tiny scale, where per-op overhead, not arithmetic or bandwidth, sets the speed.
+Without --ckpt the newest trained checkpoint under runs/ is used (prompts from the stdlib
+corpus); failing that, the tiny preset is trained for --train-seconds on a synthetic
+second-order corpus (so MTP drafts have something to learn, but not everything). Tiny
+numbers say what the engine does where per-op overhead, not arithmetic or bandwidth, sets
+the speed; the `small` preset rows (6 layers, hidden 256, random weights) show a size
+where reading the weights starts to matter.
 """
 
 from __future__ import annotations
@@ -27,15 +30,18 @@ from nanoseek.infer import Engine, SamplingParams
 
 
 def synthetic_batch(vocab: int, B: int, T: int, gen: torch.Generator) -> torch.Tensor:
-    """A fixed random successor table (token t is followed by succ[t]) with 10% random
-    jumps: a repetitive corpus a tiny model learns in a minute, predictable two ahead."""
-    succ = torch.randperm(vocab - 2, generator=torch.Generator().manual_seed(42)) + 2
+    """Two random successor tables; which one follows token t depends on the token before
+    it (a second-order rule), with 10% random jumps. A tiny model learns it in a minute,
+    but not perfectly, so MTP drafts are right often, not always (a first-order table made
+    greedy decoding trivially predictable: 100% acceptance)."""
+    g42 = torch.Generator().manual_seed(42)
+    succ = torch.stack([torch.randperm(vocab - 2, generator=g42) + 2 for _ in range(2)])
     x = torch.empty(B, T + 1, dtype=torch.long)
-    x[:, 0] = torch.randint(2, vocab, (B,), generator=gen)
+    x[:, :2] = torch.randint(2, vocab, (B, 2), generator=gen)
     jumps = torch.rand(B, T, generator=gen) < 0.1
     rand = torch.randint(2, vocab, (B, T), generator=gen)
-    for i in range(T):
-        x[:, i + 1] = torch.where(jumps[:, i], rand[:, i], succ[x[:, i] - 2])
+    for i in range(1, T):
+        x[:, i + 1] = torch.where(jumps[:, i], rand[:, i], succ[x[:, i - 1] % 2, x[:, i] - 2])
     return x
 
 
@@ -126,37 +132,40 @@ def bandwidth_gbs() -> float:
     return x.nbytes / best / 1e9
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--ckpt", default=None, help="a trained checkpoint (default: train the tiny preset)"
-    )
-    ap.add_argument("--train-seconds", type=float, default=60.0)
-    ap.add_argument(
-        "--threads", type=int, default=1, help="torch threads for every row (1: steadier)"
-    )
-    ap.add_argument("--new-tokens", type=int, default=64)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from transformers import DeepseekV3ForCausalLM
-    from transformers.utils import logging as hf_logging
+def find_trained_checkpoint(root: str = "runs") -> Path | None:
+    """The newest trained checkpoint under runs/ (config.json + model.safetensors +
+    tokenizer.json, as `make run` writes), or None."""
+    found = [
+        p.parent
+        for p in Path(root).glob("**/model.safetensors")
+        if (p.parent / "config.json").exists() and (p.parent / "tokenizer.json").exists()
+    ]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
-    hf_logging.set_verbosity_error()
-    tmp = tempfile.TemporaryDirectory()
-    if args.ckpt:
-        path = Path(args.ckpt)
-    else:
-        path = Path(tmp.name) / "tiny"
-        nanoseek.save_pretrained(train_tiny(args.train_seconds), path)
-    model = nanoseek.from_pretrained(path)
-    cfg = model.config
-    hf = DeepseekV3ForCausalLM.from_pretrained(path).eval()
-    n = args.new_tokens
+
+def prompt_maker(path: Path, vocab: int):
+    """B -> prompts [B, 16]: text from the stdlib corpus when the checkpoint has a
+    tokenizer, else the synthetic corpus."""
+    if (path / "tokenizer.json").exists():
+        from nanoseek.data.corpus import stdlib_files
+        from nanoseek.data.tokenizer import Tokenizer
+
+        tok = Tokenizer.load(path)
+        ids = tok.encode(stdlib_files()[1][0].read_text())
+        return lambda B: torch.tensor(
+            [[tok.bos_id, *ids[100 * b : 100 * b + 15]] for b in range(B)]
+        )
     gen = torch.Generator().manual_seed(1)
-    rows = []  # (what, batch, ttft ms, tok/s, kv bytes/token, vs baseline)
+    return lambda B: synthetic_batch(vocab, B, 16, gen)[:, :16]
+
+
+def decode_rows(model, path: Path, prompts, n: int, hf_cls, spec: bool = True) -> list[tuple]:
+    """(what, batch, ttft s, tok/s, kv bytes/token, vs transformers) at batch 1 and 8."""
+    hf = hf_cls.from_pretrained(path).eval()
+    rows = []
     for B in (1, 8):
-        prompts = synthetic_batch(cfg.vocab_size, B, 16, gen)[:, :16]
-        ttft, tps, kvb = hf_run(hf, prompts, n)
+        x = prompts(B)
+        ttft, tps, kvb = hf_run(hf, x, n)
         rows.append(("transformers generate", B, ttft, tps, kvb, 1.0))
         base = tps
         for name, kw in (
@@ -164,25 +173,70 @@ def main() -> None:
             ("nanoseek plain (re-expand K/V)", {"plain": True}),
             ("nanoseek absorbed + MTP spec", {"speculative": True}),
         ):
-            if kw.get("speculative") and not model.mtp:
+            if kw.get("speculative") and not (spec and model.mtp):
                 continue
             eng = Engine(model, max_batch=B, max_len=16 + n + 8, **kw)
-            ttft, tps = ns_run(eng, prompts.tolist(), n)
+            ttft, tps = ns_run(eng, x.tolist(), n)
             label = name + (f" (acc {eng.spec_stats.acceptance:.0%})" if eng.speculative else "")
             rows.append((label, B, ttft, tps, eng.cache.bytes_per_token(), tps / base))
-    print(
-        f"\nDecode, {cfg.num_hidden_layers}-layer tiny config, greedy, prompt 16, {n} new tokens, "
-        f"{args.threads} thread(s), fp32"
-    )
+    return rows
+
+
+def print_rows(rows: list[tuple], what: str, n: int, threads: int) -> None:
+    print(f"\nDecode, {what}, greedy, prompt 16, {n} new tokens, {threads} thread(s), fp32")
     print(
         f"{'engine':<42}{'batch':>6}{'TTFT ms':>9}{'decode tok/s':>14}{'KV B/token':>12}{'vs HF':>8}"
     )
-    for what, B, ttft, tps, kvb, ratio in rows:
-        print(f"{what:<42}{B:>6}{ttft * 1e3:>9.2f}{tps:>14.0f}{kvb:>12}{ratio:>7.2f}x")
+    for name, B, ttft, tps, kvb, ratio in rows:
+        print(f"{name:<42}{B:>6}{ttft * 1e3:>9.2f}{tps:>14.0f}{kvb:>12}{ratio:>7.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--ckpt",
+        default=None,
+        help="a trained checkpoint (default: the newest under runs/); `tiny`: train the tiny preset",
+    )
+    ap.add_argument("--train-seconds", type=float, default=60.0)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads for every row (1: steadier)"
+    )
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--no-small", action="store_true", help="skip the `small` preset rows")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    tmp = tempfile.TemporaryDirectory()
+    ckpt = None if args.ckpt == "tiny" else args.ckpt or find_trained_checkpoint()
+    if ckpt:
+        path = Path(ckpt)
+    else:
+        path = Path(tmp.name) / "tiny"
+        nanoseek.save_pretrained(train_tiny(args.train_seconds), path)
+    model = nanoseek.from_pretrained(path)
+    cfg = model.config
+    n = args.new_tokens
+    prompts = prompt_maker(path, cfg.vocab_size)
+    what = f"checkpoint {path}" if ckpt else "tiny config trained on the synthetic corpus"
+    rows = decode_rows(model, path, prompts, n, DeepseekV3ForCausalLM)
+    print_rows(rows, f"{cfg.num_hidden_layers}-layer {what}", n, args.threads)
     latent = nanoseek.config.kv_cache_bytes_per_token(cfg, 4)
     print(
         f"latent formula: {latent['latent']} B/token (fp32); full K/V would be {latent['full']} B/token"
     )
+    if not args.no_small:  # a 6-layer, 256-wide model: overhead matters less than at tiny
+        torch.manual_seed(0)
+        small_path = Path(tmp.name) / "small"
+        nanoseek.save_pretrained(nanoseek.Transformer(nanoseek.get_preset("small")), small_path)
+        small = nanoseek.from_pretrained(small_path)
+        small_rows = decode_rows(
+            small, small_path, prompt_maker(small_path, 8192), n, DeepseekV3ForCausalLM, spec=False
+        )
+        print_rows(small_rows, "6-layer `small` preset (random weights)", n, args.threads)
 
     print("\nLong context, batch 1, ms per decode step (cache of random latents)")
     print(f"{'context':>8}{'absorbed':>10}{'plain':>10}{'speedup':>9}")

@@ -27,9 +27,16 @@ def model() -> nanoseek.Transformer:
     return tiny_model()
 
 
-@pytest.mark.parametrize("q_lora_rank", [32, None])
-def test_absorbed_decode_matches_plain_path(q_lora_rank):
-    """Ragged batch: prefill, then 32 decode steps; absorbed and plain logits within 1e-5."""
+@pytest.mark.parametrize(
+    "q_lora_rank,dense_moe", [(32, True), (None, True), (32, False), (None, False)]
+)
+def test_absorbed_decode_matches_plain_path(q_lora_rank, dense_moe, monkeypatch):
+    """Ragged batch: prefill, then 32 decode steps; absorbed and plain logits within 1e-5.
+    Both MoE paths: all experts as one dense matmul (small experts) and grouped_mm."""
+    from nanoseek.infer import runner
+
+    if not dense_moe:
+        monkeypatch.setattr(runner, "DENSE_EXPERTS_MAX_BYTES", 0)
     m = tiny_model(1, q_lora_rank=q_lora_rank)
     cfg = m.config
     runners = [ModelRunner(m, KVCache(cfg, 4, 64, torch.float32, "cpu")) for _ in range(2)]
@@ -50,6 +57,7 @@ def test_absorbed_decode_matches_plain_path(q_lora_rank):
         )
         assert (la - lp).abs().max() < 1e-5, (la - lp).abs().max()
         tok, p = lp[:, -1].argmax(-1, keepdim=True), p + 1
+    assert runners[0].layers[1].ffn.dense == dense_moe
     # and the caches they wrote are the same latents
     a, b = runners[0].cache.latent, runners[1].cache.latent
     assert (a - b).abs().max() < 1e-5
@@ -84,8 +92,12 @@ def test_continuous_batching_join_and_leave(model):
         assert seq.output_ids == alone.token_ids
 
 
-@pytest.mark.parametrize("plain", [False, True])
-def test_speculative_greedy_equals_plain_greedy(plain):
+@pytest.mark.parametrize("plain,dense_moe", [(False, True), (True, True), (False, False)])
+def test_speculative_greedy_equals_plain_greedy(plain, dense_moe, monkeypatch):
+    from nanoseek.infer import runner
+
+    if not dense_moe:
+        monkeypatch.setattr(runner, "DENSE_EXPERTS_MAX_BYTES", 0)
     m = tiny_model(2)
     prompts = [list(range(3, 3 + k)) for k in (6, 3, 9)]
     ref = Engine(m).generate(prompts, GREEDY)

@@ -236,12 +236,13 @@ class Engine:
         ids = torch.tensor([[s.last_token, s.draft] for s in seqs], device=self.device)
         pos = torch.tensor([[k - 1, k] for k in n], device=self.device)
         S = max(n) + 1
-        h = self.runner.forward(ids, pos, 0, S=S, plain=self.plain)
+        st = None if self.plain else self.runner.prepare(pos, 0, S)  # shared with the MTP pass
+        h = self.runner.forward(ids, pos, 0, S=S, plain=self.plain, step=st)
         logits = self.runner.logits(h)  # [B, 2, V]
         params, gens = [s.params for s in seqs], [s.generator for s in seqs]
         toks, acc = verify(logits, ids[:, 1], params, gens)
         # MTP at n-1 and n sees (h, the token after): the draft comes from the last valid one
-        g = self.runner.mtp_forward(h, toks, pos, 0, S=S, plain=self.plain)
+        g = self.runner.mtp_forward(h, toks, pos, 0, S=S, plain=self.plain, step=st)
         rows = torch.arange(B, device=self.device)
         drafts = self.runner.logits(g[rows, acc]).argmax(-1)
         lp = chosen_logprobs(logits, toks) if any(p.logprobs for p in params) else None

@@ -6,6 +6,11 @@ from nanoseek.model import Transformer
 
 __version__ = "0.1.0"
 __all__ = [
-    "ModelConfig", "get_preset", "param_counts", "Transformer",
-    "from_pretrained", "save_pretrained", "CheckpointError",
+    "ModelConfig",
+    "get_preset",
+    "param_counts",
+    "Transformer",
+    "from_pretrained",
+    "save_pretrained",
+    "CheckpointError",
 ]

@@ -9,7 +9,9 @@ from nanoseek.cli import main
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nanoseek", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "nanoseek", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_help_lists_the_commands():

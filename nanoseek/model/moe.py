@@ -15,6 +15,8 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 
+PAD = 64  # rows: expert slices are padded to a multiple of this (see Experts.forward)
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
@@ -80,6 +82,8 @@ class Experts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter))
 
+    # eager under torch.compile: the slice sizes change every step (one recompile each)
+    @torch.compiler.disable
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
     ) -> torch.Tensor:
@@ -88,18 +92,33 @@ class Experts(nn.Module):
         N, k = indices.shape
         flat = indices.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.w13.shape[0]).tolist()  # one sync per layer
-        xs = x[order // k]  # token copies grouped by expert
+        counts = torch.bincount(flat, minlength=self.w13.shape[0])
+        # Each expert's slice is padded with zero rows to a multiple of PAD: CPU matmul
+        # libraries (oneDNN) build a kernel for every new shape, which costs more than the
+        # multiply itself when the shapes change every step. Rows are independent, so the
+        # padding changes no result.
+        padded = (counts + PAD - 1) // PAD * PAD
+        shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)
+        slot = torch.arange(N * k, device=x.device) + shift.repeat_interleave(
+            counts, output_size=N * k
+        )
+        sizes = padded.tolist()  # one sync per layer
+        # cast once (not per expert under autocast), unbind once (indexing w13[e] would make
+        # the backward build a full-size gradient per expert)
+        dt = (
+            torch.get_autocast_dtype(x.device.type)
+            if torch.is_autocast_enabled(x.device.type)
+            else x.dtype
+        )
+        w13, w2 = self.w13.to(dt).unbind(0), self.w2.to(dt).unbind(0)
+        xs = x.new_zeros(sum(sizes), x.shape[1], dtype=dt).index_copy(0, slot, x[order // k].to(dt))
         outs = []
-        # unbind once: indexing w13[e] per expert would make backward build a full-size
-        # gradient per expert (E^2 memory traffic)
-        w13, w2 = self.w13.unbind(0), self.w2.unbind(0)
-        for e, chunk in enumerate(xs.split(counts)):
+        for e, chunk in enumerate(xs.split(sizes)):
             if chunk.shape[0] == 0:
                 continue
             gate, up = F.linear(chunk, w13[e]).chunk(2, dim=-1)
             outs.append(F.linear(F.silu(gate) * up, w2[e]))
-        ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
+        ys = torch.cat(outs)[slot] * weights.flatten()[order, None].to(x.dtype)
         out = torch.zeros_like(x)
         return out.index_add_(0, order // k, ys.to(out.dtype))
 

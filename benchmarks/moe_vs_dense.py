@@ -1,0 +1,119 @@
+"""DeepSeek's claim, at toy scale: does the MoE (`small`: MLA + DeepSeekMoE) reach the dense
+model's (`dense-small`: same activated parameters) final validation loss with less compute?
+
+    python -m benchmarks.moe_vs_dense [--tokens 8e5] [--data data/stdlib-8k] [--out runs/moe_vs_dense]
+
+Both train on the same shards, batches and token budget with the same recipe; validation
+loss is measured every --eval-every steps on the same windows. Prints a table and saves
+docs/moe_vs_dense.png (validation loss against training FLOPs and against wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from nanoseek.config import get_preset, human, param_counts
+from nanoseek.data import prepare
+from nanoseek.train import make_config, train
+from nanoseek.train.metrics import read_metrics
+
+
+def curve(run: Path) -> dict[str, np.ndarray]:
+    recs = [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+    fpt = json.loads((run / "summary.json").read_text())["flops_per_token"]
+    tokens = np.array([r["tokens"] for r in recs], dtype=float)
+    return {"tokens": tokens, "flops": tokens * fpt, "seconds": np.array([r["train_seconds"] for r in recs]),
+            "val": np.array([r["val_loss"] for r in recs])}  # fmt: skip
+
+
+def first_reach(c: dict[str, np.ndarray], target: float, key: str) -> float | None:
+    """Linear interpolation of `key` where the validation curve first drops to `target`."""
+    v = c["val"]
+    for i in range(len(v)):
+        if v[i] <= target:
+            if i == 0:
+                return float(c[key][0])
+            f = (v[i - 1] - target) / (v[i - 1] - v[i])
+            return float(c[key][i - 1] + f * (c[key][i] - c[key][i - 1]))
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--tokens", type=float, default=8e5, help="training tokens per model")
+    ap.add_argument(
+        "--data", default="data/stdlib-8k", help="shard dir (built from stdlib if absent)"
+    )
+    ap.add_argument("--out", default="runs/moe_vs_dense")
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--png", default="docs/moe_vs_dense.png")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    shards = (
+        prepare("stdlib", args.data)
+        if not (Path(args.data) / "meta.json").exists()
+        else Path(args.data)
+    )
+    runs, summaries = {}, {}
+    for preset in ("small", "dense-small"):
+        out = Path(args.out) / preset
+        print(f"\n== {preset}: {human(args.tokens)} tokens", flush=True)
+        tc = make_config(preset=preset, data=str(shards), out=str(out), tokens=args.tokens,
+                         eval_every=args.eval_every, overwrite=True, seed=args.seed)  # fmt: skip
+        summaries[preset] = train(tc)
+        runs[preset] = curve(out)
+
+    moe, dense = runs["small"], runs["dense-small"]
+    target = dense["val"][-1]
+    print(f"\nMoE vs dense, same data, batches and {human(args.tokens)}-token budget "
+          f"({summaries['small']['dtype']}, {summaries['small']['device']})")  # fmt: skip
+    print(f"{'':13}{'params':>8}{'active':>8}{'FLOPs/tok':>10}{'tokens/s':>10}{'train s':>9}"
+          f"{'FLOPs':>10}{'val loss':>10}{'bits/byte':>10}")  # fmt: skip
+    for preset in ("small", "dense-small"):
+        s, pc = summaries[preset], param_counts(get_preset(preset))
+        print(f"{preset:13}{human(pc['total']):>8}{human(pc['activated']):>8}{human(s['flops_per_token']):>10}"
+              f"{s['tokens_per_second']:>10,.0f}{s['wall_seconds']:>9.0f}{s['total_flops']:>10.3g}"
+              f"{s['final_val_loss']:>10.4f}{s['final_val_bpb']:>10.3f}")  # fmt: skip
+    f_reach, t_reach = first_reach(moe, target, "flops"), first_reach(moe, target, "seconds")
+    if f_reach is None:
+        print(f"the MoE did not reach the dense model's final validation loss ({target:.4f}) "
+              f"within the budget: the claim does not hold at this scale and budget")  # fmt: skip
+    else:
+        print(f"the MoE reached the dense model's final validation loss ({target:.4f}) at "
+              f"{f_reach / dense['flops'][-1]:.0%} of the dense training FLOPs and "
+              f"{t_reach / dense['seconds'][-1]:.0%} of its training time")  # fmt: skip
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for preset, c in runs.items():
+        label = f"{preset} ({'MoE' if preset == 'small' else 'dense'})"
+        axes[0].plot(c["flops"], c["val"], "o-", ms=3, label=label)
+        axes[1].plot(c["seconds"], c["val"], "o-", ms=3, label=label)
+    for ax, xl in zip(axes, ("training FLOPs", "training wall time (s)"), strict=True):
+        ax.axhline(target, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel(xl)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(
+        f"MoE vs dense (same activated parameters), {human(args.tokens)} tokens of the stdlib corpus"
+    )
+    fig.tight_layout()
+    Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.png, dpi=110)
+    print(f"plot: {args.png}")
+
+
+if __name__ == "__main__":
+    main()

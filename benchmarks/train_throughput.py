@@ -1,0 +1,131 @@
+"""Training throughput: nanoseek's train step against a plain `transformers` training loop of
+DeepseekV3ForCausalLM with the same config, batch, dtype and optimizer settings.
+
+    python -m benchmarks.train_throughput [--preset small] [--batch-size 8] [--seq-len 256]
+                                          [--dtype auto|bf16|fp32] [--steps 6] [--warmup 3]
+
+Both sides: random tokens, AdamW, gradient clipping, bf16 autocast where the hardware has
+native bf16 matmul (else fp32). `transformers` has no MTP, so nanoseek is timed twice: with
+MTP off (the same model work) and with MTP on (what `nanoseek train` runs). MFU uses each
+side's own matmul FLOPs per token over this machine's measured matmul peak for the dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from nanoseek.compute import flops_per_token, measure_matmul_peak
+from nanoseek.config import get_preset
+from nanoseek.model import Transformer
+from nanoseek.train.balance import update_expert_bias
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.loop import build_optimizer, pick_dtype
+
+
+def time_steps(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def nanoseek_step(cfg, x, y, autocast, mtp_weight: float):
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    opt = build_optimizer(model, TrainConfig(steps=1), torch.device("cpu"))
+    layers = model.moe_layers()
+
+    def step():
+        with autocast():
+            loss = model(x, targets=y, mtp_weight=mtp_weight).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if layers:
+            counts = torch.stack(
+                [m.tokens_per_expert for m in layers if m.tokens_per_expert is not None]
+            )
+            update_expert_bias(layers[: len(counts)], counts, 0.001)
+
+    return step
+
+
+def transformers_step(cfg, x, autocast):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**cfg.to_hf_dict())).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    labels = x  # HF shifts the labels itself, so it predicts the same next tokens
+
+    def step():
+        with autocast():
+            loss = model(input_ids=x, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    cfg = get_preset(args.preset)
+    dtype = pick_dtype(args.dtype, torch.device("cpu"))
+    autocast = (
+        (lambda: torch.autocast("cpu", dtype=dtype)) if dtype != torch.float32 else nullcontext
+    )
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=g)
+    x, y = data[:, :-1], data[:, 1:]
+    tokens = args.batch_size * args.seq_len
+    peak = measure_matmul_peak(dtype, "cpu")
+    fpt_mtp = flops_per_token(cfg, args.seq_len)
+    fpt = flops_per_token(cfg.replace(num_nextn_predict_layers=0), args.seq_len)
+
+    rows = []
+    for name, make, f in [
+        ("transformers DeepseekV3ForCausalLM", lambda: transformers_step(cfg, x, autocast), fpt),
+        ("nanoseek (MTP off: same work)", lambda: nanoseek_step(cfg, x, y, autocast, 0.0), fpt),
+        (
+            "nanoseek (MTP on: `nanoseek train`)",
+            lambda: nanoseek_step(cfg, x, y, autocast, 0.3),
+            fpt_mtp,
+        ),
+    ]:
+        sec = time_steps(make(), args.warmup, args.steps)
+        rows.append((name, sec, tokens / sec, f * tokens / sec / peak))
+        print(f"  measured {name}: {sec * 1e3:.0f} ms/step", flush=True)
+
+    base = rows[0][2]
+    print(f"\ntraining throughput: preset {args.preset}, batch {args.batch_size} x {args.seq_len}, "
+          f"{str(dtype)[6:]}, {torch.get_num_threads()} threads, AdamW + clip; median of {args.steps} steps")  # fmt: skip
+    print(f"matmul peak ({str(dtype)[6:]}, measured): {peak / 1e12:.2f} TFLOP/s")
+    print(f"{'':38}{'ms/step':>9}{'tokens/s':>10}{'MFU':>8}{'vs transformers':>17}")
+    for name, sec, tps, mfu in rows:
+        print(f"{name:38}{sec * 1e3:>9.0f}{tps:>10,.0f}{mfu:>8.1%}{tps / base:>16.2f}x")
+
+
+if __name__ == "__main__":
+    main()

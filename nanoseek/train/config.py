@@ -1,0 +1,160 @@
+"""TrainConfig: every knob of a pretraining run, read from a TOML/YAML file and/or flags.
+
+Precedence: dataclass defaults < config file < command line. The file uses the field names
+below (dashes or underscores); unknown keys are an error, so a typo never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+
+class TrainError(ValueError):
+    """A run that cannot start or continue; the message names the problem and the fix."""
+
+
+def _h(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # what to train, on what, where
+    preset: str = _h("model preset (tiny, small, dense-small, ...)", default="small")
+    data: str = _h(
+        "token shard dir (from `nanoseek data prepare`), or a corpus to prepare: "
+        "'stdlib', a directory, a file or a glob",
+        default="stdlib",
+    )
+    data_dir: str | None = _h(
+        "where to build shards when --data is a corpus (default: OUT/data)", default=None
+    )
+    vocab_size: int = _h("tokenizer vocabulary when the data has to be prepared", default=8192)
+    out: str = _h(
+        "run directory: checkpoint, metrics.jsonl, loss.png, summary.json", default="runs/default"
+    )
+    # budget: the run stops at whichever comes first; the LR schedule follows the same fraction
+    steps: int | None = _h("optimizer steps", default=None)
+    tokens: float | None = _h("training tokens (e.g. 2e6)", default=None)
+    minutes: float | None = _h("wall-clock minutes", default=None)
+    # batch
+    batch_size: int = _h("sequences per micro-batch (per rank)", default=8)
+    seq_len: int = _h("tokens per sequence", default=256)
+    grad_accum: int = _h("micro-batches per optimizer step", default=1)
+    # optimizer and schedule
+    lr: float = _h("peak learning rate", default=3e-3)
+    min_lr_ratio: float = _h("final LR as a fraction of the peak", default=0.1)
+    warmup_steps: int = _h("linear warm-up steps", default=20)
+    schedule: str = _h("cosine, or wsd (warmup-stable-decay)", default="cosine")
+    decay_frac: float = _h("wsd: the final fraction of the run that decays", default=0.2)
+    weight_decay: float = _h("AdamW weight decay (matrices only)", default=0.1)
+    beta1: float = _h("AdamW beta1", default=0.9)
+    beta2: float = _h("AdamW beta2", default=0.95)
+    grad_clip: float = _h("clip the gradient norm to this (0: off)", default=1.0)
+    # DeepSeek-V3 specifics
+    mtp_weight: float = _h("multi-token-prediction loss weight (lambda)", default=0.3)
+    gamma: float = _h("expert-bias update speed at the start of the run", default=0.01)
+    gamma_final: float = _h(
+        "expert-bias update speed at the end (decays with progress)", default=0.001
+    )
+    alpha: float = _h("sequence-wise balance loss weight (0: off)", default=0.0)
+    # evaluation, checkpoints, logging
+    eval_every: int = _h("evaluate every N steps (0: only at the end)", default=100)
+    eval_batches: int = _h("validation batches per evaluation", default=8)
+    save_every: int = _h("checkpoint every N steps (0: only at the end)", default=0)
+    log_every: int = _h("write metrics every N steps", default=1)
+    max_bad_steps: int = _h("stop after this many non-finite losses in a row", default=5)
+    # machine
+    seed: int = _h("random seed (weights and batches)", default=0)
+    device: str = _h("auto, cpu, cuda, cuda:1, ...", default="auto")
+    dtype: str = _h("auto (bf16 where the hardware has it), bf16 or fp32", default="auto")
+    compile: bool = _h("torch.compile the model", default=False)
+    threads: int | None = _h("CPU threads (default: torch's choice)", default=None)
+    resume: bool = _h("continue from OUT/ckpt exactly where it stopped", default=False)
+    overwrite: bool = _h("start afresh even if OUT already holds a checkpoint", default=False)
+    progress: bool = _h("show a progress bar", default=True)
+    model: dict[str, Any] = _h(
+        "ModelConfig fields overriding the preset (config file only)", default_factory=dict
+    )
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise TrainError(f"invalid training config: {msg}")
+
+        for name in ("batch_size", "seq_len", "grad_accum"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(
+            self.schedule in ("cosine", "wsd"),
+            f"schedule must be cosine or wsd, got {self.schedule!r}",
+        )
+        need(
+            self.dtype in ("auto", "bf16", "fp32"),
+            f"dtype must be auto, bf16 or fp32, got {self.dtype!r}",
+        )
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
+        need(0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]")
+        need(
+            self.steps is not None or self.tokens is not None or self.minutes is not None,
+            "give a budget: --steps, --tokens or --minutes",
+        )
+        for name in ("steps", "tokens", "minutes"):
+            v = getattr(self, name)
+            need(v is None or v > 0, f"{name} must be positive, got {v}")
+        need(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML or YAML file -> {field: value}, keys checked against TrainConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raw = tomllib.loads(text)
+    except Exception as e:  # yaml/toml/json errors have no common base class
+        raise TrainError(f"{path}: cannot parse ({e})") from e
+    if not isinstance(raw, dict):
+        raise TrainError(f"{path}: expected a table of settings at the top level")
+    out = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise TrainError(f"{path}: unknown setting {key!r}; known: {', '.join(FIELDS)}")
+        out[name] = value
+    return out
+
+
+def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults < file < overrides (None values in overrides mean 'not given')."""
+    values = read_config_file(file) if file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        tc = TrainConfig(**values)
+    except TypeError as e:
+        raise TrainError(f"invalid training config: {e}") from e
+    tc.validate()
+    return tc

@@ -1,0 +1,303 @@
+"""Training loop: balancing, learning, exact resume, atomic checkpoints, non-finite losses,
+and the errors `nanoseek train` prints. Tiny preset, tiny corpora: seconds each."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek.cli import main as cli_main
+from nanoseek.config import get_preset
+from nanoseek.data import prepare
+from nanoseek.hub import from_pretrained
+from nanoseek.model import Transformer
+from nanoseek.model.moe import MoE
+from nanoseek.train import (
+    TrainConfig,
+    TrainError,
+    load_checkpoint,
+    load_imbalance,
+    make_config,
+    save_checkpoint,
+    train,
+    update_expert_bias,
+)  # fmt: skip
+from nanoseek.train import loop as loop_mod
+from nanoseek.train.loop import build_optimizer
+
+SNIPPET = '''def add(a, b):
+    """Return the sum of a and b."""
+    return a + b
+
+
+class Stack:
+    def __init__(self):
+        self.items = []
+
+    def push(self, item):
+        self.items.append(item)
+
+    def pop(self):
+        return self.items.pop()
+'''
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """A tiny repeated corpus -> 300-token BPE + shards (train and val)."""
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "src"
+    src.mkdir()
+    for i in range(100):  # 2 of them become the validation split
+        (src / f"mod{i:02d}.py").write_text(SNIPPET.replace("add", f"add{i % 7}") * 4)
+    return prepare(str(src), root / "shards", vocab_size=300, verbose=False)
+
+
+def tiny_run(shards: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(preset="tiny", data=str(shards), out=str(out), steps=8, batch_size=4, seq_len=32,
+                lr=3e-3, warmup_steps=2, eval_every=4, eval_batches=2, progress=False, threads=1)  # fmt: skip
+    base.update(kw)
+    return make_config(**base)
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- expert balancing ---------------------------------------------------------------------
+
+
+def test_bias_update_moves_load_towards_balance():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").replace(n_group=1, topk_group=1)
+    moe = MoE(cfg)
+    with torch.no_grad():  # a gate that sends every token to experts 0 and 1
+        moe.gate.weight.normal_(0, 0.02)
+        moe.gate.weight[:2] += 0.05
+    x = torch.randn(512, cfg.hidden_size) + 0.5  # a direction every token shares
+
+    def counts() -> torch.Tensor:
+        with torch.no_grad():
+            _, idx, _ = moe.gate(x)
+        return torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts)[None]
+
+    before = load_imbalance(counts())[0]
+    for _ in range(200):
+        update_expert_bias([moe], counts(), gamma=0.01)
+    after = load_imbalance(counts())[0]
+    assert before > 3.0  # 4.0 is total collapse for top-2 of 8
+    assert after < 1.6
+    assert moe.gate.bias[:2].max() < moe.gate.bias[2:].min()  # favoured experts pushed down
+
+
+def test_bias_is_not_trained_by_gradients():
+    model = Transformer(get_preset("tiny"))
+    opt = build_optimizer(model, TrainConfig(steps=1), torch.device("cpu"))
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(m.gate.bias) not in trained for m in model.moe_layers())
+
+
+# --- the loop -----------------------------------------------------------------------------
+
+
+def test_a_few_steps_reduce_loss(shards, tmp_path):
+    s = train(tiny_run(shards, tmp_path / "run", steps=30, eval_every=0))
+    ls = losses(tmp_path / "run")
+    assert len(ls) == 30
+    assert sum(ls[-5:]) / 5 < 0.6 * sum(ls[:3]) / 3
+    assert s["final_val_loss"] < s["unigram_loss"]  # the repeated corpus is learnable
+    for key in (
+        "preset",
+        "tokens_seen",
+        "wall_seconds",
+        "flops_per_token",
+        "total_flops",
+        "mfu",
+        "peak_flops",
+        "device",
+        "dtype",
+        "seq_len",
+        "final_val_loss",
+        "final_val_bpb",
+    ):
+        assert s[key] is not None, key
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    recs = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(recs[0]["load_max_mean"]) == len(Transformer(get_preset("tiny")).moe_layers())
+    # the checkpoint opens in nanoseek (and therefore in transformers: same files)
+    model = from_pretrained(tmp_path / "run" / "ckpt")
+    assert model.config.vocab_size == 300
+    assert (tmp_path / "run" / "ckpt" / "tokenizer.json").is_file()
+
+
+def test_exact_resume(shards, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    train(tiny_run(shards, full, steps=8, save_every=4))
+    ref = losses(full)
+
+    part = tmp_path / "part"
+    real_update = loop_mod.update_expert_bias
+    calls = {"n": 0}
+
+    def crash_after_5(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt  # killed during step 6, after the step-4 checkpoint
+        return real_update(*args, **kw)
+
+    monkeypatch.setattr(loop_mod, "update_expert_bias", crash_after_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_run(shards, part, steps=8, save_every=4))
+    monkeypatch.setattr(loop_mod, "update_expert_bias", real_update)
+    train(tiny_run(shards, part, steps=8, save_every=4, resume=True))
+    assert losses(part) == ref  # bit-for-bit, every step
+    a, b = (
+        json.loads((full / "summary.json").read_text()),
+        json.loads((part / "summary.json").read_text()),
+    )
+    assert a["final_val_loss"] == b["final_val_loss"]
+
+
+def test_existing_run_needs_resume_or_overwrite(shards, tmp_path):
+    train(tiny_run(shards, tmp_path / "r", steps=2, eval_every=0))
+    with pytest.raises(TrainError, match="--resume"):
+        train(tiny_run(shards, tmp_path / "r", steps=2, eval_every=0))
+    train(tiny_run(shards, tmp_path / "r", steps=2, eval_every=0, overwrite=True))
+
+
+def test_checkpoint_survives_failure_mid_save(shards, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    train(tiny_run(shards, out, steps=3, eval_every=0))
+    ckpt = out / "ckpt"
+    before = {p.name: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    model, state, _, _ = load_checkpoint(ckpt)
+    opt = build_optimizer(model, TrainConfig(steps=1), torch.device("cpu"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # a different model, so a half-written save would show
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    import nanoseek.train.checkpoint as ckpt_mod
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", boom)  # fails after the weights are written
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(ckpt, model, opt, {**state, "step": 99}, shards)
+    after = {p.name: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+    monkeypatch.undo()
+    _, state2, _, _ = load_checkpoint(ckpt)
+    assert state2["step"] == 3
+
+
+def _nan_after(monkeypatch, first_bad: int, last_bad: int) -> None:
+    """Make the loss NaN for training forwards number first_bad..last_bad (1-based)."""
+    real = Transformer.forward
+    n = {"calls": 0}
+
+    def forward(self, *args, **kw):
+        out = real(self, *args, **kw)
+        if self.training and out.loss is not None:
+            n["calls"] += 1
+            if first_bad <= n["calls"] <= last_bad:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+
+
+def test_non_finite_loss_is_skipped(shards, tmp_path, monkeypatch):
+    _nan_after(monkeypatch, 3, 3)
+    with pytest.warns(UserWarning, match="non-finite"):
+        s = train(tiny_run(shards, tmp_path / "r", steps=6, eval_every=0))
+    ls = losses(tmp_path / "r")
+    assert math.isnan(ls[2]) and all(math.isfinite(v) for i, v in enumerate(ls) if i != 2)
+    assert math.isfinite(s["final_val_loss"])
+
+
+def test_non_finite_losses_in_a_row_stop_the_run(shards, tmp_path, monkeypatch):
+    _nan_after(monkeypatch, 4, 10**9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TrainError, match="non-finite for 3 steps in a row") as e:
+            train(tiny_run(shards, tmp_path / "r", steps=20, save_every=2, eval_every=0,
+                           max_bad_steps=3))  # fmt: skip
+    assert "ckpt" in str(e.value)
+    _, state, _, _ = load_checkpoint(tmp_path / "r" / "ckpt")
+    assert state["step"] == 2  # the last good checkpoint, not overwritten by a bad state
+
+
+# --- config and command line ----------------------------------------------------------------
+
+
+def test_config_file_and_flags(tmp_path):
+    (tmp_path / "c.toml").write_text('preset = "tiny"\nsteps = 50\nlr = 1e-3\nbatch-size = 2\n')
+    (tmp_path / "c.yaml").write_text("preset: tiny\nsteps: 50\nschedule: wsd\n")
+    tc = make_config(tmp_path / "c.toml", steps=7)
+    assert (tc.preset, tc.steps, tc.lr, tc.batch_size) == ("tiny", 7, 1e-3, 2)
+    assert make_config(tmp_path / "c.yaml").schedule == "wsd"
+    (tmp_path / "bad.toml").write_text("stepz = 3\n")
+    with pytest.raises(TrainError, match="unknown setting 'stepz'"):
+        make_config(tmp_path / "bad.toml")
+    with pytest.raises(TrainError, match="budget"):
+        make_config(preset="tiny")
+
+
+def _cli_error(capsys, *argv: str) -> str:
+    assert cli_main(["train", *argv, "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err  # one line, no traceback
+    return err
+
+
+def test_cli_errors_are_one_line(shards, tmp_path, capsys):
+    err = _cli_error(capsys, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"))
+    assert "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    err = _cli_error(capsys, "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"))
+    assert "empty corpus" in err
+    # shards next to a tokenizer they were not built with
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in shards.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    tok = json.loads((bad / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["zzzz_extra"] = len(tok["model"]["vocab"])
+    (bad / "tokenizer.json").write_text(json.dumps(tok))
+    err = _cli_error(capsys, "--data", str(bad), "--out", str(tmp_path / "r"), "--preset", "tiny")
+    assert "tokenizer" in err
+    err = _cli_error(capsys, "--data", str(shards), "--out", str(tmp_path / "r"), "--resume")
+    assert "no checkpoint" in err
+
+
+def _ddp_worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    train(tiny_run(Path(shards), Path(out), steps=4, eval_every=2, dtype="fp32"))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(shards, tmp_path):
+    """The same loop under torchrun-style env vars: gloo, 2 ranks, one shared checkpoint."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(shards), str(tmp_path / "r")), nprocs=2)
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["tokens_seen"] == 4 * 2 * 4 * 32
+    assert from_pretrained(tmp_path / "r" / "ckpt").config.vocab_size == 300

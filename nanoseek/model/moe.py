@@ -118,9 +118,11 @@ class Experts(nn.Module):
                 continue
             gate, up = F.linear(chunk, w13[e]).chunk(2, dim=-1)
             outs.append(F.linear(F.silu(gate) * up, w2[e]))
-        ys = torch.cat(outs)[slot] * weights.flatten()[order, None].to(x.dtype)
-        out = torch.zeros_like(x)
-        return out.index_add_(0, order // k, ys.to(out.dtype))
+        # each (token, choice)'s row in the expert outputs, in token order
+        pos = torch.empty_like(slot).index_copy_(0, order, slot)
+        ys = torch.cat(outs)[pos].view(N, k, -1)
+        # a token's k outputs weighted and summed as one batched matmul: [N, 1, k] @ [N, k, d]
+        return torch.bmm(weights[:, None, :].to(ys.dtype), ys).squeeze(1)
 
 
 class MoE(nn.Module):

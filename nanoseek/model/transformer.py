@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import MLA, LayerKV
+from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import attention_factor, cos_sin, inv_frequencies
@@ -49,11 +49,19 @@ class MTPModule(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, vocab]
+    hidden: torch.Tensor  # final-norm hidden states, what MTP module 1 reads
+    head: nn.Module  # the output head: `logits` is computed from `hidden` on first use
     loss: torch.Tensor | None = None  # main + mtp_weight/D * sum(mtp) (+ balance loss)
     main_loss: torch.Tensor | None = None
     mtp_losses: list[torch.Tensor] = field(default_factory=list)
-    hidden: torch.Tensor | None = None  # final-norm hidden states, what MTP module 1 reads
+    _logits: torch.Tensor | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """[B, T, vocab]. Lazy: the loss never needs them (see loss.py), training never reads them."""
+        if self._logits is None:
+            self._logits = self.head(self.hidden)
+        return self._logits
 
 
 class Transformer(nn.Module):
@@ -112,13 +120,11 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, None if kv is None else kv[i], positions if kv else None, absorb)
         h = self.norm(h)
-        logits = self.head(h)
-        out = ModelOutput(logits=logits, hidden=h)
-        if targets is None:
+        out = ModelOutput(hidden=h, head=self.head)
+        if targets is None:  # logits now, under the caller's autocast / no_grad
+            out._logits = self.head(h)
             return out
-        out.main_loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100
-        )
+        out.main_loss = linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten())
         out.loss = out.main_loss
         if self.mtp and mtp_weight > 0:
             out.mtp_losses = self._mtp_losses(h, input_ids, targets, positions)
@@ -138,10 +144,9 @@ class Transformer(nn.Module):
             pos = positions[:, : T - k]
             cos, sin = self.rope(pos)
             h = module(h[:, : T - k], self.embed(input_ids[:, k:]), cos, sin)
-            logits = self.head(module.norm(h))
             losses.append(
-                F.cross_entropy(
-                    logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=-100
+                linear_cross_entropy(
+                    module.norm(h).flatten(0, 1), self.head.weight, targets[:, k:].flatten()
                 )
             )
         return losses

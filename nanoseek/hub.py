@@ -189,45 +189,47 @@ def from_pretrained(
     )
     if present < cfg.num_nextn_predict_layers:  # e.g. saved by transformers, which drops MTP layers
         cfg = cfg.replace(num_nextn_predict_layers=present)
+    # Built on meta in the target dtype, then filled one tensor at a time: peak memory is
+    # the model plus one tensor, not a second full-precision copy.
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg).to(dtype)
+        for moe in model.moe_layers():  # the routing bias stays fp32, like the reference
+            moe.gate.bias.data = moe.gate.bias.data.float()
     model = model.to_empty(device=device)
-    state = {}
     for moe in model.moe_layers():
-        moe.gate.bias.zero_()
+        moe.gate.bias.zero_()  # V2 checkpoints have none
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+
+    def fill(target: torch.Tensor, name: str, t: torch.Tensor) -> None:
+        if tuple(t.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(t.shape)}, "
+                f"config.json implies {tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(t)
+
     for ours, theirs in hf_names(model).items():
         if theirs not in src:
             raise CheckpointError(f"{path}: tensor {theirs} is missing from the checkpoint")
-        state[ours] = src.get(theirs)
+        fill(own[ours], theirs, src.get(theirs))
     for ours, theirs in _expert_layers(model).items():
-        w13, w2 = [], []
+        w13, w2 = own[f"{ours}.w13"], own[f"{ours}.w2"]
+        inter = w13.shape[1] // 2
         for e in range(cfg.n_routed_experts):
             p = f"{theirs}.{e}."
-            try:
-                w13.append(
-                    torch.cat([src.get(p + "gate_proj.weight"), src.get(p + "up_proj.weight")])
-                )
-                w2.append(src.get(p + "down_proj.weight"))
-            except KeyError as err:
-                raise CheckpointError(
-                    f"{path}: expert tensor {err} is missing from the checkpoint"
-                ) from err
-        state[f"{ours}.w13"], state[f"{ours}.w2"] = torch.stack(w13), torch.stack(w2)
-    own = dict(model.named_parameters()) | dict(model.named_buffers())
-    for name, t in state.items():
-        target = own[name]
-        if tuple(t.shape) != tuple(target.shape):
-            hf = hf_names(model).get(name, name)
-            raise CheckpointError(
-                f"{path}: tensor {hf} has shape {tuple(t.shape)}, config.json implies {tuple(target.shape)}"
-            )
-        with torch.no_grad():
-            target.copy_(t.to(target.dtype))
+            for name, target in (
+                ("gate_proj", w13[e, :inter]),
+                ("up_proj", w13[e, inter:]),
+                ("down_proj", w2[e]),
+            ):
+                if p + name + ".weight" not in src:
+                    raise CheckpointError(
+                        f"{path}: expert tensor {p}{name}.weight is missing from the checkpoint"
+                    )
+                fill(target, p + name + ".weight", src.get(p + name + ".weight"))
     if cfg.tie_word_embeddings:
         model.head.weight = model.embed.weight
-    model = model.to(dtype=dtype)
-    for moe in model.moe_layers():  # the routing bias stays fp32, like the reference
-        moe.gate.bias.data = moe.gate.bias.data.float()
     return model.eval()
 
 

@@ -218,11 +218,24 @@ def test_clear_errors(model, tmp_path):
         eng.generate(["hello"], GREEDY)
     with pytest.raises(ValueError, match="not a checkpoint directory"):
         Engine.load(tmp_path / "missing")
+    with pytest.raises(EngineError, match="unknown device 'gpu0'"):
+        Engine.load(tmp_path / "missing", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="sees no CUDA GPU"):
+            Engine.load(tmp_path / "missing", device="cuda")
+    with pytest.raises(EngineError, match="exceeds the model's max_position_embeddings"):
+        Engine(model, max_len=10**6)
     # generation stops at the context end
     out = eng.generate(
         [list(range(10))], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
     )[0]
     assert len(out.token_ids) == 6 and out.finish_reason == "length"
+
+
+def test_default_context_is_capped():
+    big = nanoseek.Transformer(nanoseek.get_preset("tiny").replace(max_position_embeddings=163840))
+    eng = Engine(big, max_batch=2)
+    assert eng.max_len == 4096  # not 163840 x slots preallocated
 
 
 def test_loads_transformers_checkpoint_and_matches_its_greedy(tmp_path, model):

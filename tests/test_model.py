@@ -295,3 +295,14 @@ def test_config_roundtrip_through_hf_json():
         cfg = get_preset(name)
         again = ModelConfig.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict())))
         assert again == cfg, name
+
+
+def test_loads_in_bfloat16_with_fp32_routing_bias(saved_tiny):
+    ids = torch.randint(0, 256, (2, 16))
+    ref = nanoseek.from_pretrained(saved_tiny)
+    bf = nanoseek.from_pretrained(saved_tiny, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf.parameters()} == {torch.bfloat16}
+    assert all(m.gate.bias.dtype == torch.float32 for m in bf.moe_layers())
+    with torch.no_grad():
+        diff = (bf(ids).logits.float() - ref(ids).logits).abs().max().item()
+    assert 0 < diff < 0.05

@@ -18,6 +18,10 @@ def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--max-len", type=int, default=None,
+        help="context length to preallocate (default: the model's, at most 4096)",
+    )  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
@@ -56,6 +60,7 @@ def _engine(args, max_batch: int = 1):
         device=args.device,
         dtype=getattr(torch, args.dtype),
         max_batch=max_batch,
+        max_len=args.max_len,
         speculative=args.speculative,
     )
     return engine, params

@@ -60,6 +60,22 @@ class SpecStats:
         return self.accepted / max(self.drafted, 1)
 
 
+DEFAULT_MAX_LEN = 4096
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A device torch can use here, or one clear error naming the ones it can."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise EngineError(f"unknown device {str(device)!r}; use cpu or cuda[:N]") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(
+            f"device {str(device)!r} asked for, but this torch sees no CUDA GPU; use cpu"
+        )
+    return dev
+
+
 class Engine:
     def __init__(
         self,
@@ -70,7 +86,9 @@ class Engine:
         speculative: bool = False,
         plain: bool = False,
     ):
-        """`max_len`: context length (default: the config's max_position_embeddings).
+        """`max_len`: context length, preallocated for `max_batch` sequences (default: the
+        config's max_position_embeddings, capped at DEFAULT_MAX_LEN so that a 160K-context
+        config does not preallocate tens of GB).
         `plain=True` runs the reference path (re-expanded keys/values) instead of absorbed MLA."""
         cfg = model.config
         if speculative and len(model.mtp) == 0:
@@ -79,7 +97,12 @@ class Engine:
                 "(checkpoints saved by transformers drop them); run without --speculative"
             )
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_len = max_len or cfg.max_position_embeddings
+        self.max_len = max_len or min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
+        if self.max_len > cfg.max_position_embeddings:
+            raise EngineError(
+                f"max_len {self.max_len} exceeds the model's max_position_embeddings "
+                f"({cfg.max_position_embeddings})"
+            )
         self.speculative, self.plain = speculative, plain
         p = next(model.parameters())
         self.device = p.device
@@ -107,7 +130,7 @@ class Engine:
         """Model (and tokenizer, when the directory has tokenizer.json) from a checkpoint."""
         from nanoseek.hub import from_pretrained
 
-        model = from_pretrained(ckpt_dir, dtype=dtype, device=device)
+        model = from_pretrained(ckpt_dir, dtype=dtype, device=check_device(device))
         tokenizer = None
         if (Path(ckpt_dir) / "tokenizer.json").exists():
             from nanoseek.data.tokenizer import Tokenizer

@@ -42,8 +42,8 @@ def _rms(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """RMSNorm without its weight (folded into the next matmul) in four ops, fewer than
     F.rms_norm's on CPU; eps is a 0-dim fp32 tensor made once. Non-fp32 inputs get the
     module's float32 round trip."""
-    if x.dtype != torch.float32:
-        return F.rms_norm(x.float(), (x.shape[-1],), None, eps.item()).to(x.dtype)
+    if x.dtype != torch.float32:  # no eps.item(): that would sync with the GPU every call
+        return (x.float() * _rms_scale(x, eps)).to(x.dtype)
     return x * _rms_scale(x, eps)
 
 
@@ -313,7 +313,8 @@ class ModelRunner:
     def _grouped_experts(self, moe: MoE, x, weights, idx) -> torch.Tensor:
         ex = moe.experts
         N, k = idx.shape
-        if x.device.type != "cpu":  # grouped_mm wants bf16 on CUDA; gather or sort instead
+        # grouped_mm wants bf16 on CUDA and is missing before torch 2.8: gather or sort instead
+        if x.device.type != "cpu" or not hasattr(F, "grouped_mm"):
             return self._gathered_experts(ex, x, weights, idx)
         sorted_e, order = idx.view(-1).sort()
         offs = torch.searchsorted(

@@ -12,20 +12,18 @@ from typing import Any
 
 import torch
 
+from nanoseek.config import is_yarn
+
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def _is_yarn(scaling: dict[str, Any] | None) -> bool:
-    return bool(scaling) and scaling.get("type", scaling.get("rope_type")) == "yarn"
 
 
 def inv_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None = None) -> torch.Tensor:
     """Per-pair angular frequencies [dim/2]; YaRN blends interpolated and original ones."""
     exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
     inv_freq = 1.0 / theta**exponents
-    if not _is_yarn(scaling):
+    if not is_yarn(scaling):
         return inv_freq
     factor = float(scaling["factor"])
     orig = scaling["original_max_position_embeddings"]
@@ -49,7 +47,7 @@ def inv_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None = Non
 
 def attention_factor(scaling: dict[str, Any] | None) -> float:
     """YaRN's multiplier on cos/sin (1.0 when mscale == mscale_all_dim, as in DeepSeek-V3)."""
-    if not _is_yarn(scaling):
+    if not is_yarn(scaling):
         return 1.0
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
@@ -63,7 +61,7 @@ def attention_factor(scaling: dict[str, Any] | None) -> float:
 def softmax_scale(qk_head_dim: int, scaling: dict[str, Any] | None) -> float:
     """1/sqrt(d_qk), times mscale^2 under YaRN (longer contexts sharpen the softmax)."""
     scale = qk_head_dim**-0.5
-    if _is_yarn(scaling) and scaling.get("mscale_all_dim"):
+    if is_yarn(scaling) and scaling.get("mscale_all_dim"):
         m = _yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"]))
         scale *= m * m
     return scale

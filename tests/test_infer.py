@@ -253,3 +253,21 @@ def test_loads_transformers_checkpoint_and_matches_its_greedy(tmp_path, model):
     assert ours[0].token_ids == ref[0, 4:].tolist()
     with pytest.raises(EngineError, match="MTP"):
         Engine.load(tmp_path / "hf", speculative=True)
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    from nanoseek.infer.sampling import verify
+
+    torch.manual_seed(0)
+    V, B = 6, 4000
+    logits = torch.randn(1, 2, V).expand(B, 2, V).contiguous()
+    params = [SamplingParams(temperature=0.9, top_k=5)] * B
+    want = filtered_probs(logits[:1, 0], params[:1])[0]
+    draft = torch.full((B,), int(want.argmax()))  # a draft the target likes: often accepted
+    gens = [torch.Generator().manual_seed(i) for i in range(B)]
+    tokens, accepted = verify(logits, draft, params, gens)
+    got = torch.bincount(tokens[:, 0], minlength=V).float() / B
+    assert (got - want).abs().max().item() < 0.03
+    assert torch.equal(accepted.bool(), tokens[:, 0] == draft)
+    assert 0.2 < accepted.float().mean().item() < 1.0  # accepts with probability p(draft)
+    assert abs(accepted.float().mean().item() - want[draft[0]].item()) < 0.03

@@ -8,6 +8,7 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ from nanoseek.model.moe import MoE
 from nanoseek.train import (
     TrainConfig,
     TrainError,
+    find_checkpoint,
     load_checkpoint,
     load_imbalance,
     make_config,
@@ -29,6 +31,7 @@ from nanoseek.train import (
 )  # fmt: skip
 from nanoseek.train import loop as loop_mod
 from nanoseek.train.loop import build_optimizer
+from nanoseek.train.metrics import MetricsLog, unigram_loss
 
 SNIPPET = '''def add(a, b):
     """Return the sum of a and b."""
@@ -65,8 +68,8 @@ def tiny_run(shards: Path, out: Path, **kw) -> TrainConfig:
     return make_config(**base)
 
 
-def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+def losses(out: Path, key: str = "loss") -> list[float]:
+    return [json.loads(line)[key] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # --- expert balancing ---------------------------------------------------------------------
@@ -165,6 +168,70 @@ def test_exact_resume(shards, tmp_path, monkeypatch):
     assert a["final_val_loss"] == b["final_val_loss"]
 
 
+def _crash_in_step(monkeypatch, n: int) -> None:
+    """Raise KeyboardInterrupt in step n's expert-bias update (after its optimizer step)."""
+    real_update = loop_mod.update_expert_bias
+    calls = {"n": 0}
+
+    def crash(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_update(*args, **kw)
+
+    monkeypatch.setattr(loop_mod, "update_expert_bias", crash)
+
+
+def test_resume_uses_the_saved_settings(shards, tmp_path, monkeypatch):
+    """`nanoseek train --out R --resume --steps N`: batch size, seed, data, preset... come from
+    the checkpoint, not from the defaults, so the run goes on exactly as it would have."""
+    kw = dict(steps=8, save_every=4, batch_size=2, seed=3, mtp_weight=0.5)
+    train(tiny_run(shards, tmp_path / "full", **kw))
+    part = tmp_path / "part"
+    _crash_in_step(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_run(shards, part, **kw))
+    monkeypatch.undo()
+    assert cli_main(["train", "--out", str(part), "--resume", "--steps", "8"]) == 0
+    assert losses(part) == losses(tmp_path / "full")
+    saved = json.loads((part / "train_config.json").read_text())
+    assert (saved["batch_size"], saved["seed"], saved["preset"]) == (2, 3, "tiny")
+    recs = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["mtp_loss"]) for r in recs)  # logged apart from `loss`
+
+
+def test_resume_refuses_a_different_run_and_keeps_the_lr_schedule(shards, tmp_path, capsys):
+    out = tmp_path / "r"
+    train(tiny_run(shards, out, steps=4, eval_every=0, batch_size=2, warmup_steps=0))
+    end_lr = losses(out, "lr")[-1]
+    capsys.readouterr()
+    err = _cli_error(capsys, "--out", str(out), "--resume", "--batch-size", "8", "--seed", "0",
+                     "--lr", "3e-3")  # fmt: skip
+    assert "batch_size 2 -> 8" in err and "--overwrite" in err
+    assert err.count(" -> ") == 1  # seed and lr as saved: no conflict
+    # a longer budget: the run goes on, the cosine schedule does not jump back up
+    with pytest.warns(UserWarning, match="original horizon"):
+        train(make_config(out=str(out), resume=True, steps=6))
+    lrs = losses(out, "lr")
+    assert len(lrs) == 6 and lrs[4:] == [pytest.approx(3e-4)] * 2 and end_lr > 3e-4
+    with pytest.warns(UserWarning, match="original horizon"):  # still the step-4 horizon
+        train(make_config(out=str(out), resume=True, steps=7))
+    assert losses(out, "lr")[6] == pytest.approx(3e-4)
+
+
+def test_unused_mtp_costs_no_flops(shards, tmp_path):
+    from nanoseek.compute import flops_per_token
+
+    s = train(tiny_run(shards, tmp_path / "r", steps=1, eval_every=0, eval_batches=1,
+                       mtp_weight=0))  # fmt: skip
+    cfg = from_pretrained(tmp_path / "r" / "ckpt").config
+    assert cfg.num_nextn_predict_layers > 0
+    no_mtp = cfg.replace(num_nextn_predict_layers=0)
+    assert s["flops_per_token"] == flops_per_token(no_mtp, 32, training=True)
+    rec = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "mtp_loss" not in rec
+
+
 def test_existing_run_needs_resume_or_overwrite(shards, tmp_path):
     train(tiny_run(shards, tmp_path / "r", steps=2, eval_every=0))
     with pytest.raises(TrainError, match="--resume"):
@@ -199,6 +266,43 @@ def test_checkpoint_survives_failure_mid_save(shards, tmp_path, monkeypatch):
     assert state2["step"] == 3
 
 
+def test_save_keeps_the_old_checkpoint_until_the_new_one_is_in(shards, tmp_path, monkeypatch):
+    import shutil
+
+    import nanoseek.train.checkpoint as ckpt_mod
+
+    out = tmp_path / "r"
+    train(tiny_run(shards, out, steps=1, eval_every=0, eval_batches=1))
+    ckpt, old = out / "ckpt", out / ".ckpt.old"
+    ckpt.rename(old)  # a crash mid-swap: `.old` is the only copy, and a resume starts from it
+    assert find_checkpoint(ckpt) == old
+    model, state, _, _ = load_checkpoint(old)
+    opt = build_optimizer(model, TrainConfig(steps=1), torch.device("cpu"))
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *a, **k):
+        if Path(path) == old:
+            assert find_checkpoint(ckpt) == ckpt, "deleted the only good copy"
+        real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", rmtree)
+    save_checkpoint(ckpt, model, opt, {**state, "step": 2}, shards)
+    assert not old.exists() and load_checkpoint(ckpt)[1]["step"] == 2
+
+
+def test_metrics_survive_a_torn_line_and_count_in_chunks(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        log = MetricsLog(path, resume_step=2)
+    log.write({"step": 3, "loss": float("nan"), "load": [float("inf"), 1.0]})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": None, "load": [None, 1.0]},
+    ]  # fmt: skip
+    tokens = np.random.default_rng(0).integers(0, 50, 1000).astype(np.uint16)
+    assert unigram_loss(tokens, 64, chunk=77) == pytest.approx(unigram_loss(tokens, 64))
+
+
 def _nan_after(monkeypatch, first_bad: int, last_bad: int) -> None:
     """Make the loss NaN for training forwards number first_bad..last_bad (1-based)."""
     real = Transformer.forward
@@ -210,6 +314,7 @@ def _nan_after(monkeypatch, first_bad: int, last_bad: int) -> None:
             n["calls"] += 1
             if first_bad <= n["calls"] <= last_bad:
                 out.loss = out.loss * float("nan")
+                out.main_loss = out.main_loss * float("nan")
         return out
 
     monkeypatch.setattr(Transformer, "forward", forward)
@@ -219,8 +324,8 @@ def test_non_finite_loss_is_skipped(shards, tmp_path, monkeypatch):
     _nan_after(monkeypatch, 3, 3)
     with pytest.warns(UserWarning, match="non-finite"):
         s = train(tiny_run(shards, tmp_path / "r", steps=6, eval_every=0))
-    ls = losses(tmp_path / "r")
-    assert math.isnan(ls[2]) and all(math.isfinite(v) for i, v in enumerate(ls) if i != 2)
+    ls = losses(tmp_path / "r")  # NaN is written as null: metrics.jsonl stays strict JSON
+    assert ls[2] is None and all(math.isfinite(v) for i, v in enumerate(ls) if i != 2)
     assert math.isfinite(s["final_val_loss"])
 
 
@@ -277,6 +382,10 @@ def test_cli_errors_are_one_line(shards, tmp_path, capsys):
     assert "tokenizer" in err
     err = _cli_error(capsys, "--data", str(shards), "--out", str(tmp_path / "r"), "--resume")
     assert "no checkpoint" in err
+    for device in ("foo", f"cuda:{torch.cuda.device_count()}"):  # unknown; not on this machine
+        err = _cli_error(capsys, "--data", str(shards), "--out", str(tmp_path / "r"),
+                         "--device", device)  # fmt: skip
+        assert "not available" in err and "cpu" in err
 
 
 def _ddp_worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
@@ -284,12 +393,16 @@ def _ddp_worker(rank: int, world: int, port: int, shards: str, out: str) -> None
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    train(tiny_run(Path(shards), Path(out), steps=4, eval_every=2, dtype="fp32"))
+    # data: the corpus, so rank 0 prepares it into OUT/data while rank 1 waits for it
+    corpus = str(Path(shards).parent / "src")
+    train(tiny_run(Path(shards), Path(out), steps=4, eval_every=2, dtype="fp32", data=corpus,
+                   vocab_size=300))  # fmt: skip
 
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(shards, tmp_path):
-    """The same loop under torchrun-style env vars: gloo, 2 ranks, one shared checkpoint."""
+    """The same loop under torchrun-style env vars: gloo, 2 ranks, one data preparation, one
+    shared checkpoint."""
     import socket
 
     import torch.multiprocessing as mp
@@ -301,3 +414,4 @@ def test_two_process_ddp_on_cpu(shards, tmp_path):
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["tokens_seen"] == 4 * 2 * 4 * 32
     assert from_pretrained(tmp_path / "r" / "ckpt").config.vocab_size == 300
+    assert (tmp_path / "r" / "data" / "meta.json").is_file()

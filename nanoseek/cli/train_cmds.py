@@ -1,5 +1,6 @@
 """`nanoseek train`: pretrain a model. Every TrainConfig field is a flag (`--batch-size`),
-and can also sit in a TOML/YAML file given with `--config`; flags win over the file."""
+and can also sit in a TOML/YAML file given with `--config`; flags win over the file, and on
+`--resume` both sit on top of the run's saved settings."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="TOML or YAML file with the settings below")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "model":  # a table, only from the config file
+        if f.name == "model" or not f.init:  # a table, only from the config file; internal
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -47,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from nanoseek.train import make_config, train
 
+    # every flag defaults to None, so what is left is what was given (--resume needs to know)
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     tc = make_config(args.config, **given)
     train(tc)

@@ -11,7 +11,8 @@ all read.
 
 The whole directory is written under a temporary name and renamed into place, so a crash
 mid-save leaves the previous checkpoint untouched. Between the two renames of the swap the
-old one is briefly `.ckpt.old`; `find_checkpoint` falls back to it.
+old one is briefly `.ckpt.old`; `find_checkpoint` falls back to it, and it is deleted only
+once the new one is in place.
 """
 
 from __future__ import annotations
@@ -49,10 +50,12 @@ def save_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim
         torch.save(rng, ts / "rng.pt")
         (ts / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
+        if path.exists() and not _complete(path):
+            shutil.rmtree(path)  # a broken leftover; `old`, if any, is the good copy: keep it
+        if path.exists():  # `path` is good, so `old` is redundant: it makes way for `path`
+            shutil.rmtree(old, ignore_errors=True)
             path.rename(old)
-        tmp.rename(path)
+        tmp.rename(path)  # now the new one is in place, and only then is `old` deleted
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -63,9 +66,24 @@ def find_checkpoint(path: str | Path) -> Path | None:
     """The checkpoint at `path`, or the previous one if a crash hit mid-swap."""
     path = Path(path)
     for p in (path, path.with_name(f".{path.name}.old")):
-        if (p / "train_state" / "state.json").is_file():
+        if _complete(p):
             return p
     return None
+
+
+def _complete(path: Path) -> bool:
+    return (path / "train_state" / "state.json").is_file()
+
+
+def read_train_state(path: str | Path) -> dict[str, Any]:
+    """train_state/state.json: step, tokens, times, tokenizer hash, the run's train config."""
+    f = Path(path) / "train_state" / "state.json"
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{f}: training state unreadable ({e}); start afresh with --overwrite"
+        ) from e
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
@@ -73,11 +91,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     """-> (model in fp32 on device, train state, optimizer state_dict, rng states)."""
     path = Path(path)
     ts = path / "train_state"
+    state = read_train_state(path)
     try:
-        state = json.loads((ts / "state.json").read_text())
         opt = torch.load(ts / "optimizer.pt", map_location=device, weights_only=True)
         rng = torch.load(ts / "rng.pt", weights_only=True)
-    except (OSError, json.JSONDecodeError, RuntimeError) as e:
+    except (OSError, RuntimeError) as e:
         raise CheckpointError(
             f"{ts}: training state unreadable ({e}); start afresh with --overwrite"
         ) from e

@@ -2,6 +2,7 @@
 
 Precedence: dataclass defaults < config file < command line. The file uses the field names
 below (dashes or underscores); unknown keys are an error, so a typo never goes unnoticed.
+On `--resume` the run's saved settings replace the defaults (see `resume_config`).
 """
 
 from __future__ import annotations
@@ -79,12 +80,23 @@ class TrainConfig:
     dtype: str = _h("auto (bf16 where the hardware has it), bf16 or fp32", default="auto")
     compile: bool = _h("torch.compile the model", default=False)
     threads: int | None = _h("CPU threads (default: torch's choice)", default=None)
-    resume: bool = _h("continue from OUT/ckpt exactly where it stopped", default=False)
+    resume: bool = _h(
+        "continue from OUT/ckpt exactly where it stopped, with the settings the run was started "
+        "with (OUT/train_config.json). Flags may change the budget, evaluation/checkpoint/log "
+        "cadence, --grad-clip and the machine (device, dtype, threads, compile), but not what "
+        "the run computes (batch, seed, LR schedule, model, data, MTP, balancing): that is an "
+        "error. A new budget moves where the run stops, not its LR schedule, which keeps the "
+        "original horizon (past it the LR stays at its final value)",
+        default=False,
+    )
     overwrite: bool = _h("start afresh even if OUT already holds a checkpoint", default=False)
     progress: bool = _h("show a progress bar", default=True)
     model: dict[str, Any] = _h(
         "ModelConfig fields overriding the preset (config file only)", default_factory=dict
     )
+    # Not a setting: the fields given explicitly (file or flags), set by make_config, so that
+    # --resume can tell a deliberate flag from a default. None: those that differ from it.
+    given: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -105,7 +117,7 @@ class TrainConfig:
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
         need(0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]")
         need(
-            self.steps is not None or self.tokens is not None or self.minutes is not None,
+            self.resume or any(getattr(self, k) is not None for k in BUDGET),  # resume: saved one
             "give a budget: --steps, --tokens or --minutes",
         )
         for name in ("steps", "tokens", "minutes"):
@@ -114,10 +126,30 @@ class TrainConfig:
         need(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in FIELDS}
+
+    def given_fields(self) -> set[str]:
+        if self.given is not None:
+            return set(self.given)
+        return {k for k, f in FIELDS.items() if getattr(self, k) != _default(f)}
+
+    def budget(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in BUDGET}
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.init}
+BUDGET = ("steps", "tokens", "minutes")
+# What a run computes. A resumed run takes these from its checkpoint; a flag that changes one
+# is an error, since the result would silently be neither the old run nor a clean new one.
+IDENTITY = (
+    "preset", "model", "data", "data_dir", "vocab_size", "batch_size", "seq_len", "grad_accum",
+    "seed", "lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_frac", "weight_decay",
+    "beta1", "beta2", "mtp_weight", "gamma", "gamma_final", "alpha",
+)  # fmt: skip
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -156,5 +188,32 @@ def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig
         tc = TrainConfig(**values)
     except TypeError as e:
         raise TrainError(f"invalid training config: {e}") from e
+    tc.given = frozenset(values)
     tc.validate()
     return tc
+
+
+def resume_config(tc: TrainConfig, saved: dict[str, Any] | None) -> TrainConfig:
+    """The config a resumed run continues with: its saved one (`saved`, from the checkpoint),
+    updated with what was given now (`tc.given_fields()`) where that may change."""
+    saved = {k: v for k, v in (saved or {}).items() if k in FIELDS}  # keys of other versions
+    given = tc.given_fields()
+    differ = [k for k in IDENTITY if k in given and k in saved and getattr(tc, k) != saved[k]]
+    if differ:
+        changes = ", ".join(f"{k} {saved[k]!r} -> {getattr(tc, k)!r}" for k in differ)
+        raise TrainError(
+            f"--resume: {changes} would change the run in {tc.out} (a resumed run keeps the "
+            "settings it started with); drop those flags to continue it, or start a fresh run "
+            "with them: --overwrite, or a new --out"
+        )
+    values = {**saved, **{k: getattr(tc, k) for k in given}}
+    if given & set(BUDGET):  # a new budget replaces the saved one whole, not key by key
+        values.update(tc.budget())
+    values.update(out=tc.out, resume=True, overwrite=False)
+    merged = TrainConfig(**values)
+    merged.validate()
+    if not any(merged.budget().values()):
+        raise TrainError(
+            f"--resume: {tc.out} has no saved budget; give --steps, --tokens or --minutes"
+        )
+    return merged

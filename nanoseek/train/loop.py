@@ -3,7 +3,8 @@ iteration (micro-batches, clip, step, expert-bias update), evaluation and checkp
 
 Runs as one process, or under `torchrun` (one process per device, DDP, gradients and expert
 loads summed over ranks). Batches are a pure function of (seed, step, rank), and the LR a
-pure function of the step, so a resumed run repeats the uninterrupted one exactly.
+pure function of the step, so a resumed run (which takes its settings from the checkpoint)
+repeats the uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -26,17 +27,44 @@ from nanoseek.config import get_preset, human
 from nanoseek.data import BatchLoader, prepare, read_meta
 from nanoseek.model import Transformer
 from nanoseek.train.balance import gamma_at, load_imbalance, update_expert_bias
-from nanoseek.train.checkpoint import find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from nanoseek.train.config import TrainConfig, TrainError
+from nanoseek.train.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    read_train_state,
+    restore_rng,
+    save_checkpoint,
+)
+from nanoseek.train.config import BUDGET, TrainConfig, TrainError, resume_config
 from nanoseek.train.metrics import MetricsLog, format_table, plot_loss, unigram_loss
 from nanoseek.train.schedule import lr_at
 from nanoseek.utils import atomic_write_text
 
 
+def available_devices() -> list[str]:
+    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists every backend it knows, not what is here
+        device = None
+    ok = device is not None and (
+        device.type == "cpu"
+        or (device.type == "cuda" and (device.index or 0) < torch.cuda.device_count())
+        or (device.type == "mps" and torch.backends.mps.is_available())
+    )
+    if not ok:
+        raise TrainError(
+            f"--device {name!r} is not available here; available: auto, "
+            + ", ".join(available_devices())
+        )
+    return device
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -50,13 +78,43 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
-def resolve_data(tc: TrainConfig, verbose: bool) -> Path:
+def resolve_data(tc: TrainConfig, rank: int = 0, world: int = 1) -> Path:
     """A shard directory as is; anything else is a corpus, prepared (once) into data_dir."""
     p = Path(tc.data).expanduser()
     if (p / "meta.json").is_file():
         return p
     out = Path(tc.data_dir) if tc.data_dir else Path(tc.out) / "data"
-    return prepare(tc.data, out, vocab_size=tc.vocab_size, verbose=verbose)
+    if world == 1:
+        return prepare(tc.data, out, vocab_size=tc.vocab_size, verbose=True)
+    # Rank 0 prepares; the others wait, then read it (all at once would race on the files).
+    error = None
+    if rank == 0:
+        try:
+            prepare(tc.data, out, vocab_size=tc.vocab_size, verbose=True)
+        except Exception as e:  # reach the barrier anyway, or the other ranks hang in it
+            error = e
+    dist.barrier()
+    if error is not None:
+        raise error
+    if not (out / "meta.json").is_file():
+        raise TrainError(f"rank 0 could not prepare {tc.data} into {out} (see its error)")
+    return out
+
+
+def budget_fraction(budget: dict[str, Any], step: int, tokens: int, elapsed: float) -> float:
+    """How far through `budget` ({steps, tokens, minutes}, any of them None) the run is."""
+    fracs = [0.0]
+    if budget["steps"]:
+        fracs.append(step / budget["steps"])
+    if budget["tokens"]:
+        fracs.append(tokens / budget["tokens"])
+    if budget["minutes"]:
+        fracs.append(elapsed / (60 * budget["minutes"]))
+    return max(fracs)
+
+
+def _budget_str(budget: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in budget.items() if v) or "none"
 
 
 def build_optimizer(model: Transformer, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -70,31 +128,12 @@ def build_optimizer(model: Transformer, tc: TrainConfig, device: torch.device) -
 
 def train(tc: TrainConfig) -> dict[str, Any]:
     tc.validate()
-    # --- processes and devices -------------------------------------------------------------
+    out = Path(tc.out)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = pick_device(tc.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    dtype = pick_dtype(tc.dtype, device)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else nullcontext())  # fmt: skip
-    out = Path(tc.out)
 
-    # --- data ------------------------------------------------------------------------------
-    shard_dir = resolve_data(tc, verbose=master)
-    meta = read_meta(shard_dir)
-    vocab = meta["tokenizer"]["vocab_size"]
-    train_data = BatchLoader(shard_dir, "train", tc.batch_size, tc.seq_len, tc.seed, rank, world)
-    val_data = BatchLoader(shard_dir, "val", tc.batch_size, tc.seq_len, tc.seed, rank, world)
-
-    # --- model, optimizer, and the state to resume ------------------------------------------
+    # --- the run to resume: its saved settings come first -----------------------------------
     ckpt_dir = out / "ckpt"
     found = find_checkpoint(ckpt_dir)
     if found and not (tc.resume or tc.overwrite):
@@ -102,6 +141,40 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                          "--overwrite to start afresh")  # fmt: skip
     if tc.resume and not found:
         raise TrainError(f"--resume: no checkpoint in {ckpt_dir}")
+    horizon = tc.budget()  # what the LR schedule and the expert-bias speed run over
+    if tc.resume:
+        saved = read_train_state(found)
+        tc = resume_config(tc, saved.get("train_config"))
+        saved_tc = saved.get("train_config") or {}
+        horizon = saved.get("lr_horizon") or {k: saved_tc.get(k) for k in BUDGET}
+        if horizon != tc.budget() and master:
+            warnings.warn(f"--resume: the budget changed ({_budget_str(horizon)} -> "
+                          f"{_budget_str(tc.budget())}); the run stops at the new one, but the LR "
+                          "schedule keeps its original horizon so the LR does not jump (past it, "
+                          "the LR stays at its final value). To plan a new schedule, start a "
+                          "fresh run (--overwrite)", stacklevel=2)  # fmt: skip
+
+    # --- processes and devices -------------------------------------------------------------
+    device = pick_device(tc.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    dtype = pick_dtype(tc.dtype, device)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                else nullcontext())  # fmt: skip
+
+    # --- data ------------------------------------------------------------------------------
+    shard_dir = resolve_data(tc, rank, world)
+    meta = read_meta(shard_dir)
+    vocab = meta["tokenizer"]["vocab_size"]
+    train_data = BatchLoader(shard_dir, "train", tc.batch_size, tc.seq_len, tc.seed, rank, world)
+    val_data = BatchLoader(shard_dir, "val", tc.batch_size, tc.seq_len, tc.seed, rank, world)
+
+    # --- model, optimizer, and the state to resume ------------------------------------------
     state: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_seconds": 0.0}
     if tc.resume:
         model, state, opt_state, rng = load_checkpoint(found, device)
@@ -136,7 +209,9 @@ def train(tc: TrainConfig) -> dict[str, Any]:
 
     # --- accounting ------------------------------------------------------------------------
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * world
-    fpt = flops_per_token(cfg, tc.seq_len, training=True)
+    # MTP modules that never run (mtp_weight 0) cost no FLOPs
+    counted = cfg if tc.mtp_weight > 0 else cfg.replace(num_nextn_predict_layers=0)
+    fpt = flops_per_token(counted, tc.seq_len, training=True)
     peak = measure_matmul_peak(dtype, str(device)) if master else 0.0
     if master:
         out.mkdir(parents=True, exist_ok=True)
@@ -146,15 +221,11 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         MetricsLog(out / "metrics.jsonl", state["step"] if tc.resume else None) if master else None
     )
 
-    def progress() -> float:
-        fracs = [0.0]
-        if tc.steps:
-            fracs.append(state["step"] / tc.steps)
-        if tc.tokens:
-            fracs.append(state["tokens"] / tc.tokens)
-        if tc.minutes:
-            fracs.append(state["elapsed"] / (60 * tc.minutes))
-        return max(fracs)
+    stop_at = tc.budget()
+
+    def progress(budget: dict[str, Any] | None = None) -> float:
+        """The fraction done of `budget`; by default the one the run stops at."""
+        return budget_fraction(budget or stop_at, state["step"], state["tokens"], state["elapsed"])
 
     def reduce_mean(x: float) -> float:
         if world == 1:
@@ -179,7 +250,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     def checkpoint() -> None:
         if master:
             save_checkpoint(ckpt_dir, model, optimizer, {**state, "tokenizer": meta["tokenizer"]["hash"],
-                                                         "train_config": tc.to_dict()}, shard_dir)  # fmt: skip
+                            "train_config": tc.to_dict(), "lr_horizon": horizon}, shard_dir)  # fmt: skip
         if world > 1:
             dist.barrier()
 
@@ -201,13 +272,13 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     while progress() < 1.0:
         step = state["step"]
         t0 = time.perf_counter()
-        lr = lr_at(
-            step, progress(), tc.lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, tc.decay_frac
-        )
+        lr = lr_at(step, progress(horizon), tc.lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio,
+                   tc.decay_frac)  # fmt: skip
         for group in optimizer.param_groups:
             group["lr"] = lr
         counts.zero_()
-        loss_sum = torch.zeros((), device=device)
+        # total: what is minimised (main + MTP + balance); main and MTP are logged separately
+        sums = torch.zeros(3, device=device)  # total, main, mean MTP; each a mean over micros
         for micro in range(tc.grad_accum):
             x, y = train_data.get_batch(step * tc.grad_accum + micro)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -215,34 +286,37 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                     else nullcontext())  # fmt: skip
             with sync:
                 with autocast:
-                    loss = step_model(x, targets=y, mtp_weight=tc.mtp_weight).loss / tc.grad_accum
-                loss.backward()
-            loss_sum += loss.detach()
+                    o = step_model(x, targets=y, mtp_weight=tc.mtp_weight)
+                (o.loss / tc.grad_accum).backward()
+            sums[0] += o.loss.detach() / tc.grad_accum
+            sums[1] += o.main_loss.detach() / tc.grad_accum
+            if o.mtp_losses:
+                sums[2] += torch.stack(o.mtp_losses).detach().mean() / tc.grad_accum
             for i, moe in enumerate(moe_layers):
                 if moe.tokens_per_expert is not None:  # None: an MTP layer that did not run
                     counts[i] += moe.tokens_per_expert
                     moe.tokens_per_expert = None
         if world > 1:
             dist.all_reduce(counts)
-            dist.all_reduce(loss_sum)
-            loss_sum /= world
+            dist.all_reduce(sums)
+            sums /= world
         norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf
         )
-        loss_value, norm_value = loss_sum.item(), norm.item()
+        (total_value, loss_value, mtp_value), norm_value = sums.tolist(), norm.item()
         state["step"] += 1
         state["tokens"] += tokens_per_step
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
+        if math.isfinite(total_value) and math.isfinite(norm_value):
             optimizer.step()
             if moe_layers:
                 update_expert_bias(
-                    moe_layers, counts, gamma_at(progress(), tc.gamma, tc.gamma_final)
+                    moe_layers, counts, gamma_at(progress(horizon), tc.gamma, tc.gamma_final)
                 )
             bad_steps = 0
         else:  # skip: no update, no bias change; several in a row means the run diverged
             bad_steps += 1
             if master:
-                warnings.warn(f"step {step}: non-finite loss ({loss_value}) or gradient norm "
+                warnings.warn(f"step {step}: non-finite loss ({total_value}) or gradient norm "
                               f"({norm_value}); step skipped", stacklevel=1)  # fmt: skip
             if bad_steps >= tc.max_bad_steps:
                 optimizer.zero_grad(set_to_none=True)
@@ -251,8 +325,8 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                 last = find_checkpoint(ckpt_dir)
                 raise TrainError(
                     f"loss was non-finite for {bad_steps} steps in a row (up to step {step}); run "
-                    f"stopped. Last good checkpoint: {last or 'none'}. Try a lower --lr, "
-                    "--grad-clip 1, or --dtype fp32")  # fmt: skip
+                    f"stopped. Last good checkpoint: {last or 'none'}. Try --grad-clip 1 or "
+                    "--dtype fp32 (with --resume), or a lower --lr (a fresh run: --overwrite)")  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         state["train_seconds"] += dt
@@ -270,6 +344,8 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         rec: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
                                "tokens": state["tokens"], "tok_per_s": tok_s, "mfu": mfu,
                                "elapsed": state["elapsed"], "train_seconds": state["train_seconds"]}  # fmt: skip
+        if tc.mtp_weight > 0 and cfg.num_nextn_predict_layers > 0:
+            rec["mtp_loss"] = mtp_value
         if moe_layers:
             rec["load_max_mean"] = [round(v, 3) for v in load_imbalance(counts)]
         if (tc.eval_every and step % tc.eval_every == 0) or done:

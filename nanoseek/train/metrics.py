@@ -1,9 +1,14 @@
-"""metrics.jsonl (one JSON object per logged step or evaluation), loss.png, the summary table."""
+"""metrics.jsonl (one JSON object per logged step or evaluation), loss.png, the summary table.
+
+A record's `loss` is the main next-token loss (comparable with `val_loss`), `mtp_loss` the
+mean over the MTP modules; non-finite values are written as null (strict JSON).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +24,47 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():  # drop what was logged after the checkpoint we resume from
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]  # fmt: skip
-            self.path.write_text("".join(line + "\n" for line in keep))
+            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(_dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_dumps(record) + "\n")
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None  # bare NaN / Infinity is not JSON
+        return [clean(x) for x in v] if isinstance(v, list) else v
+
+    return json.dumps({k: clean(v) for k, v in record.items()}, allow_nan=False)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records; lines that do not parse (a write torn by a crash) are skipped, with a warning."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            bad += 1
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} unreadable line(s)", stacklevel=2)
+    return records
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def plot_loss(metrics_path: str | Path, png: str | Path, title: str = "") -> None:
@@ -42,8 +74,9 @@ def plot_loss(metrics_path: str | Path, png: str | Path, title: str = "") -> Non
     import matplotlib.pyplot as plt
 
     recs = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in recs if "loss" in r and math.isfinite(r["loss"])]
-    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    # main next-token loss on both sides: the MTP and balance terms are not in val_loss
+    train = [(r["step"], r["loss"]) for r in recs if _finite(r.get("loss"))]
+    val = [(r["step"], r["val_loss"]) for r in recs if _finite(r.get("val_loss"))]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         s, v = np.array(train).T
@@ -56,7 +89,7 @@ def plot_loss(metrics_path: str | Path, png: str | Path, title: str = "") -> Non
         s, v = np.array(val).T
         ax.plot(s, v, "o-", color="C1", label="validation")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("next-token loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -66,9 +99,12 @@ def plot_loss(metrics_path: str | Path, png: str | Path, title: str = "") -> Non
     plt.close(fig)
 
 
-def unigram_loss(tokens: np.ndarray, vocab_size: int) -> float:
+def unigram_loss(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> float:
     """Entropy (nats) of the token distribution: the loss of a model that ignores context."""
-    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(0, len(tokens), chunk):  # bincount upcasts to int64: 8 bytes per token
+        counts += np.bincount(np.asarray(tokens[i : i + chunk]), minlength=vocab_size)
+    counts = counts.astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 

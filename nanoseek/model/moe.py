@@ -73,6 +73,16 @@ class Gate(nn.Module):
         return weights * self.route_scale, indices, scores
 
 
+def _padded_index(token, counts, rows, total: int) -> torch.Tensor:
+    """The token each padded row reads: expert e's tokens, then rows[e] - counts[e] rows of
+    token 0, whose outputs are dropped (rows are independent)."""
+    shift = (rows.cumsum(0) - rows) - (counts.cumsum(0) - counts)
+    slot = torch.arange(len(token), device=token.device) + shift.repeat_interleave(
+        counts, output_size=len(token)
+    )
+    return token.new_zeros(total).index_copy_(0, slot, token)
+
+
 class Experts(nn.Module):
     """All routed experts' weights stacked: w13 = [gate; up] per expert, w2 = down."""
 
@@ -85,44 +95,41 @@ class Experts(nn.Module):
     # eager under torch.compile: the slice sizes change every step (one recompile each)
     @torch.compiler.disable
     def forward(
-        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor
     ) -> torch.Tensor:
-        """x [N, d]; each token goes to its k experts. Tokens are sorted by expert and every
-        expert runs once on its contiguous slice (a loop over experts, never over tokens)."""
+        """x [N, d]; each token goes to its k experts, `counts` [E] tokens per expert. Tokens
+        are sorted by expert and every expert runs once on its contiguous slice (a loop over
+        experts, never over tokens); its outputs are weighted and added into their tokens' rows."""
         N, k = indices.shape
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.w13.shape[0])
-        # Each expert's slice is padded with zero rows to a multiple of PAD: CPU matmul
-        # libraries (oneDNN) build a kernel for every new shape, which costs more than the
-        # multiply itself when the shapes change every step. Rows are independent, so the
-        # padding changes no result.
-        padded = (counts + PAD - 1) // PAD * PAD
-        shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)
-        slot = torch.arange(N * k, device=x.device) + shift.repeat_interleave(
-            counts, output_size=N * k
-        )
-        sizes = padded.tolist()  # one sync per layer
-        # cast once (not per expert under autocast), unbind once (indexing w13[e] would make
-        # the backward build a full-size gradient per expert)
+        order = indices.flatten().argsort(stable=True)
+        token = order // k  # the token of each sorted (token, choice) pair
         dt = (
             torch.get_autocast_dtype(x.device.type)
             if torch.is_autocast_enabled(x.device.type)
             else x.dtype
         )
+        # In reduced precision each slice is padded to a multiple of PAD rows: oneDNN builds
+        # a kernel for every new bf16 matmul shape, which costs more than the multiply when
+        # shapes change every step. fp32 matmuls (MKL) have no such cost: no padding.
+        pad = dt != torch.float32
+        rows = (counts + PAD - 1) // PAD * PAD if pad else counts
+        n_rows, n_used = torch.stack([rows, counts]).tolist()  # the layer's one host sync
+        src = _padded_index(token, counts, rows, sum(n_rows)) if pad else token
+        # cast once (not per expert under autocast), unbind once (indexing w13[e] would make
+        # the backward build a full-size gradient per expert)
         w13, w2 = self.w13.to(dt).unbind(0), self.w2.to(dt).unbind(0)
-        xs = x.new_zeros(sum(sizes), x.shape[1], dtype=dt).index_copy(0, slot, x[order // k].to(dt))
-        outs = []
-        for e, chunk in enumerate(xs.split(sizes)):
-            if chunk.shape[0] == 0:
-                continue
-            gate, up = F.linear(chunk, w13[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, w2[e]))
-        # each (token, choice)'s row in the expert outputs, in token order
-        pos = torch.empty_like(slot).index_copy_(0, order, slot)
-        ys = torch.cat(outs)[pos].view(N, k, -1)
-        # a token's k outputs weighted and summed as one batched matmul: [N, 1, k] @ [N, k, d]
-        return torch.bmm(weights[:, None, :].to(ys.dtype), ys).squeeze(1)
+        xs = x[src].to(dt)  # [sum(rows), d], grouped by expert
+        # gate weights in the compute dtype: index_add_ takes one dtype
+        w = weights.flatten()[order, None].to(dt)
+        out = x.new_zeros(N, x.shape[1], dtype=dt)
+        # split, not slicing: a slice's backward builds a zero gradient the size of the whole
+        parts = zip(xs.split(n_rows), token.split(n_used), w.split(n_used), w13, w2, strict=True)
+        for h, tok, w_e, w13_e, w2_e in parts:
+            if len(tok) > 0:
+                gate, up = F.linear(h, w13_e).chunk(2, dim=-1)
+                y = F.linear(F.silu(gate) * up, w2_e)[: len(tok)]  # drop the padding rows
+                out.index_add_(0, tok, y * w_e)
+        return out.to(x.dtype)
 
 
 class MoE(nn.Module):
@@ -145,12 +152,11 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(flat)
-        self.tokens_per_expert = torch.bincount(
-            indices.flatten(), minlength=self.n_experts
-        ).detach()
+        counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
+        self.tokens_per_expert = counts
         if self.training and self.balance_alpha > 0:
             self.aux_loss = self.balance_alpha * self._sequence_balance_loss(scores, indices, shape)
-        out = self.experts(flat, weights, indices)
+        out = self.experts(flat, weights, indices, counts)
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view(shape)

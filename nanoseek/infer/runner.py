@@ -5,7 +5,7 @@ Two paths over the same cache and weights:
   into the query (q_lat = q_nope W_uk, per head) and its value half into the output
   (o = o_lat W_uv), so attention is multi-query attention over the cached latents
   `[c_kv | k_rope]` and full keys/values never exist. Weights are rearranged once here.
-- `plain`: the model's own forward (`Transformer.forward(kv=..., absorb=False)`), which
+- `plain`: the model's own forward (`Transformer.forward(kv=...)`), which
   re-expands keys and values from the latents: the reference the fast path is tested against.
 
 At small sizes a decode step is all dispatch overhead, so the fast path counts ops:
@@ -382,7 +382,7 @@ class ModelRunner:
         if plain:
             S = int(pos.max()) + 1
             kv = [self.cache.layer_kv(i, start, ids.shape[0], S) for i in range(len(m.layers))]
-            return m(ids, kv=kv, positions=pos, absorb=False).hidden
+            return m(ids, kv=kv, positions=pos).hidden
         st = step or self.prepare(pos, start, S)
         x = F.embedding(ids.view(-1), m.embed.weight)  # activations stay 2-D: [B*T, d]
         x = self._run(self.layers, self.flat, self.cache.latent, x, start, st)
@@ -408,7 +408,7 @@ class ModelRunner:
             S = int(pos.max()) + 1
             kv = self.cache.layer_kv(0, start, h.shape[0], S, mtp=True)
             cos, sin = self.model.rope(pos)
-            return mod.norm(mod(h, emb, cos, sin, kv=kv, positions=pos, absorb=False))
+            return mod.norm(mod(h, emb, cos, sin, kv=kv, positions=pos))
         st = step or self.prepare(pos, start, S)
         d = h.shape[-1]
         emb = F.embedding(next_ids.view(-1), self.model.embed.weight)

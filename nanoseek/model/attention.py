@@ -3,11 +3,11 @@
 Queries:   x -> wq_a -> q_norm -> wq_b -> heads x (nope + rope)     (or x -> wq when q_lora_rank is None)
 Keys/vals: x -> wkv_a -> [c_kv | k_rope];  kv_norm(c_kv) -> wkv_b -> heads x (k_nope, v)
 
-Two ways to attend, same numbers:
-- plain: expand c_kv into per-head keys and values, then attend (training, prefill reference);
-- absorbed: fold wkv_b's key half into the query and its value half into the output, and
-  attend directly over the cached latents, so full keys/values never exist (decode).
-The cache holds only kv_norm(c_kv) and the rotated k_rope: kv_lora_rank + rope numbers per token.
+Here keys and values are expanded per head from c_kv and then attended (the plain path:
+training, and the reference for inference). The cache holds only kv_norm(c_kv) and the
+rotated k_rope, kv_lora_rank + rope numbers per token; the engine's decode path
+(nanoseek/infer/runner.py) attends over them in absorbed form — wkv_b's key half folded
+into the query, its value half into the output — and is tested against this one.
 """
 
 from __future__ import annotations
@@ -76,7 +76,6 @@ class MLA(nn.Module):
         sin: torch.Tensor,
         kv: LayerKV | None = None,
         positions: torch.Tensor | None = None,
-        absorb: bool = True,
     ) -> torch.Tensor:
         """x [B, T, d]. Without `kv`: causal self-attention over x (training).
         With `kv`: write this chunk's latents at `positions` [B, T] and attend over the
@@ -93,8 +92,7 @@ class MLA(nn.Module):
             mask = torch.arange(kv.length, device=x.device)[None, None, :] <= positions[:, :, None]
             c_all = kv.c_kv[kv.slots, : kv.length].to(x.dtype)
             r_all = kv.k_rope[kv.slots, : kv.length].to(x.dtype)
-            attend = self._attend_absorbed if absorb else self._attend_plain
-            out = attend(q_nope, q_rope, c_all, r_all, mask=mask)
+            out = self._attend_plain(q_nope, q_rope, c_all, r_all, mask=mask)
         return self.wo(out.flatten(2))
 
     def _attend_plain(self, q_nope, q_rope, c_kv, k_rope, mask):
@@ -117,15 +115,3 @@ class MLA(nn.Module):
             scale=self.scale,
         )
         return out.transpose(1, 2)  # [B, T, H, v]
-
-    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
-        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, nope, C], [H, v, C]
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
-        scores = torch.einsum("bthc,bsc->bhts", q_lat, c_kv) + torch.einsum(
-            "bthr,bsr->bhts", q_rope, k_rope
-        )
-        scores = (scores.float() * self.scale).masked_fill(~mask[:, None], float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)
-        o_lat = torch.einsum("bhts,bsc->bthc", probs, c_kv)
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)

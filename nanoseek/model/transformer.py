@@ -25,8 +25,8 @@ class Block(nn.Module):
             MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
         )
 
-    def forward(self, x, cos, sin, kv=None, positions=None, absorb=True):
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv, positions, absorb)
+    def forward(self, x, cos, sin, kv=None, positions=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv, positions)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -42,9 +42,9 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_id)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_prev, emb_next, cos, sin, kv=None, positions=None, absorb=True):
+    def forward(self, h_prev, emb_next, cos, sin, kv=None, positions=None):
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return self.block(h, cos, sin, kv, positions, absorb)
+        return self.block(h, cos, sin, kv, positions)
 
 
 @dataclass
@@ -108,7 +108,6 @@ class Transformer(nn.Module):
         mtp_weight: float = 0.3,
         kv: list[LayerKV] | None = None,
         positions: torch.Tensor | None = None,
-        absorb: bool = True,
     ) -> ModelOutput:
         """input_ids [B, T] -> logits [B, T, vocab]. With `targets` [B, T] (ignore -100),
         also the loss, including MTP losses when the model has MTP modules."""
@@ -118,7 +117,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions)
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, None if kv is None else kv[i], positions if kv else None, absorb)
+            h = layer(h, cos, sin, None if kv is None else kv[i], positions if kv else None)
         h = self.norm(h)
         out = ModelOutput(hidden=h, head=self.head)
         if targets is None:  # logits now, under the caller's autocast / no_grad

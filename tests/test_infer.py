@@ -28,15 +28,28 @@ def model() -> nanoseek.Transformer:
 
 
 @pytest.mark.parametrize(
-    "q_lora_rank,dense_moe", [(32, True), (None, True), (32, False), (None, False)]
+    "q_lora_rank,dense_moe,grouped",
+    [
+        (32, True, True),
+        (None, True, True),
+        (32, False, True),
+        (None, False, True),
+        (32, False, False),
+    ],
 )
-def test_absorbed_decode_matches_plain_path(q_lora_rank, dense_moe, monkeypatch):
+def test_absorbed_decode_matches_plain_path(q_lora_rank, dense_moe, grouped, monkeypatch):
     """Ragged batch: prefill, then 32 decode steps; absorbed and plain logits within 1e-5.
-    Both MoE paths: all experts as one dense matmul (small experts) and grouped_mm."""
+    Every MoE path: all experts as one dense matmul (small experts), grouped_mm, and the
+    sorted-experts fallback (GPUs, or torch without grouped_mm)."""
+    import torch.nn.functional as F
+
     from nanoseek.infer import runner
 
     if not dense_moe:
         monkeypatch.setattr(runner, "DENSE_EXPERTS_MAX_BYTES", 0)
+    if not grouped:
+        monkeypatch.delattr(F, "grouped_mm", raising=False)
+        monkeypatch.setattr(runner, "GATHER_EXPERTS_MAX_BYTES", 0)
     m = tiny_model(1, q_lora_rank=q_lora_rank)
     cfg = m.config
     runners = [ModelRunner(m, KVCache(cfg, 4, 64, torch.float32, "cpu")) for _ in range(2)]

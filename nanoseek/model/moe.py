@@ -95,12 +95,18 @@ class Experts(nn.Module):
     # eager under torch.compile: the slice sizes change every step (one recompile each)
     @torch.compiler.disable
     def forward(
-        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        indices: torch.Tensor,
+        counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [N, d]; each token goes to its k experts, `counts` [E] tokens per expert. Tokens
         are sorted by expert and every expert runs once on its contiguous slice (a loop over
         experts, never over tokens); its outputs are weighted and added into their tokens' rows."""
         N, k = indices.shape
+        if counts is None:
+            counts = torch.bincount(indices.flatten(), minlength=self.w13.shape[0])
         order = indices.flatten().argsort(stable=True)
         token = order // k  # the token of each sorted (token, choice) pair
         dt = (

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
 from nanoseek.model import Transformer
+from nanoseek.utils import atomic_dir
 
 FP8_BLOCK = 128
 
@@ -260,27 +259,19 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 def save_pretrained(
     model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> Path:
-    """Write config.json + model.safetensors atomically: into a temp dir, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write config.json + model.safetensors atomically: into a temp dir, then swapped in."""
+    with atomic_dir(path) as tmp:
+        write_pretrained(model, tmp, dtype)
+    return Path(path)
+
+
+def write_pretrained(model: Transformer, directory: Path, dtype: torch.dtype | None = None) -> None:
+    """config.json + model.safetensors into an existing directory (not atomic on its own)."""
     tensors = hf_state_dict(model)
     if dtype is not None:
         tensors = {
             k: v if k.endswith("e_score_correction_bias") else v.to(dtype)
             for k, v in tensors.items()
         }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")

@@ -19,25 +19,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nanoseek.hub import CheckpointError, from_pretrained, save_pretrained
+from nanoseek.hub import CheckpointError, from_pretrained, write_pretrained
 from nanoseek.model import Transformer
+from nanoseek.utils import atomic_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def save_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], tokenizer_dir: str | Path | None = None) -> Path:  # fmt: skip
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent))
-    try:
-        save_pretrained(model, tmp)  # fp32 master weights: resuming from them is exact
+    with atomic_dir(path, is_complete=_complete) as tmp:
+        write_pretrained(model, tmp)  # fp32 master weights: resuming from them is exact
         for name in TOKENIZER_FILES:
             if tokenizer_dir is not None and (Path(tokenizer_dir) / name).is_file():
                 shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
@@ -49,17 +46,7 @@ def save_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, ts / "rng.pt")
         (ts / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-        old = path.with_name(f".{path.name}.old")
-        if path.exists() and not _complete(path):
-            shutil.rmtree(path)  # a broken leftover; `old`, if any, is the good copy: keep it
-        if path.exists():  # `path` is good, so `old` is redundant: it makes way for `path`
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)  # now the new one is in place, and only then is `old` deleted
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return Path(path)
 
 
 def find_checkpoint(path: str | Path) -> Path | None:

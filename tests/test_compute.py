@@ -356,3 +356,21 @@ def test_cli_plot(tmp_path, capsys):
     out = tmp_path / "cost.png"
     _cli(["plot", "--out", str(out)], capsys)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "dense-small"])
+def test_flops_match_the_real_model_counted_by_torch(preset):
+    """nanoseek's own Transformer, one token, counted by torch's FlopCounterMode: the
+    accounting and the model cannot drift apart. (One token: causal and full attention
+    agree; the math SDPA backend so the counter sees the attention matmuls.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nanoseek.model import Transformer
+
+    cfg = get_preset(preset).replace(num_nextn_predict_layers=0)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 1))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(ids)
+    assert counter.get_total_flops() == flops_per_token(cfg, 1, training=False)

@@ -19,6 +19,11 @@ def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--device", default="cpu")
     p.add_argument(
+        "--threads", type=int, default=1,
+        help="CPU threads (default 1: decode matmuls are small, and 2 threads spin-wait "
+        "against any other busy process)",
+    )  # fmt: skip
+    p.add_argument(
         "--max-len", type=int, default=None,
         help="context length to preallocate (default: the model's, at most 4096)",
     )  # fmt: skip
@@ -48,6 +53,9 @@ def _engine(args, max_batch: int = 1):
 
     from nanoseek.infer import Engine, SamplingParams
 
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

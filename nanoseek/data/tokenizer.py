@@ -18,11 +18,23 @@ from nanoseek.utils import atomic_write_text
 BOS, EOS, PAD, END = "<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"
 CHAT_ROLES = ("system", "user", "assistant")
 SPECIAL_TOKENS = [BOS, EOS, PAD, *(f"<|{r}|>" for r in CHAT_ROLES), END]
+# Reasoning (DeepSeek-R1's convention, as plain text, not special tokens): an assistant turn
+# may start with <think>...</think> before its answer. A message's `reasoning_content` is
+# rendered that way. The generation prompt can open a turn in thinking mode (`<think>`: the
+# model writes its reasoning, then </think>, then the answer) or non-thinking mode (an empty
+# `<think></think>`, as DeepSeek-V3.1 closes the block), or leave the choice to the model.
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # The same format as Tokenizer.apply_chat_template; a test checks that the two agree.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>"
+    "{% if message['role'] == 'assistant' and message.reasoning_content %}"
+    "<think>{{ message.reasoning_content }}</think>{% endif %}"
+    "{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>"
+    "{% if enable_thinking is defined and enable_thinking is not none %}"
+    "{% if enable_thinking %}<think>{% else %}<think></think>{% endif %}{% endif %}"
+    "{% endif %}"
 )
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special tokens
 
@@ -122,18 +134,41 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        thinking: bool | None = None,
     ) -> list[int]:
-        """<|bos|> then <|role|>content<|end|> per message, then <|assistant|> to prompt a reply."""
-        ids = [self.bos_id]
+        """<|bos|> then <|role|>content<|end|> per message, then <|assistant|> to prompt a reply.
+        `thinking`: True opens the reply with <think>, False with an empty <think></think>,
+        None leaves it to the model (transformers: `enable_thinking=`)."""
+        return self.render_chat(messages, add_generation_prompt, thinking)[0]
+
+    def render_chat(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        thinking: bool | None = None,
+    ) -> tuple[list[int], list[bool]]:
+        """The chat template's ids, and for each id whether it belongs to an assistant turn's
+        reply (its text and closing <|end|>: what SFT trains on)."""
+        ids, mask = [self.bos_id], [False]
         for m in messages:
-            role = m["role"]
+            role = m.get("role") if isinstance(m, dict) else None
             if role not in self.role_ids:
                 raise DataError(f"unknown chat role {role!r}; use one of {', '.join(CHAT_ROLES)}")
-            ids += [self.role_ids[role], *self.encode(m["content"]), self.end_id]
+            text = m.get("content") or ""
+            if role == "assistant" and m.get("reasoning_content"):
+                text = f"{THINK_OPEN}{m['reasoning_content']}{THINK_CLOSE}{text}"
+            body = [*self.encode(text), self.end_id]
+            ids += [self.role_ids[role], *body]
+            mask += [False] + [role == "assistant"] * len(body)
         if add_generation_prompt:
-            ids.append(self.role_ids["assistant"])
-        return ids
+            opener = {None: "", True: THINK_OPEN, False: THINK_OPEN + THINK_CLOSE}[thinking]
+            prompt = [self.role_ids["assistant"], *self.encode(opener)]
+            ids += prompt
+            mask += [False] * len(prompt)
+        return ids, mask
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, hash={self.hash})"

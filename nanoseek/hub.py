@@ -169,17 +169,28 @@ def quantize_fp8(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Te
     return q.to(torch.float8_e4m3fn), scale_inv
 
 
-def from_pretrained(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> Transformer:
-    """Load a Hugging Face DeepSeek-V3 (or V2) checkpoint directory into a nanoseek model."""
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory as is; a training run directory (`runs/X`, as a user naturally
+    passes it) by its `ckpt/` checkpoint."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(
-            f"{path}: not a checkpoint directory (expected config.json + safetensors)"
+            f"{path}: not a checkpoint directory (expected config.json + safetensors, "
+            "or a run directory with ckpt/)"
         )
+    if not (path / "config.json").exists() and (path / "ckpt" / "config.json").exists():
+        return path / "ckpt"
     if not (path / "config.json").exists():
-        raise CheckpointError(f"{path}: missing config.json")
+        raise CheckpointError(f"{path}: missing config.json (and no ckpt/ run checkpoint in it)")
+    return path
+
+
+def from_pretrained(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Transformer:
+    """Load a Hugging Face DeepSeek-V3 (or V2) checkpoint directory, or a nanoseek run
+    directory (its `ckpt/`), into a nanoseek model."""
+    path = resolve_checkpoint(path)
     cfg = ModelConfig.load(path / "config.json")
     src = _TensorSource(path)
     present = sum(

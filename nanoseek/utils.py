@@ -1,13 +1,15 @@
-"""Small helpers shared across stages: atomic file writes and seeding."""
+"""Small helpers shared across stages: atomic writes, reading JSON, numbers and tables."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -30,11 +32,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 @contextmanager
@@ -61,3 +58,46 @@ def atomic_dir(
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: str | Path, what: str, error: type[Exception] = ValueError) -> Any:
+    """The parsed file, or one `error` naming the file, what it should hold and what is wrong."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise error(f"{path}: no such file (expected {what})") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: unreadable {what} ({e})") from e
+
+
+_SUFFIXES = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
+
+
+def human(x: float, digits: int = 3) -> str:
+    """1234567 -> '1.23M'; integers below 1000 as they are; past 1e15 e-notation (3e24
+    FLOPs would read '3e+09T')."""
+    if abs(x) >= 1e15:
+        return f"{x:.{digits}g}"
+    for suffix, k in _SUFFIXES:
+        if abs(x) >= k:
+            return f"{x / k:.{digits}g}{suffix}"
+    return str(int(x)) if float(x).is_integer() else f"{x:.{digits}g}"
+
+
+def format_table(rows: list[tuple[Any, ...]], title: str = "", header: tuple[str, ...] = ()) -> str:
+    """Columns padded to their widest cell: the first left-aligned (labels), the rest right-
+    aligned (numbers); two-column rows read as 'label  value'."""
+    cells = [tuple(str(c) for c in r) for r in ([header] if header else []) + list(rows)]
+    lines = [title] if title else []
+    if not cells:
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    two = len(widths) == 2
+    for r in cells:
+        parts = [
+            c.ljust(w) if i == 0 or two else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        lines.append(("  " if title else "") + "  ".join(parts).rstrip())
+    return "\n".join(lines)

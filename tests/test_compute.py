@@ -3,8 +3,6 @@ forward pass, the DeepSeek-V3 claim, quantity parsing, the catalog, runs and the
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -299,62 +297,53 @@ def test_run_report_flags_a_disagreeing_flop_count(tmp_path):
 # --- the CLI ---------------------------------------------------------------------------------
 
 
-def _cli(argv: list[str], capsys) -> str:
-    # Load compute_cmds on its own so these tests do not depend on the other stages' commands.
-    path = Path(compute.__file__).parent / "cli" / "compute_cmds.py"
-    spec = importlib.util.spec_from_file_location("compute_cmds", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    parser = argparse.ArgumentParser(prog="nanoseek")
-    mod.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["compute", *argv])
-    assert args.func(args) == 0
-    return capsys.readouterr().out
+def _cli(cli, argv: list[str]) -> str:
+    r = cli("compute", *argv)
+    assert r.code == 0, r.err
+    return r.out
 
 
-def test_cli_json_keys(capsys):
-    out = json.loads(_cli(["train", "--preset", "deepseek-v3", "--tokens", "14.8T", "--gpu",
-                           "H800", "--gpus", "2048", "--mfu", "0.35", "--json"], capsys))  # fmt: skip
+def test_cli_json_keys(cli):
+    out = json.loads(_cli(cli, ["train", "--preset", "deepseek-v3", "--tokens", "14.8T", "--gpu",
+                           "H800", "--gpus", "2048", "--mfu", "0.35", "--json"]))  # fmt: skip
     for key in ("params_total", "params_activated", "flops_per_token", "total_flops",
                 "gpu_hours", "cost_usd", "wall_days"):  # fmt: skip
         assert isinstance(out[key], int | float), key
-    out = json.loads(_cli(["check", "--preset", "deepseek-v3", "--tokens", "14.8T", "--gpu",
-                           "H800", "--gpu-hours", "2.788M", "--json"], capsys))  # fmt: skip
+    out = json.loads(_cli(cli, ["check", "--preset", "deepseek-v3", "--tokens", "14.8T", "--gpu",
+                           "H800", "--gpu-hours", "2.788M", "--json"]))  # fmt: skip
     assert 0.35 < out["implied_mfu"] < 0.42
     out = json.loads(
-        _cli(["fleet", "--gpu", "H100", "--gpus", "50k", "--days", "60", "--json"], capsys)
+        _cli(cli, ["fleet", "--gpu", "H100", "--gpus", "50k", "--days", "60", "--json"])
     )
     assert out["gpu_hours"] == 72e6 and "optimal_params" in out
 
 
-def test_cli_tables(tmp_path, capsys):
-    out = _cli(["check", "--preset", "deepseek-v3", "--tokens", "14.8T", "--gpu", "H800",
-                "--gpu-hours", "2.788M"], capsys)  # fmt: skip
+def test_cli_tables(tmp_path, cli):
+    out = _cli(cli, ["check", "--preset", "deepseek-v3", "--tokens", "14.8T", "--gpu", "H800",
+                "--gpu-hours", "2.788M"])  # fmt: skip
     assert "implied mfu bf16" in out and "38.8%" in out and "19.4%" in out
-    out = _cli(["flops", "--preset", "deepseek-v3"], capsys)
+    out = _cli(cli, ["flops", "--preset", "deepseek-v3"])
     assert "attention_scores" in out and "6 N + attention" in out
     cfg_path = tmp_path / "config.json"
     get_preset("small").save(cfg_path)
-    out = _cli(["flops", "--config", str(cfg_path), "--seq-len", "1024", "--json"], capsys)
+    out = _cli(cli, ["flops", "--config", str(cfg_path), "--seq-len", "1024", "--json"])
     assert json.loads(out)["flops_per_token"] == flops_per_token(get_preset("small"), 1024)
-    out = _cli(["run", str(_fake_run(tmp_path))], capsys)
+    out = _cli(cli, ["run", str(_fake_run(tmp_path))])
     assert "H100" in out and "GPU-hours" in out
-    out = _cli(["gpus", "--sources"], capsys)
+    out = _cli(cli, ["gpus", "--sources"])
     assert "MI300X" in out and "datasheet" in out
 
 
-def test_cli_rejects_bad_quantities(capsys):
+def test_cli_rejects_bad_quantities(cli, capsys):
     with pytest.raises(SystemExit):
-        _cli(
-            ["train", "--preset", "tiny", "--tokens", "14.8X", "--gpu", "H100", "--gpus", "8"],
-            capsys,
-        )
+        cli("compute", "train", "--preset", "tiny", "--tokens", "14.8X", "--gpu", "H100",
+            "--gpus", "8")  # fmt: skip
     assert "cannot read '14.8X' as a number" in capsys.readouterr().err
 
 
-def test_cli_plot(tmp_path, capsys):
+def test_cli_plot(tmp_path, cli):
     out = tmp_path / "cost.png"
-    _cli(["plot", "--out", str(out)], capsys)
+    _cli(cli, ["plot", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

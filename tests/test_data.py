@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -362,38 +361,14 @@ def test_val_batches_are_fixed(built):
 # --- CLI ------------------------------------------------------------------------------------
 
 
-def _cli(argv: list[str]) -> int:
-    from nanoseek.cli import data_cmds
-
-    parser = argparse.ArgumentParser()
-    data_cmds.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-def test_cli_prepare_and_info(tmp_path, capsys):
+def test_cli_prepare_and_info(tmp_path, cli):
     src = make_corpus(tmp_path / "src", n_files=4)
     out = tmp_path / "out"
-    assert (
-        _cli(
-            [
-                "data",
-                "prepare",
-                "--data",
-                str(src),
-                "--out",
-                str(out),
-                "--vocab-size",
-                "300",
-                "--ext",
-                ".py",
-            ]
-        )
-        == 0
-    )
+    r = cli("data", "prepare", "--data", src, "--out", out, "--vocab-size", 300, "--ext", ".py")
+    assert r.code == 0, r.err
     meta = read_meta(out)
     assert meta["source"]["extensions"] == [".py"] and meta["source"]["files"] == 2
-    assert _cli(["data", "info", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "train" in printed and "bytes/token" in printed and meta["tokenizer"]["hash"] in printed
+    r = cli("data", "info", out)
+    assert r.code == 0
+    assert "train" in r.out and "bytes/token" in r.out and meta["tokenizer"]["hash"] in r.out
     assert corpus_mod.normalize_extensions(".py, md") == (".md", ".py")

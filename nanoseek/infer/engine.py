@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.device import resolve_device
 from nanoseek.infer.cache import KVCache
 from nanoseek.infer.runner import ModelRunner
 from nanoseek.infer.sampling import SamplingParams, chosen_logprobs, sample, verify
@@ -63,19 +64,6 @@ class SpecStats:
 DEFAULT_MAX_LEN = 4096
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """A device torch can use here, or one clear error naming the ones it can."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise EngineError(f"unknown device {str(device)!r}; use cpu or cuda[:N]") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(
-            f"device {str(device)!r} asked for, but this torch sees no CUDA GPU; use cpu"
-        )
-    return dev
-
-
 class Engine:
     def __init__(
         self,
@@ -96,7 +84,9 @@ class Engine:
                 "speculative decoding needs the model's MTP modules, and this checkpoint has none "
                 "(checkpoints saved by transformers drop them); run without --speculative"
             )
-        self.model, self.tokenizer = model.eval(), tokenizer
+        # The caller's model is used as it is (GRPO samples from the model it trains): no
+        # .eval() here. Cached decoding has no dropout, so the mode does not matter.
+        self.model, self.tokenizer = model, tokenizer
         self.max_len = max_len or min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
         if self.max_len > cfg.max_position_embeddings:
             raise EngineError(
@@ -128,11 +118,12 @@ class Engine:
         **kwargs,
     ) -> Engine:
         """Model (and tokenizer, when the directory has tokenizer.json) from a checkpoint."""
-        from nanoseek.hub import from_pretrained
+        from nanoseek.hub import from_pretrained, resolve_checkpoint
 
-        model = from_pretrained(ckpt_dir, dtype=dtype, device=check_device(device))
+        ckpt_dir = resolve_checkpoint(ckpt_dir)
+        model = from_pretrained(ckpt_dir, dtype=dtype, device=resolve_device(device)).eval()
         tokenizer = None
-        if (Path(ckpt_dir) / "tokenizer.json").exists():
+        if (ckpt_dir / "tokenizer.json").exists():
             from nanoseek.data.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.load(ckpt_dir)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from nanoseek.config import get_preset, human, param_counts
+from nanoseek.config import get_preset, param_counts
 from nanoseek.data import prepare
 from nanoseek.train import make_config, train
 from nanoseek.train.metrics import read_metrics
+from nanoseek.utils import human
 
 
 def curve(run: Path) -> dict[str, np.ndarray]:

@@ -21,10 +21,10 @@ import torch
 
 from nanoseek.compute import flops_per_token, measure_matmul_peak
 from nanoseek.config import get_preset
+from nanoseek.device import resolve_dtype
 from nanoseek.model import Transformer
 from nanoseek.train.balance import update_expert_bias
-from nanoseek.train.config import TrainConfig
-from nanoseek.train.loop import build_optimizer, pick_dtype
+from nanoseek.train.run import build_optimizer
 
 
 def time_steps(step, warmup: int, steps: int) -> float:
@@ -41,21 +41,18 @@ def time_steps(step, warmup: int, steps: int) -> float:
 def nanoseek_step(cfg, x, y, autocast, mtp_weight: float):
     torch.manual_seed(0)
     model = Transformer(cfg).train()
-    opt = build_optimizer(model, TrainConfig(steps=1), torch.device("cpu"))
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
     layers = model.moe_layers()
 
     def step():
         with autocast():
-            loss = model(x, targets=y, mtp_weight=mtp_weight).loss
-        loss.backward()
+            out = model(x, targets=y, mtp_weight=mtp_weight)
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if layers:
-            counts = torch.stack(
-                [m.tokens_per_expert for m in layers if m.tokens_per_expert is not None]
-            )
-            update_expert_bias(layers[: len(counts)], counts, 0.001)
+            update_expert_bias(layers, out.expert_counts, 0.001)
 
     return step
 
@@ -92,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     cfg = get_preset(args.preset)
-    dtype = pick_dtype(args.dtype, torch.device("cpu"))
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     autocast = (
         (lambda: torch.autocast("cpu", dtype=dtype)) if dtype != torch.float32 else nullcontext
     )
@@ -119,8 +116,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  measured {name}: {sec * 1e3:.0f} ms/step", flush=True)
 
     base = rows[0][2]
-    print(f"\ntraining throughput: preset {args.preset}, batch {args.batch_size} x {args.seq_len}, "
-          f"{str(dtype)[6:]}, {torch.get_num_threads()} threads, AdamW + clip; median of {args.steps} steps")  # fmt: skip
+    print(
+        f"\ntraining throughput: preset {args.preset}, batch {args.batch_size} x {args.seq_len}, "
+        f"{str(dtype)[6:]}, {torch.get_num_threads()} threads, AdamW + clip; median of "
+        f"{args.steps} steps"
+    )
     print(f"matmul peak ({str(dtype)[6:]}, measured): {peak / 1e12:.2f} TFLOP/s")
     print(f"{'':38}{'ms/step':>9}{'tokens/s':>10}{'MFU':>8}{'vs transformers':>17}")
     for name, sec, tps, mfu in rows:

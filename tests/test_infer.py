@@ -7,6 +7,7 @@ import torch
 
 import nanoseek
 from nanoseek.config import kv_cache_bytes_per_token
+from nanoseek.device import DeviceError
 from nanoseek.infer import Engine, EngineError, KVCache, ModelRunner, SamplingError, SamplingParams
 from nanoseek.infer.sampling import filtered_probs, sample
 
@@ -28,31 +29,19 @@ def model() -> nanoseek.Transformer:
 
 
 @pytest.mark.parametrize(
-    "q_lora_rank,dense_moe,grouped",
-    [
-        (32, True, True),
-        (None, True, True),
-        (32, False, True),
-        (None, False, True),
-        (32, False, False),
-    ],
-)
-def test_absorbed_decode_matches_plain_path(q_lora_rank, dense_moe, grouped, monkeypatch):
+    "q_lora_rank,dispatch",
+    [(32, "dense"), (None, "dense"), (32, "grouped"), (None, "grouped"), (32, "gathered"),
+     (32, "sorted")],
+)  # fmt: skip
+def test_absorbed_decode_matches_plain_path(q_lora_rank, dispatch):
     """Ragged batch: prefill, then 32 decode steps; absorbed and plain logits within 1e-5.
-    Every MoE path: all experts as one dense matmul (small experts), grouped_mm, and the
-    sorted-experts fallback (GPUs, or torch without grouped_mm)."""
-    import torch.nn.functional as F
-
-    from nanoseek.infer import runner
-
-    if not dense_moe:
-        monkeypatch.setattr(runner, "DENSE_EXPERTS_MAX_BYTES", 0)
-    if not grouped:
-        monkeypatch.delattr(F, "grouped_mm", raising=False)
-        monkeypatch.setattr(runner, "GATHER_EXPERTS_MAX_BYTES", 0)
+    Every MoE dispatch: all experts as one dense matmul (small experts), grouped_mm, each
+    token's experts gathered (GPUs), and the sorted-experts loop of training."""
     m = tiny_model(1, q_lora_rank=q_lora_rank)
     cfg = m.config
-    runners = [ModelRunner(m, KVCache(cfg, 4, 64, torch.float32, "cpu")) for _ in range(2)]
+    runners = [
+        ModelRunner(m, KVCache(cfg, 4, 64, torch.float32, "cpu"), dispatch) for _ in range(2)
+    ]
     lens = torch.tensor([9, 4, 6])
     ids = torch.randint(0, cfg.vocab_size, (3, 9))
     pos = torch.arange(9).expand(3, 9)
@@ -70,7 +59,7 @@ def test_absorbed_decode_matches_plain_path(q_lora_rank, dense_moe, grouped, mon
         )
         assert (la - lp).abs().max() < 1e-5, (la - lp).abs().max()
         tok, p = lp[:, -1].argmax(-1, keepdim=True), p + 1
-    assert runners[0].layers[1].ffn.dense == dense_moe
+    assert runners[0].folded.layers[1].ffn.dispatch == dispatch
     # and the caches they wrote are the same latents
     a, b = runners[0].cache.latent, runners[1].cache.latent
     assert (a - b).abs().max() < 1e-5
@@ -105,16 +94,12 @@ def test_continuous_batching_join_and_leave(model):
         assert seq.output_ids == alone.token_ids
 
 
-@pytest.mark.parametrize("plain,dense_moe", [(False, True), (True, True), (False, False)])
-def test_speculative_greedy_equals_plain_greedy(plain, dense_moe, monkeypatch):
-    from nanoseek.infer import runner
-
-    if not dense_moe:
-        monkeypatch.setattr(runner, "DENSE_EXPERTS_MAX_BYTES", 0)
+@pytest.mark.parametrize("plain,dispatch", [(False, "dense"), (True, "dense"), (False, "grouped")])
+def test_speculative_greedy_equals_plain_greedy(plain, dispatch):
     m = tiny_model(2)
     prompts = [list(range(3, 3 + k)) for k in (6, 3, 9)]
     ref = Engine(m).generate(prompts, GREEDY)
-    eng = Engine(m, speculative=True, plain=plain)
+    eng = Engine(m, speculative=True, plain=plain, dispatch=dispatch)
     spec = eng.generate(prompts, GREEDY)
     assert [c.token_ids for c in spec] == [c.token_ids for c in ref]
     assert eng.spec_stats.drafted > 0 and 0 <= eng.spec_stats.acceptance <= 1
@@ -231,10 +216,10 @@ def test_clear_errors(model, tmp_path):
         eng.generate(["hello"], GREEDY)
     with pytest.raises(ValueError, match="not a checkpoint directory"):
         Engine.load(tmp_path / "missing")
-    with pytest.raises(EngineError, match="unknown device 'gpu0'"):
+    with pytest.raises(DeviceError, match="'gpu0' is not available here; available: auto, cpu"):
         Engine.load(tmp_path / "missing", device="gpu0")
     if not torch.cuda.is_available():
-        with pytest.raises(EngineError, match="sees no CUDA GPU"):
+        with pytest.raises(DeviceError, match="'cuda' is not available here"):
             Engine.load(tmp_path / "missing", device="cuda")
     with pytest.raises(EngineError, match="exceeds the model's max_position_embeddings"):
         Engine(model, max_len=10**6)

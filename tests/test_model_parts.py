@@ -16,6 +16,7 @@ from nanoseek.config import (
     param_counts,
 )
 from nanoseek.model import Gate, MoE, Transformer
+from nanoseek.model.moe import RoutingStats
 from nanoseek.model.rope import apply_rope, attention_factor, inv_frequencies, softmax_scale
 
 
@@ -71,7 +72,8 @@ def test_expert_dispatch_equals_a_per_token_reference():
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 10, 32)
-    out = moe(x)
+    stats = RoutingStats()
+    out = moe(x, stats)
     flat = x.view(-1, 32)
     w, idx, _ = moe.gate(flat)
     want = moe.shared(flat).clone()
@@ -81,8 +83,9 @@ def test_expert_dispatch_equals_a_per_token_reference():
             g, u = (moe.experts.w13[e] @ flat[t]).chunk(2)
             want[t] += w[t, j] * (moe.experts.w2[e] @ (F.silu(g) * u))
     assert torch.allclose(out.view(-1, 32), want, atol=1e-5)
-    assert moe.tokens_per_expert.sum().item() == 20 * cfg.num_experts_per_tok
-    assert torch.equal(moe.tokens_per_expert, torch.bincount(idx.flatten(), minlength=16))
+    (counts,) = stats.counts
+    assert counts.sum().item() == 20 * cfg.num_experts_per_tok
+    assert torch.equal(counts, torch.bincount(idx.flatten(), minlength=16))
 
 
 def test_rope_matches_complex_rotation_of_interleaved_pairs():
@@ -202,3 +205,23 @@ def test_bad_configs_raise_clear_errors():
         get_preset("huge")
     with pytest.raises(ConfigError, match="qk_rope_head_dim must be even"):
         get_preset("tiny").replace(qk_rope_head_dim=7)
+
+
+def test_forward_reports_expert_counts_and_balance_loss():
+    """The routing side channel is an explicit output: one row of counts per MoE layer (the
+    MTP module's row zero when it did not run); the balance loss is weighted into `loss`."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny"))
+    cfg = model.config
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    n_moe = len(model.moe_layers())
+    plain = model(x, targets=x, mtp_weight=0.0)
+    assert plain.expert_counts.shape == (n_moe, cfg.n_routed_experts)
+    ran = n_moe - len(model.mtp)  # the MTP module's MoE layer did not run
+    assert plain.expert_counts[:ran].sum(1).tolist() == [24 * cfg.num_experts_per_tok] * ran
+    assert plain.expert_counts[ran:].sum() == 0 and plain.balance_loss is None
+    with_mtp = model(x, targets=x, mtp_weight=0.3, balance_weight=0.1)
+    assert with_mtp.expert_counts[ran:].sum() == 22 * cfg.num_experts_per_tok  # T - 1 tokens
+    assert torch.equal(with_mtp.expert_counts[:ran], plain.expert_counts[:ran])
+    want = with_mtp.main_loss + 0.3 * with_mtp.mtp_losses[0] + 0.1 * with_mtp.balance_loss
+    assert torch.allclose(with_mtp.loss, want) and with_mtp.balance_loss > 0

@@ -3,6 +3,7 @@ and the errors `nanoseek train` prints. Tiny preset, tiny corpora: seconds each.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -12,13 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from nanoseek.cli import main as cli_main
 from nanoseek.config import get_preset
 from nanoseek.data import prepare
 from nanoseek.hub import from_pretrained
 from nanoseek.model import Transformer
 from nanoseek.model.moe import MoE
 from nanoseek.train import (
+    Budget,
+    RunState,
+    Runtime,
     TrainConfig,
     TrainError,
     find_checkpoint,
@@ -28,10 +31,10 @@ from nanoseek.train import (
     save_checkpoint,
     train,
     update_expert_bias,
-)  # fmt: skip
-from nanoseek.train import loop as loop_mod
-from nanoseek.train.loop import build_optimizer
+)
+from nanoseek.train import pretrain as pretrain_mod
 from nanoseek.train.metrics import MetricsLog, unigram_loss
+from nanoseek.train.run import build_optimizer
 
 SNIPPET = '''def add(a, b):
     """Return the sum of a and b."""
@@ -62,8 +65,8 @@ def shards(tmp_path_factory) -> Path:
 
 
 def tiny_run(shards: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(preset="tiny", data=str(shards), out=str(out), steps=8, batch_size=4, seq_len=32,
-                lr=3e-3, warmup_steps=2, eval_every=4, eval_batches=2, progress=False, threads=1)  # fmt: skip
+    base = dict(preset="tiny", data=str(shards), out=str(out), steps=8, batch_size=4, seq_len=32)
+    base.update(lr=3e-3, warmup_steps=2, eval_every=4, eval_batches=2, progress=False, threads=1)
     base.update(kw)
     return make_config(**base)
 
@@ -100,9 +103,44 @@ def test_bias_update_moves_load_towards_balance():
 
 def test_bias_is_not_trained_by_gradients():
     model = Transformer(get_preset("tiny"))
-    opt = build_optimizer(model, TrainConfig(steps=1), torch.device("cpu"))
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     assert all(id(m.gate.bias) not in trained for m in model.moe_layers())
+
+
+# --- runtime, budget, run state ------------------------------------------------------------
+
+
+def test_runtime_in_one_process(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    before = torch.get_num_threads()
+    with Runtime.start("cpu", "fp32", threads=1) as rt:
+        assert (rt.rank, rt.world, rt.master) == (0, 1, True)
+        assert (rt.device, rt.dtype) == (torch.device("cpu"), torch.float32)
+        assert torch.get_num_threads() == 1
+        model = torch.nn.Linear(2, 2)
+        assert rt.wrap(model) is model and rt.unwrap(model) is model
+        t = torch.ones(3)
+        assert rt.all_reduce_sum(t) is t and rt.all_reduce_mean(2.5) == 2.5
+        assert rt.broadcast(1.5) == 1.5
+        assert rt.full_state_dict(model).keys() == model.state_dict().keys()
+    assert torch.get_num_threads() == before  # the setting ends with the runtime
+
+
+def test_budget_and_run_state():
+    b = Budget(steps=10, minutes=1.0)
+    assert b.fraction(step=5, tokens=0, elapsed=30.0) == 0.5
+    assert b.fraction(step=5, tokens=0, elapsed=45.0) == 0.75  # the first one reached
+    assert b.describe() == "steps 10, minutes 1" and Budget().describe() == "none"
+    assert b and not Budget()
+    assert Budget.from_dict(b.to_dict()) == b
+    state = RunState(lr_horizon=b, train_config={"steps": 20, "lr": 1e-3}, step=3, tokens=96)
+    saved = json.loads(json.dumps(state.to_dict()))
+    assert saved["lr_horizon"] == {"steps": 10, "tokens": None, "minutes": 1.0}
+    assert RunState.from_dict(saved) == state
+    del saved["lr_horizon"]  # older checkpoints ran over their config's budget
+    assert RunState.from_dict(saved).lr_horizon == Budget(steps=20)
 
 
 # --- the loop -----------------------------------------------------------------------------
@@ -146,7 +184,7 @@ def test_exact_resume(shards, tmp_path, monkeypatch):
     ref = losses(full)
 
     part = tmp_path / "part"
-    real_update = loop_mod.update_expert_bias
+    real_update = pretrain_mod.update_expert_bias
     calls = {"n": 0}
 
     def crash_after_5(*args, **kw):
@@ -155,10 +193,10 @@ def test_exact_resume(shards, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed during step 6, after the step-4 checkpoint
         return real_update(*args, **kw)
 
-    monkeypatch.setattr(loop_mod, "update_expert_bias", crash_after_5)
+    monkeypatch.setattr(pretrain_mod, "update_expert_bias", crash_after_5)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_run(shards, part, steps=8, save_every=4))
-    monkeypatch.setattr(loop_mod, "update_expert_bias", real_update)
+    monkeypatch.setattr(pretrain_mod, "update_expert_bias", real_update)
     train(tiny_run(shards, part, steps=8, save_every=4, resume=True))
     assert losses(part) == ref  # bit-for-bit, every step
     a, b = (
@@ -170,7 +208,7 @@ def test_exact_resume(shards, tmp_path, monkeypatch):
 
 def _crash_in_step(monkeypatch, n: int) -> None:
     """Raise KeyboardInterrupt in step n's expert-bias update (after its optimizer step)."""
-    real_update = loop_mod.update_expert_bias
+    real_update = pretrain_mod.update_expert_bias
     calls = {"n": 0}
 
     def crash(*args, **kw):
@@ -179,10 +217,10 @@ def _crash_in_step(monkeypatch, n: int) -> None:
             raise KeyboardInterrupt
         return real_update(*args, **kw)
 
-    monkeypatch.setattr(loop_mod, "update_expert_bias", crash)
+    monkeypatch.setattr(pretrain_mod, "update_expert_bias", crash)
 
 
-def test_resume_uses_the_saved_settings(shards, tmp_path, monkeypatch):
+def test_resume_uses_the_saved_settings(shards, tmp_path, monkeypatch, cli):
     """`nanoseek train --out R --resume --steps N`: batch size, seed, data, preset... come from
     the checkpoint, not from the defaults, so the run goes on exactly as it would have."""
     kw = dict(steps=8, save_every=4, batch_size=2, seed=3, mtp_weight=0.5)
@@ -192,7 +230,7 @@ def test_resume_uses_the_saved_settings(shards, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(tiny_run(shards, part, **kw))
     monkeypatch.undo()
-    assert cli_main(["train", "--out", str(part), "--resume", "--steps", "8"]) == 0
+    assert cli("train", "--out", part, "--resume", "--steps", 8).code == 0
     assert losses(part) == losses(tmp_path / "full")
     saved = json.loads((part / "train_config.json").read_text())
     assert (saved["batch_size"], saved["seed"], saved["preset"]) == (2, 3, "tiny")
@@ -200,13 +238,11 @@ def test_resume_uses_the_saved_settings(shards, tmp_path, monkeypatch):
     assert all(math.isfinite(r["mtp_loss"]) for r in recs)  # logged apart from `loss`
 
 
-def test_resume_refuses_a_different_run_and_keeps_the_lr_schedule(shards, tmp_path, capsys):
+def test_resume_refuses_a_different_run_and_keeps_the_lr_schedule(shards, tmp_path, cli):
     out = tmp_path / "r"
     train(tiny_run(shards, out, steps=4, eval_every=0, batch_size=2, warmup_steps=0))
     end_lr = losses(out, "lr")[-1]
-    capsys.readouterr()
-    err = _cli_error(capsys, "--out", str(out), "--resume", "--batch-size", "8", "--seed", "0",
-                     "--lr", "3e-3")  # fmt: skip
+    err = _train_error(cli, "--out", out, "--resume", "--batch-size", 8, "--seed", 0, "--lr", 3e-3)
     assert "batch_size 2 -> 8" in err and "--overwrite" in err
     assert err.count(" -> ") == 1  # seed and lr as saved: no conflict
     # a longer budget: the run goes on, the cosine schedule does not jump back up
@@ -222,8 +258,7 @@ def test_resume_refuses_a_different_run_and_keeps_the_lr_schedule(shards, tmp_pa
 def test_unused_mtp_costs_no_flops(shards, tmp_path):
     from nanoseek.compute import flops_per_token
 
-    s = train(tiny_run(shards, tmp_path / "r", steps=1, eval_every=0, eval_batches=1,
-                       mtp_weight=0))  # fmt: skip
+    s = train(tiny_run(shards, tmp_path / "r", steps=1, eval_every=0, eval_batches=1, mtp_weight=0))
     cfg = from_pretrained(tmp_path / "r" / "ckpt").config
     assert cfg.num_nextn_predict_layers > 0
     no_mtp = cfg.replace(num_nextn_predict_layers=0)
@@ -245,7 +280,7 @@ def test_checkpoint_survives_failure_mid_save(shards, tmp_path, monkeypatch):
     ckpt = out / "ckpt"
     before = {p.name: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
     model, state, _, _ = load_checkpoint(ckpt)
-    opt = build_optimizer(model, TrainConfig(steps=1), torch.device("cpu"))
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # a different model, so a half-written save would show
@@ -257,13 +292,13 @@ def test_checkpoint_survives_failure_mid_save(shards, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt_mod.torch, "save", boom)  # fails after the weights are written
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(ckpt, model, opt, {**state, "step": 99}, shards)
+        save_checkpoint(ckpt, model, opt, dataclasses.replace(state, step=99), shards)
     after = {p.name: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
     assert after == before
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
     monkeypatch.undo()
     _, state2, _, _ = load_checkpoint(ckpt)
-    assert state2["step"] == 3
+    assert state2.step == 3
 
 
 def test_save_keeps_the_old_checkpoint_until_the_new_one_is_in(shards, tmp_path, monkeypatch):
@@ -277,7 +312,7 @@ def test_save_keeps_the_old_checkpoint_until_the_new_one_is_in(shards, tmp_path,
     ckpt.rename(old)  # a crash mid-swap: `.old` is the only copy, and a resume starts from it
     assert find_checkpoint(ckpt) == old
     model, state, _, _ = load_checkpoint(old)
-    opt = build_optimizer(model, TrainConfig(steps=1), torch.device("cpu"))
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
     real_rmtree = shutil.rmtree
 
     def rmtree(path, *a, **k):
@@ -286,8 +321,8 @@ def test_save_keeps_the_old_checkpoint_until_the_new_one_is_in(shards, tmp_path,
         real_rmtree(path, *a, **k)
 
     monkeypatch.setattr(ckpt_mod.shutil, "rmtree", rmtree)
-    save_checkpoint(ckpt, model, opt, {**state, "step": 2}, shards)
-    assert not old.exists() and load_checkpoint(ckpt)[1]["step"] == 2
+    save_checkpoint(ckpt, model, opt, dataclasses.replace(state, step=2), shards)
+    assert not old.exists() and load_checkpoint(ckpt)[1].step == 2
 
 
 def test_metrics_survive_a_torn_line_and_count_in_chunks(tmp_path):
@@ -297,8 +332,10 @@ def test_metrics_survive_a_torn_line_and_count_in_chunks(tmp_path):
         log = MetricsLog(path, resume_step=2)
     log.write({"step": 3, "loss": float("nan"), "load": [float("inf"), 1.0]})
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
-        {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": None, "load": [None, 1.0]},
-    ]  # fmt: skip
+        {"step": 1, "loss": 2.0},
+        {"step": 2, "loss": 1.5},
+        {"step": 3, "loss": None, "load": [None, 1.0]},
+    ]
     tokens = np.random.default_rng(0).integers(0, 50, 1000).astype(np.uint16)
     assert unigram_loss(tokens, 64, chunk=77) == pytest.approx(unigram_loss(tokens, 64))
 
@@ -334,11 +371,14 @@ def test_non_finite_losses_in_a_row_stop_the_run(shards, tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(TrainError, match="non-finite for 3 steps in a row") as e:
-            train(tiny_run(shards, tmp_path / "r", steps=20, save_every=2, eval_every=0,
-                           max_bad_steps=3))  # fmt: skip
+            train(
+                tiny_run(
+                    shards, tmp_path / "r", steps=20, save_every=2, eval_every=0, max_bad_steps=3
+                )
+            )
     assert "ckpt" in str(e.value)
     _, state, _, _ = load_checkpoint(tmp_path / "r" / "ckpt")
-    assert state["step"] == 2  # the last good checkpoint, not overwritten by a bad state
+    assert state.step == 2  # the last good checkpoint, not overwritten by a bad state
 
 
 # --- config and command line ----------------------------------------------------------------
@@ -357,18 +397,19 @@ def test_config_file_and_flags(tmp_path):
         make_config(preset="tiny")
 
 
-def _cli_error(capsys, *argv: str) -> str:
-    assert cli_main(["train", *argv, "--steps", "1", "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
+def _train_error(cli, *argv: object) -> str:
+    r = cli("train", *argv, "--steps", 1, "--no-progress")
+    assert r.code == 2
+    err = r.err.strip()
     assert len(err.splitlines()) == 1, err  # one line, no traceback
     return err
 
 
-def test_cli_errors_are_one_line(shards, tmp_path, capsys):
-    err = _cli_error(capsys, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"))
+def test_cli_errors_are_one_line(shards, tmp_path, cli):
+    err = _train_error(cli, "--data", tmp_path / "nope", "--out", tmp_path / "r")
     assert "does not exist" in err
     (tmp_path / "empty").mkdir()
-    err = _cli_error(capsys, "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"))
+    err = _train_error(cli, "--data", tmp_path / "empty", "--out", tmp_path / "r")
     assert "empty corpus" in err
     # shards next to a tokenizer they were not built with
     bad = tmp_path / "bad"
@@ -378,25 +419,30 @@ def test_cli_errors_are_one_line(shards, tmp_path, capsys):
     tok = json.loads((bad / "tokenizer.json").read_text())
     tok["model"]["vocab"]["zzzz_extra"] = len(tok["model"]["vocab"])
     (bad / "tokenizer.json").write_text(json.dumps(tok))
-    err = _cli_error(capsys, "--data", str(bad), "--out", str(tmp_path / "r"), "--preset", "tiny")
+    err = _train_error(cli, "--data", bad, "--out", tmp_path / "r", "--preset", "tiny")
     assert "tokenizer" in err
-    err = _cli_error(capsys, "--data", str(shards), "--out", str(tmp_path / "r"), "--resume")
+    err = _train_error(cli, "--data", shards, "--out", tmp_path / "r", "--resume")
     assert "no checkpoint" in err
     for device in ("foo", f"cuda:{torch.cuda.device_count()}"):  # unknown; not on this machine
-        err = _cli_error(capsys, "--data", str(shards), "--out", str(tmp_path / "r"),
-                         "--device", device)  # fmt: skip
+        err = _train_error(cli, "--data", shards, "--out", tmp_path / "r", "--device", device)
         assert "not available" in err and "cpu" in err
 
 
 def _ddp_worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
     import os
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    with Runtime.start("cpu", "fp32") as rt:  # the reductions the loop relies on
+        assert (rt.rank, rt.world) == (rank, world)
+        assert rt.all_reduce_sum(float(rank + 1)) == 3.0 and rt.all_reduce_mean(float(rank)) == 0.5
+        assert rt.broadcast(float(rank)) == 0.0
+        counts = torch.tensor([rank, 1])
+        assert rt.all_reduce_sum(counts).tolist() == [1, 2]
     # data: the corpus, so rank 0 prepares it into OUT/data while rank 1 waits for it
     corpus = str(Path(shards).parent / "src")
-    train(tiny_run(Path(shards), Path(out), steps=4, eval_every=2, dtype="fp32", data=corpus,
-                   vocab_size=300))  # fmt: skip
+    kw = dict(steps=4, eval_every=2, dtype="fp32", data=corpus, vocab_size=300)
+    train(tiny_run(Path(shards), Path(out), **kw))
 
 
 @pytest.mark.slow

@@ -10,9 +10,25 @@ import argparse
 import os
 import sys
 
-from nanoseek.cli import compute_cmds, data_cmds, infer_cmds, model_cmds, train_cmds
+from nanoseek.cli import (
+    compute_cmds,
+    data_cmds,
+    infer_cmds,
+    model_cmds,
+    posttrain_cmds,
+    serve_cmds,
+    train_cmds,
+)
 
-COMMAND_MODULES = [model_cmds, data_cmds, train_cmds, infer_cmds, compute_cmds]
+COMMAND_MODULES = [
+    model_cmds,
+    data_cmds,
+    train_cmds,
+    posttrain_cmds,
+    infer_cmds,
+    serve_cmds,
+    compute_cmds,
+]
 
 
 class UserError(Exception):

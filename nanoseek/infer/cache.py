@@ -28,13 +28,18 @@ class KVCache:
         self.slots, self.max_len = slots, max_len
         self.rank, self.rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
         width = self.rank + self.rope
-        # +1 row: a speculative verify step writes one position past the last token
-        shape = (slots, max_len + 1, width)
+        shape = (slots, self.rows_per_slot, width)
         self.latent = torch.zeros(cfg.num_hidden_layers, *shape, dtype=dtype, device=device)
         self.mtp_latent = (
             torch.zeros(mtp_layers, *shape, dtype=dtype, device=device) if mtp_layers else None
         )
         self.used = 0  # slots 0..used-1 hold running sequences
+
+    @property
+    def rows_per_slot(self) -> int:
+        """max_len + 1: a speculative verify step writes its draft one position past the
+        sequence's last token, so a slot has a row for that too."""
+        return self.max_len + 1
 
     # --- slots -------------------------------------------------------------------------
     @property
@@ -49,34 +54,32 @@ class KVCache:
         return start
 
     def release(self, slot: int, length_of_last: int) -> bool:
-        """Free `slot`; the sequence in the last used slot (holding `length_of_last` tokens)
-        moves into it. Returns True when a move happened (the caller re-labels that sequence)."""
+        """Free `slot`; the sequence in the last used slot (holding `length_of_last` tokens,
+        and maybe a draft's row after them) moves into it. Returns True when a move happened
+        (the caller re-labels that sequence)."""
         last = self.used - 1
         self.used -= 1
         if slot == last:
             return False
-        n = length_of_last
+        n = min(length_of_last + 1, self.rows_per_slot)
         for buf in (self.latent, self.mtp_latent):
             if buf is not None:
                 buf[:, slot, :n] = buf[:, last, :n]
         return True
 
     # --- views -------------------------------------------------------------------------
-    def layer(self, i: int, start: int, B: int, mtp: bool = False) -> torch.Tensor:
-        """Rows start..start+B of layer i: [B, max_len + 1, rank + rope] (a view)."""
-        buf = self.mtp_latent if mtp else self.latent
-        return buf[i, start : start + B]
-
     def layer_kv(self, i: int, start: int, B: int, length: int, mtp: bool = False) -> LayerKV:
-        """The same rows as the model's LayerKV (for the plain reference path)."""
+        """Rows start..start+B of layer i as the model's LayerKV (for the plain path)."""
         buf = (self.mtp_latent if mtp else self.latent)[i]
         slots = torch.arange(start, start + B, device=buf.device)
         return LayerKV(buf[..., : self.rank], buf[..., self.rank :], slots, length)
 
-    # --- accounting --------------------------------------------------------------------
+    def flat(self, mtp: bool = False) -> list[torch.Tensor]:
+        """Each layer's cache as rows [slots * rows_per_slot, rank + rope] (views): where a
+        step writes new latents."""
+        buf = self.mtp_latent if mtp else self.latent
+        return [] if buf is None else [b.view(-1, self.rank + self.rope) for b in buf]
+
     def bytes_per_token(self) -> int:
         """Bytes the main model's cache holds per token slot, read off the tensor itself."""
         return self.latent.nbytes // (self.latent.shape[1] * self.latent.shape[2])
-
-    def nbytes(self) -> int:
-        return self.latent.nbytes + (0 if self.mtp_latent is None else self.mtp_latent.nbytes)

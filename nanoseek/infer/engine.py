@@ -23,7 +23,7 @@ import torch
 from nanoseek.device import resolve_device
 from nanoseek.infer.cache import KVCache
 from nanoseek.infer.runner import ModelRunner
-from nanoseek.infer.sampling import SamplingParams, chosen_logprobs, sample, verify
+from nanoseek.infer.sampling import SamplingParams, sample, token_logprobs, verify
 from nanoseek.infer.scheduler import Scheduler, Sequence
 from nanoseek.model.transformer import Transformer
 
@@ -48,6 +48,9 @@ class StepOutput:
     text: str  # text delta this step ("" without a tokenizer or when not tracked)
     finished: bool
     finish_reason: str | None
+    # per committed token, when the request asked (params.logprobs / top_logprobs)
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # [(token id, logprob)]
 
 
 @dataclass
@@ -73,11 +76,16 @@ class Engine:
         max_len: int | None = None,
         speculative: bool = False,
         plain: bool = False,
+        dispatch: str = "auto",
+        track_expert_load: bool = False,
     ):
         """`max_len`: context length, preallocated for `max_batch` sequences (default: the
         config's max_position_embeddings, capped at DEFAULT_MAX_LEN so that a 160K-context
         config does not preallocate tens of GB).
-        `plain=True` runs the reference path (re-expanded keys/values) instead of absorbed MLA."""
+        `plain=True` runs the reference path (re-expanded keys/values) instead of absorbed MLA.
+        `dispatch`: how MoE layers send tokens to experts (nanoseek.model.moe; auto picks by
+        size and device). `track_expert_load`: keep `expert_counts`, the tokens each expert
+        of each MoE layer received from the served traffic."""
         cfg = model.config
         if speculative and len(model.mtp) == 0:
             raise EngineError(
@@ -99,7 +107,7 @@ class Engine:
         self.cache = KVCache(
             cfg, max_batch, self.max_len, p.dtype, p.device, mtp_layers=1 if speculative else 0
         )
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, dispatch, track_expert_load)
         self.scheduler = Scheduler(self.cache)
         self.spec_stats = SpecStats()
         eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
@@ -120,14 +128,26 @@ class Engine:
         """Model (and tokenizer, when the directory has tokenizer.json) from a checkpoint."""
         from nanoseek.hub import from_pretrained, resolve_checkpoint
 
+        device = resolve_device(device)  # before the (slower) checkpoint checks
         ckpt_dir = resolve_checkpoint(ckpt_dir)
-        model = from_pretrained(ckpt_dir, dtype=dtype, device=resolve_device(device)).eval()
+        model = from_pretrained(ckpt_dir, dtype=dtype, device=device).eval()
         tokenizer = None
         if (ckpt_dir / "tokenizer.json").exists():
             from nanoseek.data.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.load(ckpt_dir)
         return cls(model, tokenizer, **kwargs)
+
+    @property
+    def expert_counts(self) -> torch.Tensor | None:
+        """[n_moe_layers, n_routed_experts] tokens routed per expert since the engine started
+        (with track_expert_load; None otherwise or for a dense model)."""
+        return self.runner.expert_counts
+
+    def refresh_weights(self) -> None:
+        """Re-derive the decode weights after the model's weights changed in place (GRPO
+        samples from the model it trains: no reload from disk)."""
+        self.runner.refresh()
 
     # --- requests ------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -191,13 +211,18 @@ class Engine:
         for seq, toks, lps in committed:
             before = len(seq.output_ids)
             for t, lp in zip(toks, lps, strict=True):
-                self._append(seq, t, lp)
+                self._append(seq, t, lp[0] if lp else None)
                 if seq.finished:
                     break
             delta = self._text_delta(seq)
-            outputs.append(
-                StepOutput(seq.id, seq.output_ids[before:], delta, seq.finished, seq.finish_reason)
+            out = StepOutput(
+                seq.id, seq.output_ids[before:], delta, seq.finished, seq.finish_reason
             )
+            if seq.params.logprobs:  # appended tokens are a prefix of the committed ones
+                out.logprobs = seq.logprobs[before:]
+                n, k = len(out.token_ids), seq.params.top_logprobs
+                out.top_logprobs = [lp[1][:k] for lp in lps[:n]] if k else None
+            outputs.append(out)
         for seq, *_ in committed:
             if seq.finished:
                 self.scheduler.finish(seq)
@@ -207,8 +232,13 @@ class Engine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
         params = [s.params for s in seqs]
         tok = sample(logits, params, [s.generator for s in seqs])
-        lp = chosen_logprobs(logits, tok) if any(p.logprobs for p in params) else None
-        return tok, lp
+        return tok, self._logprobs(logits, tok, params)
+
+    def _logprobs(self, logits: torch.Tensor, tok: torch.Tensor, params: list[SamplingParams]):
+        """Per row: (log p(chosen), top alternatives), or None when no row asked."""
+        if not any(p.logprobs for p in params):
+            return None
+        return token_logprobs(logits, tok, max(p.top_logprobs for p in params))
 
     def _prefill(self, seqs: list[Sequence]):
         B, lens = len(seqs), [len(s.prompt_ids) for s in seqs]
@@ -231,7 +261,7 @@ class Engine:
             for s, d in zip(seqs, drafts, strict=True):
                 s.draft = d
         toks = tok.tolist()
-        lps = lp.tolist() if lp is not None else [None] * B
+        lps = lp if lp is not None else [None] * B
         return [(s, [t], [p]) for s, t, p in zip(seqs, toks, lps, strict=True)]
 
     def _decode(self, seqs: list[Sequence]):
@@ -240,7 +270,7 @@ class Engine:
         pos = torch.tensor(positions, device=self.device)[:, None]
         h = self.runner.forward(ids, pos, 0, S=max(positions) + 1, plain=self.plain)
         tok, lp = self._sample(self.runner.logits(h[:, 0]), seqs)
-        lps = lp.tolist() if lp is not None else [None] * len(seqs)
+        lps = lp if lp is not None else [None] * len(seqs)
         return [(s, [t], [p]) for s, t, p in zip(seqs, tok.tolist(), lps, strict=True)]
 
     def _speculate(self, seqs: list[Sequence]):
@@ -259,9 +289,9 @@ class Engine:
         g = self.runner.mtp_forward(h, toks, pos, 0, S=S, plain=self.plain, step=st)
         rows = torch.arange(B, device=self.device)
         drafts = self.runner.logits(g[rows, acc]).argmax(-1)
-        lp = chosen_logprobs(logits, toks) if any(p.logprobs for p in params) else None
+        lp = self._logprobs(logits, toks, params)
         host = torch.cat([toks, acc[:, None], drafts[:, None]], 1).tolist()  # one sync
-        lps = lp.tolist() if lp is not None else [[None, None]] * B
+        lps = lp if lp is not None else [[None, None]] * B
         self.spec_stats.steps += 1
         self.spec_stats.drafted += B
         out = []

@@ -17,6 +17,9 @@ class SamplingError(ValueError):
     """A sampling setting out of range; the message names the field and the allowed range."""
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 128
@@ -26,6 +29,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
     logprobs: bool = False  # log-probability of each chosen token (raw model distribution)
+    top_logprobs: int = 0  # with logprobs: also the N most likely tokens' at each position
     stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's EOS
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
 
@@ -42,6 +46,10 @@ class SamplingParams:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise SamplingError("stop strings must be non-empty")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise SamplingError(
+                f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -94,6 +102,23 @@ def sample(
 def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) under the raw model distribution (before temperature/top-k/top-p)."""
     return logits.float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, n_top: int
+) -> list[tuple[float, list[tuple[int, float]]]] | list:
+    """logits [B, V] (or [B, K, V]), tokens [B] (or [B, K]) -> per row (per token):
+    (log p(token), [(id, log p)] of the n_top most likely), under the raw model distribution,
+    fetched to the host in one transfer (ids travel as floats: exact below 2**24)."""
+    lsm = logits.float().log_softmax(-1)
+    chosen = lsm.gather(-1, tokens[..., None])
+    vals, ids = lsm.topk(n_top, -1) if n_top else (chosen[..., :0], chosen[..., :0])
+    host = torch.cat([chosen, vals, ids.float()], -1).tolist()
+
+    def entry(r: list[float]) -> tuple[float, list[tuple[int, float]]]:
+        return r[0], [(int(i), v) for i, v in zip(r[1 + n_top :], r[1 : 1 + n_top], strict=True)]
+
+    return [entry(r) if logits.dim() == 2 else [entry(x) for x in r] for r in host]
 
 
 def verify(

@@ -77,7 +77,7 @@ class Scheduler:
             return
         last = self.running.pop()
         if last is not seq:
-            self.cache.release(seq.slot, last.num_tokens + 1)
+            self.cache.release(seq.slot, last.num_tokens)
             last.slot = seq.slot
             self.running[seq.slot] = last
         else:

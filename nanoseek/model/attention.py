@@ -3,11 +3,21 @@
 Queries:   x -> wq_a -> q_norm -> wq_b -> heads x (nope + rope)     (or x -> wq when q_lora_rank is None)
 Keys/vals: x -> wkv_a -> [c_kv | k_rope];  kv_norm(c_kv) -> wkv_b -> heads x (k_nope, v)
 
-Here keys and values are expanded per head from c_kv and then attended (the plain path:
-training, and the reference for inference). The cache holds only kv_norm(c_kv) and the
-rotated k_rope, kv_lora_rank + rope numbers per token; the engine's decode path
-(nanoseek/infer/runner.py) attends over them in absorbed form — wkv_b's key half folded
-into the query, its value half into the output — and is tested against this one.
+Two forms of the same math, side by side:
+- `forward`, the plain path (training, and the reference): keys and values are expanded
+  per head from c_kv, then attended.
+- `decode`, the absorbed path over the latent cache, which holds only kv_norm(c_kv) and
+  the rotated k_rope (kv_lora_rank + rope numbers per token). wkv_b's key half W_uk is
+  absorbed into the query and its value half W_uv into the output (DeepSeek-V3's
+  inference/model.py):
+      q_lat  = einsum("bshd,hdc->bshc", q_nope, W_uk)            # query in latent space
+      scores = einsum("bshc,btc->bsht", q_lat, c_kv) + einsum("bshr,btr->bsht", q_rope, k_rope)
+      o_lat  = einsum("bsht,btc->bshc", softmax(scores * scale), c_kv)
+      out    = einsum("bshc,hdc->bshd", o_lat, W_uv) -> wo
+  so attention is multi-query attention over one shared latent "head" [c_kv | k_rope] and
+  full keys and values never exist. `fold` rearranges the weights once for this (norm
+  weights, the softmax scale, the rope permutation, and W_uk / W_uv when that reads fewer
+  bytes, go into the neighbouring matmuls); a test checks decode against forward.
 """
 
 from __future__ import annotations
@@ -19,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.norm import RMSNorm
-from nanoseek.model.rope import apply_rope, softmax_scale
+from nanoseek.model.norm import RMSNorm, rms_scale, rms_unweighted
+from nanoseek.model.rope import apply_rope, rope_permutations, rotate_folded, softmax_scale
 
 
 @dataclass
@@ -33,6 +43,36 @@ class LayerKV:
     k_rope: torch.Tensor
     slots: torch.Tensor  # [B] long
     length: int
+
+
+@dataclass
+class DecodeStep:
+    """What every layer of a cached step shares, built once per step by the engine."""
+
+    B: int
+    T: int
+    S: int  # attend over cache positions [0, S)
+    mask: torch.Tensor | None  # [B, H*T or 1, S] additive (0 or -inf); None: all visible
+    cos_q: torch.Tensor  # [B, T, 1, R]: [cos | cos] (see rope.rotate_folded)
+    sin_q: torch.Tensor  # [B, T, 1, R]: [-sin | sin]
+    cos_k: torch.Tensor  # [B*T, R]
+    sin_k: torch.Tensor
+    rows: torch.Tensor  # [B*T] row of each new latent in a layer's flat [rows, C + R] cache
+
+
+@dataclass
+class FoldedMLA:
+    """MLA's weights rearranged once for `MLA.decode` (all [in, out], so x @ w)."""
+
+    w_in: torch.Tensor  # [d, Q + 2C + 2R]: q_a (or q) | c_kv | c_kv * kv_norm | k_rope | swapped
+    wq: torch.Tensor | None  # [q_rank, H*(K + 2R)]: per head q_k | q_rope | q_rope swapped
+    w_uk: torch.Tensor | None  # [H, nope, C]: when not folded into wq
+    w_uv_t: torch.Tensor | None  # [H, C, v]: when not folded into wo
+    wo: torch.Tensor  # [H*C, d] (W_uv folded in) or [H*v, d]
+    q_eps: torch.Tensor | None  # 0-dim fp32
+    kv_eps: torch.Tensor
+    q_dim: int  # Q
+    k_dim: int  # K: the query's non-rope width per head: C when W_uk is folded, else nope
 
 
 class MLA(nn.Module):
@@ -115,3 +155,67 @@ class MLA(nn.Module):
             scale=self.scale,
         )
         return out.transpose(1, 2)  # [B, T, H, v]
+
+    # --- the absorbed form, over the latent cache ---------------------------------------
+    @torch.no_grad()
+    def fold(self, input_norm: RMSNorm) -> FoldedMLA:
+        """The weights for `decode`; `input_norm` (the block's attn_norm) goes into w_in."""
+        H, nope, v, C, R = self.n_heads, self.nope, self.v_dim, self.kv_rank, self.rope
+        perm, swap = rope_permutations(R)
+        q_full = self.wq.weight if hasattr(self, "wq") else self.wq_b.weight  # [H*(nope+R), in]
+        w_q = q_full.view(H, nope + R, -1) * self.scale
+        q_nope, q_rope, q_swap = w_q[:, :nope], w_q[:, nope + perm], w_q[:, nope + swap]
+        w = self.wkv_b.weight.view(H, nope + v, C)
+        w_uk, w_uv_t = w[:, :nope].contiguous(), w[:, nope:].transpose(1, 2).contiguous()
+        q_in, d = w_q.shape[-1], self.wo.weight.shape[0]
+        if C * q_in <= nope * (q_in + C):  # W_uk folded into W_q reads no more bytes: fold
+            q_nope, w_uk = w_uk.transpose(1, 2) @ q_nope, None  # [H, C, q_in]
+        wq = torch.cat([q_nope, q_rope, q_swap], dim=1).flatten(0, 1)
+        kv = self.wkv_a.weight
+        device = kv.device
+        if hasattr(self, "wq"):  # no q compression: queries come straight out of w_in
+            q_a, wq, q_eps = wq, None, None
+        else:
+            q_a = self.wq_a.weight
+            wq, q_eps = (wq * self.q_norm.weight).t(), self.q_norm.eps_tensor(device)
+        wo = self.wo.weight.view(d, H, v)
+        if C * d <= v * (C + d):  # likewise W_uv into W_o: [H*C, d]
+            wo, w_uv_t = torch.einsum("hcv,dhv->hcd", w_uv_t, wo).flatten(0, 1), None
+        else:
+            wo = self.wo.weight.t()
+        # c_kv twice: as is (for kv_norm's rms) and times kv_norm's weight (what is cached)
+        w_in = torch.cat(
+            [q_a, kv[:C], kv[:C] * self.kv_norm.weight[:, None], kv[C + perm], kv[C + swap]]
+        )
+        w_in = (w_in * input_norm.weight).t()
+        k_dim = nope if w_uk is not None else C
+        return FoldedMLA(w_in, wq, w_uk, w_uv_t, wo, q_eps, self.kv_norm.eps_tensor(device),
+                         q_a.shape[0], k_dim)  # fmt: skip
+
+    def decode(
+        self, f: FoldedMLA, x: torch.Tensor, st: DecodeStep, flat: torch.Tensor, kv: torch.Tensor
+    ) -> torch.Tensor:
+        """x [N = B*T, d], normed without its weight (folded) -> [N, d]. Writes this chunk's
+        latents into `flat` (this layer's cache as rows [slots*P, C + R]) at st.rows, then
+        attends over `kv` [B, S, C + R], the rows this batch reads (a view of the same cache)."""
+        B, T, H, C, R, K = st.B, st.T, self.n_heads, self.kv_rank, self.rope, f.k_dim
+        q, c_kv, c_g, k_rope, k_swap = (x @ f.w_in).split_with_sizes([f.q_dim, C, C, R, R], -1)
+        if f.wq is not None:
+            q = rms_unweighted(q, f.q_eps) @ f.wq
+        q_k, q_rope, q_swap = q.view(B, T, H, K + 2 * R).split_with_sizes([K, R, R], -1)
+        c_kv = c_g * rms_scale(c_kv, f.kv_eps)  # kv_norm(c_kv), its weight already in c_g
+        k_rope = rotate_folded(k_rope, k_swap, st.cos_k, st.sin_k)
+        flat.index_copy_(0, st.rows, torch.cat([c_kv, k_rope], -1))
+        if f.w_uk is not None:  # q_lat = q_nope W_uk, when W_uk was not folded into wq
+            q_k = (q_k.transpose(1, 2) @ f.w_uk).transpose(1, 2)
+        q = torch.cat([q_k, rotate_folded(q_rope, q_swap, st.cos_q, st.sin_q)], dim=-1)
+        q = q.transpose(1, 2).reshape(B, H * T, C + R)  # a view when T == 1
+        kt = kv.transpose(1, 2)  # one latent "head" [c_kv | k_rope] shared by all query heads
+        scores = torch.bmm(q, kt) if st.mask is None else torch.baddbmm(st.mask, q, kt)
+        probs = scores.softmax(-1, dtype=torch.float32)
+        if probs.dtype != kv.dtype:
+            probs = probs.to(kv.dtype)
+        o = (probs @ kv[..., :C]).view(B, H, T, C)  # o_lat: attention output in latent space
+        if f.w_uv_t is not None:  # o = o_lat W_uv, when W_uv was not folded into wo
+            o = o @ f.w_uv_t  # [B, H, T, v]
+        return o.transpose(1, 2).reshape(B * T, -1) @ f.wo

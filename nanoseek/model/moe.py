@@ -5,17 +5,60 @@ per-expert bias moved by the trainer towards balanced load (auxiliary-loss-free
 balancing); the *weights* use s alone, normalised over the chosen experts, times
 route_scale. Group-limited routing: a group scores the sum of its top-2 (s + b) and each
 token first picks `topk_group` groups. V2's softmax gate is supported for loading.
+
+`Gate.route` is the one routing function: training (`MoE.forward`) and cached decoding
+(`MoE.decode`) both call it. Each FFN also has a decode form: `fold` rearranges its weights
+once (the preceding norm's weight folded in) and `decode` runs them on [tokens, d] rows,
+dispatching tokens to experts in the way that is fastest for the experts' size:
+- "dense": small experts (all of them in under 1 MB) run as ONE matmul in and one out, the
+  gate and the shared expert included; unchosen experts weigh 0. Fewest ops.
+- "grouped": `F.grouped_mm` over tokens sorted by expert reads each chosen expert's weights
+  in place: no copies, no host sync, no Python loop (CPU).
+- "gathered": each token's k experts gathered and run as one batched matmul (GPUs; few
+  tokens), falling back to "sorted" when the gathered weights would be large.
+- "sorted": `Experts.forward`, the training path.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.norm import RMSNorm
 
 PAD = 64  # rows: expert slices are padded to a multiple of this (see Experts.forward)
+DENSE_EXPERTS_MAX_BYTES = 1 << 20  # "auto": experts this small run as one dense matmul
+GATHER_EXPERTS_MAX_BYTES = 8 << 20  # "gathered": above this, copying expert weights costs more
+DISPATCH = ("auto", "dense", "grouped", "gathered", "sorted")
+
+
+class RoutingStats:
+    """Filled by one forward: tokens per expert of each MoE layer that ran (in call order,
+    which is `Transformer.moe_layers()` order), and, when asked for, the sequence-wise
+    balance loss of each."""
+
+    def __init__(self, balance: bool = False):
+        self.balance = balance
+        self.counts: list[torch.Tensor] = []
+        self.balance_losses: list[torch.Tensor] = []
+
+
+@dataclass
+class FoldedFFN:
+    """A feed-forward's weights for decode (x @ w), the preceding norm's weight folded in
+    (or kept in `norm` where the weights are used in place)."""
+
+    w13: torch.Tensor | None  # [d, ...]: MLP [w1 | w3]; dense MoE [gate? | experts' w1|w3]
+    w2: torch.Tensor | None  # [..., d]
+    dispatch: str = ""  # MoE: dense | grouped | gathered | sorted
+    fused_gate: bool = False  # dense: the gate's logits are w13's first E columns
+    gate: torch.Tensor | None = None  # [d, E] fp32
+    norm: torch.Tensor | None = None  # ffn_norm weight, when not folded
+    n_shared: int = 0  # dense: shared experts, as experts E..E+n_shared-1
 
 
 class MLP(nn.Module):
@@ -29,6 +72,16 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    @torch.no_grad()
+    def fold(self, input_norm: RMSNorm) -> FoldedFFN:
+        w13 = torch.cat([self.w1.weight, self.w3.weight]) * input_norm.weight
+        return FoldedFFN(w13.t(), self.w2.weight.t())
+
+    def decode(self, f: FoldedFFN, x: torch.Tensor, counts: torch.Tensor | None = None):
+        """x [N, d] normed without its weight (folded into w13)."""
+        g, u = (x @ f.w13).chunk(2, dim=-1)
+        return (F.silu(g) * u) @ f.w2
 
 
 class Gate(nn.Module):
@@ -48,12 +101,18 @@ class Gate(nn.Module):
         """x [N, d] -> (weights [N, k], expert indices [N, k], scores [N, E])."""
         with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
             logits = F.linear(x.float(), self.weight.float())
+        return self.route(logits)
+
+    def route(
+        self, logits: torch.Tensor, scale: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gate logits [N, E] (fp32) -> (weights [N, k], expert indices [N, k], scores [N, E]).
+        scale=False leaves route_scale out of the weights (decode folds it into the experts)."""
         if self.scoring == "sigmoid":
             scores = logits.sigmoid()
             choice = scores + self.bias
         else:
-            scores = logits.softmax(dim=-1)
-            choice = scores
+            scores = choice = logits.softmax(dim=-1)
         if self.n_groups > 1 and self.method != "greedy":
             N, E = choice.shape
             grouped = choice.view(N, self.n_groups, E // self.n_groups)
@@ -61,16 +120,17 @@ class Gate(nn.Module):
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             else:  # V2 group_limited_greedy: a group scores its best expert
                 group_scores = grouped.amax(dim=-1)
-            top_groups = group_scores.topk(self.topk_groups, dim=-1, sorted=False).indices
-            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
-            choice = choice.masked_fill(
-                ~keep.repeat_interleave(E // self.n_groups, dim=1), float("-inf")
-            )
+            top = group_scores.topk(self.topk_groups, dim=-1, sorted=False).indices
+            # dropped groups get -inf through a broadcast add: fewer ops than a bool mask
+            drop = torch.full_like(group_scores, float("-inf")).scatter_(1, top, 0.0)
+            choice = (grouped + drop[:, :, None]).view(N, E)
         indices = choice.topk(self.top_k, dim=-1, sorted=False).indices
         weights = scores.gather(1, indices)
         if self.norm_topk:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.route_scale, indices, scores
+        if scale and self.route_scale != 1.0:
+            weights = weights * self.route_scale
+        return weights, indices, scores
 
 
 def _padded_index(token, counts, rows, total: int) -> torch.Tensor:
@@ -150,18 +210,16 @@ class MoE(nn.Module):
             if cfg.n_shared_experts > 0
             else None
         )
-        self.balance_alpha = 0.0  # sequence-wise balance loss weight, set by the trainer
-        self.tokens_per_expert: torch.Tensor | None = None  # from the last forward
-        self.aux_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats: RoutingStats | None = None) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(flat)
         counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
-        self.tokens_per_expert = counts
-        if self.training and self.balance_alpha > 0:
-            self.aux_loss = self.balance_alpha * self._sequence_balance_loss(scores, indices, shape)
+        if stats is not None:
+            stats.counts.append(counts)
+            if stats.balance:
+                stats.balance_losses.append(self._sequence_balance_loss(scores, indices, shape))
         out = self.experts(flat, weights, indices, counts)
         if self.shared is not None:
             out = out + self.shared(flat)
@@ -175,3 +233,91 @@ class MoE(nn.Module):
         f = chosen.view(B, T, E).sum(1) * E / (k * T)
         p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)
         return (f * p).sum(-1).mean()
+
+    # --- the decode form -----------------------------------------------------------------
+    @torch.no_grad()
+    def fold(self, input_norm: RMSNorm, dispatch: str = "auto") -> FoldedFFN:
+        ex, sh, g = self.experts, self.shared, input_norm.weight
+        E, I, d = ex.w13.shape[0], ex.inter, ex.w13.shape[2]
+        gate = self.gate.weight.float()
+        if dispatch == "auto":
+            small = ex.w13.nbytes + ex.w2.nbytes <= DENSE_EXPERTS_MAX_BYTES
+            cpu_grouped = ex.w13.device.type == "cpu" and hasattr(F, "grouped_mm")
+            dispatch = "dense" if small else "grouped" if cpu_grouped else "gathered"
+        if dispatch not in DISPATCH[1:]:
+            raise ValueError(f"unknown MoE dispatch {dispatch!r}; use one of {', '.join(DISPATCH)}")
+        if dispatch == "dense":
+            # every expert as one wide matmul; the shared expert as n_shared more experts;
+            # route_scale folded into the routed experts' down projection
+            w13 = [ex.w13]
+            w2 = [ex.w2.permute(0, 2, 1).reshape(E * I, d) * self.gate.route_scale]
+            if sh is not None:
+                w13.append(torch.cat([sh.w1.weight.view(-1, I, d), sh.w3.weight.view(-1, I, d)], 1))
+                w2.append(sh.w2.weight.t())
+            w13 = torch.cat(w13).flatten(0, 1) * g  # [(E + ns) * 2I, d]
+            fused = w13.dtype == torch.float32  # the gate runs in fp32: fuse only then
+            if fused:
+                w13 = torch.cat([gate * g, w13])
+            n_shared = sh.w1.weight.shape[0] // I if sh is not None else 0
+            return FoldedFFN(w13.t(), torch.cat(w2), "dense", fused, (gate * g).t(), None, n_shared)
+        w13 = torch.cat([sh.w1.weight, sh.w3.weight]).t() if sh is not None else None
+        w2 = sh.w2.weight.t() if sh is not None else None
+        return FoldedFFN(w13, w2, dispatch, gate=gate.t(), norm=g)
+
+    def decode(
+        self, f: FoldedFFN, x: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [N, d] normed without its weight. `counts` [E], when given, accumulates the
+        tokens routed to each expert (a server's expert-load metric)."""
+        if f.dispatch == "dense":
+            E, I = self.n_experts, self.experts.inter
+            if f.fused_gate:
+                logits, h = (x @ f.w13).split([E, f.w13.shape[1] - E], dim=-1)
+            else:
+                logits, h = x.float() @ f.gate, x @ f.w13
+            weights, idx, _ = self.gate.route(logits, scale=False)
+            N = x.shape[0]
+            # per-expert weights: 0 for experts not chosen, 1 for the shared ones
+            dense = logits.new_zeros(N, E).scatter_(1, idx, weights)
+            dense = F.pad(dense, (0, f.n_shared), value=1.0).to(x.dtype)
+            g, u = h.view(N, -1, 2, I).unbind(2)
+            out = (F.silu(g) * u * dense[:, :, None]).view(N, -1) @ f.w2
+        else:
+            x = x * f.norm
+            weights, idx, _ = self.gate.route(x.float() @ f.gate)
+            if f.dispatch == "grouped":
+                out = self._grouped(x, weights, idx)
+            elif f.dispatch == "gathered":
+                out = self._gathered(x, weights, idx)
+            else:
+                out = self.experts(x, weights, idx)
+            if f.w13 is not None:
+                g, u = (x @ f.w13).chunk(2, dim=-1)
+                out = out + (F.silu(g) * u) @ f.w2
+        if counts is not None:
+            counts += torch.bincount(idx.flatten(), minlength=self.n_experts)
+        return out
+
+    def _grouped(self, x, weights, idx) -> torch.Tensor:
+        ex = self.experts
+        N, k = idx.shape
+        sorted_e, order = idx.view(-1).sort()
+        bounds = torch.arange(self.n_experts, device=x.device)
+        offs = torch.searchsorted(sorted_e, bounds, right=True, out_int32=True)
+        h = F.grouped_mm(x[order // k], ex.w13.transpose(1, 2), offs=offs)  # [N*k, 2I]
+        g, u = h.chunk(2, dim=-1)
+        y = F.grouped_mm(F.silu(g) * u, ex.w2.transpose(1, 2), offs=offs)  # [N*k, d]
+        y = torch.empty_like(y).index_copy_(0, order, y)  # back to token-major order
+        return torch.bmm(weights.to(y.dtype).view(N, 1, k), y.view(N, k, -1)).view(N, -1)
+
+    def _gathered(self, x, weights, idx) -> torch.Tensor:
+        ex = self.experts
+        if idx.numel() * (ex.w13[0].nbytes + ex.w2[0].nbytes) > GATHER_EXPERTS_MAX_BYTES:
+            return ex(x, weights, idx)
+        N, k = idx.shape  # few tokens: each token's k experts as one batched matmul, no sync
+        sel = idx.view(-1)
+        w13 = ex.w13.index_select(0, sel)  # [N*k, 2I, d]
+        gu = torch.bmm(w13.view(N, -1, w13.shape[-1]), x[:, :, None])  # [N, k*2I, 1]
+        g, u = gu.view(N * k, -1).chunk(2, dim=-1)
+        y = torch.bmm(ex.w2.index_select(0, sel), (F.silu(g) * u)[:, :, None])
+        return torch.bmm(weights.to(y.dtype).view(N, 1, k), y.view(N, k, -1)).view(N, -1)

@@ -80,3 +80,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)
+
+
+# --- the cached-decoding form -------------------------------------------------------------
+# Decoding folds the [evens | odds] permutation into the projection weights, together with a
+# "swapped" copy ([odds | evens]) of each rope slice, so that RoPE is two fused ops:
+# [x1 cos - x2 sin | x2 cos + x1 sin] = x * [cos | cos] + x_swapped * [-sin | sin].
+
+
+def rope_permutations(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row orders that turn an interleaved rope slice into [evens | odds] and [odds | evens]."""
+    perm = torch.cat([torch.arange(0, dim, 2), torch.arange(1, dim, 2)])
+    return perm, torch.cat([perm[dim // 2 :], perm[: dim // 2]])
+
+
+def rope_table(
+    n_positions: int, inv_freq: torch.Tensor, factor: float, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """[P, 2, 1, dim]: ([cos | cos], [-sin | sin]) for every position, made once per engine."""
+    cos, sin = cos_sin(torch.arange(n_positions, device=device), inv_freq, factor)
+    table = torch.stack([torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)], 1)
+    return table[:, :, None].to(dtype)
+
+
+def rotate_folded(x: torch.Tensor, x_swapped: torch.Tensor, cos2, sin2) -> torch.Tensor:
+    """apply_rope for a slice that came out of a folded projection with its swapped copy."""
+    return torch.addcmul(x * cos2, x_swapped, sin2)

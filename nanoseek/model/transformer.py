@@ -1,18 +1,32 @@
-"""The DeepSeek-V3 transformer: blocks, the model, the MTP modules, the loss."""
+"""The DeepSeek-V3 transformer: blocks, the model, the MTP modules, the loss.
+
+Every module has two forms: `forward` (training, and the plain reference path over a
+cache) and `decode` over weights that `fold` rearranged once (cached inference: absorbed
+MLA, norms folded into matmuls; see attention.py and moe.py). The engine builds the
+per-step `DecodeStep` and owns the cache; the math of both forms lives here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention import MLA, LayerKV
+from nanoseek.model.attention import MLA, DecodeStep, FoldedMLA, LayerKV
 from nanoseek.model.loss import linear_cross_entropy
-from nanoseek.model.moe import MLP, MoE
-from nanoseek.model.norm import RMSNorm
-from nanoseek.model.rope import attention_factor, cos_sin, inv_frequencies
+from nanoseek.model.moe import MLP, FoldedFFN, MoE, RoutingStats
+from nanoseek.model.norm import RMSNorm, rms_unweighted
+from nanoseek.model.rope import attention_factor, cos_sin, inv_frequencies, rope_table
+
+
+@dataclass
+class FoldedBlock:
+    attn: FoldedMLA
+    ffn: FoldedFFN
+    eps: torch.Tensor  # attn_norm / ffn_norm eps (they are equal), 0-dim fp32
 
 
 class Block(nn.Module):
@@ -25,9 +39,31 @@ class Block(nn.Module):
             MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
         )
 
-    def forward(self, x, cos, sin, kv=None, positions=None):
+    def forward(self, x, cos, sin, kv=None, positions=None, stats: RoutingStats | None = None):
         x = x + self.attn(self.attn_norm(x), cos, sin, kv, positions)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, stats) if isinstance(self.ffn, MoE) else self.ffn(h))
+
+    def fold(self, dispatch: str = "auto") -> FoldedBlock:
+        ffn = self.ffn.fold(self.ffn_norm, dispatch) if isinstance(self.ffn, MoE) else None
+        return FoldedBlock(
+            self.attn.fold(self.attn_norm),
+            ffn or self.ffn.fold(self.ffn_norm),
+            self.attn_norm.eps_tensor(self.attn_norm.weight.device),
+        )
+
+    def decode(self, f: FoldedBlock, x, st: DecodeStep, flat, kv, counts=None) -> torch.Tensor:
+        """x [B*T, d] -> [B*T, d] over the latent cache (see MLA.decode)."""
+        x = x + self.attn.decode(f.attn, rms_unweighted(x, f.eps), st, flat, kv)
+        return x + self.ffn.decode(f.ffn, rms_unweighted(x, f.eps), counts)
+
+
+@dataclass
+class FoldedMTP:
+    eh: torch.Tensor  # [2d, d]: eh_proj with enorm | hnorm folded into its two column halves
+    block: FoldedBlock
+    eps: torch.Tensor  # enorm / hnorm eps
+    norm_eps: torch.Tensor
 
 
 class MTPModule(nn.Module):
@@ -42,9 +78,37 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_id)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_prev, emb_next, cos, sin, kv=None, positions=None):
+    def forward(self, h_prev, emb_next, cos, sin, kv=None, positions=None, stats=None):
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return self.block(h, cos, sin, kv, positions)
+        return self.block(h, cos, sin, kv, positions, stats)
+
+    @torch.no_grad()
+    def fold(self, dispatch: str = "auto") -> FoldedMTP:
+        dev = self.eh_proj.weight.device
+        eh = (self.eh_proj.weight * torch.cat([self.enorm.weight, self.hnorm.weight])).t()
+        return FoldedMTP(
+            eh, self.block.fold(dispatch), self.enorm.eps_tensor(dev), self.norm.eps_tensor(dev)
+        )
+
+    def decode(self, f: FoldedMTP, h, emb_next, st: DecodeStep, flat, kv) -> torch.Tensor:
+        """h, emb_next [N, d] -> the module's normed output [N, d]."""
+        # enorm and hnorm share an eps: normalise [emb, h] as one [N, 2, d] tensor
+        both = rms_unweighted(torch.stack([emb_next, h], 1), f.eps)
+        x = self.block.decode(f.block, both.flatten(1) @ f.eh, st, flat, kv)
+        return rms_unweighted(x, f.norm_eps) * self.norm.weight
+
+
+@dataclass
+class FoldedModel:
+    """Everything `Transformer.decode` reads, derived once from the weights (refold after
+    the weights change, e.g. after an RL update)."""
+
+    layers: list[FoldedBlock]
+    mtp: list[FoldedMTP]
+    head: torch.Tensor  # [d, vocab]
+    norm_eps: torch.Tensor
+    rope: torch.Tensor  # [P, 2, 1, R] (see rope.rope_table)
+    dispatch: str
 
 
 @dataclass
@@ -54,6 +118,10 @@ class ModelOutput:
     loss: torch.Tensor | None = None  # main + mtp_weight/D * sum(mtp) (+ balance loss)
     main_loss: torch.Tensor | None = None
     mtp_losses: list[torch.Tensor] = field(default_factory=list)
+    balance_loss: torch.Tensor | None = None  # sequence-wise loss, summed over MoE layers
+    # [len(moe_layers()), n_routed_experts]: tokens routed to each expert by this forward;
+    # zero rows for MTP modules that did not run; None without MoE layers
+    expert_counts: torch.Tensor | None = None
     _logits: torch.Tensor | None = None
 
     @property
@@ -97,8 +165,6 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
         return cos_sin(positions, self.inv_freq, self.rope_factor)
 
     def forward(
@@ -106,34 +172,48 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         targets: torch.Tensor | None = None,
         mtp_weight: float = 0.3,
+        balance_weight: float = 0.0,
         kv: list[LayerKV] | None = None,
         positions: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, T] -> logits [B, T, vocab]. With `targets` [B, T] (ignore -100),
-        also the loss, including MTP losses when the model has MTP modules."""
+        also the loss: main + mtp_weight / D * sum of the MTP losses (when the model has MTP
+        modules) + balance_weight * the sequence-wise balance loss (summed over MoE layers, each
+        layer's loss weighted by alpha as in DeepSeek-V3)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = self.rope(positions)
+        stats = RoutingStats(balance=balance_weight > 0 and targets is not None)
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, None if kv is None else kv[i], positions if kv else None)
+            h = layer(h, cos, sin, None if kv is None else kv[i], positions if kv else None, stats)
         h = self.norm(h)
         out = ModelOutput(hidden=h, head=self.head)
         if targets is None:  # logits now, under the caller's autocast / no_grad
             out._logits = self.head(h)
-            return out
-        out.main_loss = linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten())
-        out.loss = out.main_loss
-        if self.mtp and mtp_weight > 0:
-            out.mtp_losses = self._mtp_losses(h, input_ids, targets, positions)
-            out.loss = out.loss + mtp_weight / len(self.mtp) * sum(out.mtp_losses)
-        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None and self.training]
-        if aux:
-            out.loss = out.loss + sum(aux)
+        else:
+            out.main_loss = linear_cross_entropy(
+                h.flatten(0, 1), self.head.weight, targets.flatten()
+            )
+            out.loss = out.main_loss
+            if self.mtp and mtp_weight > 0:
+                out.mtp_losses = self._mtp_losses(h, input_ids, targets, positions, stats)
+                out.loss = out.loss + mtp_weight / len(self.mtp) * sum(out.mtp_losses)
+            if stats.balance_losses:
+                out.balance_loss = torch.stack(stats.balance_losses).sum()
+                out.loss = out.loss + balance_weight * out.balance_loss
+        n_moe = len(self.moe_layers())
+        if n_moe:
+            counts = torch.stack(stats.counts)
+            if len(stats.counts) < n_moe:  # MTP modules that did not run
+                counts = torch.cat(
+                    [counts, counts.new_zeros(n_moe - len(stats.counts), counts.shape[1])]
+                )
+            out.expert_counts = counts
         return out
 
-    def _mtp_losses(self, h, input_ids, targets, positions) -> list[torch.Tensor]:
+    def _mtp_losses(self, h, input_ids, targets, positions, stats) -> list[torch.Tensor]:
         """Module k sees h_{k-1} at i and token i+k, and predicts token i+k+1 (= targets[i+k])."""
         losses = []
         T = input_ids.shape[1]
@@ -142,7 +222,7 @@ class Transformer(nn.Module):
                 break
             pos = positions[:, : T - k]
             cos, sin = self.rope(pos)
-            h = module(h[:, : T - k], self.embed(input_ids[:, k:]), cos, sin)
+            h = module(h[:, : T - k], self.embed(input_ids[:, k:]), cos, sin, stats=stats)
             losses.append(
                 linear_cross_entropy(
                     module.norm(h).flatten(0, 1), self.head.weight, targets[:, k:].flatten()
@@ -152,3 +232,42 @@ class Transformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # --- cached decoding (the engine drives these; see DecodeStep) ------------------------
+    @torch.no_grad()
+    def fold(self, max_positions: int, dispatch: str = "auto", mtp: bool = True) -> FoldedModel:
+        """The weights rearranged for `decode`, and a RoPE table over max_positions."""
+        w = self.embed.weight
+        return FoldedModel(
+            layers=[b.fold(dispatch) for b in self.layers],
+            mtp=[m.fold(dispatch) for m in self.mtp] if mtp else [],
+            head=self.head.weight.t(),
+            norm_eps=self.norm.eps_tensor(w.device),
+            rope=rope_table(max_positions, self.inv_freq, self.rope_factor, w.dtype, w.device),
+            dispatch=dispatch,
+        )
+
+    def decode(
+        self, f: FoldedModel, ids: torch.Tensor, st: DecodeStep, flats, kvs, counts=None
+    ) -> torch.Tensor:
+        """ids [B, T] -> final-norm hidden [B, T, d]. flats[i] / kvs[i]: layer i's cache as
+        rows and this batch's [B, S, C + R] view (see MLA.decode); counts [n_moe, E]
+        optionally accumulates the expert load."""
+        x = F.embedding(ids.view(-1), self.embed.weight)  # activations stay 2-D: [B*T, d]
+        moe = 0
+        for i, (layer, fl) in enumerate(zip(self.layers, f.layers, strict=True)):
+            c = None
+            if counts is not None and isinstance(layer.ffn, MoE):
+                c, moe = counts[moe], moe + 1
+            x = layer.decode(fl, x, st, flats[i], kvs[i], c)
+        return (rms_unweighted(x, f.norm_eps) * self.norm.weight).view(*ids.shape, -1)
+
+    def mtp_decode(
+        self, f: FoldedModel, h: torch.Tensor, next_ids: torch.Tensor, st: DecodeStep, flat, kv
+    ) -> torch.Tensor:
+        """MTP module 1 over the cache: h [B, T, d] (the main model's final-norm hidden),
+        next_ids [B, T] the token after each position -> its normed output [B, T, d] (the
+        shared head turns it into logits for the token two ahead)."""
+        emb = F.embedding(next_ids.view(-1), self.embed.weight)
+        out = self.mtp[0].decode(f.mtp[0], h.reshape(emb.shape), emb, st, flat, kv)
+        return out.view(*next_ids.shape, -1)

@@ -5,7 +5,7 @@ all read.
       config.json, model.safetensors       weights (fp32) in the HF DeepSeek-V3 layout,
                                            gate biases as e_score_correction_bias
       tokenizer.json, tokenizer_config.json
-      train_state/state.json               step, tokens, elapsed time, data seed, config
+      train_state/state.json               RunState: step, tokens, times, LR horizon, config
       train_state/optimizer.pt             AdamW moments
       train_state/rng.pt                   torch RNG states
 
@@ -17,8 +17,10 @@ once the new one is in place.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +28,47 @@ import torch
 
 from nanoseek.hub import CheckpointError, from_pretrained, write_pretrained
 from nanoseek.model import Transformer
-from nanoseek.utils import atomic_dir
+from nanoseek.train.budget import Budget
+from nanoseek.utils import atomic_dir, read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def save_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], tokenizer_dir: str | Path | None = None) -> Path:  # fmt: skip
+@dataclass
+class RunState:
+    """Where a run stands: with the weights, optimizer and RNG states, all a resumed run needs
+    to repeat the uninterrupted one exactly."""
+
+    lr_horizon: Budget  # what the schedules run over: fixed when the run starts
+    train_config: dict[str, Any] = field(default_factory=dict)  # the run's settings, as given
+    tokenizer: str = ""  # hash of the tokenizer the model is trained with
+    step: int = 0  # optimizer steps taken
+    tokens: int = 0  # training tokens seen, all ranks
+    elapsed: float = 0.0  # wall seconds, evaluation and checkpoints included
+    train_seconds: float = 0.0  # wall seconds in training steps only
+
+    def progress(self, budget: Budget) -> float:
+        return budget.fraction(self.step, self.tokens, self.elapsed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # the horizon too, as a plain dict
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        # checkpoints from before the horizon was saved ran over their config's budget
+        values["lr_horizon"] = Budget.from_dict(d.get("lr_horizon") or d.get("train_config", {}))
+        return cls(**values)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    state: RunState,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
     with atomic_dir(path, is_complete=_complete) as tmp:
         write_pretrained(model, tmp)  # fp32 master weights: resuming from them is exact
         for name in TOKENIZER_FILES:
@@ -45,7 +81,7 @@ def save_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, ts / "rng.pt")
-        (ts / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (ts / "state.json").write_text(json.dumps(state.to_dict(), indent=2) + "\n")
     return Path(path)
 
 
@@ -62,20 +98,21 @@ def _complete(path: Path) -> bool:
     return (path / "train_state" / "state.json").is_file()
 
 
-def read_train_state(path: str | Path) -> dict[str, Any]:
-    """train_state/state.json: step, tokens, times, tokenizer hash, the run's train config."""
+def read_train_state(path: str | Path) -> RunState:
     f = Path(path) / "train_state" / "state.json"
+    fix = "start afresh with --overwrite"
     try:
-        return json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(
-            f"{f}: training state unreadable ({e}); start afresh with --overwrite"
-        ) from e
+        return RunState.from_dict(read_json(f, "training state", CheckpointError))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {fix}") from e
+    except (TypeError, AttributeError) as e:  # JSON, but not a RunState
+        raise CheckpointError(f"{f}: unreadable training state ({e}); {fix}") from e
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
-                    ) -> tuple[Transformer, dict[str, Any], dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """-> (model in fp32 on device, train state, optimizer state_dict, rng states)."""
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Transformer, RunState, dict[str, Any], dict[str, Any]]:
+    """-> (model in fp32 on device, run state, optimizer state_dict, rng states)."""
     path = Path(path)
     ts = path / "train_state"
     state = read_train_state(path)
@@ -84,7 +121,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
         rng = torch.load(ts / "rng.pt", weights_only=True)
     except (OSError, RuntimeError) as e:
         raise CheckpointError(
-            f"{ts}: training state unreadable ({e}); start afresh with --overwrite"
+            f"{ts}: unreadable training state ({e}); start afresh with --overwrite"
         ) from e
     model = from_pretrained(path, dtype=torch.float32, device=device)
     return model, state, opt, rng

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.train.budget import Budget
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -133,8 +135,9 @@ class TrainConfig:
             return set(self.given)
         return {k for k, f in FIELDS.items() if getattr(self, k) != _default(f)}
 
-    def budget(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in BUDGET}
+    def budget(self) -> Budget:
+        """The budget the run stops at."""
+        return Budget(self.steps, self.tokens, self.minutes)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.init}
@@ -142,10 +145,28 @@ BUDGET = ("steps", "tokens", "minutes")
 # What a run computes. A resumed run takes these from its checkpoint; a flag that changes one
 # is an error, since the result would silently be neither the old run nor a clean new one.
 IDENTITY = (
-    "preset", "model", "data", "data_dir", "vocab_size", "batch_size", "seq_len", "grad_accum",
-    "seed", "lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_frac", "weight_decay",
-    "beta1", "beta2", "mtp_weight", "gamma", "gamma_final", "alpha",
-)  # fmt: skip
+    "preset",
+    "model",
+    "data",
+    "data_dir",
+    "vocab_size",
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "seed",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "schedule",
+    "decay_frac",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "mtp_weight",
+    "gamma",
+    "gamma_final",
+    "alpha",
+)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -208,11 +229,11 @@ def resume_config(tc: TrainConfig, saved: dict[str, Any] | None) -> TrainConfig:
         )
     values = {**saved, **{k: getattr(tc, k) for k in given}}
     if given & set(BUDGET):  # a new budget replaces the saved one whole, not key by key
-        values.update(tc.budget())
+        values.update(tc.budget().to_dict())
     values.update(out=tc.out, resume=True, overwrite=False)
     merged = TrainConfig(**values)
     merged.validate()
-    if not any(merged.budget().values()):
+    if not merged.budget():
         raise TrainError(
             f"--resume: {tc.out} has no saved budget; give --steps, --tokens or --minutes"
         )

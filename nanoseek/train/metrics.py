@@ -1,4 +1,5 @@
-"""metrics.jsonl (one JSON object per logged step or evaluation), loss.png, the summary table.
+"""What a run shows: the progress bar, metrics.jsonl (one JSON object per logged step or
+evaluation), loss.png and the summary table.
 
 A record's `loss` is the main next-token loss (comparable with `val_loss`), `mtp_loss` the
 mean over the MTP modules; non-finite values are written as null (strict JSON).
@@ -8,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nanoseek.utils import atomic_path
+from nanoseek.utils import atomic_path, format_table, human
 
 
 class MetricsLog:
@@ -30,6 +32,75 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(_dumps(record) + "\n")
+
+
+class Progress:
+    """The progress bar and metrics.jsonl of a run, shown by rank 0 only (`enabled`): on the
+    other ranks every call does nothing. `resume_step`: continue the log of a resumed run from
+    there (None: a new log). Without a step budget the bar's total is estimated from the
+    budget fraction done."""
+
+    def __init__(
+        self,
+        metrics_path: str | Path,
+        enabled: bool,
+        bar: bool = True,
+        total_steps: int | None = None,
+        resume_step: int | None = None,
+        log_every: int = 1,
+    ):
+        self.log = MetricsLog(metrics_path, resume_step) if enabled else None
+        self.log_every = log_every
+        self.last_val: float | None = None
+        self.steps_known = total_steps is not None
+        self.bar = None
+        if enabled and bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_steps,
+                initial=resume_step or 0,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                disable=None,
+            )
+
+    def update(self, record: dict[str, Any], fraction: float, last: bool = False) -> None:
+        """One step's record (`step`, `loss`, ...); `fraction` of the budget done; `last`:
+        the final step, always logged."""
+        if self.log is None:
+            return
+        step = record["step"]
+        if step % self.log_every == 0 or "val_loss" in record or last:
+            self.log.write(record)
+        self.last_val = record.get("val_loss", self.last_val)
+        if self.bar is None:
+            return
+        if not self.steps_known and fraction > 0:  # a budget in tokens or minutes
+            self.bar.total = max(step, round(step / fraction))
+        post = {"loss": f"{record['loss']:.3f}"}
+        if "tok_per_s" in record:
+            post["tok/s"] = f"{record['tok_per_s']:,.0f}"
+        if "mfu" in record:
+            post["mfu"] = f"{record['mfu']:.1%}"
+        if "load_max_mean" in record:
+            post["load"] = f"{max(record['load_max_mean']):.2f}"
+        if self.last_val is not None:
+            post["val"] = f"{self.last_val:.3f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def _dumps(record: dict[str, Any]) -> str:
@@ -83,8 +154,12 @@ def plot_loss(metrics_path: str | Path, png: str | Path, title: str = "") -> Non
         ax.plot(s, v, lw=0.8, alpha=0.4, color="C0", label="train (per step)")
         if len(v) >= 20:  # a running mean reads better than raw noise
             w = max(5, len(v) // 25)
-            ax.plot(s[w - 1 :], np.convolve(v, np.ones(w) / w, mode="valid"), color="C0",
-                    label=f"train (mean of {w})")  # fmt: skip
+            ax.plot(
+                s[w - 1 :],
+                np.convolve(v, np.ones(w) / w, mode="valid"),
+                color="C0",
+                label=f"train (mean of {w})",
+            )
     if val:
         s, v = np.array(val).T
         ax.plot(s, v, "o-", color="C1", label="validation")
@@ -109,8 +184,26 @@ def unigram_loss(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> f
     return float(-(p * np.log(p)).sum())
 
 
-def format_table(rows: list[tuple[str, str]], title: str = "") -> str:
-    w = max(len(k) for k, _ in rows)
-    lines = [title] if title else []
-    lines += [f"  {k:<{w}}  {v}" for k, v in rows]
-    return "\n".join(lines)
+def summary_table(s: dict[str, Any]) -> str:
+    """The end-of-run table, from a pretraining run's summary.json."""
+    rows = [
+        ("tokens seen", f"{human(s['tokens_seen'])} in {s['steps']} steps"),
+        (
+            "training time",
+            f"{s['wall_seconds']:.0f} s ({s['tokens_per_second']:,.0f} tokens/s); "
+            f"{s['elapsed_seconds']:.0f} s with evaluation and checkpoints",
+        ),
+        (
+            "validation loss",
+            f"{s['final_val_loss']:.4f} nats/token, {s['final_val_bpb']:.3f} bits/byte",
+        ),
+        ("unigram baseline", f"{s['unigram_loss']:.4f} nats/token (a model that ignores context)"),
+        ("training FLOPs", f"{s['total_flops']:.3g} ({human(s['flops_per_token'])} per token)"),
+        (
+            "MFU",
+            f"{s['mfu']:.1%} of {s['peak_flops'] / 1e12:.2f} TFLOP/s ({s['dtype']} matmul peak "
+            f"measured on {s['device']})",
+        ),
+        ("checkpoint", s["checkpoint"]),
+    ]
+    return format_table(rows, "\nrun summary")

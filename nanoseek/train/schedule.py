@@ -4,15 +4,25 @@ so a resumed run recomputes exactly the LR the uninterrupted one would have used
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
-def lr_at(step: int, progress: float, peak: float, warmup_steps: int, schedule: str,
-          min_ratio: float = 0.1, decay_frac: float = 0.2) -> float:  # fmt: skip
-    if warmup_steps > 0 and step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    p = min(max(progress, 0.0), 1.0)
-    floor = peak * min_ratio
-    if schedule == "wsd":  # warmup-stable-decay: flat, then linear to the floor at the end
-        start = 1.0 - decay_frac
-        return peak if p < start else peak + (floor - peak) * (p - start) / decay_frac
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * p))  # cosine
+@dataclass(frozen=True)
+class LRSchedule:
+    peak: float
+    warmup_steps: int = 0
+    kind: str = "cosine"  # or "wsd": warmup-stable-decay
+    min_ratio: float = 0.1  # the final LR, as a fraction of the peak
+    decay_frac: float = 0.2  # wsd: the final fraction of the run that decays
+
+    def __call__(self, step: int, progress: float) -> float:
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return self.peak * (step + 1) / self.warmup_steps
+        p = min(max(progress, 0.0), 1.0)
+        floor = self.peak * self.min_ratio
+        if self.kind == "wsd":  # flat, then linear to the floor at the end
+            start = 1.0 - self.decay_frac
+            if p < start:
+                return self.peak
+            return self.peak + (floor - self.peak) * (p - start) / self.decay_frac
+        return floor + (self.peak - floor) * 0.5 * (1.0 + math.cos(math.pi * p))  # cosine

@@ -1,0 +1,517 @@
+"""The HTTP routes: OpenAI's /v1/models, /v1/completions and /v1/chat/completions, plus
+/health, /metrics (Prometheus) and the chat page at /.
+
+Handlers validate everything a request sends before anything reaches the engine (a bad
+request costs the batch nothing), hand their choices to the engine's worker thread and read
+the outputs back (see worker.py). A client that goes away aborts its choices at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from nanoseek.infer.engine import StepOutput
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.serve.metrics import Metrics, engine_snapshot
+from nanoseek.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    parse_body,
+    sampling_params,
+)
+from nanoseek.serve.reasoning import ReasoningSplitter, split_reasoning
+from nanoseek.serve.responses import (
+    TokenText,
+    chat_chunk,
+    chat_response,
+    completion_response,
+    new_id,
+    sse,
+    usage,
+)
+from nanoseek.serve.worker import EngineWorker, Submission
+
+log = logging.getLogger("nanoseek.serve")
+STATIC = Path(__file__).parent / "static"
+ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+
+
+@dataclass
+class ServerSettings:
+    model_name: str = "nanoseek"
+    api_key: str | None = None  # None: no auth
+    max_n: int = 16  # choices per request (n, times the prompts of a batched completion)
+    max_waiting: int = 64  # choices queued beyond the running batch; past it: 429
+    max_body_bytes: int = 2 << 20
+    thinking: bool | None = None  # chat default: True opens <think>, False closes it, None: model
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class Choice:
+    """What one choice has produced so far."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, out: StepOutput) -> None:
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        self.top += out.top_logprobs or []
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _as_api_error(e: Exception) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ValueError):  # EngineError, SamplingError: the request's values
+        return APIError(400, str(e))
+    log.error("request failed: %r", e)
+    return APIError(500, f"internal error: {e}", type="server_error")
+
+
+class CountRequests:
+    """Pure ASGI middleware (BaseHTTPMiddleware would buffer streams and hide disconnects)."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"  # bounded label set
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.count_request(route, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
+def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
+    """The server over an Engine. The engine must not be used by anyone else meanwhile: the
+    app's worker thread owns it from startup to shutdown."""
+    settings = settings or ServerSettings()
+    tok = engine.tokenizer
+    if tok is None:
+        raise ValueError(
+            "this checkpoint has no tokenizer.json; copy the training tokenizer into it"
+        )
+    metrics = Metrics()
+    worker = EngineWorker(engine, metrics)
+    texts = TokenText(tok)
+    max_len, vocab = engine.max_len, engine.model.config.vocab_size
+    capacity = getattr(engine.cache, "slots", 1) + settings.max_waiting
+    in_flight = [0]  # choices submitted and not finished; only touched on the event loop
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker, app.state.metrics, app.state.settings = worker, metrics, settings
+    app.add_middleware(CountRequests, metrics=metrics)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(
+            APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind)
+        )
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        return _error_response(_as_api_error(e))
+
+    # --- request plumbing --------------------------------------------------------------
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), settings.api_key.encode()
+        ):
+            raise APIError(
+                401,
+                "missing or wrong API key; send the header Authorization: Bearer <key>",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+
+    auth = [Depends(authorize)]
+
+    async def read_body(request: Request) -> bytes:
+        limit = settings.max_body_bytes
+        too_big = APIError(
+            413, f"the request body is over the limit of {limit} bytes", code="body_too_large"
+        )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+        return bytes(body)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != settings.model_name:
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server serves {settings.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def budget(prompt_len: int, asked: int | None, explicit: bool, param: str) -> int:
+        """max_tokens for a prompt: what was asked if it fits the context, else a 400."""
+        room = max_len - prompt_len
+        if room < 1:
+            raise APIError(
+                400,
+                f"the prompt is {prompt_len} tokens and the context holds {max_len}; "
+                "shorten it (one new token needs room too)",
+                param=param,
+                code="context_length_exceeded",
+            )
+        if asked is None:
+            return room
+        if asked > room and explicit:
+            raise APIError(
+                400,
+                f"max_tokens {asked} plus the prompt's {prompt_len} tokens exceed the context "
+                f"length {max_len}; ask for at most {room}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return min(asked, room)
+
+    def check_room(k: int) -> None:
+        if k > settings.max_n:
+            raise APIError(
+                400, f"n: at most {settings.max_n} choices per request, got {k}", param="n"
+            )
+        if in_flight[0] + k > capacity:
+            raise APIError(
+                429,
+                f"the server is busy ({in_flight[0]} choices in flight); retry shortly",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+
+    @contextmanager
+    def hold(k: int) -> Iterator[None]:
+        in_flight[0] += k
+        try:
+            yield
+        finally:
+            in_flight[0] -= k
+
+    async def collect(request: Request, sub: Submission) -> list[Choice] | None:
+        """Every choice's whole output; None if the client left first (its choices aborted)."""
+        choices = [Choice() for _ in sub.jobs]
+
+        async def consume() -> None:
+            async for i, out in sub.events():
+                choices[i].add(out)
+
+        async def gone() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.1)
+
+        work, watch = asyncio.ensure_future(consume()), asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+            sub.abort()
+        if not work.done() or work.cancelled():
+            return None
+        if work.exception() is not None:  # a choice failed: an OpenAI error, not a crash
+            raise _as_api_error(work.exception())
+        metrics.completion_tokens += sum(len(c.token_ids) for c in choices)
+        return choices
+
+    def streaming(
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        head: list[dict],
+        chunks: Callable[[int, StepOutput], list[dict]],
+        final: Callable[[], list[dict]],
+    ) -> StreamingResponse:
+        """SSE: head, chunks(i, out) per step output, final(), then [DONE]. The choices are
+        submitted when the response starts streaming (a response that never starts leaves
+        nothing behind) and aborted when it stops, however it stops."""
+        check_room(len(params))
+
+        async def events() -> AsyncIterator[str]:
+            with hold(len(params)):
+                sub = Submission(worker, prompts, params)
+                try:
+                    for c in head:
+                        yield sse(c)
+                    try:
+                        async for i, out in sub.events():
+                            metrics.completion_tokens += len(out.token_ids)
+                            for c in chunks(i, out):
+                                yield sse(c)
+                        for c in final():
+                            yield sse(c)
+                    except Exception as e:  # headers are sent: the error goes in the stream
+                        yield sse(_as_api_error(e).body())
+                    yield sse("[DONE]")
+                finally:
+                    sub.abort()
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    def encode_prompt(p: str | list[int]) -> list[int]:
+        if isinstance(p, str):
+            return [tok.bos_id, *tok.encode(p)]
+        if any(t < 0 or t >= vocab for t in p):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return list(p)
+
+    # --- routes ------------------------------------------------------------------------
+    @app.get("/")
+    async def chat_page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not worker.alive:
+            why = (
+                f"engine worker stopped: {worker.failed!r}"
+                if worker.failed
+                else "engine worker not running"
+            )
+            return JSONResponse({"status": "error", "message": why}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", dependencies=auth)
+    async def prometheus() -> PlainTextResponse:
+        if not worker.alive:
+            raise APIError(503, "the engine worker is not running", "server_error")
+        snap = await asyncio.wait_for(asyncio.wrap_future(worker.call(engine_snapshot)), 60)
+        return PlainTextResponse(
+            metrics.render(snap, worker.queued()), media_type="text/plain; version=0.0.4"
+        )
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": settings.model_name,
+            "object": "model",
+            "created": settings.created,
+            "owned_by": "nanoseek",
+            "max_model_len": max_len,
+        }
+
+    @app.get("/v1/models", dependencies=auth)
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}", dependencies=auth)
+    async def get_model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return model_card()
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: Request) -> Response:
+        req: ChatRequest = parse_body(await read_body(request), ChatRequest)
+        check_model(req.model)
+        n_top = req.n_top()
+        thinking = req.thinking_mode(settings.thinking)
+        mode = {True: "reasoning", False: "content", None: "auto"}[thinking]
+        messages = [m.as_template() for m in req.messages]
+        ids = await asyncio.to_thread(tok.apply_chat_template, messages, True, thinking)
+        explicit = req.max_new() is not None
+        max_tokens = budget(len(ids), req.max_new(), explicit, "messages")
+        params = [sampling_params(req, max_tokens, i) for i in range(req.n)]
+        metrics.prompt_tokens += len(ids)
+        rid, created = new_id("chatcmpl"), int(time.time())
+
+        def logprobs(ids_: list[int], lps: list[float], top: list | None) -> dict | None:
+            if n_top is None:
+                return None
+            return {"content": texts.chat_logprobs(ids_, lps, top), "refusal": None}
+
+        if not req.stream:
+            check_room(req.n)
+            with hold(req.n):
+                results = await collect(request, Submission(worker, [ids] * req.n, params))
+            if results is None:
+                return Response(status_code=499)  # nobody is listening
+            choices = []
+            for i, c in enumerate(results):
+                reasoning, content = split_reasoning(c.text, mode)
+                message = {
+                    "role": "assistant",
+                    "content": content,
+                    "reasoning_content": reasoning or None,
+                }
+                choices.append(
+                    {
+                        "index": i,
+                        "message": message,
+                        "logprobs": logprobs(c.token_ids, c.logprobs, c.top or None),
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+            completion = sum(len(c.token_ids) for c in results)
+            return JSONResponse(
+                chat_response(rid, settings.model_name, choices, len(ids), completion)
+            )
+
+        splitters = [ReasoningSplitter(mode) for _ in range(req.n)]
+        produced = [0]
+
+        def chunk(choices: list[dict]) -> dict:
+            return chat_chunk(rid, created, settings.model_name, choices, req.include_usage)
+
+        def chunks(i: int, out: StepOutput) -> list[dict]:
+            reasoning, content = splitters[i].feed(out.text)
+            if out.finished:
+                r, c = splitters[i].finish()
+                reasoning, content = reasoning + r, content + c
+            produced[0] += len(out.token_ids)
+            delta = {}
+            if reasoning:
+                delta["reasoning_content"] = reasoning
+            if content:
+                delta["content"] = content
+            lp = (
+                logprobs(out.token_ids, out.logprobs or [], out.top_logprobs)
+                if out.token_ids
+                else None
+            )
+            if not delta and lp is None and not out.finished:
+                return []
+            reason = out.finish_reason if out.finished else None
+            return [chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}])]
+
+        def final() -> list[dict]:
+            if not req.include_usage:
+                return []
+            last = chunk([])
+            last["usage"] = usage(len(ids), produced[0])
+            return [last]
+
+        role = {"role": "assistant", "content": ""}  # OpenAI's first chunk per choice
+        head = [
+            chunk([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
+            for i in range(req.n)
+        ]
+        return streaming([ids] * req.n, params, head, chunks, final)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request) -> Response:
+        req: CompletionRequest = parse_body(await read_body(request), CompletionRequest)
+        check_model(req.model)
+        n_top = req.n_top()
+        prompts = await asyncio.to_thread(lambda: [encode_prompt(p) for p in req.prompts()])
+        explicit = "max_tokens" in req.model_fields_set
+        per_choice, params = [], []
+        for p in prompts:
+            max_tokens = budget(len(p), req.max_tokens, explicit, "prompt")
+            for j in range(req.n):  # choice index = prompt * n + j, as OpenAI orders them
+                per_choice.append(p)
+                params.append(sampling_params(req, max_tokens, j))
+        prompt_tokens = sum(len(p) for p in prompts)
+        metrics.prompt_tokens += prompt_tokens
+        rid, created, name = new_id("cmpl"), int(time.time()), settings.model_name
+
+        if not req.stream:
+            check_room(len(params))
+            with hold(len(params)):
+                results = await collect(request, Submission(worker, per_choice, params))
+            if results is None:
+                return Response(status_code=499)
+            choices = [
+                {
+                    "index": i,
+                    "text": c.text,
+                    "logprobs": None
+                    if n_top is None
+                    else texts.completion_logprobs(c.token_ids, c.logprobs, c.top or None),
+                    "finish_reason": c.finish_reason,
+                }
+                for i, c in enumerate(results)
+            ]
+            completion = sum(len(c.token_ids) for c in results)
+            return JSONResponse(
+                completion_response(rid, created, name, choices, usage(prompt_tokens, completion))
+            )
+
+        offsets = [0] * len(params)
+        produced = [0]
+
+        def chunks(i: int, out: StepOutput) -> list[dict]:
+            produced[0] += len(out.token_ids)
+            lp = None
+            if n_top is not None and out.token_ids:
+                lp = texts.completion_logprobs(
+                    out.token_ids, out.logprobs or [], out.top_logprobs, offsets[i]
+                )
+                offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            if not out.text and lp is None and not out.finished:
+                return []
+            reason = out.finish_reason if out.finished else None
+            choice = {"index": i, "text": out.text, "logprobs": lp, "finish_reason": reason}
+            return [completion_response(rid, created, name, [choice], None, chunk=True)]
+
+        def final() -> list[dict]:
+            if not req.include_usage:
+                return []
+            return [
+                completion_response(
+                    rid, created, name, [], usage(prompt_tokens, produced[0]), chunk=True
+                )
+            ]
+
+        return streaming(per_choice, params, [], chunks, final)
+
+    return app

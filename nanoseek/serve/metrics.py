@@ -1,0 +1,157 @@
+"""Server metrics in Prometheus' text format (version 0.0.4), without a client library.
+
+Counters and the time-to-first-token histogram are kept here; the engine's state (requests
+running and waiting, KV cache, speculation, expert load) is read by `engine_snapshot` on the
+engine's own thread, between steps, when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import torch
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+RATE_WINDOW = 10.0  # seconds over which tokens/s is averaged
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets, self.counts = buckets, [0] * len(buckets)
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, x: float) -> None:
+        for i, b in enumerate(self.buckets):
+            if x <= b:
+                self.counts[i] += 1
+        self.sum, self.count = self.sum + x, self.count + 1
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self.requests: dict[tuple[str, int], int] = {}  # (route, status) -> count
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.aborted = 0  # choices aborted (client gone, or shutdown)
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) in the rate window
+
+    def count_request(self, route: str, status: int) -> None:
+        with self.lock:
+            self.requests[route, status] = self.requests.get((route, status), 0) + 1
+
+    def observe_ttft(self, seconds: float) -> None:
+        with self.lock:
+            self.ttft.observe(seconds)
+
+    def count_tokens(self, n: int, now: float) -> None:
+        with self.lock:
+            if n:
+                self.recent.append((now, n))
+            while self.recent and self.recent[0][0] < now - RATE_WINDOW:
+                self.recent.popleft()
+
+    def tokens_per_second(self, now: float) -> float:
+        with self.lock:
+            n = sum(k for t, k in self.recent if t >= now - RATE_WINDOW)
+        return n / RATE_WINDOW
+
+    def render(self, engine: dict[str, Any], queued: int) -> str:
+        """The text /metrics returns; `engine` is an engine_snapshot, `queued` the requests
+        handed to the worker that the engine has not seen yet."""
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
+            out.append(f"# HELP nanoseek_{name} {help}")
+            out.append(f"# TYPE nanoseek_{name} {kind}")
+            out.extend(f"nanoseek_{name}{labels} {_num(v)}" for labels, v in samples)
+
+        now = time.perf_counter()
+        metric("requests_running", "gauge", "Sequences in the running batch.",
+               [("", engine["running"])])  # fmt: skip
+        metric("requests_waiting", "gauge", "Sequences waiting for a cache slot.",
+               [("", engine["waiting"] + queued)])  # fmt: skip
+        with self.lock:
+            reqs = sorted(self.requests.items())
+            ttft = self.ttft
+            buckets = list(zip(ttft.buckets, ttft.counts, strict=True))
+            ttft_sum, ttft_count = ttft.sum, ttft.count
+            prompt, completion, aborted = self.prompt_tokens, self.completion_tokens, self.aborted
+        metric("http_requests_total", "counter", "HTTP requests by route and status.",
+               [(f'{{route="{r}",code="{c}"}}', n) for (r, c), n in reqs])  # fmt: skip
+        metric("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
+               [("", prompt)])  # fmt: skip
+        metric("generation_tokens_total", "counter", "Tokens generated.",
+               [("", engine["tokens_generated"])])  # fmt: skip
+        metric("completion_tokens_total", "counter", "Tokens returned in completed responses.",
+               [("", completion)])  # fmt: skip
+        metric("aborted_total", "counter", "Choices aborted (client gone or shutdown).",
+               [("", aborted)])  # fmt: skip
+        metric("generation_tokens_per_second", "gauge",
+               f"Tokens generated per second over the last {RATE_WINDOW:.0f} s.",
+               [("", self.tokens_per_second(now))])  # fmt: skip
+        hist = [(f'_bucket{{le="{b}"}}', n) for b, n in buckets]
+        hist += [('_bucket{le="+Inf"}', ttft_count), ("_sum", ttft_sum), ("_count", ttft_count)]
+        out.append("# HELP nanoseek_time_to_first_token_seconds From request to first token.")
+        out.append("# TYPE nanoseek_time_to_first_token_seconds histogram")
+        out.extend(f"nanoseek_time_to_first_token_seconds{s} {_num(v)}" for s, v in hist)
+        metric("kv_cache_slots", "gauge", "KV cache sequence slots.",
+               [("", engine["slots"])])  # fmt: skip
+        metric("kv_cache_slots_used", "gauge", "KV cache slots holding a sequence.",
+               [("", engine["slots_used"])])  # fmt: skip
+        metric("kv_cache_bytes", "gauge", "Bytes allocated for the KV cache.",
+               [("", engine["cache_bytes"])])  # fmt: skip
+        metric("kv_cache_bytes_used", "gauge", "KV cache bytes holding tokens of running sequences.",
+               [("", engine["cache_bytes_used"])])  # fmt: skip
+        metric("spec_drafted_total", "counter", "MTP draft tokens proposed.",
+               [("", engine["drafted"])])  # fmt: skip
+        metric("spec_accepted_total", "counter", "MTP draft tokens accepted.",
+               [("", engine["accepted"])])  # fmt: skip
+        metric("spec_acceptance_rate", "gauge", "Accepted / drafted MTP tokens (0 without speculation).",
+               [("", engine["accepted"] / max(engine["drafted"], 1))])  # fmt: skip
+        experts = engine["expert_counts"]
+        if experts is not None:
+            metric("expert_tokens_total", "counter",
+                   "Tokens routed to each expert of each MoE layer by served traffic.",
+                   [(f'{{layer="{i}",expert="{j}"}}', n)
+                    for i, row in enumerate(experts) for j, n in enumerate(row)])  # fmt: skip
+            metric("expert_load_max_over_mean", "gauge",
+                   "Per MoE layer: the busiest expert's tokens over the mean (1 = balanced).",
+                   [(f'{{layer="{i}"}}', max(row) / (sum(row) / len(row)) if sum(row) else 0.0)
+                    for i, row in enumerate(experts)])  # fmt: skip
+        return "\n".join(out) + "\n"
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+def engine_snapshot(engine: Any) -> dict[str, Any]:
+    """Plain numbers from the engine; runs on the worker thread (see EngineWorker.call).
+    Reads by getattr where the engine's internals may still change shape."""
+    sched, cache = engine.scheduler, engine.cache
+    running = list(getattr(sched, "running", []))
+    tensors = [t for t in vars(cache).values() if isinstance(t, torch.Tensor)]
+    total = sum(t.nbytes for t in tensors)
+    slots, used = getattr(cache, "slots", 0), getattr(cache, "used", len(running))
+    held = sum(s.num_tokens for s in running)
+    per_token = cache.bytes_per_token() if hasattr(cache, "bytes_per_token") else 0
+    spec = engine.spec_stats
+    experts = getattr(engine, "expert_counts", None)
+    return {
+        "running": len(running),
+        "waiting": len(getattr(sched, "waiting", [])),
+        "tokens_generated": engine.tokens_generated,
+        "slots": slots,
+        "slots_used": used,
+        "cache_bytes": total,
+        "cache_bytes_used": held * per_token if per_token else total * used // max(slots, 1),
+        "drafted": spec.drafted,
+        "accepted": spec.accepted,
+        "expert_counts": experts.tolist() if experts is not None else None,
+    }

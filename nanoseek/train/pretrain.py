@@ -1,0 +1,250 @@
+"""The pretraining loop, top to bottom: the run and its process, data, model and optimizer,
+then one optimizer step per iteration (micro-batches, clip, step, expert-bias update),
+evaluation, metrics and checkpoints, and the summary.
+
+Runs as one process, or under `torchrun` (one process per device, DDP, gradients and expert
+loads summed over ranks). Batches are a pure function of (seed, step, rank), and the LR a
+pure function of the step and the run's progress, so a resumed run (which takes its settings
+from the checkpoint) repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.compute import flops_per_token, measure_matmul_peak
+from nanoseek.config import get_preset
+from nanoseek.data import BatchLoader, prepare, read_meta
+from nanoseek.model import Transformer
+from nanoseek.train.balance import gamma_at, load_imbalance, update_expert_bias
+from nanoseek.train.checkpoint import RunState, load_checkpoint, restore_rng, save_checkpoint
+from nanoseek.train.config import TrainConfig, TrainError
+from nanoseek.train.metrics import Progress, plot_loss, summary_table, unigram_loss
+from nanoseek.train.run import StepGuard, build_optimizer, check_resume, evaluate, open_run, set_lr
+from nanoseek.train.runtime import Runtime
+from nanoseek.train.schedule import LRSchedule
+from nanoseek.utils import atomic_write_text, human
+
+
+def train(tc: TrainConfig) -> dict[str, Any]:
+    tc.validate()
+    tc, found = open_run(tc)  # on --resume: the run's saved settings, and its checkpoint
+    out, ckpt_dir = Path(tc.out), Path(tc.out) / "ckpt"
+    with Runtime.start(tc.device, tc.dtype, tc.threads) as rt:
+        # --- data, model, optimizer: new, or as the checkpoint left them ----------------------
+        data = prepare_data(tc, rt)
+        meta = read_meta(data)
+        tokenizer = meta["tokenizer"]
+        loader = {
+            split: BatchLoader(data, split, tc.batch_size, tc.seq_len, tc.seed, rt.rank, rt.world)
+            for split in ("train", "val")
+        }
+        if found:
+            model, state, opt_state, rng = load_checkpoint(found, rt.device)
+            check_resume(state, tc, tokenizer["hash"], data, warn=rt.master)
+        else:
+            model = new_model(tc, tokenizer["vocab_size"], rt.device)
+            state = RunState(lr_horizon=tc.budget(), tokenizer=tokenizer["hash"])
+        state.train_config = tc.to_dict()
+        cfg, moe_layers = model.config, model.moe_layers()
+        model.train()
+        mtp_idle = tc.mtp_weight == 0 and cfg.num_nextn_predict_layers > 0
+        step_model = rt.wrap(model, unused_parameters=mtp_idle, compile=tc.compile)
+        optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+        if found:
+            optimizer.load_state_dict(opt_state)
+            restore_rng(rng)
+
+        # --- accounting ------------------------------------------------------------------------
+        tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * rt.world
+        # MTP modules that never run (mtp_weight 0) cost no FLOPs
+        counted = cfg if tc.mtp_weight > 0 else cfg.replace(num_nextn_predict_layers=0)
+        fpt = flops_per_token(counted, tc.seq_len, training=True)
+        peak = measure_matmul_peak(rt.dtype, str(rt.device)) * rt.world if rt.master else math.inf
+        if rt.master:
+            out.mkdir(parents=True, exist_ok=True)
+            cfg.save(out / "config.json")
+            atomic_write_text(out / "train_config.json", json.dumps(tc.to_dict(), indent=2) + "\n")
+            print(
+                f"training {tc.preset} ({human(model.num_params())} parameters, vocab "
+                f"{cfg.vocab_size}) on {rt.device} {str(rt.dtype)[6:]}, {rt.world} process(es), "
+                f"{tokens_per_step:,} tokens/step -> {out}",
+                file=sys.stderr,
+            )
+
+        def validate() -> tuple[float, float]:
+            loss = evaluate(model, loader["val"].val_batches(tc.eval_batches), rt)
+            return loss, loader["val"].bits_per_byte(loss)
+
+        def save() -> None:
+            if rt.master:
+                save_checkpoint(ckpt_dir, model, optimizer, state, data)
+            rt.barrier()
+
+        # --- the loop --------------------------------------------------------------------------
+        stop, horizon = tc.budget(), state.lr_horizon  # where the run ends; what the LR runs over
+        schedule = LRSchedule(tc.lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, tc.decay_frac)
+        guard = StepGuard(tc.max_bad_steps, ckpt_dir, warn=rt.master)
+        n_experts = (len(moe_layers), cfg.n_routed_experts)
+        counts = torch.zeros(n_experts, dtype=torch.long, device=rt.device)  # tokens per expert
+        losses = torch.zeros(3, device=rt.device)  # total (minimised), main, mean MTP
+        val_loss = val_bpb = None
+        t_start = time.perf_counter() - state.elapsed
+        resume_step = state.step if found else None
+        progress = Progress(
+            out / "metrics.jsonl", rt.master, tc.progress, tc.steps, resume_step, tc.log_every
+        )
+        with progress:
+            while state.progress(stop) < 1.0:
+                step, t0 = state.step, time.perf_counter()
+                lr = set_lr(optimizer, schedule(step, state.progress(horizon)))
+                counts.zero_()
+                losses.zero_()
+                for micro in range(tc.grad_accum):
+                    x, y = loader["train"].get_batch(step * tc.grad_accum + micro)
+                    x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                    with rt.sync_grads(step_model, sync=micro == tc.grad_accum - 1):
+                        with rt.autocast():
+                            o = step_model(
+                                x, targets=y, mtp_weight=tc.mtp_weight, balance_weight=tc.alpha
+                            )
+                        (o.loss / tc.grad_accum).backward()
+                    losses += step_losses(o) / tc.grad_accum
+                    if o.expert_counts is not None:
+                        counts += o.expert_counts
+                rt.all_reduce_sum(counts)
+                rt.all_reduce_mean(losses)
+                clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+                total, loss, mtp_loss = losses.tolist()
+                state.step += 1
+                state.tokens += tokens_per_step
+                if guard.ok(step, total, norm):  # else skipped: no update, no bias change
+                    optimizer.step()
+                    if moe_layers:
+                        gamma = gamma_at(state.progress(horizon), tc.gamma, tc.gamma_final)
+                        update_expert_bias(moe_layers, counts, gamma)
+                optimizer.zero_grad(set_to_none=True)
+                dt = time.perf_counter() - t0
+                state.train_seconds += dt
+                state.elapsed = time.perf_counter() - t_start
+                if stop.minutes or horizon.minutes:  # every rank must see the same time
+                    state.elapsed = rt.broadcast(state.elapsed)
+
+                # --- metrics, evaluation, checkpoints ------------------------------------------
+                done = state.progress(stop) >= 1.0
+                rec: dict[str, Any] = {
+                    "step": state.step,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": norm,
+                    "tokens": state.tokens,
+                    "tok_per_s": tokens_per_step / dt,
+                    "mfu": fpt * tokens_per_step / dt / peak,
+                    "elapsed": state.elapsed,
+                    "train_seconds": state.train_seconds,
+                }
+                if tc.mtp_weight > 0 and cfg.num_nextn_predict_layers > 0:
+                    rec["mtp_loss"] = mtp_loss
+                if moe_layers:
+                    rec["load_max_mean"] = [round(v, 3) for v in load_imbalance(counts)]
+                if (tc.eval_every and state.step % tc.eval_every == 0) or done:
+                    val_loss, val_bpb = validate()
+                    rec.update(val_loss=val_loss, val_bpb=val_bpb)
+                progress.update(rec, state.progress(stop), last=done)
+                if (tc.save_every and state.step % tc.save_every == 0 and guard.bad == 0) or done:
+                    save()
+
+        # --- summary ---------------------------------------------------------------------------
+        if val_loss is None:  # resumed a finished run: nothing was trained
+            val_loss, val_bpb = validate()
+        if not rt.master:
+            return {}
+        unigram = unigram_loss(loader["train"].data, cfg.vocab_size)
+        summary = summarize(tc, rt, state, fpt, peak, val_loss, val_bpb, unigram)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        title = f"{tc.preset} on {meta['source']['data']}"
+        plot_loss(out / "metrics.jsonl", out / "loss.png", title)
+        print(summary_table(summary), file=sys.stderr)
+        return summary
+
+
+def summarize(
+    tc: TrainConfig,
+    rt: Runtime,
+    state: RunState,
+    fpt: float,
+    peak: float,
+    val_loss: float,
+    val_bpb: float,
+    unigram: float,
+) -> dict[str, Any]:
+    """summary.json: what the run did, its cost and its result."""
+    train_seconds = max(state.train_seconds, 1e-9)
+    return {
+        "preset": tc.preset,
+        "steps": state.step,
+        "tokens_seen": state.tokens,
+        "wall_seconds": state.train_seconds,
+        "elapsed_seconds": state.elapsed,
+        "flops_per_token": fpt,
+        "total_flops": fpt * state.tokens,
+        "mfu": fpt * state.tokens / train_seconds / peak,
+        "peak_flops": peak,
+        "device": str(rt.device),
+        "dtype": str(rt.dtype)[6:],
+        "world_size": rt.world,
+        "seq_len": tc.seq_len,
+        "final_val_loss": val_loss,
+        "final_val_bpb": val_bpb,
+        "unigram_loss": unigram,
+        "tokens_per_second": state.tokens / train_seconds,
+        "checkpoint": str(Path(tc.out) / "ckpt"),
+    }
+
+
+def step_losses(o: Any) -> torch.Tensor:
+    """[total, main, mean MTP] of one forward, detached: what is minimised (main + MTP +
+    balance) and its parts, logged apart."""
+    mtp = torch.stack(o.mtp_losses).mean() if o.mtp_losses else torch.zeros_like(o.main_loss)
+    return torch.stack([o.loss.detach(), o.main_loss.detach(), mtp.detach()]).float()
+
+
+def new_model(tc: TrainConfig, vocab_size: int, device: torch.device) -> Transformer:
+    cfg = get_preset(tc.preset).replace(**tc.model)
+    if cfg.vocab_size != vocab_size:  # the model's vocabulary is the tokenizer's
+        cfg = cfg.replace(vocab_size=vocab_size)
+    if cfg.max_position_embeddings < tc.seq_len:
+        cfg = cfg.replace(max_position_embeddings=tc.seq_len)
+    torch.manual_seed(tc.seed)
+    return Transformer(cfg).to(device)
+
+
+def prepare_data(tc: TrainConfig, rt: Runtime) -> Path:
+    """A shard directory as is; anything else is a corpus, prepared (once) into data_dir."""
+    p = Path(tc.data).expanduser()
+    if (p / "meta.json").is_file():
+        return p
+    out = Path(tc.data_dir) if tc.data_dir else Path(tc.out) / "data"
+    if rt.world == 1:
+        return prepare(tc.data, out, vocab_size=tc.vocab_size, verbose=True)
+    # Rank 0 prepares; the others wait, then read it (all at once would race on the files).
+    error = None
+    if rt.master:
+        try:
+            prepare(tc.data, out, vocab_size=tc.vocab_size, verbose=True)
+        except Exception as e:  # reach the barrier anyway, or the other ranks hang in it
+            error = e
+    rt.barrier()
+    if error is not None:
+        raise error
+    if not (out / "meta.json").is_file():
+        raise TrainError(f"rank 0 could not prepare {tc.data} into {out} (see its error)")
+    return out

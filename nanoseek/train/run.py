@@ -1,0 +1,124 @@
+"""The pieces a training loop is made of, besides its step: the run directory (new, resumed or
+overwritten), the optimizer, evaluation and the guard against non-finite steps. Pretraining
+uses them; SFT and GRPO loops are meant to call the same ones.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nanoseek.train.checkpoint import RunState, find_checkpoint, read_train_state
+from nanoseek.train.config import TrainConfig, TrainError, resume_config
+from nanoseek.train.runtime import Runtime
+
+
+def open_run(tc: TrainConfig) -> tuple[TrainConfig, Path | None]:
+    """Check OUT against --resume / --overwrite. -> (the settings to run with, the checkpoint
+    to continue from or None). On --resume the settings are the run's saved ones, updated
+    with what was given now where that may change (see `resume_config`)."""
+    ckpt_dir = Path(tc.out) / "ckpt"
+    found = find_checkpoint(ckpt_dir)
+    if found and not (tc.resume or tc.overwrite):
+        raise TrainError(
+            f"{tc.out} already holds a checkpoint; pass --resume to continue it or "
+            "--overwrite to start afresh"
+        )
+    if not tc.resume:
+        return tc, None
+    if not found:
+        raise TrainError(f"--resume: no checkpoint in {ckpt_dir}")
+    return resume_config(tc, read_train_state(found).train_config), found
+
+
+def check_resume(
+    state: RunState, tc: TrainConfig, tokenizer_hash: str, data: Path, warn: bool
+) -> None:
+    """A resumed run goes on with the tokenizer it was trained with; a changed budget moves
+    where it stops, not its LR schedule (said once, by rank 0: `warn`)."""
+    if state.tokenizer != tokenizer_hash:
+        raise TrainError(
+            f"{tc.out}/ckpt was trained with tokenizer {state.tokenizer}, but the shards in "
+            f"{data} use {tokenizer_hash}"
+        )
+    if warn and state.lr_horizon != tc.budget():
+        warnings.warn(
+            f"--resume: the budget changed ({state.lr_horizon.describe()} -> "
+            f"{tc.budget().describe()}); the run stops at the new one, but the LR schedule "
+            "keeps its original horizon so the LR does not jump (past it, the LR stays at its "
+            "final value). To plan a new schedule, start a fresh run (--overwrite)",
+            stacklevel=3,
+        )
+
+
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only, not on norms (nor biases)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # fused: one kernel over all parameters (CPU and CUDA), ~2x the default on this model
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=True)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], rt: Runtime
+) -> float:
+    """Mean next-token loss (nats) over `batches` and over all ranks; MTP off."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with rt.autocast():
+            out = model(x.to(rt.device), targets=y.to(rt.device), mtp_weight=0)
+        losses.append(out.main_loss.item())
+    model.train(was_training)
+    return rt.all_reduce_mean(sum(losses) / len(losses))
+
+
+class StepGuard:
+    """Decides whether a step is applied: not if its loss or gradient norm is non-finite
+    (a warning, and no update); `max_bad` such steps in a row stop the run with an error
+    that names the last good checkpoint."""
+
+    def __init__(self, max_bad: int, ckpt_dir: Path, warn: bool = True):
+        self.max_bad = max_bad
+        self.ckpt_dir = Path(ckpt_dir)
+        self.warn = warn
+        self.bad = 0  # non-finite steps in a row, up to the last one checked
+
+    def ok(self, step: int, loss: float, grad_norm: float) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.bad = 0
+            return True
+        self.bad += 1
+        if self.warn:
+            warnings.warn(
+                f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                "step skipped",
+                stacklevel=2,
+            )
+        if self.bad >= self.max_bad:
+            last = find_checkpoint(self.ckpt_dir)
+            raise TrainError(
+                f"loss was non-finite for {self.bad} steps in a row (up to step {step}); run "
+                f"stopped. Last good checkpoint: {last or 'none'}. Try --grad-clip 1 or "
+                "--dtype fp32 (with --resume), or a lower --lr (a fresh run: --overwrite)"
+            )
+        return False

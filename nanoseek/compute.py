@@ -9,7 +9,6 @@ second over the dense peak of the chosen precision, never the 2:4-sparsity headl
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,7 +19,14 @@ from typing import Any
 
 import torch
 
-from nanoseek.config import ModelConfig, get_preset, param_counts
+from nanoseek.config import (
+    ModelConfig,
+    attention_matrix_params,
+    ffn_matrix_params,
+    get_preset,
+    param_counts,
+)
+from nanoseek.utils import human, read_json
 
 try:
     import tomllib
@@ -52,16 +58,6 @@ def parse_quantity(text: str | float | int, what: str = "quantity") -> float:
     return float(m.group(1)) * _SUFFIX[m.group(2).upper()]
 
 
-def format_quantity(x: float, digits: int = 4) -> str:
-    # Past P the suffixes stop being readable (3e24 FLOPs would be "3e+09P"): use e-notation.
-    if abs(x) >= 1e15:
-        return f"{x:.{digits}g}"
-    for suffix in ("T", "B", "M", "K"):
-        if abs(x) >= _SUFFIX[suffix]:
-            return f"{x / _SUFFIX[suffix]:.{digits}g}{suffix}"
-    return f"{x:.{digits}g}"
-
-
 def _positive(what: str, x: float) -> float:
     if not (isinstance(x, int | float) and math.isfinite(x) and x > 0):
         raise ComputeError(f"{what} must be a positive number, got {x!r}")
@@ -87,28 +83,8 @@ def _check_mfu(mfu: float) -> float:
 def _attention_macs(c: ModelConfig, ctx: float) -> tuple[float, float]:
     """(projection, score+value) multiply-adds per token of one MLA layer, training path
     (keys and values expanded per head, as DeepSeek trains; the absorbed decode path differs)."""
-    d, h = c.hidden_size, c.num_attention_heads
-    if c.q_lora_rank is None:
-        q = d * h * c.qk_head_dim
-    else:
-        q = d * c.q_lora_rank + c.q_lora_rank * h * c.qk_head_dim
-    kv = d * (c.kv_lora_rank + c.qk_rope_head_dim)
-    kv += c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim)
-    out = h * c.v_head_dim * d
-    scores = h * (c.qk_head_dim + c.v_head_dim) * ctx  # q.k over ctx keys, then p @ v
-    return q + kv + out, scores
-
-
-def _ffn_macs(c: ModelConfig, layer_id: int) -> dict[str, float]:
-    d = c.hidden_size
-    if not c.is_moe_layer(layer_id):
-        return {"dense_mlp": 3 * d * c.intermediate_size}  # SwiGLU: w1, w3 up, w2 down
-    expert = 3 * d * c.moe_intermediate_size
-    return {
-        "gate": d * c.n_routed_experts,
-        "routed_experts": c.num_experts_per_tok * expert,
-        "shared_experts": c.n_shared_experts * expert,
-    }
+    scores = c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * ctx  # q.k, then p @ v
+    return attention_matrix_params(c), scores
 
 
 def flops_breakdown(cfg: ModelConfig, seq_len: int, training: bool = True) -> dict[str, float]:
@@ -124,12 +100,12 @@ def flops_breakdown(cfg: ModelConfig, seq_len: int, training: bool = True) -> di
     for layer_id in range(cfg.num_hidden_layers):
         parts["attention_proj"] += proj
         parts["attention_scores"] += scores
-        for k, v in _ffn_macs(cfg, layer_id).items():
+        for k, v in ffn_matrix_params(cfg, layer_id).items():
             parts[k] += v
     head = cfg.hidden_size * cfg.vocab_size
     parts["head"] = head
     # Each MTP module: eh_proj over [h; emb] (2d -> d), one MoE block, the shared head.
-    mtp_block = proj + scores + sum(_ffn_macs(cfg, cfg.num_hidden_layers).values())
+    mtp_block = proj + scores + sum(ffn_matrix_params(cfg, cfg.num_hidden_layers).values())
     parts["mtp"] = cfg.num_nextn_predict_layers * (2 * cfg.hidden_size**2 + mtp_block + head)
     scale = 2 * (3 if training else 1)
     return {k: scale * v for k, v in parts.items()}
@@ -293,13 +269,6 @@ def find_gpu(name: str, catalog: dict[str, GPU] | None = None) -> GPU:
 
 # --- what a run costs, what a claim implies, what a fleet can do --------------------------
 
-# Published large-scale MFUs (BF16/FP16 dense peak) that a claimed number is judged against.
-PUBLISHED_MFU = (
-    ("PaLM 540B on 6,144 TPU v4 (Chowdhery et al. 2022)", 0.462),
-    ("Llama 3 405B on 16K H100, BF16 (Dubey et al. 2024)", 0.38, 0.43),
-    ("MegaScale 175B on 12,288 GPUs (Jiang et al. 2024)", 0.552),
-)
-
 
 def judge_mfu(mfu: float) -> tuple[str, str]:
     """(verdict, why) for an MFU against published large-run numbers (38-55% of dense peak)."""
@@ -353,7 +322,7 @@ def check_claim(cfg: ModelConfig, tokens: float, gpu: GPU, gpu_hours: float,
     implied = achieved / gpu.peak(precision)
     verdict, why = judge_mfu(implied)
     text = (
-        f"{format_quantity(tokens)} tokens need {total:.3g} FLOPs; {format_quantity(gpu_hours)} "
+        f"{human(tokens, 4)} tokens need {total:.3g} FLOPs; {human(gpu_hours, 4)} "
         f"{gpu.name} GPU-hours deliver that at {achieved / 1e12:.0f} TFLOP/s per GPU: "
         f"{mfu_bf16:.1%} of the dense BF16 peak"
         + (f" and {mfu_fp8:.1%} of the dense FP8 peak." if mfu_fp8 is not None else ".")
@@ -410,10 +379,7 @@ def run_report(run_dir: str | Path, catalog: dict[str, GPU] | None = None, mfu: 
     path = run_dir / "summary.json"
     if not path.exists():
         raise ComputeError(f"{path}: no summary.json; point at a finished run (runs/NAME)")
-    try:
-        s = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ComputeError(f"{path}: not valid JSON ({e})") from e
+    s = read_json(path, "a run summary", ComputeError)
     missing = [k for k in RUN_KEYS if s.get(k) is None]
     if missing:
         raise ComputeError(f"{path}: missing {', '.join(missing)}; was the run finished?")
@@ -494,9 +460,7 @@ def plot_cost(out: str | Path, gpus: tuple[GPU, ...], mfu: float = 0.4,
 __all__ = [
     "ComputeError",
     "GPU",
-    "PUBLISHED_MFU",
     "parse_quantity",
-    "format_quantity",
     "flops_breakdown",
     "flops_per_token",
     "six_n_flops_per_token",

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nanoseek.utils import atomic_write_text, read_json
+
 
 def is_yarn(scaling: dict[str, Any] | None) -> bool:
     """rope_scaling dicts say `type` (DeepSeek, transformers 4) or `rope_type` (transformers 5)."""
@@ -70,10 +72,6 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
-    def is_moe(self) -> bool:
-        return self.n_routed_experts > 0 and self.first_k_dense_replace < self.num_hidden_layers
 
     def is_moe_layer(self, layer_id: int) -> bool:
         return self.n_routed_experts > 0 and layer_id >= self.first_k_dense_replace
@@ -203,7 +201,6 @@ class ModelConfig:
             raise ConfigError(f"{source}: {e}") from e
 
     def save(self, path: str | Path) -> None:
-        from nanoseek.utils import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
@@ -214,40 +211,50 @@ class ModelConfig:
             path = path / "config.json"
         if not path.exists():
             raise ConfigError(f"{path}: no config.json here; point at a checkpoint directory")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_hf_dict(d, source=str(path))
+        return cls.from_hf_dict(read_json(path, "a model config", ConfigError), source=str(path))
 
 
 # --- parameter counts (without building the model) ---------------------------------
 
 
-def _attention_params(c: ModelConfig) -> int:
+# One arithmetic for parameters and FLOPs: every weight of a matrix is one multiply-add per
+# token that passes through it, so these counts are also compute.py's MACs per token.
+
+
+def attention_matrix_params(c: ModelConfig) -> int:
+    """The weights of one MLA layer's projections (its norms not included)."""
     d, h = c.hidden_size, c.num_attention_heads
     if c.q_lora_rank is None:
         q = d * h * c.qk_head_dim
     else:
-        q = d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * c.qk_head_dim
-    kv = d * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
+        q = d * c.q_lora_rank + c.q_lora_rank * h * c.qk_head_dim
+    kv = d * (c.kv_lora_rank + c.qk_rope_head_dim)
     kv += c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim)
     return q + kv + h * c.v_head_dim * d
+
+
+def ffn_matrix_params(c: ModelConfig, layer_id: int) -> dict[str, int]:
+    """The feed-forward weights one token computes with in block `layer_id`, by part."""
+    d = c.hidden_size
+    if not c.is_moe_layer(layer_id):
+        return {"dense_mlp": 3 * d * c.intermediate_size}  # SwiGLU: w1, w3 up, w2 down
+    expert = 3 * d * c.moe_intermediate_size
+    return {
+        "gate": d * c.n_routed_experts,
+        "routed_experts": c.num_experts_per_tok * expert,
+        "shared_experts": c.n_shared_experts * expert,
+    }
 
 
 def _layer_params(c: ModelConfig, layer_id: int) -> tuple[int, int]:
     """(total, activated) parameters of one transformer block."""
     d = c.hidden_size
-    attn = _attention_params(c) + 2 * d  # + the two RMSNorms
-    if not c.is_moe_layer(layer_id):
-        mlp = 3 * d * c.intermediate_size
-        return attn + mlp, attn + mlp
-    expert = 3 * d * c.moe_intermediate_size
-    gate = c.n_routed_experts * d
-    shared = c.n_shared_experts * expert
-    total = attn + gate + shared + c.n_routed_experts * expert
-    active = attn + gate + shared + c.num_experts_per_tok * expert
-    return total, active
+    norms = 2 * d + c.kv_lora_rank + (c.q_lora_rank or 0)  # attn/ffn, kv_norm, q_norm
+    active = attention_matrix_params(c) + norms + sum(ffn_matrix_params(c, layer_id).values())
+    idle = 0  # routed experts a token does not use
+    if c.is_moe_layer(layer_id):
+        idle = (c.n_routed_experts - c.num_experts_per_tok) * 3 * d * c.moe_intermediate_size
+    return active + idle, active
 
 
 def param_counts(c: ModelConfig, include_mtp: bool = False) -> dict[str, int]:
@@ -432,14 +439,6 @@ def get_preset(name: str) -> ModelConfig:
     return PRESETS[name]()
 
 
-def human(n: float) -> str:
-    """1234567 -> '1.23M' (for tables)."""
-    for unit, k in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= k:
-            return f"{n / k:.3g}{unit}"
-    return f"{n:.3g}" if not float(n).is_integer() else str(int(n))
-
-
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -447,5 +446,4 @@ __all__ = [
     "get_preset",
     "param_counts",
     "kv_cache_bytes_per_token",
-    "human",
 ]

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
 from nanoseek.model import Transformer
-from nanoseek.utils import atomic_dir
+from nanoseek.utils import atomic_dir, read_json
 
 FP8_BLOCK = 128
 
@@ -101,10 +101,10 @@ class _TensorSource:
         index = path / "model.safetensors.index.json"
         single = path / "model.safetensors"
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            index_json = read_json(index, "a safetensors index", CheckpointError)
+            if not isinstance(index_json, dict) or "weight_map" not in index_json:
+                raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)")
+            weight_map = index_json["weight_map"]
             files = {k: path / f for k, f in weight_map.items()}
         elif single.exists():
             files = None

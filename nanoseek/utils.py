@@ -60,15 +60,20 @@ def atomic_dir(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_json(path: str | Path, what: str, error: type[Exception] = ValueError) -> Any:
-    """The parsed file, or one `error` naming the file, what it should hold and what is wrong."""
+def read_json(
+    path: str | Path, what: str, error: type[Exception] = ValueError, fix: str = ""
+) -> Any:
+    """The parsed file, or one `error` naming the file, what is wrong and (`fix`) what to do."""
     path = Path(path)
+    fix = f"; {fix}" if fix else ""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise error(f"{path}: no such file (expected {what})") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path}: unreadable {what} ({e})") from e
+        raise error(f"{path}: no such file (expected {what}){fix}") from e
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e}){fix}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: unreadable {what} ({e}){fix}") from e
 
 
 _SUFFIXES = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))

@@ -372,3 +372,17 @@ def test_cli_prepare_and_info(tmp_path, cli):
     assert r.code == 0
     assert "train" in r.out and "bytes/token" in r.out and meta["tokenizer"]["hash"] in r.out
     assert corpus_mod.normalize_extensions(".py, md") == (".md", ".py")
+
+
+def test_importing_the_tokenizer_leaves_the_rest_of_the_data_stage_unloaded():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from nanoseek.data.tokenizer import Tokenizer; "
+        "print(sorted(m for m in sys.modules if m.startswith('nanoseek.data')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert (
+        out.stdout.strip() == "['nanoseek.data', 'nanoseek.data.errors', 'nanoseek.data.tokenizer']"
+    )

@@ -31,10 +31,6 @@ COMMAND_MODULES = [
 ]
 
 
-class UserError(Exception):
-    """An error the user can fix; printed as one line, no traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanoseek",
@@ -57,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError) as e:
         # ConfigError, CheckpointError and friends subclass ValueError: one clear line.
         if os.environ.get("NANOSEEK_DEBUG"):
             raise

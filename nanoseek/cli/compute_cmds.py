@@ -177,7 +177,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_flops(args: argparse.Namespace) -> int:
     from nanoseek.compute import flops_breakdown, six_n_flops_per_token
-    from nanoseek.config import human, param_counts
+    from nanoseek.config import param_counts
+    from nanoseek.utils import human
 
     cfg, name = _model(args)
     parts = flops_breakdown(cfg, args.seq_len)
@@ -247,8 +248,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _fmt(key: str, v: Any) -> str:
-    from nanoseek.compute import format_quantity
-    from nanoseek.config import human
+    from nanoseek.utils import human
 
     if v is None:
         return "-"
@@ -262,9 +262,9 @@ def _fmt(key: str, v: Any) -> str:
         return human(v)
     if "flops" in key:
         rate = key.endswith(("_per_s", "_per_gpu")) or key.startswith(("peak", "achieved"))
-        return f"{format_quantity(v)} FLOP" + ("/s" if rate else "")
+        return f"{human(v, 4)} FLOP" + ("/s" if rate else "")
     if key.startswith("tokens") or key.endswith("tokens") or key == "gpu_hours":
-        return format_quantity(v)
+        return human(v, 4)
     if isinstance(v, float) and not v.is_integer():
         return f"{v:,.1f}"
     return f"{int(v):,}"

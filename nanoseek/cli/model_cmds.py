@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def info(args: argparse.Namespace) -> int:
     from nanoseek.compute import flops_per_token
-    from nanoseek.config import human, kv_cache_bytes_per_token, param_counts
+    from nanoseek.config import kv_cache_bytes_per_token, param_counts
+    from nanoseek.utils import human
 
     cfg = load_model_config(args)
     counts = param_counts(cfg)

@@ -4,16 +4,28 @@ out = prepare("stdlib", "data/stdlib8k")           # or a dir / glob / file / .j
 tok = Tokenizer.load(out)
 loader = BatchLoader(out, "train", batch_size=8, seq_len=256, seed=0)
 x, y = loader.get_batch(step)
+
+Names are imported on first use, so `from nanoseek.data.tokenizer import Tokenizer` (the
+engine, the server) does not pull in the corpus readers, numpy memmaps and tqdm.
 """
 
-from nanoseek.data.corpus import STDLIB, Corpus, open_corpus
-from nanoseek.data.errors import DataError
-from nanoseek.data.loader import BatchLoader
-from nanoseek.data.pipeline import prepare
-from nanoseek.data.shards import check_shards, open_split, read_meta, summary
-from nanoseek.data.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "CHAT_TEMPLATE", "SPECIAL_TOKENS", "STDLIB", "BatchLoader", "Corpus", "DataError", "Tokenizer",
-    "check_shards", "open_corpus", "open_split", "prepare", "read_meta", "summary",
-]  # fmt: skip
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "STDLIB": "corpus", "Corpus": "corpus", "open_corpus": "corpus",
+    "DataError": "errors",
+    "BatchLoader": "loader",
+    "prepare": "pipeline",
+    "check_shards": "shards", "open_split": "shards", "read_meta": "shards", "summary": "shards",
+    "CHAT_TEMPLATE": "tokenizer", "SPECIAL_TOKENS": "tokenizer", "Tokenizer": "tokenizer",
+}  # fmt: skip
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nanoseek.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"nanoseek.data.{_EXPORTS[name]}"), name)

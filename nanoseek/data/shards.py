@@ -21,7 +21,7 @@ from tqdm import tqdm
 from nanoseek.data.corpus import Corpus
 from nanoseek.data.errors import DataError
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.utils import atomic_path, atomic_write_text
+from nanoseek.utils import atomic_path, atomic_write_text, read_json
 
 FORMAT = 1
 META = "meta.json"
@@ -101,12 +101,7 @@ def read_meta(out_dir: str | Path) -> dict:
         raise DataError(
             f"no {META} in {out_dir}; build shards with `nanoseek data prepare --data ... --out {out_dir}`"
         )
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}: not valid JSON ({e}); delete it and run `nanoseek data prepare` again"
-        ) from e
+    meta = read_json(path, "shard metadata", DataError, "delete it and run `nanoseek data prepare` again")
     if meta.get("format") != FORMAT:
         raise DataError(
             f"{path}: shard format {meta.get('format')} is not {FORMAT}; rebuild with `nanoseek data prepare`"

@@ -27,6 +27,7 @@ import torch
 import nanoseek
 from nanoseek.config import param_counts
 from nanoseek.infer import Engine, SamplingParams
+from nanoseek.utils import format_table
 
 
 def synthetic_batch(vocab: int, B: int, T: int, gen: torch.Generator) -> torch.Tensor:
@@ -188,11 +189,12 @@ def decode_rows(model, path: Path, prompts, n: int, hf_cls, spec: bool = True) -
 
 def print_rows(rows: list[tuple], what: str, n: int, threads: int) -> None:
     print(f"\nDecode, {what}, greedy, prompt 16, {n} new tokens, {threads} thread(s), fp32")
-    print(
-        f"{'engine':<42}{'batch':>6}{'TTFT ms':>9}{'decode tok/s':>14}{'KV B/token':>12}{'vs HF':>8}"
-    )
-    for name, B, ttft, tps, kvb, ratio in rows:
-        print(f"{name:<42}{B:>6}{ttft * 1e3:>9.2f}{tps:>14.0f}{kvb:>12}{ratio:>7.2f}x")
+    table = [
+        (name, B, f"{ttft * 1e3:.2f}", f"{tps:.0f}", kvb, f"{ratio:.2f}x")
+        for name, B, ttft, tps, kvb, ratio in rows
+    ]
+    header = ("engine", "batch", "TTFT ms", "decode tok/s", "KV B/token", "vs HF")
+    print(format_table(table, header=header))
 
 
 def main() -> None:
@@ -243,10 +245,11 @@ def main() -> None:
         print_rows(small_rows, "6-layer `small` preset (random weights)", n, args.threads)
 
     print("\nLong context, batch 1, ms per decode step (cache of random latents)")
-    print(f"{'context':>8}{'absorbed':>10}{'plain':>10}{'speedup':>9}")
+    table = []
     for S in (2048, 8192):
         a, p = long_context(model, S)
-        print(f"{S:>8}{a:>10.2f}{p:>10.2f}{p / a:>8.1f}x")
+        table.append((S, f"{a:.2f}", f"{p:.2f}", f"{p / a:.1f}x"))
+    print(format_table(table, header=("context", "absorbed", "plain", "speedup")))
 
     bw = bandwidth_gbs()
     weights = param_counts(cfg)["activated"] * 4

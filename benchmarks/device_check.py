@@ -21,6 +21,7 @@ from nanoseek.compute import find_gpu, flops_per_token, load_catalog, measure_ma
 from nanoseek.config import get_preset
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.model import Transformer
+from nanoseek.utils import format_table
 
 
 def peak_flops(device: torch.device) -> tuple[float, str]:
@@ -128,9 +129,7 @@ def main() -> None:
         ("decode tokens/s, batch 1", f"{d['decode_tok_s_batch1']:,.0f}"),
         ("decode tokens/s, batch 8", f"{d['decode_tok_s_batch8']:,.0f}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

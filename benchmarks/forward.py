@@ -19,6 +19,7 @@ import torch
 import nanoseek
 from nanoseek.compute import flops_per_token, measure_matmul_peak
 from nanoseek.config import get_preset
+from nanoseek.utils import format_table
 
 
 def timed(fn, repeats: int) -> float:
@@ -113,14 +114,13 @@ def main() -> None:
         f"\nforward benchmark: preset={args.preset} batch={args.batch} seq={args.seq} "
         f"threads={args.threads}; max |logit diff| vs transformers (fp32) = {diff:.2e}"
     )
-    print(
-        f"{'dtype':<6}{'pass':<9}{'implementation':<15}{'tokens/s':>10}{'% of peak':>11}"
-        f"{'vs transformers':>17}{'peak GFLOP/s':>14}"
-    )
-    for name, mode, k, tps, frac, ratio, peak in rows:
-        print(
-            f"{name:<6}{mode:<9}{k:<15}{tps:>10.0f}{frac * 100:>10.1f}%{ratio:>16.2f}x{peak / 1e9:>14.0f}"
-        )
+    table = [
+        (f"{name} {mode} {k}", f"{tps:.0f}", f"{frac:.1%}", f"{ratio:.2f}x", f"{peak / 1e9:.0f}")
+        for name, mode, k, tps, frac, ratio, peak in rows
+    ]
+    header = ("dtype, pass, implementation", "tokens/s", "% of peak", "vs transformers",
+              "peak GFLOP/s")  # fmt: skip
+    print(format_table(table, header=header))
     print(
         f"\nMoE layer {layer} alone (fp32 forward, {tokens} tokens, max diff {moe_diff:.1e}): "
         f"nanoseek {tokens / moe_t['nanoseek']:.0f} tok/s, transformers "

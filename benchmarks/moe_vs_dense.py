@@ -20,7 +20,7 @@ from nanoseek.config import get_preset, param_counts
 from nanoseek.data import prepare
 from nanoseek.train import make_config, train
 from nanoseek.train.metrics import read_metrics
-from nanoseek.utils import human
+from nanoseek.utils import format_table, human
 
 
 def curve(run: Path) -> dict[str, np.ndarray]:
@@ -75,13 +75,16 @@ def main(argv: list[str] | None = None) -> None:
     target = dense["val"][-1]
     print(f"\nMoE vs dense, same data, batches and {human(args.tokens)}-token budget "
           f"({summaries['small']['dtype']}, {summaries['small']['device']})")  # fmt: skip
-    print(f"{'':13}{'params':>8}{'active':>8}{'FLOPs/tok':>10}{'tokens/s':>10}{'train s':>9}"
-          f"{'FLOPs':>10}{'val loss':>10}{'bits/byte':>10}")  # fmt: skip
+    table = []
     for preset in ("small", "dense-small"):
         s, pc = summaries[preset], param_counts(get_preset(preset))
-        print(f"{preset:13}{human(pc['total']):>8}{human(pc['activated']):>8}{human(s['flops_per_token']):>10}"
-              f"{s['tokens_per_second']:>10,.0f}{s['wall_seconds']:>9.0f}{s['total_flops']:>10.3g}"
-              f"{s['final_val_loss']:>10.4f}{s['final_val_bpb']:>10.3f}")  # fmt: skip
+        table.append((preset, human(pc["total"]), human(pc["activated"]),
+                      human(s["flops_per_token"]), f"{s['tokens_per_second']:,.0f}",
+                      f"{s['wall_seconds']:.0f}", f"{s['total_flops']:.3g}",
+                      f"{s['final_val_loss']:.4f}", f"{s['final_val_bpb']:.3f}"))  # fmt: skip
+    header = ("", "params", "active", "FLOPs/tok", "tokens/s", "train s", "FLOPs", "val loss",
+              "bits/byte")  # fmt: skip
+    print(format_table(table, header=header))
     f_reach, t_reach = first_reach(moe, target, "flops"), first_reach(moe, target, "seconds")
     if f_reach is None:
         print(f"the MoE did not reach the dense model's final validation loss ({target:.4f}) "

@@ -25,6 +25,7 @@ from nanoseek.device import resolve_dtype
 from nanoseek.model import Transformer
 from nanoseek.train.balance import update_expert_bias
 from nanoseek.train.run import build_optimizer
+from nanoseek.utils import format_table
 
 
 def time_steps(step, warmup: int, steps: int) -> float:
@@ -122,9 +123,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.steps} steps"
     )
     print(f"matmul peak ({str(dtype)[6:]}, measured): {peak / 1e12:.2f} TFLOP/s")
-    print(f"{'':38}{'ms/step':>9}{'tokens/s':>10}{'MFU':>8}{'vs transformers':>17}")
-    for name, sec, tps, mfu in rows:
-        print(f"{name:38}{sec * 1e3:>9.0f}{tps:>10,.0f}{mfu:>8.1%}{tps / base:>16.2f}x")
+    table = [
+        (name, f"{sec * 1e3:.0f}", f"{tps:,.0f}", f"{mfu:.1%}", f"{tps / base:.2f}x")
+        for name, sec, tps, mfu in rows
+    ]
+    print(format_table(table, header=("", "ms/step", "tokens/s", "MFU", "vs transformers")))
 
 
 if __name__ == "__main__":

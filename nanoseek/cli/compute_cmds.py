@@ -7,6 +7,8 @@ import json
 import textwrap
 from typing import Any
 
+from nanoseek.utils import format_table
+
 DEFAULT_SEQ_LEN = 4096  # DeepSeek-V3's pretraining sequence length
 
 
@@ -169,9 +171,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     gpus = [k.removesuffix("_gpu_hours") for k in per_gpu if k.endswith("_gpu_hours")]
     print(f"\nthe same {_fmt('total_flops', r['total_flops'])} at {r['assumed_mfu_on_gpus']:.0%} MFU "
           f"({args.precision.upper()}) on one GPU of each kind:")  # fmt: skip
-    _table([("GPU", "GPU-hours", "cost")]
+    print(format_table([("GPU", "GPU-hours", "cost")]
            + [(g, f"{per_gpu[g + '_gpu_hours']:.3g}", _fmt("cost_usd", per_gpu[g + "_cost_usd"]))
-              for g in gpus])  # fmt: skip
+              for g in gpus]))  # fmt: skip
     return 0
 
 
@@ -199,7 +201,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
              ("6 N_activated", "", f"{ref['six_n']:.4g}", f"{ref['six_n'] / total:.1%}"),
              ("6 N + attention", "", f"{ref['six_n_plus_attention']:.4g}",
               f"{ref['six_n_plus_attention'] / total:.1%}")]  # fmt: skip
-    _table(rows)
+    print(format_table(rows))
     return 0
 
 
@@ -221,7 +223,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
                      f"{g.memory_gb:.0f}" if g.memory_gb else "-",
                      f"{g.bandwidth_tbs:.3g}" if g.bandwidth_tbs else "-",
                      f"{g.price_usd_per_hour:.2f}"))  # fmt: skip
-    _table(rows)
+    print(format_table(rows))
     print("dense tensor-core peaks (half the vendors' sparsity headline); prices are defaults")
     if args.sources:
         for g in gpus:
@@ -270,23 +272,12 @@ def _fmt(key: str, v: Any) -> str:
     return f"{int(v):,}"
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            ).rstrip()
-        )
-
-
 def _emit(args: argparse.Namespace, r: dict[str, Any]) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
     prose = {k: r.pop(k) for k in ("explanation", "note") if k in r}
-    _table([(k.replace("_", " "), _fmt(k, v)) for k, v in r.items()])
+    print(format_table([(k.replace("_", " "), _fmt(k, v)) for k, v in r.items()]))
     for text in prose.values():
         print("\n" + textwrap.fill(text, width=90))
     return 0

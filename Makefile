@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 	@if command -v nvidia-smi >/dev/null 2>&1 || $(PY) -c "import torch" 2>/dev/null; then \
 		echo "keeping the installed torch"; $(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch; \
 	else $(PIP) install -q $(TORCH); fi
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,serve]"
 	touch $@
 
 run: .venv/.installed

@@ -64,8 +64,12 @@ def train_check(model, device, batch, seq, steps) -> dict[str, float]:
         losses.append(loss.item())
     step_s = sorted(times[2:])[len(times[2:]) // 2]
     tps = batch * seq / step_s
-    return {"tokens_per_s": tps, "flops_per_s": tps * flops_per_token(cfg, seq), "first_loss": losses[0],
-            "last_loss": losses[-1]}  # fmt: skip
+    return {
+        "tokens_per_s": tps,
+        "flops_per_s": tps * flops_per_token(cfg, seq),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
 
 
 def decode_check(model, device) -> dict[str, float]:

@@ -27,8 +27,12 @@ def curve(run: Path) -> dict[str, np.ndarray]:
     recs = [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
     fpt = json.loads((run / "summary.json").read_text())["flops_per_token"]
     tokens = np.array([r["tokens"] for r in recs], dtype=float)
-    return {"tokens": tokens, "flops": tokens * fpt, "seconds": np.array([r["train_seconds"] for r in recs]),
-            "val": np.array([r["val_loss"] for r in recs])}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "flops": tokens * fpt,
+        "seconds": np.array([r["train_seconds"] for r in recs]),
+        "val": np.array([r["val_loss"] for r in recs]),
+    }
 
 
 def first_reach(c: dict[str, np.ndarray], target: float, key: str) -> float | None:
@@ -66,33 +70,64 @@ def main(argv: list[str] | None = None) -> None:
     for preset in ("small", "dense-small"):
         out = Path(args.out) / preset
         print(f"\n== {preset}: {human(args.tokens)} tokens", flush=True)
-        tc = make_config(preset=preset, data=str(shards), out=str(out), tokens=args.tokens,
-                         eval_every=args.eval_every, overwrite=True, seed=args.seed)  # fmt: skip
+        tc = make_config(
+            preset=preset,
+            data=str(shards),
+            out=str(out),
+            tokens=args.tokens,
+            eval_every=args.eval_every,
+            overwrite=True,
+            seed=args.seed,
+        )
         summaries[preset] = train(tc)
         runs[preset] = curve(out)
 
     moe, dense = runs["small"], runs["dense-small"]
     target = dense["val"][-1]
-    print(f"\nMoE vs dense, same data, batches and {human(args.tokens)}-token budget "
-          f"({summaries['small']['dtype']}, {summaries['small']['device']})")  # fmt: skip
+    print(
+        f"\nMoE vs dense, same data, batches and {human(args.tokens)}-token budget "
+        f"({summaries['small']['dtype']}, {summaries['small']['device']})"
+    )
     table = []
     for preset in ("small", "dense-small"):
         s, pc = summaries[preset], param_counts(get_preset(preset))
-        table.append((preset, human(pc["total"]), human(pc["activated"]),
-                      human(s["flops_per_token"]), f"{s['tokens_per_second']:,.0f}",
-                      f"{s['wall_seconds']:.0f}", f"{s['total_flops']:.3g}",
-                      f"{s['final_val_loss']:.4f}", f"{s['final_val_bpb']:.3f}"))  # fmt: skip
-    header = ("", "params", "active", "FLOPs/tok", "tokens/s", "train s", "FLOPs", "val loss",
-              "bits/byte")  # fmt: skip
+        table.append(
+            (
+                preset,
+                human(pc["total"]),
+                human(pc["activated"]),
+                human(s["flops_per_token"]),
+                f"{s['tokens_per_second']:,.0f}",
+                f"{s['wall_seconds']:.0f}",
+                f"{s['total_flops']:.3g}",
+                f"{s['final_val_loss']:.4f}",
+                f"{s['final_val_bpb']:.3f}",
+            )
+        )
+    header = (
+        "",
+        "params",
+        "active",
+        "FLOPs/tok",
+        "tokens/s",
+        "train s",
+        "FLOPs",
+        "val loss",
+        "bits/byte",
+    )
     print(format_table(table, header=header))
     f_reach, t_reach = first_reach(moe, target, "flops"), first_reach(moe, target, "seconds")
     if f_reach is None:
-        print(f"the MoE did not reach the dense model's final validation loss ({target:.4f}) "
-              f"within the budget: the claim does not hold at this scale and budget")  # fmt: skip
+        print(
+            f"the MoE did not reach the dense model's final validation loss ({target:.4f}) "
+            f"within the budget: the claim does not hold at this scale and budget"
+        )
     else:
-        print(f"the MoE reached the dense model's final validation loss ({target:.4f}) at "
-              f"{f_reach / dense['flops'][-1]:.0%} of the dense training FLOPs and "
-              f"{t_reach / dense['seconds'][-1]:.0%} of its training time")  # fmt: skip
+        print(
+            f"the MoE reached the dense model's final validation loss ({target:.4f}) at "
+            f"{f_reach / dense['flops'][-1]:.0%} of the dense training FLOPs and "
+            f"{t_reach / dense['seconds'][-1]:.0%} of its training time"
+        )
 
     import matplotlib
 

@@ -1,6 +1,6 @@
 """Serving under load: `nanoseek serve` with 1, 4 and 16 concurrent streaming chat clients.
 
-    python -m benchmarks.serve_load [--max-tokens 64] [--system-words 180] [--threads 1]
+    python -m benchmarks.serve_load [--max-tokens 128] [--system-words 120] [--threads 1]
                                     [--prefix-cache | --no-prefix-cache]
 
 The server runs as its own process (`nanoseek serve`, loopback, one engine thread) over the
@@ -17,7 +17,8 @@ a prefix cache can reuse). Without a prefix cache both should cost the same; wit
 Per row: aggregate tokens/s (all reply tokens over the row's wall time) and its ratio to the
 1-client row; time to first token (request sent -> first text) and per-token latency
 ((last text - first text) / (tokens - 1)) at p50 and p99 over the row's requests (with 32
-requests, p99 is the slowest).
+requests, p99 is the slowest). Below the table, the engine alone (no HTTP, same model, same
+threads): decode tokens/s at batch 1 and 16, the ceiling for the 16-client ratio.
 """
 
 from __future__ import annotations
@@ -121,6 +122,25 @@ async def one_request(client, msgs: list[dict], max_tokens: int) -> tuple[float,
     return first - t0, (last - first) / max(tokens - 1, 1), tokens
 
 
+def engine_ceiling(ckpt: Path, prompt_len: int, max_tokens: int) -> dict[int, float]:
+    """Decode tokens/s of the engine itself at batch 1 and 16 (prefill excluded)."""
+    from nanoseek.infer import Engine, SamplingParams
+
+    engine = Engine.load(ckpt, max_batch=max(CLIENTS), max_len=512)
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    out = {}
+    for B in (1, max(CLIENTS)):
+        gen = torch.Generator().manual_seed(B)
+        for _ in range(B):
+            engine.add_request(torch.randint(10, 8000, (prompt_len,), generator=gen).tolist(), sp)
+        engine.step()  # the prefill
+        t0, n = time.perf_counter(), 0
+        while engine.has_unfinished():
+            n += sum(len(o.token_ids) for o in engine.step())
+        out[B] = n / (time.perf_counter() - t0)
+    return out
+
+
 def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
@@ -154,8 +174,8 @@ async def run_row(url: str, kind: str, clients: int, args, offset: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (fixed)")
-    ap.add_argument("--system-words", type=int, default=180, help="system prompt length, in words")
+    ap.add_argument("--max-tokens", type=int, default=128, help="tokens per reply (fixed)")
+    ap.add_argument("--system-words", type=int, default=120, help="system prompt length, in words")
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     ap.add_argument(
         "--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
@@ -168,6 +188,10 @@ def main() -> None:
         t0 = time.perf_counter()
         build_checkpoint(ckpt)
         print(f"checkpoint (small, random weights) built in {time.perf_counter() - t0:.0f} s")
+        torch.set_num_threads(args.threads)
+        tok = Tokenizer.load(ckpt)
+        prompt_len = len(tok.apply_chat_template(messages("shared", 0, args.system_words)))
+        ceiling = engine_ceiling(ckpt, prompt_len, args.max_tokens)
         port = free_port()
         proc = start_server(ckpt, port, args)
         url = f"http://127.0.0.1:{port}"
@@ -189,10 +213,9 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-    prompt_len = len(messages("shared", 0, args.system_words)[0]["content"].split())
     title = (
         f"Serving `small` (random weights), streaming chat, {args.max_tokens} tokens per reply, "
-        f"system prompt {prompt_len} words, server: 1 engine thread x {args.threads} torch "
+        f"prompt {prompt_len} tokens, server: 1 engine thread x {args.threads} torch "
         f"thread(s), max batch {max(CLIENTS)}, prefix cache: "
         f"{'server default' if args.prefix_cache is None else args.prefix_cache}"
     )
@@ -200,6 +223,11 @@ def main() -> None:
               "TTFT p99 ms", "per-token p50 ms", "per-token p99 ms")  # fmt: skip
     print()
     print(format_table(rows, title, header))
+    b1, b16 = ceiling[1], ceiling[max(CLIENTS)]
+    print(
+        f"Engine alone (no HTTP, same model and threads), decode only: {b1:.0f} tok/s at batch 1, "
+        f"{b16:.0f} at batch {max(CLIENTS)} ({b16 / b1:.2f}x): the ceiling for the 16-client ratio."
+    )
 
 
 if __name__ == "__main__":

@@ -93,9 +93,18 @@ def flops_breakdown(cfg: ModelConfig, seq_len: int, training: bool = True) -> di
     # Causal attention: position i (1-based) attends to i keys, so (L + 1) / 2 on average.
     ctx = (seq_len + 1) / 2
     parts = dict.fromkeys(
-        ("attention_proj", "attention_scores", "gate", "routed_experts", "shared_experts",
-         "dense_mlp", "head", "mtp"), 0.0,
-    )  # fmt: skip
+        (
+            "attention_proj",
+            "attention_scores",
+            "gate",
+            "routed_experts",
+            "shared_experts",
+            "dense_mlp",
+            "head",
+            "mtp",
+        ),
+        0.0,
+    )
     proj, scores = _attention_macs(cfg, ctx)
     for layer_id in range(cfg.num_hidden_layers):
         parts["attention_proj"] += proj
@@ -250,8 +259,16 @@ def this_machine() -> GPU:
     else:
         name = f"this machine (CPU, {torch.get_num_threads()} threads)"
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    return GPU("this", name, measure_matmul_peak(torch.bfloat16, device), None, memory, None, 0.0,
-               source="measured by nanoseek.compute.measure_matmul_peak")  # fmt: skip
+    return GPU(
+        "this",
+        name,
+        measure_matmul_peak(torch.bfloat16, device),
+        None,
+        memory,
+        None,
+        0.0,
+        source="measured by nanoseek.compute.measure_matmul_peak",
+    )
 
 
 def find_gpu(name: str, catalog: dict[str, GPU] | None = None) -> GPU:
@@ -293,25 +310,47 @@ def _model_numbers(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     }
 
 
-def estimate_training(cfg: ModelConfig, tokens: float, gpu: GPU, gpus: int, mfu: float,
-                      seq_len: int = 4096, precision: str = "bf16",
-                      price: float | None = None) -> dict[str, Any]:  # fmt: skip
+def estimate_training(
+    cfg: ModelConfig,
+    tokens: float,
+    gpu: GPU,
+    gpus: int,
+    mfu: float,
+    seq_len: int = 4096,
+    precision: str = "bf16",
+    price: float | None = None,
+) -> dict[str, Any]:
     tokens, gpus = _positive("tokens", tokens), _count("GPU count", gpus)
     _check_mfu(mfu)
     price = gpu.price_usd_per_hour if price is None else _positive("price", price)
     out = _model_numbers(cfg, seq_len)
     total = out["flops_per_token"] * tokens
     gpu_hours = total / (gpu.peak(precision) * mfu) / 3600
-    out.update(tokens=tokens, total_flops=total, gpu=gpu.name, gpus=gpus, precision=precision,
-               peak_flops_per_gpu=gpu.peak(precision), mfu=mfu, gpu_hours=gpu_hours,
-               wall_days=gpu_hours / gpus / 24, price_usd_per_gpu_hour=price,
-               cost_usd=gpu_hours * price)  # fmt: skip
+    out.update(
+        tokens=tokens,
+        total_flops=total,
+        gpu=gpu.name,
+        gpus=gpus,
+        precision=precision,
+        peak_flops_per_gpu=gpu.peak(precision),
+        mfu=mfu,
+        gpu_hours=gpu_hours,
+        wall_days=gpu_hours / gpus / 24,
+        price_usd_per_gpu_hour=price,
+        cost_usd=gpu_hours * price,
+    )
     return out
 
 
-def check_claim(cfg: ModelConfig, tokens: float, gpu: GPU, gpu_hours: float,
-                seq_len: int = 4096, precision: str = "bf16",
-                price: float | None = None) -> dict[str, Any]:  # fmt: skip
+def check_claim(
+    cfg: ModelConfig,
+    tokens: float,
+    gpu: GPU,
+    gpu_hours: float,
+    seq_len: int = 4096,
+    precision: str = "bf16",
+    price: float | None = None,
+) -> dict[str, Any]:
     tokens, gpu_hours = _positive("tokens", tokens), _positive("GPU-hours", gpu_hours)
     price = gpu.price_usd_per_hour if price is None else _positive("price", price)
     out = _model_numbers(cfg, seq_len)
@@ -329,16 +368,30 @@ def check_claim(cfg: ModelConfig, tokens: float, gpu: GPU, gpu_hours: float,
         + f" Against the {precision.upper()} peak, {implied:.1%} is {verdict}: {why}."
     )
     if precision == "bf16" and mfu_fp8 is not None:
-        text += (" If the matmuls ran in FP8, the FP8 peak is the honest denominator"
-                 " (rerun with --precision fp8); published MFUs are quoted against BF16.")  # fmt: skip
+        text += (
+            " If the matmuls ran in FP8, the FP8 peak is the honest denominator"
+            " (rerun with --precision fp8); published MFUs are quoted against BF16."
+        )
     elif precision == "fp8":
-        text += (" FP8 is the honest denominator when the matmuls ran in FP8; the BF16 figure"
-                 " is only comparable with the published (BF16) MFUs.")  # fmt: skip
-    out.update(tokens=tokens, total_flops=total, gpu=gpu.name, gpu_hours=gpu_hours,
-               precision=precision, achieved_flops_per_gpu=achieved, implied_mfu=implied,
-               implied_mfu_bf16=mfu_bf16, implied_mfu_fp8=mfu_fp8, verdict=verdict,
-               price_usd_per_gpu_hour=price, cost_usd=gpu_hours * price,
-               explanation=text)  # fmt: skip
+        text += (
+            " FP8 is the honest denominator when the matmuls ran in FP8; the BF16 figure"
+            " is only comparable with the published (BF16) MFUs."
+        )
+    out.update(
+        tokens=tokens,
+        total_flops=total,
+        gpu=gpu.name,
+        gpu_hours=gpu_hours,
+        precision=precision,
+        achieved_flops_per_gpu=achieved,
+        implied_mfu=implied,
+        implied_mfu_bf16=mfu_bf16,
+        implied_mfu_fp8=mfu_fp8,
+        verdict=verdict,
+        price_usd_per_gpu_hour=price,
+        cost_usd=gpu_hours * price,
+        explanation=text,
+    )
     return out
 
 
@@ -348,20 +401,36 @@ def compute_optimal(total_flops: float, tokens_per_param: float = 20.0) -> tuple
     return n, tokens_per_param * n
 
 
-def fleet_capacity(gpu: GPU, gpus: int, days: float, mfu: float,
-                   cfg: ModelConfig | None = None, seq_len: int = 4096,
-                   precision: str = "bf16", tokens_per_param: float = 20.0,
-                   price: float | None = None) -> dict[str, Any]:  # fmt: skip
+def fleet_capacity(
+    gpu: GPU,
+    gpus: int,
+    days: float,
+    mfu: float,
+    cfg: ModelConfig | None = None,
+    seq_len: int = 4096,
+    precision: str = "bf16",
+    tokens_per_param: float = 20.0,
+    price: float | None = None,
+) -> dict[str, Any]:
     gpus, days = _count("GPU count", gpus), _positive("days", days)
     _check_mfu(mfu)
     price = gpu.price_usd_per_hour if price is None else _positive("price", price)
     gpu_hours = gpus * days * 24
     total = gpu_hours * 3600 * gpu.peak(precision) * mfu
     n_opt, d_opt = compute_optimal(total, _positive("tokens per parameter", tokens_per_param))
-    out: dict[str, Any] = dict(gpu=gpu.name, gpus=gpus, days=days, mfu=mfu, precision=precision,
-                               gpu_hours=gpu_hours, total_flops=total,
-                               price_usd_per_gpu_hour=price, cost_usd=gpu_hours * price,
-                               optimal_params=n_opt, optimal_tokens=d_opt)  # fmt: skip
+    out: dict[str, Any] = dict(
+        gpu=gpu.name,
+        gpus=gpus,
+        days=days,
+        mfu=mfu,
+        precision=precision,
+        gpu_hours=gpu_hours,
+        total_flops=total,
+        price_usd_per_gpu_hour=price,
+        cost_usd=gpu_hours * price,
+        optimal_params=n_opt,
+        optimal_tokens=d_opt,
+    )
     if cfg is not None:
         out.update(_model_numbers(cfg, seq_len))
         out["tokens"] = total / out["flops_per_token"]
@@ -373,8 +442,12 @@ def fleet_capacity(gpu: GPU, gpus: int, days: float, mfu: float,
 RUN_KEYS = ("tokens_seen", "wall_seconds", "seq_len")
 
 
-def run_report(run_dir: str | Path, catalog: dict[str, GPU] | None = None, mfu: float = 0.4,
-               precision: str = "bf16") -> dict[str, Any]:  # fmt: skip
+def run_report(
+    run_dir: str | Path,
+    catalog: dict[str, GPU] | None = None,
+    mfu: float = 0.4,
+    precision: str = "bf16",
+) -> dict[str, Any]:
     run_dir = Path(run_dir)
     path = run_dir / "summary.json"
     if not path.exists():
@@ -392,21 +465,34 @@ def run_report(run_dir: str | Path, catalog: dict[str, GPU] | None = None, mfu: 
     _check_mfu(mfu)
     tokens = _positive("tokens_seen", s["tokens_seen"])
     wall = _positive("wall_seconds", s["wall_seconds"])
-    out: dict[str, Any] = {"run": run_dir.name, "preset": s.get("preset"),
-                           "device": s.get("device"), "dtype": s.get("dtype")}  # fmt: skip
+    out: dict[str, Any] = {
+        "run": run_dir.name,
+        "preset": s.get("preset"),
+        "device": s.get("device"),
+        "dtype": s.get("dtype"),
+    }
     out.update(_model_numbers(cfg, int(s["seq_len"])))
     recomputed = out.pop("flops_per_token")
     fpt = float(s.get("flops_per_token") or recomputed)
     total = float(s.get("total_flops") or fpt * tokens)
-    out.update(tokens_seen=tokens, wall_seconds=wall, tokens_per_second=tokens / wall,
-               flops_per_token=fpt, flops_per_token_recomputed=recomputed, total_flops=total,
-               achieved_flops_per_s=total / wall, peak_flops=s.get("peak_flops"),
-               mfu=s.get("mfu"))  # fmt: skip
+    out.update(
+        tokens_seen=tokens,
+        wall_seconds=wall,
+        tokens_per_second=tokens / wall,
+        flops_per_token=fpt,
+        flops_per_token_recomputed=recomputed,
+        total_flops=total,
+        achieved_flops_per_s=total / wall,
+        peak_flops=s.get("peak_flops"),
+        mfu=s.get("mfu"),
+    )
     if out["mfu"] is None and out["peak_flops"]:
         out["mfu"] = total / wall / float(out["peak_flops"])
     if abs(fpt / recomputed - 1) > 0.01:
-        out["note"] = (f"summary.json's flops_per_token ({fpt:.4g}) differs from the config's "
-                       f"({recomputed:.4g}) by more than 1%")  # fmt: skip
+        out["note"] = (
+            f"summary.json's flops_per_token ({fpt:.4g}) differs from the config's "
+            f"({recomputed:.4g}) by more than 1%"
+        )
     out["assumed_mfu_on_gpus"] = mfu
     for gpu in (catalog if catalog is not None else load_catalog()).values():
         if precision == "fp8" and gpu.fp8_flops is None:
@@ -420,9 +506,14 @@ def run_report(run_dir: str | Path, catalog: dict[str, GPU] | None = None, mfu: 
 # --- plot: cost and GPU-days against model size -------------------------------------------
 
 
-def plot_cost(out: str | Path, gpus: tuple[GPU, ...], mfu: float = 0.4,
-              tokens_per_param: float = 20.0, precision: str = "bf16",
-              marker: dict[str, Any] | None = None) -> Path:  # fmt: skip
+def plot_cost(
+    out: str | Path,
+    gpus: tuple[GPU, ...],
+    mfu: float = 0.4,
+    tokens_per_param: float = 20.0,
+    precision: str = "bf16",
+    marker: dict[str, Any] | None = None,
+) -> Path:
     """Compute-optimal dense training (D = tokens_per_param * N, C = 6 N D) on each GPU."""
     import matplotlib
 
@@ -447,8 +538,10 @@ def plot_cost(out: str | Path, gpus: tuple[GPU, ...], mfu: float = 0.4,
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     ax_cost.legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"Compute-optimal training, D = {tokens_per_param:g} N tokens, "
-                 f"{precision.upper()} at {mfu:.0%} MFU")  # fmt: skip
+    fig.suptitle(
+        f"Compute-optimal training, D = {tokens_per_param:g} N tokens, "
+        f"{precision.upper()} at {mfu:.0%} MFU"
+    )
     fig.tight_layout()
     out = Path(out)
     with atomic_path(out) as tmp:

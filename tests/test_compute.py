@@ -163,9 +163,18 @@ def test_fleet_of_50k_h100():
 
 @pytest.mark.parametrize(
     "text,value",
-    [("14.8T", 14.8e12), ("2.788M", 2.788e6), ("3e24", 3e24), ("671B", 671e9), ("50k", 5e4),
-     ("1,000", 1000.0), ("0.35", 0.35), ("2.25G", 2.25e9), ("1.5e3K", 1.5e6)],
-)  # fmt: skip
+    [
+        ("14.8T", 14.8e12),
+        ("2.788M", 2.788e6),
+        ("3e24", 3e24),
+        ("671B", 671e9),
+        ("50k", 5e4),
+        ("1,000", 1000.0),
+        ("0.35", 0.35),
+        ("2.25G", 2.25e9),
+        ("1.5e3K", 1.5e6),
+    ],
+)
 def test_parse_quantity(text, value):
     assert parse_quantity(text) == pytest.approx(value)
 
@@ -255,9 +264,18 @@ def _fake_run(root: Path, **overrides) -> Path:
     cfg = get_preset("tiny")
     cfg.save(run / "config.json")
     fpt = flops_per_token(cfg, 256)
-    summary = {"preset": "tiny", "tokens_seen": 2_000_000, "wall_seconds": 100.0,
-               "flops_per_token": fpt, "total_flops": fpt * 2e6, "mfu": fpt * 2e6 / 100 / 4e11,
-               "peak_flops": 4e11, "device": "cpu", "dtype": "bfloat16", "seq_len": 256}  # fmt: skip
+    summary = {
+        "preset": "tiny",
+        "tokens_seen": 2_000_000,
+        "wall_seconds": 100.0,
+        "flops_per_token": fpt,
+        "total_flops": fpt * 2e6,
+        "mfu": fpt * 2e6 / 100 / 4e11,
+        "peak_flops": 4e11,
+        "device": "cpu",
+        "dtype": "bfloat16",
+        "seq_len": 256,
+    }
     summary.update(overrides)
     (run / "summary.json").write_text(json.dumps(summary))
     return run
@@ -304,13 +322,52 @@ def _cli(cli, argv: list[str]) -> str:
 
 
 def test_cli_json_keys(cli):
-    out = json.loads(_cli(cli, ["train", "--preset", "deepseek-v3", "--tokens", "14.8T", "--gpu",
-                           "H800", "--gpus", "2048", "--mfu", "0.35", "--json"]))  # fmt: skip
-    for key in ("params_total", "params_activated", "flops_per_token", "total_flops",
-                "gpu_hours", "cost_usd", "wall_days"):  # fmt: skip
+    out = json.loads(
+        _cli(
+            cli,
+            [
+                "train",
+                "--preset",
+                "deepseek-v3",
+                "--tokens",
+                "14.8T",
+                "--gpu",
+                "H800",
+                "--gpus",
+                "2048",
+                "--mfu",
+                "0.35",
+                "--json",
+            ],
+        )
+    )
+    for key in (
+        "params_total",
+        "params_activated",
+        "flops_per_token",
+        "total_flops",
+        "gpu_hours",
+        "cost_usd",
+        "wall_days",
+    ):
         assert isinstance(out[key], int | float), key
-    out = json.loads(_cli(cli, ["check", "--preset", "deepseek-v3", "--tokens", "14.8T", "--gpu",
-                           "H800", "--gpu-hours", "2.788M", "--json"]))  # fmt: skip
+    out = json.loads(
+        _cli(
+            cli,
+            [
+                "check",
+                "--preset",
+                "deepseek-v3",
+                "--tokens",
+                "14.8T",
+                "--gpu",
+                "H800",
+                "--gpu-hours",
+                "2.788M",
+                "--json",
+            ],
+        )
+    )
     assert 0.35 < out["implied_mfu"] < 0.42
     out = json.loads(
         _cli(cli, ["fleet", "--gpu", "H100", "--gpus", "50k", "--days", "60", "--json"])
@@ -319,8 +376,20 @@ def test_cli_json_keys(cli):
 
 
 def test_cli_tables(tmp_path, cli):
-    out = _cli(cli, ["check", "--preset", "deepseek-v3", "--tokens", "14.8T", "--gpu", "H800",
-                "--gpu-hours", "2.788M"])  # fmt: skip
+    out = _cli(
+        cli,
+        [
+            "check",
+            "--preset",
+            "deepseek-v3",
+            "--tokens",
+            "14.8T",
+            "--gpu",
+            "H800",
+            "--gpu-hours",
+            "2.788M",
+        ],
+    )
     assert "implied mfu bf16" in out and "38.8%" in out and "19.4%" in out
     out = _cli(cli, ["flops", "--preset", "deepseek-v3"])
     assert "attention_scores" in out and "6 N + attention" in out
@@ -336,8 +405,18 @@ def test_cli_tables(tmp_path, cli):
 
 def test_cli_rejects_bad_quantities(cli, capsys):
     with pytest.raises(SystemExit):
-        cli("compute", "train", "--preset", "tiny", "--tokens", "14.8X", "--gpu", "H100",
-            "--gpus", "8")  # fmt: skip
+        cli(
+            "compute",
+            "train",
+            "--preset",
+            "tiny",
+            "--tokens",
+            "14.8X",
+            "--gpu",
+            "H100",
+            "--gpus",
+            "8",
+        )
     assert "cannot read '14.8X' as a number" in capsys.readouterr().err
 
 

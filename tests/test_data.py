@@ -124,9 +124,11 @@ def test_chat_template_agrees_with_transformers(built, tok):
     assert hf.encode("return self", add_special_tokens=False) == tok.encode("return self")
     # reasoning: a message's reasoning_content renders as <think>...</think> before the answer;
     # the generation prompt opens thinking (True), closes it empty (False) or leaves it (None)
-    chat = [{"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4", "reasoning_content": "two and two. four"},
-            {"role": "user", "content": "and 3+3?"}]  # fmt: skip
+    chat = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "two and two. four"},
+        {"role": "user", "content": "and 3+3?"},
+    ]
     for thinking in (None, True, False):
         kw = {} if thinking is None else {"enable_thinking": thinking}
         out = hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, **kw)
@@ -134,8 +136,13 @@ def test_chat_template_agrees_with_transformers(built, tok):
         ours, mask = tok.render_chat(chat, thinking=thinking)
         assert ours == hf_ids and len(mask) == len(ours)
         text = tok.decode(ours)
-        assert text.endswith({None: "<|assistant|>", True: "<|assistant|><think>",
-                              False: "<|assistant|><think></think>"}[thinking])  # fmt: skip
+        assert text.endswith(
+            {
+                None: "<|assistant|>",
+                True: "<|assistant|><think>",
+                False: "<|assistant|><think></think>",
+            }[thinking]
+        )
         # the mask covers exactly the assistant reply and its <|end|>
         assert tok.decode([t for t, m in zip(ours, mask, strict=True) if m]) == (
             "<think>two and two. four</think>4<|end|>"

@@ -30,9 +30,15 @@ def model() -> nanoseek.Transformer:
 
 @pytest.mark.parametrize(
     "q_lora_rank,dispatch",
-    [(32, "dense"), (None, "dense"), (32, "grouped"), (None, "grouped"), (32, "gathered"),
-     (32, "sorted")],
-)  # fmt: skip
+    [
+        (32, "dense"),
+        (None, "dense"),
+        (32, "grouped"),
+        (None, "grouped"),
+        (32, "gathered"),
+        (32, "sorted"),
+    ],
+)
 def test_absorbed_decode_matches_plain_path(q_lora_rank, dispatch):
     """Ragged batch: prefill, then 32 decode steps; absorbed and plain logits within 1e-5.
     Every MoE dispatch: all experts as one dense matmul (small experts), grouped_mm, each

@@ -13,6 +13,7 @@ import torch
 
 import nanoseek
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.hub import resolve_checkpoint
 from nanoseek.infer import Completion, Engine
 from nanoseek.posttrain.distill import distill
 from nanoseek.posttrain.errors import PostTrainError
@@ -21,7 +22,6 @@ from nanoseek.posttrain.evaluate import (
     evaluate_task,
     pass_at_k,
     report_card,
-    resolve_checkpoint,
     write_report_card,
 )
 from nanoseek.posttrain.sft_data import get_batch, load_sft
@@ -214,6 +214,6 @@ def test_bits_per_byte_and_cli(taught, tok, tmp_path, monkeypatch, capsys):
     assert len(out.read_text().splitlines()) == 3
 
     assert main(["eval", str(tmp_path / "nope"), "--task", "yes"]) == 2
-    assert "no checkpoint at" in capsys.readouterr().err
+    assert "not a checkpoint directory" in capsys.readouterr().err
     assert main(["eval", str(run), "--task", "nope"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err

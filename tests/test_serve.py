@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import http.client
+import inspect
 import itertools
 import json
 import random
@@ -67,6 +68,8 @@ def model(tok) -> nanoseek.Transformer:
 def engine(model, tok, **kw) -> Engine:
     kw.setdefault("max_batch", 8)
     kw.setdefault("max_len", 256)
+    if "track_expert_load" in inspect.signature(Engine.__init__).parameters:
+        kw.setdefault("track_expert_load", True)  # as `nanoseek serve` runs it
     return Engine(copy.deepcopy(model), tok, **kw)
 
 
@@ -419,111 +422,37 @@ def test_auth(model, tok):
         assert get(url, "/health")[0] == 200 and get(url, "/")[0] == 200  # open
 
 
-BAD = [  # (what, path, body or raw bytes, status, param)
+# fmt: off
+BAD = [  # (what, route, body or raw bytes, status, param)
     ("malformed JSON", "/v1/chat/completions", b'{"messages": [', 400, None),
     ("not an object", "/v1/chat/completions", b"[1, 2]", 400, None),
-    (
-        "wrong type",
-        "/v1/chat/completions",
-        {"messages": USER, "temperature": "hot"},
-        400,
-        "temperature",
-    ),
+    ("wrong type", "/v1/chat/completions", {"messages": USER, "temperature": "hot"}, 400, "temperature"),
     ("bool for int", "/v1/completions", {"prompt": "x", "max_tokens": True}, 400, "max_tokens"),
     ("missing messages", "/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
     ("empty messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
-    (
-        "bad role",
-        "/v1/chat/completions",
-        {"messages": [{"role": "wizard", "content": "x"}]},
-        400,
-        "messages[0].role",
-    ),
-    (
-        "tool role",
-        "/v1/chat/completions",
-        {"messages": [{"role": "tool", "content": "x"}]},
-        400,
-        "messages",
-    ),
-    (
-        "negative max_tokens",
-        "/v1/chat/completions",
-        {"messages": USER, "max_tokens": -5},
-        400,
-        "max_tokens",
-    ),
-    (
-        "huge max_tokens",
-        "/v1/chat/completions",
-        {"messages": USER, "max_tokens": 10**12},
-        400,
-        "max_tokens",
-    ),
+    ("bad role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ("image part", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content[0].type"),
+    ("tool role", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
+    ("negative max_tokens", "/v1/chat/completions", {"messages": USER, "max_tokens": -5}, 400, "max_tokens"),
+    ("huge max_tokens", "/v1/chat/completions", {"messages": USER, "max_tokens": 10**12}, 400, "max_tokens"),
     ("n over the limit", "/v1/chat/completions", {"messages": USER, "n": 1000}, 400, "n"),
-    (
-        "prompt over context",
-        "/v1/completions",
-        {"prompt": "the cat sat on the mat. " * 200},
-        400,
-        "prompt",
-    ),
+    ("prompt over context", "/v1/completions", {"prompt": "the cat sat on the mat. " * 200}, 400, "prompt"),
     ("token id out of vocab", "/v1/completions", {"prompt": [1, 10**6]}, 400, "prompt"),
-    ("empty prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("empty prompt", "/v1/completions", {"prompt": []}, 400, "prompt"),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-5", "messages": USER}, 404, "model"),
-    (
-        "tools",
-        "/v1/chat/completions",
-        {"messages": USER, "tools": [{"type": "function"}]},
-        400,
-        "tools",
-    ),
-    (
-        "logit_bias",
-        "/v1/chat/completions",
-        {"messages": USER, "logit_bias": {"5": 10}},
-        400,
-        "logit_bias",
-    ),
-    (
-        "json mode",
-        "/v1/chat/completions",
-        {"messages": USER, "response_format": {"type": "json_object"}},
-        400,
-        "response_format",
-    ),
-    (
-        "penalty",
-        "/v1/completions",
-        {"prompt": "x", "presence_penalty": 0.5},
-        400,
-        "presence_penalty",
-    ),
-    (
-        "top_logprobs alone",
-        "/v1/chat/completions",
-        {"messages": USER, "top_logprobs": 2},
-        400,
-        "top_logprobs",
-    ),
-    (
-        "too many logprobs",
-        "/v1/chat/completions",
-        {"messages": USER, "logprobs": True, "top_logprobs": 50},
-        400,
-        "top_logprobs",
-    ),
-    (
-        "five stops",
-        "/v1/completions",
-        {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]},
-        400,
-        "stop",
-    ),
+    ("tools", "/v1/chat/completions", {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("logit_bias", "/v1/chat/completions", {"messages": USER, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("json mode", "/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("penalty", "/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("top_logprobs alone", "/v1/chat/completions", {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("too many logprobs", "/v1/chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
+    ("five stops", "/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("long stop", "/v1/completions", {"prompt": "x", "stop": "x" * 1000}, 400, "stop"),
     ("top_p zero", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
     ("seed overflow", "/v1/completions", {"prompt": "x", "seed": 2**70}, 400, "seed"),
     ("body too large", "/v1/completions", {"prompt": "x" * (3 << 20)}, 413, None),
 ]
+# fmt: on
 
 
 def test_bad_inputs_get_4xx_while_a_good_request_completes(client, url):
@@ -621,7 +550,29 @@ def test_metrics(url, client, model):
     assert re.search(
         r'^nanoseek_http_requests_total\{route="/v1/chat/completions",code="200"\} \d+', text, re.M
     )
-    assert "expert_tokens_total" not in text  # the engine does not count expert load (yet)
+    experts = re.findall(
+        r'^nanoseek_expert_tokens_total\{layer="(\d+)",expert="\d+"\} (\d+)', text, re.M
+    )
+    if hasattr(Engine, "expert_counts"):
+        per_layer = [0] * (model.config.num_hidden_layers - model.config.first_k_dense_replace)
+        for layer, n in experts:
+            per_layer[int(layer)] += int(n)
+        k = model.config.num_experts_per_tok  # every token routed goes to k experts
+        assert per_layer[0] > 0 and per_layer[0] % k == 0 and len(set(per_layer)) == 1
+        assert re.search(r'^nanoseek_expert_load_max_over_mean\{layer="0"\} ', text, re.M)
+
+
+def test_speculative_engine_behind_the_server(model, tok, client):
+    """MTP speculation commits one or two tokens a step: the same greedy text, and the
+    acceptance rate on /metrics."""
+    want = client.completions.create(model="tiny", prompt="a dog", **GREEDY).choices[0].text
+    app = create_app(engine(model, tok, speculative=True), ServerSettings(model_name="tiny"))
+    with serving(app) as url:
+        spec = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
+        got = spec.completions.create(model="tiny", prompt="a dog", stream=True, **GREEDY)
+        assert "".join(c.choices[0].text for c in got) == want
+        assert metric(url, "spec_drafted_total") > 0
+        assert 0 <= metric(url, "spec_acceptance_rate") <= 1
 
 
 def test_expert_load_metric(tok):

@@ -25,16 +25,24 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--preset", help="a nanoseek preset, e.g. deepseek-v3, small")
     g.add_argument("--config", help="a Hugging Face DeepSeek config.json (or its directory)")
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
-                   help=f"training sequence length for the attention term (default {DEFAULT_SEQ_LEN})")  # fmt: skip
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=DEFAULT_SEQ_LEN,
+        help=f"training sequence length for the attention term (default {DEFAULT_SEQ_LEN})",
+    )
 
 
 def _gpu_args(p: argparse.ArgumentParser, gpu_required: bool = True) -> None:
     p.add_argument(
         "--gpu", required=gpu_required, help="catalog GPU (see `nanoseek compute gpus`) or 'this'"
     )
-    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
-                   help="which dense peak MFU is measured against (default bf16)")  # fmt: skip
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "fp8"),
+        default="bf16",
+        help="which dense peak MFU is measured against (default bf16)",
+    )
     p.add_argument("--price", type=_quantity, help="USD per GPU-hour (default: the catalog's)")
     _common(p)
 
@@ -77,8 +85,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus", type=_quantity, required=True, help="number of GPUs, e.g. 50000")
     p.add_argument("--days", type=_quantity, required=True, help="wall-clock days")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
-    p.add_argument("--tokens-per-param", type=float, default=20.0,
-                   help="compute-optimal tokens per parameter (Chinchilla: 20)")  # fmt: skip
+    p.add_argument(
+        "--tokens-per-param",
+        type=float,
+        default=20.0,
+        help="compute-optimal tokens per parameter (Chinchilla: 20)",
+    )
     _gpu_args(p)
     p.set_defaults(func=cmd_fleet)
 
@@ -137,8 +149,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nanoseek.compute import estimate_training
 
     cfg, name = _model(args)
-    r = estimate_training(cfg, args.tokens, _gpu(args), args.gpus, args.mfu, args.seq_len,
-                          args.precision, args.price)  # fmt: skip
+    r = estimate_training(
+        cfg, args.tokens, _gpu(args), args.gpus, args.mfu, args.seq_len, args.precision, args.price
+    )
     return _emit(args, {"model": name, **r})
 
 
@@ -146,8 +159,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from nanoseek.compute import check_claim
 
     cfg, name = _model(args)
-    r = check_claim(cfg, args.tokens, _gpu(args), args.gpu_hours, args.seq_len, args.precision,
-                    args.price)  # fmt: skip
+    r = check_claim(
+        cfg, args.tokens, _gpu(args), args.gpu_hours, args.seq_len, args.precision, args.price
+    )
     return _emit(args, {"model": name, **r})
 
 
@@ -155,8 +169,17 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     from nanoseek.compute import fleet_capacity
 
     cfg, name = _model(args)
-    r = fleet_capacity(_gpu(args), args.gpus, args.days, args.mfu, cfg, args.seq_len,
-                       args.precision, args.tokens_per_param, args.price)  # fmt: skip
+    r = fleet_capacity(
+        _gpu(args),
+        args.gpus,
+        args.days,
+        args.mfu,
+        cfg,
+        args.seq_len,
+        args.precision,
+        args.tokens_per_param,
+        args.price,
+    )
     return _emit(args, {"model": name, **r} if name else r)
 
 
@@ -169,11 +192,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     per_gpu = {k: r.pop(k) for k in list(r) if k.endswith(("_gpu_hours", "_cost_usd"))}
     _emit(args, r)
     gpus = [k.removesuffix("_gpu_hours") for k in per_gpu if k.endswith("_gpu_hours")]
-    print(f"\nthe same {_fmt('total_flops', r['total_flops'])} at {r['assumed_mfu_on_gpus']:.0%} MFU "
-          f"({args.precision.upper()}) on one GPU of each kind:")  # fmt: skip
-    print(format_table([("GPU", "GPU-hours", "cost")]
-           + [(g, f"{per_gpu[g + '_gpu_hours']:.3g}", _fmt("cost_usd", per_gpu[g + "_cost_usd"]))
-              for g in gpus]))  # fmt: skip
+    print(
+        f"\nthe same {_fmt('total_flops', r['total_flops'])} at {r['assumed_mfu_on_gpus']:.0%} MFU "
+        f"({args.precision.upper()}) on one GPU of each kind:"
+    )
+    print(
+        format_table(
+            [("GPU", "GPU-hours", "cost")]
+            + [
+                (g, f"{per_gpu[g + '_gpu_hours']:.3g}", _fmt("cost_usd", per_gpu[g + "_cost_usd"]))
+                for g in gpus
+            ]
+        )
+    )
     return 0
 
 
@@ -189,18 +220,35 @@ def cmd_flops(args: argparse.Namespace) -> int:
     counts = param_counts(cfg)
     if args.json:
         flat = {f"flops_{k}": v for k, v in parts.items()}
-        return _emit(args, {"model": name, "seq_len": args.seq_len,
-                            "params_total": counts["total"], "params_activated": counts["activated"],
-                            "flops_per_token": total, "flops_per_token_forward": total / 3,
-                            **flat, **ref})  # fmt: skip
-    print(f"{name}: {human(counts['total'])} parameters, {human(counts['activated'])} activated; "
-          f"training FLOPs per token at seq_len {args.seq_len}")  # fmt: skip
+        return _emit(
+            args,
+            {
+                "model": name,
+                "seq_len": args.seq_len,
+                "params_total": counts["total"],
+                "params_activated": counts["activated"],
+                "flops_per_token": total,
+                "flops_per_token_forward": total / 3,
+                **flat,
+                **ref,
+            },
+        )
+    print(
+        f"{name}: {human(counts['total'])} parameters, {human(counts['activated'])} activated; "
+        f"training FLOPs per token at seq_len {args.seq_len}"
+    )
     rows = [("component", "forward", "training", "share")]
     rows += [(k, f"{v / 3:.4g}", f"{v:.4g}", f"{v / total:.1%}") for k, v in parts.items() if v]
-    rows += [("total", f"{total / 3:.4g}", f"{total:.4g}", "100%"),
-             ("6 N_activated", "", f"{ref['six_n']:.4g}", f"{ref['six_n'] / total:.1%}"),
-             ("6 N + attention", "", f"{ref['six_n_plus_attention']:.4g}",
-              f"{ref['six_n_plus_attention'] / total:.1%}")]  # fmt: skip
+    rows += [
+        ("total", f"{total / 3:.4g}", f"{total:.4g}", "100%"),
+        ("6 N_activated", "", f"{ref['six_n']:.4g}", f"{ref['six_n'] / total:.1%}"),
+        (
+            "6 N + attention",
+            "",
+            f"{ref['six_n_plus_attention']:.4g}",
+            f"{ref['six_n_plus_attention'] / total:.1%}",
+        ),
+    ]
     print(format_table(rows))
     return 0
 
@@ -218,11 +266,17 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         return 0
     rows = [("GPU", "name", "BF16 TF", "FP8 TF", "memory GB", "TB/s", "$/GPU-h")]
     for g in gpus:
-        rows.append((g.key, g.name, f"{g.bf16_flops / 1e12:.4g}",
-                     f"{g.fp8_flops / 1e12:.4g}" if g.fp8_flops else "-",
-                     f"{g.memory_gb:.0f}" if g.memory_gb else "-",
-                     f"{g.bandwidth_tbs:.3g}" if g.bandwidth_tbs else "-",
-                     f"{g.price_usd_per_hour:.2f}"))  # fmt: skip
+        rows.append(
+            (
+                g.key,
+                g.name,
+                f"{g.bf16_flops / 1e12:.4g}",
+                f"{g.fp8_flops / 1e12:.4g}" if g.fp8_flops else "-",
+                f"{g.memory_gb:.0f}" if g.memory_gb else "-",
+                f"{g.bandwidth_tbs:.3g}" if g.bandwidth_tbs else "-",
+                f"{g.price_usd_per_hour:.2f}",
+            )
+        )
     print(format_table(rows))
     print("dense tensor-core peaks (half the vendors' sparsity headline); prices are defaults")
     if args.sources:
@@ -238,9 +292,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.gpu_file)
     gpus = tuple(find_gpu(g, catalog) for g in (args.gpu or ["H100", "A100"]))
     claim = check_claim(get_preset("deepseek-v3"), 14.8e12, find_gpu("H800", catalog), 2.788e6)
-    marker = {"params": claim["params_activated"], "gpu_hours": claim["gpu_hours"],
-              "cost_usd": claim["cost_usd"],
-              "label": "DeepSeek-V3 claim: 2.788M H800-h, 14.8T tokens"}  # fmt: skip
+    marker = {
+        "params": claim["params_activated"],
+        "gpu_hours": claim["gpu_hours"],
+        "cost_usd": claim["cost_usd"],
+        "label": "DeepSeek-V3 claim: 2.788M H800-h, 14.8T tokens",
+    }
     out = plot_cost(args.out, gpus, args.mfu, args.tokens_per_param, args.precision, marker)
     print(f"wrote {out}")
     return 0

@@ -16,10 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train a tokenizer and write train/val token shards (skips what is already done)",
     )
     pp.add_argument(
-        "--data", required=True,
+        "--data",
+        required=True,
         help="'stdlib' (this Python's standard library, no download), a directory, a file, "
         "or a glob; .jsonl and .parquet are read by --text-field",
-    )  # fmt: skip
+    )
     pp.add_argument("--out", required=True, type=Path, help="output directory")
     pp.add_argument(
         "--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)"

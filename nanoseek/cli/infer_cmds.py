@@ -19,14 +19,18 @@ def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--device", default="cpu")
     p.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="CPU threads (default 1: decode matmuls are small, and 2 threads spin-wait "
         "against any other busy process)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--max-len", type=int, default=None,
+        "--max-len",
+        type=int,
+        default=None,
         help="context length to preallocate (default: the model's, at most 4096)",
-    )  # fmt: skip
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 

@@ -6,6 +6,7 @@ import argparse
 import inspect
 import ipaddress
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -68,6 +69,18 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _check_port(host: str, port: int) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host"
+        ) from None
+
+
 def cmd_serve(args) -> int:
     for flag in ("port", "max_batch", "threads"):
         if getattr(args, flag) < 1:
@@ -80,6 +93,7 @@ def cmd_serve(args) -> int:
         raise ValueError(
             f"nanoseek serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'"
         ) from None
+    _check_port(args.host, args.port)  # before the (slower) checkpoint load
     import torch
 
     from nanoseek.device import resolve_device, resolve_dtype
@@ -88,8 +102,12 @@ def cmd_serve(args) -> int:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     kwargs = dict(max_batch=args.max_batch, max_len=args.max_len, speculative=args.speculative)
+    # settings newer engines take, passed only where this Engine accepts them
+    accepts = inspect.signature(Engine.__init__).parameters
+    if "track_expert_load" in accepts:  # per-layer expert load on /metrics
+        kwargs["track_expert_load"] = True
     if args.prefix_cache is not None:
-        if "prefix_cache" in inspect.signature(Engine.__init__).parameters:
+        if "prefix_cache" in accepts:
             kwargs["prefix_cache"] = args.prefix_cache
         else:
             print(

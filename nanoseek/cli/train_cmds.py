@@ -29,20 +29,33 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out runs/small --minutes 5",
     )
     p.add_argument("--config", default=None, help="TOML or YAML file with the settings below")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "model" or not f.init:  # a table, only from the config file; internal
+    add_config_flags(p, TrainConfig, skip=("model",))  # a table: only from the config file
+    p.set_defaults(func=run_train)
+
+
+def add_config_flags(
+    p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), positional: str = ""
+) -> None:
+    """One flag per field of the config dataclass `cls` (`batch_size` -> `--batch-size`), its
+    help from the field's metadata; every flag defaults to None (= not given). `positional`:
+    a field taken as the positional argument instead."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:  # not init: internal
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "")
+        if f.name == positional:  # optional, so that `--resume` needs only --out
+            p.add_argument(f.name, nargs="?", default=None, metavar=f.name.upper(), help=help_text)
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        if hints[f.name] is bool:
+        help_text = f"{help_text} (default: {default})"
+        if hints[f.name] is bool or hints[f.name] == bool | None:
             p.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
         else:
             p.add_argument(flag, type=_flag_type(hints[f.name]), default=None, help=help_text)
-    p.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:

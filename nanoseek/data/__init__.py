@@ -15,13 +15,20 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "STDLIB": "corpus", "Corpus": "corpus", "open_corpus": "corpus",
+    "STDLIB": "corpus",
+    "Corpus": "corpus",
+    "open_corpus": "corpus",
     "DataError": "errors",
     "BatchLoader": "loader",
     "prepare": "pipeline",
-    "check_shards": "shards", "open_split": "shards", "read_meta": "shards", "summary": "shards",
-    "CHAT_TEMPLATE": "tokenizer", "SPECIAL_TOKENS": "tokenizer", "Tokenizer": "tokenizer",
-}  # fmt: skip
+    "check_shards": "shards",
+    "open_split": "shards",
+    "read_meta": "shards",
+    "summary": "shards",
+    "CHAT_TEMPLATE": "tokenizer",
+    "SPECIAL_TOKENS": "tokenizer",
+    "Tokenizer": "tokenizer",
+}
 __all__ = sorted(_EXPORTS)
 
 

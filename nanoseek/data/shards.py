@@ -39,9 +39,13 @@ def write_shards(corpus: Corpus, tok: Tokenizer, out_dir: Path, verbose: bool = 
     stats = {s: {"file": f"{s}.bin", "documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     t0 = time.time()
     bar = tqdm(
-        total=corpus.total_bytes, unit="B", unit_scale=True, desc="tokenizing",
-        file=sys.stderr, disable=not verbose or None,
-    )  # fmt: skip
+        total=corpus.total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc="tokenizing",
+        file=sys.stderr,
+        disable=not verbose or None,
+    )
     with ExitStack() as stack:
         tmps = {s: stack.enter_context(atomic_path(out_dir / f"{s}.bin")) for s in SPLITS}
         files = {s: stack.enter_context(open(tmps[s], "wb")) for s in SPLITS}
@@ -101,7 +105,9 @@ def read_meta(out_dir: str | Path) -> dict:
         raise DataError(
             f"no {META} in {out_dir}; build shards with `nanoseek data prepare --data ... --out {out_dir}`"
         )
-    meta = read_json(path, "shard metadata", DataError, "delete it and run `nanoseek data prepare` again")
+    meta = read_json(
+        path, "shard metadata", DataError, "delete it and run `nanoseek data prepare` again"
+    )
     if meta.get("format") != FORMAT:
         raise DataError(
             f"{path}: shard format {meta.get('format')} is not {FORMAT}; rebuild with `nanoseek data prepare`"

@@ -189,8 +189,9 @@ class MLA(nn.Module):
         )
         w_in = (w_in * input_norm.weight).t()
         k_dim = nope if w_uk is not None else C
-        return FoldedMLA(w_in, wq, w_uk, w_uv_t, wo, q_eps, self.kv_norm.eps_tensor(device),
-                         q_a.shape[0], k_dim)  # fmt: skip
+        return FoldedMLA(
+            w_in, wq, w_uk, w_uv_t, wo, q_eps, self.kv_norm.eps_tensor(device), q_a.shape[0], k_dim
+        )
 
     def decode(
         self, f: FoldedMLA, x: torch.Tensor, st: DecodeStep, flat: torch.Tensor, kv: torch.Tensor

@@ -27,17 +27,13 @@ from nanoseek.utils import atomic_write_text
 
 
 # --- checkpoints ------------------------------------------------------------------------------
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, given it or a run directory holding it in ckpt/ (or in
-    .ckpt.old, where a crash mid-save leaves the previous one)."""
-    path = Path(path)
-    for p in (path, path / "ckpt", path / ".ckpt.old"):
-        if (p / "config.json").is_file():
-            return p
-    raise PostTrainError(
-        f"no checkpoint at {path}: expected config.json there or in {path / 'ckpt'}; "
-        "give a checkpoint or a run directory"
-    )
+def checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint directory of a checkpoint or run directory (`hub.resolve_checkpoint`);
+    a run whose last save was cut mid-swap has only .ckpt.old: that one."""
+    from nanoseek.hub import resolve_checkpoint
+    from nanoseek.train.checkpoint import find_checkpoint
+
+    return resolve_checkpoint(find_checkpoint(Path(path) / "ckpt") or path)
 
 
 def load_model(
@@ -47,7 +43,7 @@ def load_model(
     from nanoseek.device import resolve_device
     from nanoseek.hub import from_pretrained
 
-    ckpt = resolve_checkpoint(path)
+    ckpt = checkpoint_dir(path)
     if not (ckpt / "tokenizer.json").is_file():
         raise PostTrainError(f"{ckpt} has no tokenizer.json; copy the training tokenizer into it")
     model = from_pretrained(ckpt, dtype=dtype, device=resolve_device(device))

@@ -29,7 +29,6 @@ from fastapi.responses import (
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from nanoseek.infer.engine import StepOutput
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.serve.metrics import Metrics, engine_snapshot
 from nanoseek.serve.protocol import (
@@ -39,16 +38,7 @@ from nanoseek.serve.protocol import (
     parse_body,
     sampling_params,
 )
-from nanoseek.serve.reasoning import ReasoningSplitter, split_reasoning
-from nanoseek.serve.responses import (
-    TokenText,
-    chat_chunk,
-    chat_response,
-    completion_response,
-    new_id,
-    sse,
-    usage,
-)
+from nanoseek.serve.responses import ChatBody, Choice, CompletionBody, TokenText, sse
 from nanoseek.serve.worker import EngineWorker, Submission
 
 log = logging.getLogger("nanoseek.serve")
@@ -65,25 +55,6 @@ class ServerSettings:
     max_body_bytes: int = 2 << 20
     thinking: bool | None = None  # chat default: True opens <think>, False closes it, None: model
     created: int = field(default_factory=lambda: int(time.time()))
-
-
-@dataclass
-class Choice:
-    """What one choice has produced so far."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list[list[tuple[int, float]]] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    def add(self, out: StepOutput) -> None:
-        self.text += out.text
-        self.token_ids += out.token_ids
-        self.logprobs += out.logprobs or []
-        self.top += out.top_logprobs or []
-        if out.finished:
-            self.finish_reason = out.finish_reason
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -227,10 +198,11 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         return min(asked, room)
 
     def check_room(k: int) -> None:
-        if k > settings.max_n:
-            raise APIError(
-                400, f"n: at most {settings.max_n} choices per request, got {k}", param="n"
-            )
+        if k > min(settings.max_n, capacity):
+            most = min(settings.max_n, capacity)
+            raise APIError(400, f"n: at most {most} choices per request, got {k}", param="n")
+        if not worker.alive:
+            raise APIError(503, "the engine worker is not running", "server_error")
         if in_flight[0] + k > capacity:
             raise APIError(
                 429,
@@ -241,8 +213,9 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
             )
 
     @contextmanager
-    def hold(k: int) -> Iterator[None]:
+    def hold(k: int, prompt_tokens: int) -> Iterator[None]:
         in_flight[0] += k
+        metrics.prompt_tokens += prompt_tokens
         try:
             yield
         finally:
@@ -275,30 +248,35 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         metrics.completion_tokens += sum(len(c.token_ids) for c in choices)
         return choices
 
-    def streaming(
+    async def respond(
+        request: Request,
         prompts: list[list[int]],
         params: list[SamplingParams],
-        head: list[dict],
-        chunks: Callable[[int, StepOutput], list[dict]],
-        final: Callable[[], list[dict]],
-    ) -> StreamingResponse:
-        """SSE: head, chunks(i, out) per step output, final(), then [DONE]. The choices are
-        submitted when the response starts streaming (a response that never starts leaves
-        nothing behind) and aborted when it stops, however it stops."""
+        body: ChatBody | CompletionBody,
+        stream: bool,
+    ) -> Response:
         check_room(len(params))
+        if not stream:
+            with hold(len(params), body.prompt_tokens):
+                results = await collect(request, Submission(worker, prompts, params))
+            if results is None:
+                return Response(status_code=499)  # the client left: nobody is listening
+            return JSONResponse(body.whole(results))
 
+        # SSE: the choices are submitted when the response starts streaming (one that
+        # never starts leaves nothing behind) and aborted when it stops, however it stops
         async def events() -> AsyncIterator[str]:
-            with hold(len(params)):
+            with hold(len(params), body.prompt_tokens):
                 sub = Submission(worker, prompts, params)
                 try:
-                    for c in head:
+                    for c in body.head():
                         yield sse(c)
                     try:
                         async for i, out in sub.events():
                             metrics.completion_tokens += len(out.token_ids)
-                            for c in chunks(i, out):
+                            for c in body.chunks(i, out):
                                 yield sse(c)
-                        for c in final():
+                        for c in body.final():
                             yield sse(c)
                     except Exception as e:  # headers are sent: the error goes in the stream
                         yield sse(_as_api_error(e).body())
@@ -365,87 +343,13 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         check_model(req.model)
         n_top = req.n_top()
         thinking = req.thinking_mode(settings.thinking)
-        mode = {True: "reasoning", False: "content", None: "auto"}[thinking]
         messages = [m.as_template() for m in req.messages]
         ids = await asyncio.to_thread(tok.apply_chat_template, messages, True, thinking)
-        explicit = req.max_new() is not None
-        max_tokens = budget(len(ids), req.max_new(), explicit, "messages")
+        max_tokens = budget(len(ids), req.max_new(), req.max_new() is not None, "messages")
         params = [sampling_params(req, max_tokens, i) for i in range(req.n)]
-        metrics.prompt_tokens += len(ids)
-        rid, created = new_id("chatcmpl"), int(time.time())
-
-        def logprobs(ids_: list[int], lps: list[float], top: list | None) -> dict | None:
-            if n_top is None:
-                return None
-            return {"content": texts.chat_logprobs(ids_, lps, top), "refusal": None}
-
-        if not req.stream:
-            check_room(req.n)
-            with hold(req.n):
-                results = await collect(request, Submission(worker, [ids] * req.n, params))
-            if results is None:
-                return Response(status_code=499)  # nobody is listening
-            choices = []
-            for i, c in enumerate(results):
-                reasoning, content = split_reasoning(c.text, mode)
-                message = {
-                    "role": "assistant",
-                    "content": content,
-                    "reasoning_content": reasoning or None,
-                }
-                choices.append(
-                    {
-                        "index": i,
-                        "message": message,
-                        "logprobs": logprobs(c.token_ids, c.logprobs, c.top or None),
-                        "finish_reason": c.finish_reason,
-                    }
-                )
-            completion = sum(len(c.token_ids) for c in results)
-            return JSONResponse(
-                chat_response(rid, settings.model_name, choices, len(ids), completion)
-            )
-
-        splitters = [ReasoningSplitter(mode) for _ in range(req.n)]
-        produced = [0]
-
-        def chunk(choices: list[dict]) -> dict:
-            return chat_chunk(rid, created, settings.model_name, choices, req.include_usage)
-
-        def chunks(i: int, out: StepOutput) -> list[dict]:
-            reasoning, content = splitters[i].feed(out.text)
-            if out.finished:
-                r, c = splitters[i].finish()
-                reasoning, content = reasoning + r, content + c
-            produced[0] += len(out.token_ids)
-            delta = {}
-            if reasoning:
-                delta["reasoning_content"] = reasoning
-            if content:
-                delta["content"] = content
-            lp = (
-                logprobs(out.token_ids, out.logprobs or [], out.top_logprobs)
-                if out.token_ids
-                else None
-            )
-            if not delta and lp is None and not out.finished:
-                return []
-            reason = out.finish_reason if out.finished else None
-            return [chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}])]
-
-        def final() -> list[dict]:
-            if not req.include_usage:
-                return []
-            last = chunk([])
-            last["usage"] = usage(len(ids), produced[0])
-            return [last]
-
-        role = {"role": "assistant", "content": ""}  # OpenAI's first chunk per choice
-        head = [
-            chunk([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
-            for i in range(req.n)
-        ]
-        return streaming([ids] * req.n, params, head, chunks, final)
+        mode = {True: "reasoning", False: "content", None: "auto"}[thinking]
+        body = ChatBody(settings.model_name, texts, n_top, len(ids), req.include_usage, mode, req.n)
+        return await respond(request, [ids] * req.n, params, body, req.stream)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
@@ -460,58 +364,10 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
             for j in range(req.n):  # choice index = prompt * n + j, as OpenAI orders them
                 per_choice.append(p)
                 params.append(sampling_params(req, max_tokens, j))
-        prompt_tokens = sum(len(p) for p in prompts)
-        metrics.prompt_tokens += prompt_tokens
-        rid, created, name = new_id("cmpl"), int(time.time()), settings.model_name
-
-        if not req.stream:
-            check_room(len(params))
-            with hold(len(params)):
-                results = await collect(request, Submission(worker, per_choice, params))
-            if results is None:
-                return Response(status_code=499)
-            choices = [
-                {
-                    "index": i,
-                    "text": c.text,
-                    "logprobs": None
-                    if n_top is None
-                    else texts.completion_logprobs(c.token_ids, c.logprobs, c.top or None),
-                    "finish_reason": c.finish_reason,
-                }
-                for i, c in enumerate(results)
-            ]
-            completion = sum(len(c.token_ids) for c in results)
-            return JSONResponse(
-                completion_response(rid, created, name, choices, usage(prompt_tokens, completion))
-            )
-
-        offsets = [0] * len(params)
-        produced = [0]
-
-        def chunks(i: int, out: StepOutput) -> list[dict]:
-            produced[0] += len(out.token_ids)
-            lp = None
-            if n_top is not None and out.token_ids:
-                lp = texts.completion_logprobs(
-                    out.token_ids, out.logprobs or [], out.top_logprobs, offsets[i]
-                )
-                offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-            if not out.text and lp is None and not out.finished:
-                return []
-            reason = out.finish_reason if out.finished else None
-            choice = {"index": i, "text": out.text, "logprobs": lp, "finish_reason": reason}
-            return [completion_response(rid, created, name, [choice], None, chunk=True)]
-
-        def final() -> list[dict]:
-            if not req.include_usage:
-                return []
-            return [
-                completion_response(
-                    rid, created, name, [], usage(prompt_tokens, produced[0]), chunk=True
-                )
-            ]
-
-        return streaming(per_choice, params, [], chunks, final)
+        prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, not per choice
+        body = CompletionBody(
+            settings.model_name, texts, n_top, prompt_tokens, req.include_usage, len(params)
+        )
+        return await respond(request, per_choice, params, body, req.stream)
 
     return app

@@ -64,66 +64,58 @@ class Metrics:
     def render(self, engine: dict[str, Any], queued: int) -> str:
         """The text /metrics returns; `engine` is an engine_snapshot, `queued` the requests
         handed to the worker that the engine has not seen yet."""
-        out: list[str] = []
-
-        def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
-            out.append(f"# HELP nanoseek_{name} {help}")
-            out.append(f"# TYPE nanoseek_{name} {kind}")
-            out.extend(f"nanoseek_{name}{labels} {_num(v)}" for labels, v in samples)
-
-        now = time.perf_counter()
-        metric("requests_running", "gauge", "Sequences in the running batch.",
-               [("", engine["running"])])  # fmt: skip
-        metric("requests_waiting", "gauge", "Sequences waiting for a cache slot.",
-               [("", engine["waiting"] + queued)])  # fmt: skip
         with self.lock:
             reqs = sorted(self.requests.items())
-            ttft = self.ttft
-            buckets = list(zip(ttft.buckets, ttft.counts, strict=True))
-            ttft_sum, ttft_count = ttft.sum, ttft.count
+            h = self.ttft
+            ttft = [(f'_bucket{{le="{b}"}}', n) for b, n in zip(h.buckets, h.counts, strict=True)]
+            ttft += [('_bucket{le="+Inf"}', h.count), ("_sum", h.sum), ("_count", h.count)]
             prompt, completion, aborted = self.prompt_tokens, self.completion_tokens, self.aborted
-        metric("http_requests_total", "counter", "HTTP requests by route and status.",
-               [(f'{{route="{r}",code="{c}"}}', n) for (r, c), n in reqs])  # fmt: skip
-        metric("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
-               [("", prompt)])  # fmt: skip
-        metric("generation_tokens_total", "counter", "Tokens generated.",
-               [("", engine["tokens_generated"])])  # fmt: skip
-        metric("completion_tokens_total", "counter", "Tokens returned in completed responses.",
-               [("", completion)])  # fmt: skip
-        metric("aborted_total", "counter", "Choices aborted (client gone or shutdown).",
-               [("", aborted)])  # fmt: skip
-        metric("generation_tokens_per_second", "gauge",
-               f"Tokens generated per second over the last {RATE_WINDOW:.0f} s.",
-               [("", self.tokens_per_second(now))])  # fmt: skip
-        hist = [(f'_bucket{{le="{b}"}}', n) for b, n in buckets]
-        hist += [('_bucket{le="+Inf"}', ttft_count), ("_sum", ttft_sum), ("_count", ttft_count)]
-        out.append("# HELP nanoseek_time_to_first_token_seconds From request to first token.")
-        out.append("# TYPE nanoseek_time_to_first_token_seconds histogram")
-        out.extend(f"nanoseek_time_to_first_token_seconds{s} {_num(v)}" for s, v in hist)
-        metric("kv_cache_slots", "gauge", "KV cache sequence slots.",
-               [("", engine["slots"])])  # fmt: skip
-        metric("kv_cache_slots_used", "gauge", "KV cache slots holding a sequence.",
-               [("", engine["slots_used"])])  # fmt: skip
-        metric("kv_cache_bytes", "gauge", "Bytes allocated for the KV cache.",
-               [("", engine["cache_bytes"])])  # fmt: skip
-        metric("kv_cache_bytes_used", "gauge", "KV cache bytes holding tokens of running sequences.",
-               [("", engine["cache_bytes_used"])])  # fmt: skip
-        metric("spec_drafted_total", "counter", "MTP draft tokens proposed.",
-               [("", engine["drafted"])])  # fmt: skip
-        metric("spec_accepted_total", "counter", "MTP draft tokens accepted.",
-               [("", engine["accepted"])])  # fmt: skip
-        metric("spec_acceptance_rate", "gauge", "Accepted / drafted MTP tokens (0 without speculation).",
-               [("", engine["accepted"] / max(engine["drafted"], 1))])  # fmt: skip
+        drafted, accepted = engine["drafted"], engine["accepted"]
+        single = [  # (name, type, help, value)
+            ("requests_running", "gauge", "Sequences in the running batch.", engine["running"]),
+            ("requests_waiting", "gauge", "Sequences waiting for a cache slot.",
+             engine["waiting"] + queued),
+            ("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", prompt),
+            ("generation_tokens_total", "counter", "Tokens generated.", engine["tokens_generated"]),
+            ("completion_tokens_total", "counter", "Tokens returned to clients.", completion),
+            ("aborted_total", "counter", "Choices aborted (client gone or shutdown).", aborted),
+            ("generation_tokens_per_second", "gauge",
+             f"Tokens generated per second over the last {RATE_WINDOW:.0f} s.",
+             self.tokens_per_second(time.perf_counter())),
+            ("kv_cache_slots", "gauge", "KV cache sequence slots.", engine["slots"]),
+            ("kv_cache_slots_used", "gauge", "KV cache slots holding a sequence.",
+             engine["slots_used"]),
+            ("kv_cache_bytes", "gauge", "Bytes allocated for the KV cache.", engine["cache_bytes"]),
+            ("kv_cache_bytes_used", "gauge", "KV cache bytes holding tokens of running sequences.",
+             engine["cache_bytes_used"]),
+            ("spec_drafted_total", "counter", "MTP draft tokens proposed.", drafted),
+            ("spec_accepted_total", "counter", "MTP draft tokens accepted.", accepted),
+            ("spec_acceptance_rate", "gauge", "Accepted / drafted MTP tokens (0 without them).",
+             accepted / max(drafted, 1)),
+        ]  # fmt: skip
+        families = [(n, t, h, [("", v)]) for n, t, h, v in single]
+        families.append(("http_requests_total", "counter", "HTTP requests by route and status.",
+                         [(f'{{route="{r}",code="{c}"}}', n) for (r, c), n in reqs]))  # fmt: skip
+        families.append(("time_to_first_token_seconds", "histogram",
+                         "From the request reaching the engine's queue to its first token.", ttft))  # fmt: skip
         experts = engine["expert_counts"]
         if experts is not None:
-            metric("expert_tokens_total", "counter",
-                   "Tokens routed to each expert of each MoE layer by served traffic.",
-                   [(f'{{layer="{i}",expert="{j}"}}', n)
-                    for i, row in enumerate(experts) for j, n in enumerate(row)])  # fmt: skip
-            metric("expert_load_max_over_mean", "gauge",
-                   "Per MoE layer: the busiest expert's tokens over the mean (1 = balanced).",
-                   [(f'{{layer="{i}"}}', max(row) / (sum(row) / len(row)) if sum(row) else 0.0)
-                    for i, row in enumerate(experts)])  # fmt: skip
+            families.append((
+                "expert_tokens_total", "counter",
+                "Tokens routed to each expert of each MoE layer by served traffic.",
+                [(f'{{layer="{i}",expert="{j}"}}', n)
+                 for i, row in enumerate(experts) for j, n in enumerate(row)],
+            ))  # fmt: skip
+            families.append((
+                "expert_load_max_over_mean", "gauge",
+                "Per MoE layer: the busiest expert's tokens over the mean (1 = balanced).",
+                [(f'{{layer="{i}"}}', max(row) * len(row) / sum(row) if sum(row) else 0)
+                 for i, row in enumerate(experts)],
+            ))  # fmt: skip
+        out = []
+        for name, kind, help, samples in families:
+            out += [f"# HELP nanoseek_{name} {help}", f"# TYPE nanoseek_{name} {kind}"]
+            out += [f"nanoseek_{name}{labels} {_num(v)}" for labels, v in samples]
         return "\n".join(out) + "\n"
 
 

@@ -69,6 +69,8 @@ _REFUSED: dict[str, tuple[Any, str]] = {
     "suffix": (bool, "suffix (insertion) is not supported"),
     "best_of": (lambda v: v not in (None, 1), "best_of is not supported; use n"),
 }
+MAX_STOP_CHARS = 256
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy (dividing by it overflows)
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
@@ -131,6 +133,8 @@ class _Common(_Strict):
             raise APIError(400, "stop: at most 4 stop sequences", param="stop")
         if any(not s for s in stop):
             raise APIError(400, "stop: stop sequences must be non-empty", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):  # each is searched on every step
+            raise APIError(400, f"stop: at most {MAX_STOP_CHARS} characters each", param="stop")
         return stop
 
     @property
@@ -180,8 +184,8 @@ class CompletionRequest(_Common):
         p = self.prompt
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             p = [p]
-        if not p or any(len(x) == 0 for x in p):
-            raise APIError(400, "prompt must not be empty", param="prompt")
+        if not p or any(isinstance(x, list) and not x for x in p):  # "" is fine: BOS only
+            raise APIError(400, "prompt must hold at least one token", param="prompt")
         return list(p)
 
     def n_top(self) -> int | None:
@@ -203,7 +207,8 @@ def parse_body(raw: bytes, model: type[_Strict]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        # of a union's failed branches, the deepest says the most ("content[0].type")
+        err = max(e.errors(), key=lambda x: len(x["loc"]))
         param = _param(err["loc"])
         msg = err["msg"] if err["type"] != "missing" else "required field is missing"
         raise APIError(400, f"{param}: {msg}", param=param or None) from None
@@ -214,9 +219,10 @@ def sampling_params(
 ) -> SamplingParams:
     """Choice i of n draws with seed + i: reproducible, yet the n choices differ."""
     n_top = req.n_top()
+    t = 1.0 if req.temperature is None else req.temperature
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
+        temperature=0.0 if t < GREEDY_BELOW else t,
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=req.top_k or 0,
         seed=None if req.seed is None else req.seed + choice,

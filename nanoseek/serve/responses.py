@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
+
+from nanoseek.infer.engine import StepOutput
+from nanoseek.serve.reasoning import ReasoningSplitter, split_reasoning
 
 
 def new_id(prefix: str) -> str:
@@ -98,49 +102,176 @@ class TokenText:
         }
 
 
-def chat_response(
-    rid: str, model: str, choices: list[dict[str, Any]], prompt_tokens: int, completion: int
-) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage(prompt_tokens, completion),
-    }
+@dataclass
+class Choice:
+    """What one choice has produced so far."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, out: StepOutput) -> None:
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        self.top += out.top_logprobs or []
+        if out.finished:
+            self.finish_reason = out.finish_reason
 
 
-def chat_chunk(
-    rid: str, created: int, model: str, choices: list[dict[str, Any]], with_usage: bool
-) -> dict[str, Any]:
-    chunk = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if with_usage:  # stream_options.include_usage: null on every chunk but the last
-        chunk["usage"] = None
-    return chunk
+class _Body:
+    def __init__(
+        self,
+        kind: str,
+        model: str,
+        texts: TokenText,
+        n_top: int | None,
+        prompt_tokens: int,
+        include_usage: bool,
+    ):
+        self.id, self.created = new_id(kind), int(time.time())
+        self.model, self.texts, self.n_top = model, texts, n_top
+        self.prompt_tokens, self.include_usage = prompt_tokens, include_usage
+        self.produced = 0  # tokens streamed so far, over all choices
+
+    def envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
 
 
-def completion_response(
-    rid: str,
-    created: int,
-    model: str,
-    choices: list[dict[str, Any]],
-    usage_: dict[str, int] | None,
-    chunk: bool = False,
-) -> dict[str, Any]:
-    body = {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if usage_ is not None or not chunk:
-        body["usage"] = usage_
-    return body
+class ChatBody(_Body):
+    """One chat request's response, whole or as chunks; the reply split into reasoning and
+    content by `mode` (see reasoning.py)."""
+
+    def __init__(
+        self,
+        model: str,
+        texts: TokenText,
+        n_top: int | None,
+        prompt_tokens: int,
+        include_usage: bool,
+        mode: str,
+        n: int,
+    ):
+        super().__init__("chatcmpl", model, texts, n_top, prompt_tokens, include_usage)
+        self.mode, self.splitters = mode, [ReasoningSplitter(mode) for _ in range(n)]
+
+    def _logprobs(self, ids: list[int], lps: list[float], top: list | None) -> dict | None:
+        if self.n_top is None or not ids:
+            return None
+        return {"content": self.texts.chat_logprobs(ids, lps, top), "refusal": None}
+
+    def whole(self, results: list[Choice]) -> dict[str, Any]:
+        choices = []
+        for i, c in enumerate(results):
+            reasoning, content = split_reasoning(c.text, self.mode)
+            message = {
+                "role": "assistant",
+                "content": content,
+                "reasoning_content": reasoning or None,
+            }
+            lp = self._logprobs(c.token_ids, c.logprobs, c.top or None)
+            choices.append(
+                {"index": i, "message": message, "logprobs": lp, "finish_reason": c.finish_reason}
+            )
+        body = self.envelope("chat.completion", choices)
+        body["usage"] = usage(self.prompt_tokens, sum(len(c.token_ids) for c in results))
+        return body
+
+    def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        body = self.envelope("chat.completion.chunk", choices)
+        if self.include_usage:  # null on every chunk but the last
+            body["usage"] = None
+        return body
+
+    def head(self) -> list[dict[str, Any]]:
+        """OpenAI's first chunk of each choice: the role."""
+        role = {"role": "assistant", "content": ""}
+        return [
+            self.chunk([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
+            for i in range(len(self.splitters))
+        ]
+
+    def chunks(self, i: int, out: StepOutput) -> list[dict[str, Any]]:
+        reasoning, content = self.splitters[i].feed(out.text)
+        if out.finished:
+            r, c = self.splitters[i].finish()
+            reasoning, content = reasoning + r, content + c
+        self.produced += len(out.token_ids)
+        delta = {}
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if content:
+            delta["content"] = content
+        lp = self._logprobs(out.token_ids, out.logprobs or [], out.top_logprobs)
+        if not delta and lp is None and not out.finished:
+            return []
+        reason = out.finish_reason if out.finished else None
+        return [self.chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}])]
+
+    def final(self) -> list[dict[str, Any]]:
+        if not self.include_usage:
+            return []
+        last = self.chunk([])
+        last["usage"] = usage(self.prompt_tokens, self.produced)
+        return [last]
+
+
+class CompletionBody(_Body):
+    """One text-completion request's response, whole or as chunks."""
+
+    def __init__(
+        self,
+        model: str,
+        texts: TokenText,
+        n_top: int | None,
+        prompt_tokens: int,
+        include_usage: bool,
+        n: int,
+    ):
+        super().__init__("cmpl", model, texts, n_top, prompt_tokens, include_usage)
+        self.offsets = [0] * n  # text_offset of each choice's next token
+
+    def whole(self, results: list[Choice]) -> dict[str, Any]:
+        choices = []
+        for i, c in enumerate(results):
+            lp = None
+            if self.n_top is not None:
+                lp = self.texts.completion_logprobs(c.token_ids, c.logprobs, c.top or None)
+            choices.append(
+                {"index": i, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+            )
+        body = self.envelope("text_completion", choices)
+        body["usage"] = usage(self.prompt_tokens, sum(len(c.token_ids) for c in results))
+        return body
+
+    def head(self) -> list[dict[str, Any]]:
+        return []
+
+    def chunks(self, i: int, out: StepOutput) -> list[dict[str, Any]]:
+        self.produced += len(out.token_ids)
+        lp = None
+        if self.n_top is not None and out.token_ids:
+            lp = self.texts.completion_logprobs(
+                out.token_ids, out.logprobs or [], out.top_logprobs, self.offsets[i]
+            )
+            self.offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+        if not out.text and lp is None and not out.finished:
+            return []
+        reason = out.finish_reason if out.finished else None
+        choice = {"index": i, "text": out.text, "logprobs": lp, "finish_reason": reason}
+        return [self.envelope("text_completion", [choice])]
+
+    def final(self) -> list[dict[str, Any]]:
+        if not self.include_usage:
+            return []
+        last = self.envelope("text_completion", [])
+        last["usage"] = usage(self.prompt_tokens, self.produced)
+        return [last]

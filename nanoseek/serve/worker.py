@@ -187,7 +187,12 @@ class Submission:
         error. Leaving early (an exception, a cancelled task) aborts the rest."""
         try:
             while self.open:
-                job, item = await self.queue.get()
+                try:
+                    job, item = await asyncio.wait_for(self.queue.get(), timeout=2.0)
+                except asyncio.TimeoutError:
+                    if not self.worker.alive:  # it died: nobody will answer
+                        raise RuntimeError("the engine worker stopped") from self.worker.failed
+                    continue
                 if isinstance(item, Exception):
                     self.open.discard(job.index)
                     raise item

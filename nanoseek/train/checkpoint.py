@@ -46,6 +46,8 @@ class RunState:
     tokens: int = 0  # training tokens seen, all ranks
     elapsed: float = 0.0  # wall seconds, evaluation and checkpoints included
     train_seconds: float = 0.0  # wall seconds in training steps only
+    # what a loop keeps besides (SFT: its data's hash; GRPO: seconds in rollouts and updates)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def progress(self, budget: Budget) -> float:
         return budget.fraction(self.step, self.tokens, self.elapsed)

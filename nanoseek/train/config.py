@@ -3,6 +3,11 @@
 Precedence: dataclass defaults < config file < command line. The file uses the field names
 below (dashes or underscores); unknown keys are an error, so a typo never goes unnoticed.
 On `--resume` the run's saved settings replace the defaults (see `resume_config`).
+
+`RunConfig` is what every run's config shares (pretraining here; SFT and GRPO in
+nanoseek.posttrain): the file/flags precedence, the budget, and what `--resume` may change.
+A run config is a dataclass subclassing it with the fields `out`, `steps`, `tokens`,
+`minutes`, `resume` and `overwrite`, and an `IDENTITY` tuple.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from nanoseek.train.budget import Budget
 
@@ -29,8 +34,43 @@ def _h(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
 
+Config = TypeVar("Config", bound="RunConfig")
+
+
+class RunConfig:
+    """The methods every run config shares; its dataclass subclasses hold the fields."""
+
+    # What a run computes. A resumed run takes these from its checkpoint; a flag that changes
+    # one is an error, since the result would silently be neither the old run nor a clean new
+    # one.
+    IDENTITY: ClassVar[tuple[str, ...]] = ()
+    given: frozenset[str] | None  # the fields given explicitly (file or flags)
+
+    def validate(self) -> None:
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = config_fields(type(self))
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in fields}
+
+    def given_fields(self) -> set[str]:
+        if self.given is not None:
+            return set(self.given)
+        fields = config_fields(type(self))
+        return {k for k, f in fields.items() if getattr(self, k) != _default(f)}
+
+    def budget(self) -> Budget:
+        """The budget the run stops at."""
+        return Budget(self.steps, self.tokens, self.minutes)
+
+
+def config_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The settings of a config class (not the internal `given`)."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     # what to train, on what, where
     preset: str = _h("model preset (tiny, small, dense-small, ...)", default="small")
     data: str = _h(
@@ -127,23 +167,9 @@ class TrainConfig:
             need(v is None or v > 0, f"{name} must be positive, got {v}")
         need(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k in FIELDS}
 
-    def given_fields(self) -> set[str]:
-        if self.given is not None:
-            return set(self.given)
-        return {k for k, f in FIELDS.items() if getattr(self, k) != _default(f)}
-
-    def budget(self) -> Budget:
-        """The budget the run stops at."""
-        return Budget(self.steps, self.tokens, self.minutes)
-
-
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.init}
+FIELDS = config_fields(TrainConfig)
 BUDGET = ("steps", "tokens", "minutes")
-# What a run computes. A resumed run takes these from its checkpoint; a flag that changes one
-# is an error, since the result would silently be neither the old run nor a clean new one.
 IDENTITY = (
     "preset",
     "model",
@@ -167,14 +193,15 @@ IDENTITY = (
     "gamma_final",
     "alpha",
 )
+TrainConfig.IDENTITY = IDENTITY
 
 
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A TOML or YAML file -> {field: value}, keys checked against TrainConfig."""
+def read_config_file(path: str | Path, cls: type[RunConfig] = TrainConfig) -> dict[str, Any]:
+    """A TOML or YAML file -> {field: value}, keys checked against the config class."""
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"config file {path} does not exist")
@@ -192,21 +219,23 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise TrainError(f"{path}: cannot parse ({e})") from e
     if not isinstance(raw, dict):
         raise TrainError(f"{path}: expected a table of settings at the top level")
-    out = {}
+    out, fields = {}, config_fields(cls)
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name not in FIELDS:
-            raise TrainError(f"{path}: unknown setting {key!r}; known: {', '.join(FIELDS)}")
+        if name not in fields:
+            raise TrainError(f"{path}: unknown setting {key!r}; known: {', '.join(fields)}")
         out[name] = value
     return out
 
 
-def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig:
+def make_config(
+    file: str | Path | None = None, cls: type[Config] = TrainConfig, **overrides: Any
+) -> Config:
     """Defaults < file < overrides (None values in overrides mean 'not given')."""
-    values = read_config_file(file) if file else {}
+    values = read_config_file(file, cls) if file else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        tc = TrainConfig(**values)
+        tc = cls(**values)
     except TypeError as e:
         raise TrainError(f"invalid training config: {e}") from e
     tc.given = frozenset(values)
@@ -214,12 +243,16 @@ def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig
     return tc
 
 
-def resume_config(tc: TrainConfig, saved: dict[str, Any] | None) -> TrainConfig:
+def resume_config(tc: Config, saved: dict[str, Any] | None) -> Config:
     """The config a resumed run continues with: its saved one (`saved`, from the checkpoint),
     updated with what was given now (`tc.given_fields()`) where that may change."""
-    saved = {k: v for k, v in (saved or {}).items() if k in FIELDS}  # keys of other versions
+    cls = type(tc)
+    fields = config_fields(cls)
+    saved = {k: v for k, v in (saved or {}).items() if k in fields}  # keys of other versions
     given = tc.given_fields()
-    differ = [k for k in IDENTITY if k in given and k in saved and getattr(tc, k) != saved[k]]
+    differ = [
+        k for k in cls.IDENTITY if k in given and k in saved and getattr(tc, k) != saved[k]
+    ]
     if differ:
         changes = ", ".join(f"{k} {saved[k]!r} -> {getattr(tc, k)!r}" for k in differ)
         raise TrainError(
@@ -231,7 +264,7 @@ def resume_config(tc: TrainConfig, saved: dict[str, Any] | None) -> TrainConfig:
     if given & set(BUDGET):  # a new budget replaces the saved one whole, not key by key
         values.update(tc.budget().to_dict())
     values.update(out=tc.out, resume=True, overwrite=False)
-    merged = TrainConfig(**values)
+    merged = cls(**values)
     merged.validate()
     if not merged.budget():
         raise TrainError(

@@ -38,7 +38,8 @@ class Progress:
     """The progress bar and metrics.jsonl of a run, shown by rank 0 only (`enabled`): on the
     other ranks every call does nothing. `resume_step`: continue the log of a resumed run from
     there (None: a new log). Without a step budget the bar's total is estimated from the
-    budget fraction done."""
+    budget fraction done. `show`: the record's keys the bar shows, with their formats
+    (default: pretraining's loss, tokens/s, MFU, expert load and validation loss)."""
 
     def __init__(
         self,
@@ -48,9 +49,11 @@ class Progress:
         total_steps: int | None = None,
         resume_step: int | None = None,
         log_every: int = 1,
+        show: dict[str, str] | None = None,
     ):
         self.log = MetricsLog(metrics_path, resume_step) if enabled else None
         self.log_every = log_every
+        self.show = show
         self.last_val: float | None = None
         self.steps_known = total_steps is not None
         self.bar = None
@@ -79,6 +82,11 @@ class Progress:
             return
         if not self.steps_known and fraction > 0:  # a budget in tokens or minutes
             self.bar.total = max(step, round(step / fraction))
+        if self.show is not None:
+            post = {k: format(record[k], f) for k, f in self.show.items() if _finite(record.get(k))}
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+            return
         post = {"loss": f"{record['loss']:.3f}"}
         if "tok_per_s" in record:
             post["tok/s"] = f"{record['tok_per_s']:,.0f}"

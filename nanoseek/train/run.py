@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from nanoseek.train.checkpoint import RunState, find_checkpoint, read_train_state
-from nanoseek.train.config import TrainConfig, TrainError, resume_config
+from nanoseek.train.config import Config, RunConfig, TrainError, resume_config
 from nanoseek.train.runtime import Runtime
 
 
-def open_run(tc: TrainConfig) -> tuple[TrainConfig, Path | None]:
+def open_run(tc: Config) -> tuple[Config, Path | None]:
     """Check OUT against --resume / --overwrite. -> (the settings to run with, the checkpoint
     to continue from or None). On --resume the settings are the run's saved ones, updated
     with what was given now where that may change (see `resume_config`)."""
@@ -37,7 +37,7 @@ def open_run(tc: TrainConfig) -> tuple[TrainConfig, Path | None]:
 
 
 def check_resume(
-    state: RunState, tc: TrainConfig, tokenizer_hash: str, data: Path, warn: bool
+    state: RunState, tc: RunConfig, tokenizer_hash: str, data: Path, warn: bool
 ) -> None:
     """A resumed run goes on with the tokenizer it was trained with; a changed budget moves
     where it stops, not its LR schedule (said once, by rank 0: `warn`)."""

@@ -1,0 +1,592 @@
+"""Reinforcement learning on verifiable rewards (GRPO, the DeepSeek-R1 recipe): the
+pretraining loop's other sibling.
+
+One step:
+1. rollouts: `prompts_per_step` training problems (a pure function of (seed, step, rank)),
+   G completions each, sampled by nanoseek's own Engine from the policy being trained,
+   all P * G at once (continuous batching), every completion with its own seed;
+2. rewards from the task's verifier (correct + 0.1 x formatted), advantages normalised
+   within each group (`grpo.group_advantages`);
+3. `updates_per_batch` optimizer steps on the clipped objective (`grpo.policy_loss`), each
+   on one of `minibatches` shuffled parts of the batch (PPO-style epochs when there are more
+   updates than parts), the ratio taken to the sampling policy's log-probs; with beta > 0 a
+   k3 KL to a frozen reference copy of the starting model;
+4. after each optimizer step, `engine.refresh_weights()`: the next rollouts sample from the
+   updated weights, in memory (no reload from disk).
+
+Everything else is shared with pretraining and SFT: the Runtime, the budget, checkpoints
+with exact resume (a resumed run draws the same prompts and samples, so its metrics repeat
+the uninterrupted run's), metrics.jsonl and the progress bar. Held-out accuracy is measured
+every `eval_every` steps (and before the first); rl.png plots reward and held-out accuracy
+against steps and seconds.
+
+    nanoseek rl runs/sft --task arithmetic --out runs/rl --steps 200
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer import Engine, SamplingParams
+from nanoseek.model import Transformer
+from nanoseek.posttrain.errors import PostTrainError
+from nanoseek.posttrain.evaluate import checkpoint_dir, chat_prompt, evaluate_task, load_model
+from nanoseek.posttrain.grpo import (
+    VARIANTS,
+    GRPOConfig,
+    group_advantages,
+    informative_groups,
+    mask_truncated,
+    overlong_penalty,
+    policy_loss,
+)
+from nanoseek.posttrain.tasks import TASKS, Task, get_task
+from nanoseek.train.checkpoint import RunState, load_checkpoint, restore_rng, save_checkpoint
+from nanoseek.train.config import RunConfig
+from nanoseek.train.metrics import Progress, read_metrics
+from nanoseek.train.run import StepGuard, build_optimizer, check_resume, open_run, set_lr
+from nanoseek.train.runtime import Runtime
+from nanoseek.train.schedule import LRSchedule
+from nanoseek.utils import atomic_path, atomic_write_text, format_table, human
+
+
+def _h(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class RLConfig(RunConfig):
+    init: str = _h("the starting checkpoint (an SFT'd model): a checkpoint or run directory",
+                   default="")  # fmt: skip
+    task: str = _h(f"the task whose verifier gives the rewards: {', '.join(TASKS)}",
+                   default="arithmetic")  # fmt: skip
+    task_options: dict[str, Any] = _h(
+        "the task's settings, e.g. {max_digits = 4} (config file only)", default_factory=dict
+    )
+    out: str = _h("run directory: ckpt/, metrics.jsonl, rl.png, summary.json", default="")
+    # budget: the first reached stops the run
+    steps: int | None = _h("GRPO steps (rollout batches)", default=None)
+    tokens: float | None = _h("sampled completion tokens", default=None)
+    minutes: float | None = _h("wall-clock minutes", default=None)
+    # rollouts
+    prompts_per_step: int = _h("problems per step (per rank)", default=16)
+    group_size: int = _h("completions per problem (G)", default=8)
+    temperature: float = _h("sampling temperature of the rollouts", default=1.0)
+    max_completion_tokens: int = _h("tokens per completion at most", default=128)
+    # the objective
+    variant: str = _h(
+        "grpo (DeepSeekMath: std-normalised advantages, per-sequence mean), dr_grpo (no std, "
+        "constant divisor: no length bias), dapo (per-token mean, clip-higher, truncated "
+        "completions masked)",
+        default="dr_grpo",
+    )
+    beta: float | None = _h(
+        "KL weight to the starting model (default: the variant's, 0.04 for grpo, 0 for "
+        "dr_grpo and dapo; 0 skips the reference model)",
+        default=None,
+    )
+    epsilon: float = _h("clip range below 1 (and above, unless --epsilon-high)", default=0.2)
+    epsilon_high: float | None = _h("clip range above 1 (default: the variant's)", default=None)
+    mask_truncated: bool | None = _h(
+        "leave completions cut at --max-completion-tokens out of the loss (default: the "
+        "variant's, on for dapo)",
+        default=None,
+    )
+    overlong_cache: int = _h(
+        "DAPO's soft overlong penalty over the last N tokens (0: off)", default=0
+    )
+    updates_per_batch: int = _h(
+        "optimizer steps per batch of rollouts (the ratio is to the sampling policy)", default=1
+    )
+    minibatches: int = _h(
+        "parts each pass over the batch is split into; more updates than parts make "
+        "PPO-style epochs",
+        default=1,
+    )
+    # optimizer
+    lr: float = _h("learning rate", default=1e-4)
+    warmup_steps: int = _h("linear warm-up steps", default=0)
+    min_lr_ratio: float = _h("final LR as a fraction of the peak (cosine)", default=1.0)
+    weight_decay: float = _h("AdamW weight decay (matrices only)", default=0.0)
+    beta1: float = _h("AdamW beta1", default=0.9)
+    beta2: float = _h("AdamW beta2", default=0.99)
+    grad_clip: float = _h("clip the gradient norm to this (0: off)", default=1.0)
+    # evaluation, checkpoints, logging
+    eval_every: int = _h("held-out accuracy every N steps (0: only before and after)", default=25)
+    eval_n: int = _h("held-out problems per evaluation", default=100)
+    save_every: int = _h("checkpoint every N steps (0: only at the end)", default=50)
+    log_every: int = _h("write metrics every N steps", default=1)
+    max_bad_steps: int = _h("stop after this many non-finite losses in a row", default=5)
+    # machine
+    seed: int = _h("random seed (prompts, samples, minibatches)", default=0)
+    device: str = _h("auto, cpu, cuda, cuda:1, ...", default="auto")
+    dtype: str = _h("auto (bf16 where the hardware has it), bf16 or fp32", default="auto")
+    threads: int | None = _h("CPU threads (default: torch's choice)", default=None)
+    resume: bool = _h(
+        "continue from OUT/ckpt exactly where it stopped, with the run's saved settings; "
+        "flags may change the budget, cadence and the machine, not what the run computes",
+        default=False,
+    )
+    overwrite: bool = _h("start afresh even if OUT already holds a checkpoint", default=False)
+    progress: bool = _h("show a progress bar", default=True)
+    given: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    IDENTITY = (
+        "init", "task", "task_options", "prompts_per_step", "group_size", "temperature",
+        "max_completion_tokens", "variant", "beta", "epsilon", "epsilon_high", "mask_truncated",
+        "overlong_cache", "updates_per_batch", "minibatches", "lr", "warmup_steps",
+        "min_lr_ratio", "weight_decay", "beta1", "beta2", "seed",
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise PostTrainError(f"rl: {msg}")
+
+        need(bool(self.init) or self.resume, "give the starting checkpoint")
+        need(bool(self.out), "give the run directory: --out DIR")
+        need(self.task in TASKS, f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
+        need(self.variant in VARIANTS, f"--variant must be one of {', '.join(VARIANTS)}")
+        need(self.group_size >= 2, f"--group-size must be >= 2 (got {self.group_size}): the "
+             "advantage compares completions of one prompt")  # fmt: skip
+        for name in ("prompts_per_step", "max_completion_tokens", "updates_per_batch",
+                     "minibatches", "eval_n"):  # fmt: skip
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        need(
+            self.updates_per_batch % self.minibatches == 0
+            and self.prompts_per_step * self.group_size >= self.minibatches,
+            "--updates-per-batch must be a multiple of --minibatches (whole passes over the "
+            "batch), and --minibatches at most the completions per step",
+        )
+        need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
+        need(self.dtype in ("auto", "bf16", "fp32"), f"--dtype auto, bf16 or fp32, not {self.dtype!r}")
+        need(
+            self.resume or any(v is not None for v in (self.steps, self.tokens, self.minutes)),
+            "give a budget: --steps, --tokens or --minutes",
+        )
+        for name in ("steps", "tokens", "minutes"):
+            v = getattr(self, name)
+            need(v is None or v > 0, f"--{name} must be positive, got {v}")
+        need(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+        self.loss_config()  # its own checks: beta, epsilon, overlong cache
+
+    def loss_config(self) -> GRPOConfig:
+        """The variant's recommended settings, with what was given on top."""
+        g = GRPOConfig.for_variant(self.variant)
+        g.epsilon = self.epsilon
+        for name in ("beta", "epsilon_high", "mask_truncated"):
+            if getattr(self, name) is not None:
+                setattr(g, name, getattr(self, name))
+        g.overlong_cache = self.overlong_cache
+        g.__post_init__()
+        if g.overlong_cache > self.max_completion_tokens:
+            raise PostTrainError("rl: --overlong-cache exceeds --max-completion-tokens")
+        return g
+
+
+# --- rollouts -----------------------------------------------------------------------------------
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from (run seed, step, rank, index, ...): the same on every resume."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass
+class Rollouts:
+    """One step's completions as a training batch: B = P * G rows, each prompt's G adjacent."""
+
+    ids: torch.Tensor  # [B, T] prompt + completion (+ the end token when it stopped), padded
+    mask: torch.Tensor  # [B, T - 1] 1 where the target ids[:, t + 1] is a completion token
+    rewards: torch.Tensor  # [B] total reward (with the overlong penalty, if any)
+    correct: torch.Tensor  # [B]
+    formatted: torch.Tensor  # [B]
+    lengths: torch.Tensor  # [B] completion tokens, stop token excluded
+    truncated: torch.Tensor  # [B] bool: cut at max_completion_tokens
+
+
+def rollout(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    task: Task,
+    cfg: RLConfig,
+    step: int,
+    rank: int,
+) -> tuple[Rollouts, list[str]]:
+    """Sample G completions for each of the step's problems and score them."""
+    problems = task.generate(1 + derive_seed(cfg.seed, "prompts", step, rank),
+                             cfg.prompts_per_step)  # fmt: skip
+    prompts = [chat_prompt(tokenizer, p) for p in problems]
+    G = cfg.group_size
+    flat = [p for p in prompts for _ in range(G)]
+    # The turn ends at <|end|> only (<|eos|> is not a chat token): a completion that
+    # stopped ended with exactly that token, which the loss then trains on.
+    params = [
+        SamplingParams(max_tokens=cfg.max_completion_tokens, temperature=cfg.temperature,
+                       seed=derive_seed(cfg.seed, "sample", step, rank, i),
+                       stop_token_ids=[tokenizer.end_id], ignore_eos=True)
+        for i in range(len(flat))
+    ]  # fmt: skip
+    outs = engine.generate(flat, params)
+    rewards = [task.reward(problems[i // G], c.text) for i, c in enumerate(outs)]
+    seqs = [
+        p + c.token_ids + ([tokenizer.end_id] if c.finish_reason == "stop" else [])
+        for p, c in zip(flat, outs, strict=True)
+    ]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T - 1)
+    for b, (s, p) in enumerate(zip(seqs, flat, strict=True)):
+        ids[b, : len(s)] = torch.tensor(s)
+        mask[b, len(p) - 1 : len(s) - 1] = 1  # targets at t + 1 in [len(p), len(s))
+    lengths = torch.tensor([len(c.token_ids) for c in outs])
+    total = torch.tensor([r.total for r in rewards])
+    g = cfg.loss_config()
+    total = total + overlong_penalty(lengths, cfg.max_completion_tokens, g.overlong_cache)
+    r = Rollouts(
+        ids=ids,
+        mask=mask,
+        rewards=total,
+        correct=torch.tensor([float(r.correct) for r in rewards]),
+        formatted=torch.tensor([float(r.formatted) for r in rewards]),
+        lengths=lengths,
+        truncated=torch.tensor([c.finish_reason == "length" for c in outs]),
+    )
+    return r, [c.text for c in outs]
+
+
+def token_logprobs(
+    model: torch.nn.Module, ids: torch.Tensor, rt: Runtime, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(ids[:, t + 1] | ids[:, :t + 1]) [B, T - 1], and the policy's entropy at each
+    position (nats) when asked. The logits come from the model's forward (no targets), so
+    DDP sees the head used inside it."""
+    with rt.autocast():
+        logits = model(ids[:, :-1]).logits
+    logp_all = logits.float().log_softmax(-1)
+    logp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, ent
+
+
+def make_engine(model: Transformer, tokenizer: Tokenizer, task: Task, cfg: RLConfig) -> Engine:
+    """The rollout engine over the policy itself (the same tensors: no copy), its context
+    sized from the task's prompt lengths (deterministic, so a resumed run gets the same)."""
+    probe = task.held_out(min(cfg.eval_n, task.held_out_max)) + task.generate(
+        1 + derive_seed(cfg.seed, "probe"), 64
+    )
+    longest = max(len(chat_prompt(tokenizer, p)) for p in probe)
+    need = longest + longest // 2 + cfg.max_completion_tokens
+    max_len = min(need, model.config.max_position_embeddings)
+    return Engine(model, tokenizer, max_batch=cfg.prompts_per_step * cfg.group_size,
+                  max_len=max_len)  # fmt: skip
+
+
+# --- the loop -----------------------------------------------------------------------------------
+def rl(cfg: RLConfig) -> dict[str, Any]:
+    cfg.validate()
+    cfg, found = open_run(cfg)  # on --resume: the run's saved settings, and its checkpoint
+    out, ckpt_dir = Path(cfg.out), Path(cfg.out) / "ckpt"
+    loss_cfg = cfg.loss_config()
+    task = get_task(cfg.task, **cfg.task_options)
+    with Runtime.start(cfg.device, cfg.dtype, cfg.threads) as rt:
+        # --- policy, reference, optimizer, engine ---------------------------------------------
+        source = found or checkpoint_dir(cfg.init)  # of the tokenizer (fresh: the weights)
+        if found:
+            model, state, opt_state, rng = load_checkpoint(found, rt.device)
+            tokenizer = Tokenizer.load(found)
+            check_resume(state, cfg, tokenizer.hash, found, warn=rt.master)
+        else:
+            model, tokenizer = load_model(cfg.init, rt.device, torch.float32)
+            state = RunState(lr_horizon=cfg.budget(), tokenizer=tokenizer.hash)
+        state.train_config = cfg.to_dict()
+        ref = None
+        if loss_cfg.beta > 0:  # the starting model, frozen
+            try:
+                ref, _ = load_model(cfg.init, rt.device, torch.float32)
+            except (ValueError, OSError) as e:
+                raise PostTrainError(
+                    f"the reference model (the starting checkpoint {cfg.init}) cannot be "
+                    f"loaded: {e}"
+                ) from e
+            ref.requires_grad_(False)
+        # The expert biases stay as they are: moving them would change the policy outside
+        # the clipped objective, and RL batches are too small to measure load from.
+        model.train()
+        step_model = rt.wrap(model, unused_parameters=True)  # the MTP modules get no gradient
+        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        if found:
+            optimizer.load_state_dict(opt_state)
+            restore_rng(rng)
+        engine = make_engine(model, tokenizer, task, cfg)
+        if rt.master:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "rl_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+            print(
+                f"rl ({cfg.variant}, beta {loss_cfg.beta:g}) {cfg.init} "
+                f"({human(model.num_params())} parameters) on {task.name}: "
+                f"{cfg.prompts_per_step} x {cfg.group_size} completions per step, "
+                f"{cfg.updates_per_batch} update(s), {rt.device} {str(rt.dtype)[6:]}, "
+                f"{rt.world} process(es) -> {out}",
+                file=sys.stderr,
+            )
+
+        def held_out() -> dict[str, float]:
+            """Greedy accuracy on the task's held-out set (rank 0; the others wait)."""
+            t0 = time.perf_counter()
+            rec = {}
+            if rt.master:
+                r = evaluate_task(model, tokenizer, task, n=cfg.eval_n,
+                                  max_tokens=cfg.max_completion_tokens,
+                                  max_batch=min(cfg.eval_n, 64))  # fmt: skip
+                rec = {"val_accuracy": r.accuracy, "val_format": r.format_rate,
+                       "val_length": r.mean_length}  # fmt: skip
+            rt.barrier()
+            state.extra["eval_seconds"] = state.extra.get("eval_seconds", 0.0) + (
+                time.perf_counter() - t0
+            )
+            return rec
+
+        def save() -> None:
+            if rt.master:
+                save_checkpoint(ckpt_dir, model, optimizer, state, source)
+            rt.barrier()
+
+        # --- the loop --------------------------------------------------------------------------
+        stop, horizon = cfg.budget(), state.lr_horizon
+        schedule = LRSchedule(cfg.lr, cfg.warmup_steps, "cosine", cfg.min_lr_ratio)
+        guard = StepGuard(cfg.max_bad_steps, ckpt_dir, warn=rt.master)
+        t_start = time.perf_counter() - state.elapsed
+        last_eval: dict[str, float] = {}
+        progress = Progress(
+            out / "metrics.jsonl", rt.master, cfg.progress, cfg.steps,
+            state.step if found else None, cfg.log_every,
+            show={"reward": ".2f", "accuracy": ".0%", "val_accuracy": ".0%",
+                  "response_len": ".0f"},
+        )  # fmt: skip
+        with progress:
+            if not found:  # where the run starts from
+                last_eval = held_out()
+                state.elapsed = time.perf_counter() - t_start
+                if progress.log is not None:
+                    progress.log.write({"step": 0, **last_eval, "elapsed": state.elapsed})
+            while state.progress(stop) < 1.0:
+                step, t0 = state.step, time.perf_counter()
+                lr = set_lr(optimizer, schedule(step, state.progress(horizon)))
+                # 1. rollouts from the current policy
+                roll, _ = rollout(engine, tokenizer, task, cfg, step, rt.rank)
+                t_roll = time.perf_counter()
+                # 2. advantages
+                adv = group_advantages(roll.rewards, cfg.group_size, loss_cfg.scale_std)
+                mask = roll.mask
+                if loss_cfg.mask_truncated:
+                    mask = mask_truncated(mask, roll.truncated)
+                ids, mask, adv = roll.ids.to(rt.device), mask.to(rt.device), adv.to(rt.device)
+                # 3. updates: old (sampling-policy) and reference log-probs first, if needed
+                multi = cfg.updates_per_batch > 1
+                old_logp = ref_logp = None
+                with torch.no_grad():
+                    if multi:
+                        old_logp, _ = token_logprobs(model, ids, rt)
+                    if ref is not None:
+                        ref_logp, _ = token_logprobs(ref, ids, rt)
+                B, M = ids.shape[0], cfg.minibatches
+                sums = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0}
+                ent_sum, ent_n = 0.0, 0.0
+                for u in range(cfg.updates_per_batch):
+                    epoch, part = divmod(u, M)
+                    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "mb", step, epoch))
+                    order = torch.randperm(B, generator=gen) if M > 1 else torch.arange(B)
+                    rows = order[part::M].to(rt.device)
+                    m = mask[rows]
+                    T = int(m.sum(0).nonzero().max()) + 2 if m.any() else 2  # trim the padding
+                    logp, ent = token_logprobs(step_model, ids[rows, :T], rt, entropy=epoch == 0)
+                    m = m[:, : T - 1]
+                    n_tokens = rt.all_reduce_sum(m.sum().item())
+                    loss, st = policy_loss(
+                        logp, None if old_logp is None else old_logp[rows, : T - 1],
+                        None if ref_logp is None else ref_logp[rows, : T - 1],
+                        adv[rows], m, loss_cfg.variant, loss_cfg.beta, loss_cfg.epsilon,
+                        loss_cfg.epsilon_high, max_len=cfg.max_completion_tokens,
+                        normalizer=max(n_tokens / rt.world, 1.0) if cfg.variant == "dapo" else None,
+                    )  # fmt: skip
+                    loss.backward()
+                    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+                    loss_v = rt.all_reduce_mean(loss.item())
+                    if guard.ok(step, loss_v, norm):
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    engine.refresh_weights()  # 4. the next rollouts see the new weights
+                    sums["loss"] += loss_v
+                    sums["grad_norm"] += norm
+                    sums["kl"] += st["kl"].item()
+                    sums["clip"] += (st["clip_low"] + st["clip_high"]).item()
+                    sums["ratio"] += st["ratio"].item()
+                    if ent is not None:
+                        ent_sum += (ent * m).sum().item()
+                        ent_n += m.sum().item()
+                t_end = time.perf_counter()
+                state.step += 1
+                n_sampled = int(rt.all_reduce_sum(float(roll.lengths.sum())))
+                state.tokens += n_sampled
+                for key, secs in (("rollout_seconds", t_roll - t0), ("update_seconds", t_end - t_roll)):
+                    state.extra[key] = state.extra.get(key, 0.0) + secs
+                state.train_seconds += t_end - t0
+
+                # --- metrics, evaluation, checkpoints ------------------------------------------
+                U = cfg.updates_per_batch
+                stats = torch.tensor([
+                    roll.rewards.mean(), roll.correct.mean(), roll.formatted.mean(),
+                    roll.lengths.float().mean(), roll.truncated.float().mean(),
+                    informative_groups(roll.rewards, cfg.group_size).float().mean(),
+                ], dtype=torch.float64)  # fmt: skip
+                reward, acc, fmt, length, trunc, informative = rt.all_reduce_mean(stats).tolist()
+                state.elapsed = time.perf_counter() - t_start
+                if stop.minutes or horizon.minutes:  # every rank must see the same time
+                    state.elapsed = rt.broadcast(state.elapsed)
+                done = state.progress(stop) >= 1.0
+                rec: dict[str, Any] = {
+                    "step": state.step,
+                    "loss": sums["loss"] / U,
+                    "reward": reward,
+                    "accuracy": acc,
+                    "format_rate": fmt,
+                    "response_len": length,
+                    "truncated": trunc,
+                    "informative_groups": informative,
+                    "entropy": rt.all_reduce_mean(ent_sum / max(ent_n, 1.0)),
+                    "clip_frac": rt.all_reduce_mean(sums["clip"] / U),
+                    "ratio": rt.all_reduce_mean(sums["ratio"] / U),
+                    "grad_norm": sums["grad_norm"] / U,
+                    "lr": lr,
+                    "sampled_tokens": state.tokens,
+                    "rollout_s": t_roll - t0,
+                    "update_s": t_end - t_roll,
+                    "elapsed": state.elapsed,
+                }
+                if ref is not None:
+                    rec["kl"] = rt.all_reduce_mean(sums["kl"] / U)
+                if (cfg.eval_every and state.step % cfg.eval_every == 0) or done:
+                    last_eval = held_out()
+                    rec.update(last_eval)
+                progress.update(rec, state.progress(stop), last=done)
+                if (cfg.save_every and state.step % cfg.save_every == 0 and guard.bad == 0) or done:
+                    save()
+
+        # --- summary ---------------------------------------------------------------------------
+        if not rt.master:
+            return {}
+        summary = summarize(cfg, state, out / "metrics.jsonl", rt)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        plot_rl(out / "metrics.jsonl", out / "rl.png", f"{cfg.variant} on {task.name} from {cfg.init}")
+        print(summary_table(summary), file=sys.stderr)
+        return summary
+
+
+def summarize(cfg: RLConfig, state: RunState, metrics: Path, rt: Runtime) -> dict[str, Any]:
+    recs = read_metrics(metrics)
+    evals = [r for r in recs if r.get("val_accuracy") is not None]
+    steps = [r for r in recs if r.get("reward") is not None]
+    window = max(1, min(10, len(steps) // 4))
+
+    def mean(key: str, rs: list[dict]) -> float | None:
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    ex = state.extra
+    return {
+        "init": cfg.init,
+        "task": cfg.task,
+        "variant": cfg.variant,
+        "beta": cfg.loss_config().beta,
+        "steps": state.step,
+        "completions": state.step * cfg.prompts_per_step * cfg.group_size * rt.world,
+        "sampled_tokens": state.tokens,
+        "held_out_n": cfg.eval_n,
+        "held_out_accuracy_start": evals[0]["val_accuracy"] if evals else None,
+        "held_out_accuracy_end": evals[-1]["val_accuracy"] if evals else None,
+        "held_out_format_end": evals[-1].get("val_format") if evals else None,
+        "reward_start": mean("reward", steps[:window]),
+        "reward_end": mean("reward", steps[-window:]),
+        "rollout_seconds": ex.get("rollout_seconds", 0.0),
+        "update_seconds": ex.get("update_seconds", 0.0),
+        "eval_seconds": ex.get("eval_seconds", 0.0),
+        "elapsed_seconds": state.elapsed,
+        "device": str(rt.device),
+        "world_size": rt.world,
+        "checkpoint": str(Path(cfg.out) / "ckpt"),
+    }
+
+
+def summary_table(s: dict[str, Any]) -> str:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    busy = max(s["rollout_seconds"] + s["update_seconds"], 1e-9)
+    rows = [
+        ("run", f"{s['variant']} (beta {s['beta']:g}) on {s['task']} from {s['init']}"),
+        ("trained", f"{s['steps']} steps, {s['completions']:,} completions, "
+                    f"{human(s['sampled_tokens'])} sampled tokens"),
+        ("held-out accuracy", f"{pct(s['held_out_accuracy_start'])} -> "
+                              f"{pct(s['held_out_accuracy_end'])} (n={s['held_out_n']})"),
+        ("mean reward", f"{num(s['reward_start'])} -> {num(s['reward_end'])}"),
+        ("time", f"rollouts {s['rollout_seconds']:.0f} s "
+                 f"({s['rollout_seconds'] / busy:.0%}), updates {s['update_seconds']:.0f} s, "
+                 f"evaluation {s['eval_seconds']:.0f} s; {s['elapsed_seconds']:.0f} s in all"),
+        ("checkpoint", s["checkpoint"]),
+    ]  # fmt: skip
+    return format_table(rows, "\nrl summary")
+
+
+def plot_rl(metrics_path: str | Path, png: str | Path, title: str = "") -> None:
+    """Reward (per step and its running mean) and held-out accuracy, against steps (left)
+    and wall seconds (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    recs = read_metrics(metrics_path)
+    train = [(r["step"], r["elapsed"], r["reward"]) for r in recs if r.get("reward") is not None]
+    evals = [(r["step"], r["elapsed"], r["val_accuracy"]) for r in recs
+             if r.get("val_accuracy") is not None]  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, col, label in ((axes[0], 0, "step"), (axes[1], 1, "seconds")):
+        if train:
+            a = np.array(train)
+            ax.plot(a[:, col], a[:, 2], lw=0.8, alpha=0.35, color="C0", label="reward (per step)")
+            w = max(1, len(a) // 20)
+            if w > 1:
+                smooth = np.convolve(a[:, 2], np.ones(w) / w, mode="valid")
+                ax.plot(a[w - 1 :, col], smooth, color="C0", label=f"reward (mean of {w})")
+        if evals:
+            e = np.array(evals)
+            ax.plot(e[:, col], e[:, 2], "o-", color="C1", label="held-out accuracy")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("reward / accuracy")
+    axes[0].legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,283 @@
+"""The SFT and GRPO loops, end to end on a tiny model: what they train on, that they learn,
+that rollouts come from the updated weights, exact resume, and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer import Engine, SamplingParams
+from nanoseek.posttrain import rl as rl_mod
+from nanoseek.posttrain import sft as sft_mod
+from nanoseek.posttrain.evaluate import chat_prompt, load_model
+from nanoseek.posttrain.rl import RLConfig, rl
+from nanoseek.posttrain.sft import SFTConfig, sft
+from nanoseek.posttrain.tasks import TASKS, Problem, Task
+
+YES, NO = "ok</think>yes", "ok</think>no"  # the two answers the SFT'd model gives
+
+
+@dataclass
+class Yes(Task):
+    """Rewarded for answering yes; the SFT data says yes or no, half and half."""
+
+    name = "yes"
+
+    def sample(self, rng: random.Random) -> Problem:
+        return Problem(f"Say yes {rng.randint(0, 10**6)}", "yes")
+
+
+@pytest.fixture(autouse=True)
+def yes_task(monkeypatch):
+    monkeypatch.setitem(TASKS, "yes", Yes)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: a second thread only spin-waits against other busy processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train(["Say yes 12345. <think>ok</think>yes no, the cat sat.\n" * 50] * 2, 300)
+
+
+@pytest.fixture(scope="module")
+def base(tok, tmp_path_factory) -> Path:
+    """A fresh tiny model with the tokenizer, as a checkpoint directory."""
+    path = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    model = nanoseek.Transformer(nanoseek.get_preset("tiny").replace(vocab_size=tok.vocab_size))
+    nanoseek.save_pretrained(model, path)
+    tok.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    lines = []
+    for i, p in enumerate(Yes().generate(1, 64)):
+        answer = "yes" if i % 2 else "no"
+        lines.append(json.dumps({"messages": [
+            {"role": "user", "content": p.prompt},
+            {"role": "assistant", "content": answer, "reasoning_content": "ok"},
+        ]}))  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sft_config(base: Path, chats: Path, out: Path, **kw) -> SFTConfig:
+    settings = dict(init=str(base), data=str(chats), out=str(out), steps=40, batch_size=8,
+                    seq_len=48, lr=1e-2, warmup_steps=2, eval_every=20, val_examples=6,
+                    progress=False, threads=1)  # fmt: skip
+    settings.update(kw)
+    return SFTConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def sft_run(base, chats, tmp_path_factory) -> Path:
+    """The SFT'd model: answers `<think>ok</think>` then yes or no, each about half the time."""
+    out = tmp_path_factory.mktemp("sft")
+    sft(sft_config(base, chats, out))
+    return out
+
+
+def rl_config(init: Path, out: Path, **kw) -> RLConfig:
+    settings = dict(init=str(init), task="yes", out=str(out), steps=1, prompts_per_step=4,
+                    group_size=8, max_completion_tokens=8, lr=3e-3, eval_every=0, eval_n=4,
+                    progress=False, threads=1)  # fmt: skip
+    settings.update(kw)
+    return RLConfig(**settings)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def answer_logprob(model: nanoseek.Transformer, tok: Tokenizer, answer: str) -> float:
+    """Mean over 4 held-out prompts of log p(answer <|end|> | prompt)."""
+    total = 0.0
+    for p in Yes().held_out(4):
+        prompt = chat_prompt(tok, p)
+        ids = torch.tensor([prompt + tok.encode(answer) + [tok.end_id]])
+        with torch.no_grad():
+            logp = model(ids[:, :-1]).logits.log_softmax(-1)
+        total += logp[0, len(prompt) - 1 :].gather(-1, ids[0, len(prompt) :, None]).sum().item()
+    return total / 4
+
+
+# --- SFT ----------------------------------------------------------------------------------------
+
+
+def test_sft_trains_on_the_assistant_tokens_only_and_learns(sft_run, base, chats, tok,
+                                                            tmp_path, monkeypatch):  # fmt: skip
+    recs = records(sft_run)
+    losses = [r["loss"] for r in recs]
+    assert len(losses) == 40 and losses[-1] < 0.5 * losses[0]
+    val = [r["val_loss"] for r in recs if "val_loss" in r]
+    assert len(val) == 2 and val[-1] < 1.0
+    summary = json.loads((sft_run / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["val_examples"] == 6
+    assert (sft_run / "loss.png").stat().st_size > 0
+    engine = Engine.load(sft_run, max_batch=4, max_len=64)  # weights + tokenizer in ckpt/
+    texts = {c.text for c in engine.generate(
+        [chat_prompt(tok, p) for p in Yes().held_out(4)], SamplingParams(max_tokens=8, temperature=0)
+    )}  # fmt: skip
+    assert texts <= {YES, NO}
+
+    # what the loop feeds the model: targets only on the replies (and their <|end|>)
+    seen = []
+    forward = nanoseek.Transformer.forward
+
+    def spy(self, x, targets=None, **kw):
+        if targets is not None and self.training:
+            seen.append(targets.clone())
+        return forward(self, x, targets=targets, **kw)
+
+    monkeypatch.setattr(nanoseek.Transformer, "forward", spy)
+    sft(sft_config(base, chats, tmp_path / "spy", steps=2, eval_every=0))
+    assert len(seen) == 2
+    for y in seen:
+        for row in y:
+            assert tok.decode(row[row != -100].tolist()) in [f"<think>{a}<|end|>" for a in (YES, NO)]
+
+
+def test_sft_exact_resume(base, chats, tmp_path, monkeypatch):
+    kw = dict(steps=8, save_every=4, eval_every=4)
+    sft(sft_config(base, chats, tmp_path / "full", **kw))
+    real, calls = sft_mod.update_expert_bias, {"n": 0}
+
+    def crash(*args, **kwargs):  # killed during step 6, after the step-4 checkpoint
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sft_mod, "update_expert_bias", crash)
+    with pytest.raises(KeyboardInterrupt):
+        sft(sft_config(base, chats, tmp_path / "part", **kw))
+    monkeypatch.undo()
+    sft(SFTConfig(out=str(tmp_path / "part"), resume=True, progress=False))
+    keys = ("step", "loss", "grad_norm", "lr", "tokens", "val_loss")
+
+    def strip(out):
+        return [{k: r.get(k) for k in keys} for r in records(out)]
+
+    assert strip(tmp_path / "part") == strip(tmp_path / "full")  # bit for bit, every step
+
+
+# --- GRPO ---------------------------------------------------------------------------------------
+
+
+def test_grpo_step_raises_the_rewarded_completion(sft_run, tok, tmp_path, monkeypatch):
+    engines = []
+    make = rl_mod.make_engine
+    monkeypatch.setattr(rl_mod, "make_engine", lambda *a: engines.append(make(*a)) or engines[-1])
+    before, _ = load_model(sft_run)
+    out = tmp_path / "rl"
+    s = rl(rl_config(sft_run, out, steps=2))
+    rec = records(out)
+    assert [r["step"] for r in rec] == [0, 1, 2]  # step 0: held-out accuracy at the start
+    first = rec[1]
+    assert 0 < first["accuracy"] < 1 and first["format_rate"] > 0.9  # yes and no both sampled
+    assert first["informative_groups"] > 0 and first["response_len"] > 0
+    for key in ("entropy", "clip_frac", "rollout_s", "update_s", "loss", "grad_norm"):
+        assert key in first
+    assert "kl" not in first  # dr_grpo: beta 0, no reference model
+    after, _ = load_model(out)
+    gain = answer_logprob(after, tok, YES) - answer_logprob(before, tok, YES)
+    assert gain > 0.1
+    assert answer_logprob(after, tok, NO) < answer_logprob(before, tok, NO)
+    assert s["steps"] == 2 and (out / "rl.png").stat().st_size > 0
+
+    # the rollout engine decodes with the updated weights (refreshed in place, not reloaded)
+    (engine,) = engines
+    assert engine.model is not before
+    prompts = [chat_prompt(tok, p) for p in Yes().held_out(4)]
+    greedy = SamplingParams(max_tokens=8, temperature=0, logprobs=True)
+    used = engine.generate(prompts, greedy)
+    fresh = Engine(engine.model, tok, max_batch=4, max_len=64).generate(prompts, greedy)
+    old = Engine(before, tok, max_batch=4, max_len=64).generate(prompts, greedy)
+    for u, f, o in zip(used, fresh, old, strict=True):
+        assert u.token_ids == f.token_ids
+        assert u.logprobs == pytest.approx(f.logprobs, abs=1e-5)
+        assert u.logprobs != pytest.approx(o.logprobs, abs=1e-3)
+
+
+def test_grpo_exact_resume(sft_run, tmp_path, monkeypatch):
+    """grpo with a reference model and two minibatch updates per step: killed mid-run,
+    resumed, the same prompts, samples and updates as the uninterrupted run."""
+    kw = dict(steps=4, save_every=2, eval_every=2, variant="grpo", updates_per_batch=2,
+              minibatches=2, prompts_per_step=2, group_size=4)  # fmt: skip
+    rl(rl_config(sft_run, tmp_path / "full", **kw))
+    real, calls = rl_mod.group_advantages, {"n": 0}
+
+    def crash(*args, **kwargs):  # killed in step 4, after the step-2 checkpoint
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rl_mod, "group_advantages", crash)
+    with pytest.raises(KeyboardInterrupt):
+        rl(rl_config(sft_run, tmp_path / "part", **kw))
+    monkeypatch.setattr(rl_mod, "group_advantages", real)
+    rl(RLConfig(out=str(tmp_path / "part"), resume=True, progress=False, threads=1))
+    timing = ("elapsed", "rollout_s", "update_s")
+
+    def strip(out):
+        return [{k: v for k, v in r.items() if k not in timing} for r in records(out)]
+
+    full = strip(tmp_path / "full")
+    assert strip(tmp_path / "part") == full
+    assert [r["step"] for r in full if "val_accuracy" in r] == [0, 2, 4]
+    assert all(r["kl"] >= 0 and r["ratio"] > 0 for r in full if "kl" in r)
+    assert json.loads((tmp_path / "part" / "summary.json").read_text())["steps"] == 4
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_runs_and_errors_are_one_line(sft_run, base, chats, tmp_path, cli):
+    out = tmp_path / "rl"
+    r = cli("rl", sft_run, "--task", "yes", "--out", out, "--steps", 1, "--prompts-per-step", 2,
+            "--group-size", 2, "--max-completion-tokens", 8, "--eval-n", 2, "--no-progress",
+            "--threads", 1)  # fmt: skip
+    assert r.code == 0 and "rl summary" in r.err
+    r = cli("sft", base, "--data", chats, "--out", tmp_path / "sft", "--steps", 1,
+            "--batch-size", 2, "--no-progress", "--threads", 1)  # fmt: skip
+    assert r.code == 0 and "sft summary" in r.err
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "bot", "content": "hi"}]}\nnot json\n')
+    cases = [
+        (("rl", sft_run, "--task", "yes", "--out", out, "--steps", 1), "--resume"),
+        (("rl", sft_run, "--task", "yes", "--out", tmp_path / "x", "--steps", 1,
+          "--group-size", 1), "--group-size must be >= 2"),  # fmt: skip
+        (("rl", sft_run, "--task", "nope", "--out", tmp_path / "x", "--steps", 1), "unknown task"),
+        (("rl", sft_run, "--task", "yes", "--out", tmp_path / "x", "--steps", 1,
+          "--variant", "ppo"), "--variant must be one of"),  # fmt: skip
+        (("rl", tmp_path / "missing", "--task", "yes", "--out", tmp_path / "x", "--steps", 1),
+         "not a checkpoint directory"),  # fmt: skip
+        (("rl", sft_run, "--task", "yes", "--out", tmp_path / "x"), "give a budget"),
+        (("sft", base, "--data", bad, "--out", tmp_path / "y", "--steps", 1),
+         "line 1: message 1 has role 'bot'"),  # fmt: skip
+        (("sft", base, "--out", tmp_path / "y", "--steps", 1), "--data"),
+        (("sft", "--out", tmp_path / "none", "--resume"), "no checkpoint"),
+    ]
+    for argv, message in cases:
+        r = cli(*argv)
+        assert r.code == 2, argv
+        assert message in r.err and len(r.err.strip().splitlines()) == 1, (argv, r.err)

@@ -275,3 +275,41 @@ def test_speculative_sampling_keeps_the_target_distribution():
     assert torch.equal(accepted.bool(), tokens[:, 0] == draft)
     assert 0.2 < accepted.float().mean().item() < 1.0  # accepts with probability p(draft)
     assert abs(accepted.float().mean().item() - want[draft[0]].item()) < 0.03
+
+
+# --- prefix cache ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_prefix_cache_gives_the_tokens_of_a_cold_prefill(plain):
+    """A prompt that starts like an earlier one reuses its latent rows and prefills only the
+    rest, batched with a cold prompt (ragged start positions); every output equals a cold
+    engine's."""
+    m = tiny_model(4)
+    g = torch.Generator().manual_seed(0)
+    system = torch.randint(3, 200, (37,), generator=g).tolist()  # 2 blocks of 16 + 5
+    first, second = system + [7, 8, 9], system + [10, 11, 12, 13]
+    cold_prompt = torch.randint(3, 200, (9,), generator=g).tolist()
+    eng = Engine(m, max_batch=4, plain=plain, prefix_cache=True)
+    eng.generate([first], GREEDY)
+    assert eng.prefix.hits == 0 and eng.prefix.tokens == 32
+    warm = eng.generate([second, cold_prompt, first], GREEDY)
+    cold = Engine(m, max_batch=4, plain=plain).generate([second, cold_prompt, first], GREEDY)
+    assert [c.token_ids for c in warm] == [c.token_ids for c in cold]
+    assert eng.prefix.hits == 2 and eng.prefix.reused_tokens == 64
+
+
+def test_prefix_cache_keeps_the_recent_prompts_within_its_capacity():
+    from nanoseek.infer.prefix import PrefixCache
+
+    pc = PrefixCache(block=4, capacity_tokens=16)
+    rows = lambda n: torch.arange(n, dtype=torch.float32).view(1, n, 1).expand(2, n, 3)
+    a, b, c = list(range(10)), list(range(100, 112)), [0, 1, 2, 3, 50, 51, 52, 53, 54]
+    pc.insert(a, rows(10))  # keeps 8 tokens
+    pc.insert(b, rows(12))  # 20 > 16: a is dropped
+    assert pc.tokens == 12 and pc.lookup(a) is None
+    hit_rows, n = pc.lookup(b + [1])
+    assert n == 12 and torch.equal(hit_rows, rows(12))
+    assert pc.lookup(b)[1] == 8  # at least one token is left to prefill
+    pc.insert(c, rows(9))  # b (12) + c (8) > 16: b, the least recently used, goes
+    assert pc.lookup(b + [1]) is None and pc.lookup(c[:4] + [9, 9])[1] == 4

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import http.client
-import inspect
 import itertools
 import json
 import random
@@ -68,8 +67,8 @@ def model(tok) -> nanoseek.Transformer:
 def engine(model, tok, **kw) -> Engine:
     kw.setdefault("max_batch", 8)
     kw.setdefault("max_len", 256)
-    if "track_expert_load" in inspect.signature(Engine.__init__).parameters:
-        kw.setdefault("track_expert_load", True)  # as `nanoseek serve` runs it
+    kw.setdefault("track_expert_load", True)  # as `nanoseek serve` runs it
+    kw.setdefault("prefix_cache", not kw.get("speculative", False))
     return Engine(copy.deepcopy(model), tok, **kw)
 
 
@@ -348,8 +347,11 @@ class ScriptedEngine:
     def __init__(self, tok, deltas: list[str]):
         self.tokenizer, self.deltas, self.max_len = tok, deltas, 64
         self.model = SimpleNamespace(config=SimpleNamespace(vocab_size=tok.vocab_size))
-        self.cache = SimpleNamespace(slots=4, used=0)
+        self.cache = SimpleNamespace(
+            slots=4, used=0, latent=torch.zeros(1), mtp_latent=None, bytes_per_token=lambda: 4
+        )
         self.scheduler = SimpleNamespace(running=[], waiting=[])
+        self.prefix = self.expert_counts = None
         self.spec_stats, self.tokens_generated = SpecStats(), 0
         self.seqs: dict[int, list] = {}
         self.ids = itertools.count()
@@ -553,13 +555,34 @@ def test_metrics(url, client, model):
     experts = re.findall(
         r'^nanoseek_expert_tokens_total\{layer="(\d+)",expert="\d+"\} (\d+)', text, re.M
     )
-    if hasattr(Engine, "expert_counts"):
-        per_layer = [0] * (model.config.num_hidden_layers - model.config.first_k_dense_replace)
-        for layer, n in experts:
-            per_layer[int(layer)] += int(n)
-        k = model.config.num_experts_per_tok  # every token routed goes to k experts
-        assert per_layer[0] > 0 and per_layer[0] % k == 0 and len(set(per_layer)) == 1
-        assert re.search(r'^nanoseek_expert_load_max_over_mean\{layer="0"\} ', text, re.M)
+    per_layer = [0] * (model.config.num_hidden_layers - model.config.first_k_dense_replace)
+    for layer, n in experts:
+        per_layer[int(layer)] += int(n)
+    k = model.config.num_experts_per_tok  # every token routed goes to k experts
+    assert per_layer[0] > 0 and per_layer[0] % k == 0 and len(set(per_layer)) == 1
+    assert re.search(r'^nanoseek_expert_load_max_over_mean\{layer="0"\} ', text, re.M)
+
+
+def test_prefix_cache_reuses_a_shared_system_prompt(model, tok):
+    """Two chats with one long system prompt: the second reuses the first's latent rows
+    (counted on /metrics) and answers exactly as a server without a prefix cache does."""
+    system = {"role": "system", "content": "You are a terse assistant. " * 6}
+    chats = [[system, {"role": "user", "content": q}] for q in ("hello there", "and again")]
+    answers = {}
+    for prefix in (True, False):
+        app = create_app(engine(model, tok, prefix_cache=prefix), ServerSettings(model_name="t"))
+        with serving(app) as u:
+            c = openai.OpenAI(base_url=u + "/v1", api_key="-", max_retries=0)
+            answers[prefix] = [
+                c.chat.completions.create(model="t", messages=m, temperature=0, max_tokens=8)
+                .choices[0]
+                .message.content
+                for m in chats
+            ]
+            hits = metric(u, "prefix_cache_hits_total")
+            reused = metric(u, "prefix_cache_reused_tokens_total")
+        assert (hits >= 1 and reused >= 32) if prefix else hits == reused == 0
+    assert answers[True] == answers[False]
 
 
 def test_speculative_engine_behind_the_server(model, tok, client):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import ipaddress
 import os
 import socket
@@ -44,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument(
         "--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
-        help="reuse cached prompt prefixes (when this engine supports it)",
+        help="reuse the latent cache of prompts that share a prefix with an earlier one (a "
+        "system prompt, a chat's earlier turns); default on, off with --speculative",
     )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N], mps")
     p.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16")
@@ -101,18 +101,14 @@ def cmd_serve(args) -> int:
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    kwargs = dict(max_batch=args.max_batch, max_len=args.max_len, speculative=args.speculative)
-    # settings newer engines take, passed only where this Engine accepts them
-    accepts = inspect.signature(Engine.__init__).parameters
-    if "track_expert_load" in accepts:  # per-layer expert load on /metrics
-        kwargs["track_expert_load"] = True
-    if args.prefix_cache is not None:
-        if "prefix_cache" in accepts:
-            kwargs["prefix_cache"] = args.prefix_cache
-        else:
-            print(
-                "note: this engine has no prefix cache yet; --prefix-cache ignored", file=sys.stderr
-            )
+    prefix = not args.speculative if args.prefix_cache is None else args.prefix_cache
+    kwargs = dict(
+        max_batch=args.max_batch,
+        max_len=args.max_len,
+        speculative=args.speculative,
+        track_expert_load=True,  # per-layer expert load on /metrics
+        prefix_cache=prefix,
+    )
     engine = Engine.load(
         args.ckpt, device=device, dtype=resolve_dtype(args.dtype, device), **kwargs
     )

@@ -22,6 +22,7 @@ import torch
 
 from nanoseek.device import resolve_device
 from nanoseek.infer.cache import KVCache
+from nanoseek.infer.prefix import PrefixCache
 from nanoseek.infer.runner import ModelRunner
 from nanoseek.infer.sampling import SamplingParams, sample, token_logprobs, verify
 from nanoseek.infer.scheduler import Scheduler, Sequence
@@ -78,6 +79,7 @@ class Engine:
         plain: bool = False,
         dispatch: str = "auto",
         track_expert_load: bool = False,
+        prefix_cache: bool = False,
     ):
         """`max_len`: context length, preallocated for `max_batch` sequences (default: the
         config's max_position_embeddings, capped at DEFAULT_MAX_LEN so that a 160K-context
@@ -85,7 +87,9 @@ class Engine:
         `plain=True` runs the reference path (re-expanded keys/values) instead of absorbed MLA.
         `dispatch`: how MoE layers send tokens to experts (nanoseek.model.moe; auto picks by
         size and device). `track_expert_load`: keep `expert_counts`, the tokens each expert
-        of each MoE layer received from the served traffic."""
+        of each MoE layer received from the served traffic. `prefix_cache`: a prompt that
+        starts like an earlier one (a system prompt, a chat's earlier turns) reuses its latent
+        rows and prefills only the rest (see infer/prefix.py)."""
         cfg = model.config
         if speculative and len(model.mtp) == 0:
             raise EngineError(
@@ -101,7 +105,11 @@ class Engine:
                 f"max_len {self.max_len} exceeds the model's max_position_embeddings "
                 f"({cfg.max_position_embeddings})"
             )
+        if speculative and prefix_cache:
+            # the MTP module's cached rows depend on the token after each position
+            raise EngineError("prefix_cache and speculative decoding do not combine; pick one")
         self.speculative, self.plain = speculative, plain
+        self.prefix = PrefixCache(capacity_tokens=8 * self.max_len) if prefix_cache else None
         p = next(model.parameters())
         self.device = p.device
         self.cache = KVCache(
@@ -241,15 +249,23 @@ class Engine:
         return token_logprobs(logits, tok, max(p.top_logprobs for p in params))
 
     def _prefill(self, seqs: list[Sequence]):
-        B, lens = len(seqs), [len(s.prompt_ids) for s in seqs]
+        B = len(seqs)
+        done = [self._reuse_prefix(s) for s in seqs]  # tokens already in each slot
+        lens = [len(s.prompt_ids) - n for s, n in zip(seqs, done, strict=True)]
         T = max(lens)
         ids = torch.zeros(B, T, dtype=torch.long)
         for b, s in enumerate(seqs):  # right-padded; pads write rows no query ever sees
-            ids[b, : lens[b]] = torch.tensor(s.prompt_ids)
+            ids[b, : lens[b]] = torch.tensor(s.prompt_ids[done[b] :])
         ids = ids.to(self.device)
-        pos = torch.arange(T, device=self.device).expand(B, T)
+        # a pad past the slot's last row writes the spare row (read only after a rewrite)
+        spare = self.cache.rows_per_slot - 1
+        pos = (torch.tensor(done)[:, None] + torch.arange(T)).clamp_(max=spare).to(self.device)
         start = seqs[0].slot
-        h = self.runner.forward(ids, pos, start, S=T, plain=self.plain)
+        S = min(max(done) + T, spare + 1)
+        h = self.runner.forward(ids, pos, start, S=S, plain=self.plain)
+        if self.prefix is not None:
+            for s in seqs:
+                self.prefix.insert(s.prompt_ids, self.cache.latent[:, s.slot])
         rows, last = torch.arange(B, device=self.device), torch.tensor(lens, device=self.device) - 1
         logits = self.runner.logits(h[rows, last])
         tok, lp = self._sample(logits, seqs)
@@ -263,6 +279,15 @@ class Engine:
         toks = tok.tolist()
         lps = lp if lp is not None else [None] * B
         return [(s, [t], [p]) for s, t, p in zip(seqs, toks, lps, strict=True)]
+
+    def _reuse_prefix(self, seq: Sequence) -> int:
+        """Copy the longest cached prefix of seq's prompt into its slot: its length (0: none)."""
+        hit = self.prefix.lookup(seq.prompt_ids) if self.prefix is not None else None
+        if hit is None:
+            return 0
+        rows, n = hit
+        self.cache.latent[:, seq.slot, :n] = rows
+        return n
 
     def _decode(self, seqs: list[Sequence]):
         positions = [s.num_tokens - 1 for s in seqs]

@@ -12,8 +12,6 @@ import time
 from collections import deque
 from typing import Any
 
-import torch
-
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RATE_WINDOW = 10.0  # seconds over which tokens/s is averaged
 
@@ -92,6 +90,13 @@ class Metrics:
             ("spec_accepted_total", "counter", "MTP draft tokens accepted.", accepted),
             ("spec_acceptance_rate", "gauge", "Accepted / drafted MTP tokens (0 without them).",
              accepted / max(drafted, 1)),
+            ("prefix_cache_hits_total", "counter", "Prompts that reused a cached prefix.",
+             engine["prefix_hits"]),
+            ("prefix_cache_reused_tokens_total", "counter",
+             "Prompt tokens whose latent rows came from the prefix cache, not a prefill.",
+             engine["prefix_reused_tokens"]),
+            ("prefix_cache_tokens", "gauge", "Tokens the prefix cache holds.",
+             engine["prefix_tokens"]),
         ]  # fmt: skip
         families = [(n, t, h, [("", v)]) for n, t, h, v in single]
         families.append(("http_requests_total", "counter", "HTTP requests by route and status.",
@@ -124,26 +129,23 @@ def _num(v: float) -> str:
 
 
 def engine_snapshot(engine: Any) -> dict[str, Any]:
-    """Plain numbers from the engine; runs on the worker thread (see EngineWorker.call).
-    Reads by getattr where the engine's internals may still change shape."""
-    sched, cache = engine.scheduler, engine.cache
-    running = list(getattr(sched, "running", []))
-    tensors = [t for t in vars(cache).values() if isinstance(t, torch.Tensor)]
-    total = sum(t.nbytes for t in tensors)
-    slots, used = getattr(cache, "slots", 0), getattr(cache, "used", len(running))
-    held = sum(s.num_tokens for s in running)
-    per_token = cache.bytes_per_token() if hasattr(cache, "bytes_per_token") else 0
-    spec = engine.spec_stats
-    experts = getattr(engine, "expert_counts", None)
+    """Plain numbers from the engine; runs on the worker thread (see EngineWorker.call)."""
+    sched, cache, prefix = engine.scheduler, engine.cache, engine.prefix
+    tensors = [t for t in (cache.latent, cache.mtp_latent) if t is not None]
+    held = sum(s.num_tokens for s in sched.running)
+    spec, experts = engine.spec_stats, engine.expert_counts
     return {
-        "running": len(running),
-        "waiting": len(getattr(sched, "waiting", [])),
+        "running": len(sched.running),
+        "waiting": len(sched.waiting),
         "tokens_generated": engine.tokens_generated,
-        "slots": slots,
-        "slots_used": used,
-        "cache_bytes": total,
-        "cache_bytes_used": held * per_token if per_token else total * used // max(slots, 1),
+        "slots": cache.slots,
+        "slots_used": cache.used,
+        "cache_bytes": sum(t.nbytes for t in tensors),
+        "cache_bytes_used": held * cache.bytes_per_token(),
         "drafted": spec.drafted,
         "accepted": spec.accepted,
         "expert_counts": experts.tolist() if experts is not None else None,
+        "prefix_hits": prefix.hits if prefix else 0,
+        "prefix_reused_tokens": prefix.reused_tokens if prefix else 0,
+        "prefix_tokens": prefix.tokens if prefix else 0,
     }

@@ -118,8 +118,13 @@ def main() -> None:
         (f"{name} {mode} {k}", f"{tps:.0f}", f"{frac:.1%}", f"{ratio:.2f}x", f"{peak / 1e9:.0f}")
         for name, mode, k, tps, frac, ratio, peak in rows
     ]
-    header = ("dtype, pass, implementation", "tokens/s", "% of peak", "vs transformers",
-              "peak GFLOP/s")  # fmt: skip
+    header = (
+        "dtype, pass, implementation",
+        "tokens/s",
+        "% of peak",
+        "vs transformers",
+        "peak GFLOP/s",
+    )
     print(format_table(table, header=header))
     print(
         f"\nMoE layer {layer} alone (fp32 forward, {tokens} tokens, max diff {moe_diff:.1e}): "

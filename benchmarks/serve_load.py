@@ -70,10 +70,26 @@ def free_port() -> int:
 
 def start_server(ckpt: Path, port: int, args) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-m", "nanoseek", "serve", str(ckpt), "--port", str(port),
-        "--max-batch", str(max(CLIENTS)), "--max-len", "512", "--threads", str(args.threads),
-        "--device", "cpu", "--dtype", "fp32", "--model-name", "small",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "nanoseek",
+        "serve",
+        str(ckpt),
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max(CLIENTS)),
+        "--max-len",
+        "512",
+        "--threads",
+        str(args.threads),
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--model-name",
+        "small",
+    ]
     if args.prefix_cache is not None:
         cmd.append("--prefix-cache" if args.prefix_cache else "--no-prefix-cache")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -109,9 +125,14 @@ async def one_request(client, msgs: list[dict], max_tokens: int) -> tuple[float,
     first = last = None
     tokens = 0
     stream = await client.chat.completions.create(
-        model="small", messages=msgs, max_tokens=max_tokens, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-    )  # fmt: skip
+        model="small",
+        messages=msgs,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     async for chunk in stream:
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
@@ -178,9 +199,11 @@ def main() -> None:
     ap.add_argument("--system-words", type=int, default=120, help="system prompt length, in words")
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     ap.add_argument(
-        "--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="pass --prefix-cache/--no-prefix-cache to the server (default: its default)",
-    )  # fmt: skip
+    )
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,11 +227,19 @@ def main() -> None:
                     r = asyncio.run(run_row(url, kind, clients, args, offset))
                     offset += r["requests"]
                     base = base or r["tps"]
-                    rows.append((
-                        kind, clients, r["requests"], f"{r['tps']:.0f}", f"{r['tps'] / base:.2f}x",
-                        f"{r['ttft'][0] * 1e3:.0f}", f"{r['ttft'][1] * 1e3:.0f}",
-                        f"{r['tpot'][0] * 1e3:.1f}", f"{r['tpot'][1] * 1e3:.1f}",
-                    ))  # fmt: skip
+                    rows.append(
+                        (
+                            kind,
+                            clients,
+                            r["requests"],
+                            f"{r['tps']:.0f}",
+                            f"{r['tps'] / base:.2f}x",
+                            f"{r['ttft'][0] * 1e3:.0f}",
+                            f"{r['ttft'][1] * 1e3:.0f}",
+                            f"{r['tpot'][0] * 1e3:.1f}",
+                            f"{r['tpot'][1] * 1e3:.1f}",
+                        )
+                    )
                     print(f"  {kind} x{clients}: {r['tps']:.0f} tok/s", flush=True)
         finally:
             proc.terminate()
@@ -219,8 +250,17 @@ def main() -> None:
         f"thread(s), max batch {max(CLIENTS)}, prefix cache: "
         f"{'server default' if args.prefix_cache is None else args.prefix_cache}"
     )
-    header = ("system prompt", "clients", "requests", "tok/s", "vs 1", "TTFT p50 ms",
-              "TTFT p99 ms", "per-token p50 ms", "per-token p99 ms")  # fmt: skip
+    header = (
+        "system prompt",
+        "clients",
+        "requests",
+        "tok/s",
+        "vs 1",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "per-token p50 ms",
+        "per-token p99 ms",
+    )
     print()
     print(format_table(rows, title, header))
     b1, b16 = ceiling[1], ceiling[max(CLIENTS)]

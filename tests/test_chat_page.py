@@ -37,11 +37,18 @@ def browser(tmp_path: Path):
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in (
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
         "--window-size=1000,800",
-    ):  # fmt: skip
+    ):
         opts.add_argument(flag)
     # an explicit driver path: selenium then never looks for (or downloads) a driver
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)

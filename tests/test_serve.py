@@ -249,9 +249,14 @@ def test_completion_streamed_equals_whole(client, model, tok):
 
 def test_n_choices_and_seeds(client):
     kw = dict(
-        model="tiny", messages=USER, max_tokens=12, temperature=1.0, n=3, seed=7,
+        model="tiny",
+        messages=USER,
+        max_tokens=12,
+        temperature=1.0,
+        n=3,
+        seed=7,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     a = client.chat.completions.create(**kw)
     b = client.chat.completions.create(**kw)
     texts = [c.message.content for c in a.choices]
@@ -323,9 +328,12 @@ def test_reasoning_with_a_prompt_opened_think(client, tok):
         raw = client.completions.create(model="tiny", prompt=prompt, **GREEDY).choices[0].text
         want_reasoning, want_content = split_reasoning(raw, mode)
         r = client.chat.completions.create(
-            model="tiny", messages=USER, extra_body={"thinking": thinking, "ignore_eos": True},
-            temperature=0, max_tokens=20,
-        )  # fmt: skip
+            model="tiny",
+            messages=USER,
+            extra_body={"thinking": thinking, "ignore_eos": True},
+            temperature=0,
+            max_tokens=20,
+        )
         msg = r.choices[0].message
         assert r.usage.prompt_tokens == len(prompt)
         assert (getattr(msg, "reasoning_content", None) or "", msg.content) == (
@@ -334,9 +342,12 @@ def test_reasoning_with_a_prompt_opened_think(client, tok):
         )
         assert (want_reasoning if thinking else want_content) != ""
         content, reasoning, _ = chat_stream(
-            client, messages=USER, temperature=0, max_tokens=20,
+            client,
+            messages=USER,
+            temperature=0,
+            max_tokens=20,
             extra_body={"chat_template_kwargs": {"enable_thinking": thinking}, "ignore_eos": True},
-        )  # fmt: skip
+        )
         assert (reasoning, content) == (want_reasoning, want_content)
 
 
@@ -481,8 +492,16 @@ def test_bad_inputs_get_4xx_while_a_good_request_completes(client, url):
             assert set(err) == {"message", "type", "param", "code"} and err["message"], what
             assert err["param"] == param, (what, err)
         # harmless unknown fields are accepted and ignored
-        ok = {"messages": USER, "max_tokens": 2, "user": "u1", "metadata": {"a": "b"},
-              "store": False, "frobnicate": 3, "tool_choice": "none", "tools": []}  # fmt: skip
+        ok = {
+            "messages": USER,
+            "max_tokens": 2,
+            "user": "u1",
+            "metadata": {"a": "b"},
+            "store": False,
+            "frobnicate": 3,
+            "tool_choice": "none",
+            "tools": [],
+        }
         assert post(url, "/v1/chat/completions", ok)[0] == 200
         assert get(url, "/v1/nothing")[0] == 404
         assert good.result(timeout=60) == want  # the concurrent good request is untouched
@@ -512,8 +531,12 @@ def test_queue_full_and_disconnect_free_the_slot(model, tok):
         for streaming in (True, False):
             host, port = url.removeprefix("http://").split(":")
             conn = http.client.HTTPConnection(host, int(port), timeout=30)
-            conn.request("POST", "/v1/completions", json.dumps({**long, "stream": streaming}),
-                         {"Content-Type": "application/json"})  # fmt: skip
+            conn.request(
+                "POST",
+                "/v1/completions",
+                json.dumps({**long, "stream": streaming}),
+                {"Content-Type": "application/json"},
+            )
             if streaming:
                 resp = conn.getresponse()
                 assert resp.status == 200 and resp.read(6) == b"data: "
@@ -543,10 +566,15 @@ def test_metrics(url, client, model):
     code, text = get(url, "/metrics")
     assert code == 200
     for name in (
-        "requests_running", "requests_waiting", "generation_tokens_per_second",
-        "time_to_first_token_seconds_count", "kv_cache_slots 8", "kv_cache_bytes",
-        "kv_cache_bytes_used", "spec_acceptance_rate",
-    ):  # fmt: skip
+        "requests_running",
+        "requests_waiting",
+        "generation_tokens_per_second",
+        "time_to_first_token_seconds_count",
+        "kv_cache_slots 8",
+        "kv_cache_bytes",
+        "kv_cache_bytes_used",
+        "spec_acceptance_rate",
+    ):
         assert re.search(rf"^nanoseek_{name}", text, re.M), name
     assert metric(url, "time_to_first_token_seconds_count") >= 1
     assert re.search(
@@ -619,10 +647,26 @@ def test_cli_serve_and_sigterm(model, tok, tmp_path):
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nanoseek", "serve", str(tmp_path / "run"), "--port", str(port),
-         "--device", "cpu", "--dtype", "fp32", "--max-len", "256", "--prefix-cache"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "nanoseek",
+            "serve",
+            str(tmp_path / "run"),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--max-len",
+            "256",
+            "--prefix-cache",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60

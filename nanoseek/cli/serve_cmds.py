@@ -21,37 +21,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
-        "--api-key", default=None,
+        "--api-key",
+        default=None,
         help="require Authorization: Bearer KEY on /v1 and /metrics (default: $NANOSEEK_API_KEY)",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--model-name", default=None, help="the model id clients send (default: the directory name)"
     )
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     p.add_argument(
-        "--max-len", type=int, default=None,
+        "--max-len",
+        type=int,
+        default=None,
         help="context length to preallocate per sequence (default: the model's, at most 4096)",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--max-waiting", type=int, default=64, help="choices queued past the batch; beyond: 429"
     )
     p.add_argument(
-        "--thinking", choices=["auto", "on", "off"], default="auto",
+        "--thinking",
+        choices=["auto", "on", "off"],
+        default="auto",
         help="chat replies open in thinking mode (on), non-thinking (off), or as the model "
         "chooses (auto); a request's `thinking` field overrides",
-    )  # fmt: skip
+    )
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument(
-        "--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="reuse the latent cache of prompts that share a prefix with an earlier one (a "
         "system prompt, a chat's earlier turns); default on, off with --speculative",
-    )  # fmt: skip
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N], mps")
     p.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16")
     p.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="CPU threads for the engine (default 1: two threads spin-wait against the server)",
-    )  # fmt: skip
+    )
     p.set_defaults(func=cmd_serve)
 
 

@@ -71,52 +71,105 @@ class Metrics:
         drafted, accepted = engine["drafted"], engine["accepted"]
         single = [  # (name, type, help, value)
             ("requests_running", "gauge", "Sequences in the running batch.", engine["running"]),
-            ("requests_waiting", "gauge", "Sequences waiting for a cache slot.",
-             engine["waiting"] + queued),
+            (
+                "requests_waiting",
+                "gauge",
+                "Sequences waiting for a cache slot.",
+                engine["waiting"] + queued,
+            ),
             ("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", prompt),
             ("generation_tokens_total", "counter", "Tokens generated.", engine["tokens_generated"]),
             ("completion_tokens_total", "counter", "Tokens returned to clients.", completion),
             ("aborted_total", "counter", "Choices aborted (client gone or shutdown).", aborted),
-            ("generation_tokens_per_second", "gauge",
-             f"Tokens generated per second over the last {RATE_WINDOW:.0f} s.",
-             self.tokens_per_second(time.perf_counter())),
+            (
+                "generation_tokens_per_second",
+                "gauge",
+                f"Tokens generated per second over the last {RATE_WINDOW:.0f} s.",
+                self.tokens_per_second(time.perf_counter()),
+            ),
             ("kv_cache_slots", "gauge", "KV cache sequence slots.", engine["slots"]),
-            ("kv_cache_slots_used", "gauge", "KV cache slots holding a sequence.",
-             engine["slots_used"]),
+            (
+                "kv_cache_slots_used",
+                "gauge",
+                "KV cache slots holding a sequence.",
+                engine["slots_used"],
+            ),
             ("kv_cache_bytes", "gauge", "Bytes allocated for the KV cache.", engine["cache_bytes"]),
-            ("kv_cache_bytes_used", "gauge", "KV cache bytes holding tokens of running sequences.",
-             engine["cache_bytes_used"]),
+            (
+                "kv_cache_bytes_used",
+                "gauge",
+                "KV cache bytes holding tokens of running sequences.",
+                engine["cache_bytes_used"],
+            ),
             ("spec_drafted_total", "counter", "MTP draft tokens proposed.", drafted),
             ("spec_accepted_total", "counter", "MTP draft tokens accepted.", accepted),
-            ("spec_acceptance_rate", "gauge", "Accepted / drafted MTP tokens (0 without them).",
-             accepted / max(drafted, 1)),
-            ("prefix_cache_hits_total", "counter", "Prompts that reused a cached prefix.",
-             engine["prefix_hits"]),
-            ("prefix_cache_reused_tokens_total", "counter",
-             "Prompt tokens whose latent rows came from the prefix cache, not a prefill.",
-             engine["prefix_reused_tokens"]),
-            ("prefix_cache_tokens", "gauge", "Tokens the prefix cache holds.",
-             engine["prefix_tokens"]),
-        ]  # fmt: skip
+            (
+                "spec_acceptance_rate",
+                "gauge",
+                "Accepted / drafted MTP tokens (0 without them).",
+                accepted / max(drafted, 1),
+            ),
+            (
+                "prefix_cache_hits_total",
+                "counter",
+                "Prompts that reused a cached prefix.",
+                engine["prefix_hits"],
+            ),
+            (
+                "prefix_cache_reused_tokens_total",
+                "counter",
+                "Prompt tokens whose latent rows came from the prefix cache, not a prefill.",
+                engine["prefix_reused_tokens"],
+            ),
+            (
+                "prefix_cache_tokens",
+                "gauge",
+                "Tokens the prefix cache holds.",
+                engine["prefix_tokens"],
+            ),
+        ]
         families = [(n, t, h, [("", v)]) for n, t, h, v in single]
-        families.append(("http_requests_total", "counter", "HTTP requests by route and status.",
-                         [(f'{{route="{r}",code="{c}"}}', n) for (r, c), n in reqs]))  # fmt: skip
-        families.append(("time_to_first_token_seconds", "histogram",
-                         "From the request reaching the engine's queue to its first token.", ttft))  # fmt: skip
+        families.append(
+            (
+                "http_requests_total",
+                "counter",
+                "HTTP requests by route and status.",
+                [(f'{{route="{r}",code="{c}"}}', n) for (r, c), n in reqs],
+            )
+        )
+        families.append(
+            (
+                "time_to_first_token_seconds",
+                "histogram",
+                "From the request reaching the engine's queue to its first token.",
+                ttft,
+            )
+        )
         experts = engine["expert_counts"]
         if experts is not None:
-            families.append((
-                "expert_tokens_total", "counter",
-                "Tokens routed to each expert of each MoE layer by served traffic.",
-                [(f'{{layer="{i}",expert="{j}"}}', n)
-                 for i, row in enumerate(experts) for j, n in enumerate(row)],
-            ))  # fmt: skip
-            families.append((
-                "expert_load_max_over_mean", "gauge",
-                "Per MoE layer: the busiest expert's tokens over the mean (1 = balanced).",
-                [(f'{{layer="{i}"}}', max(row) * len(row) / sum(row) if sum(row) else 0)
-                 for i, row in enumerate(experts)],
-            ))  # fmt: skip
+            families.append(
+                (
+                    "expert_tokens_total",
+                    "counter",
+                    "Tokens routed to each expert of each MoE layer by served traffic.",
+                    [
+                        (f'{{layer="{i}",expert="{j}"}}', n)
+                        for i, row in enumerate(experts)
+                        for j, n in enumerate(row)
+                    ],
+                )
+            )
+            families.append(
+                (
+                    "expert_load_max_over_mean",
+                    "gauge",
+                    "Per MoE layer: the busiest expert's tokens over the mean (1 = balanced).",
+                    [
+                        (f'{{layer="{i}"}}', max(row) * len(row) / sum(row) if sum(row) else 0)
+                        for i, row in enumerate(experts)
+                    ],
+                )
+            )
         out = []
         for name, kind, help, samples in families:
             out += [f"# HELP nanoseek_{name} {help}", f"# TYPE nanoseek_{name} {kind}"]

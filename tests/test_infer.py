@@ -313,3 +313,17 @@ def test_prefix_cache_keeps_the_recent_prompts_within_its_capacity():
     assert pc.lookup(b)[1] == 8  # at least one token is left to prefill
     pc.insert(c, rows(9))  # b (12) + c (8) > 16: b, the least recently used, goes
     assert pc.lookup(b + [1]) is None and pc.lookup(c[:4] + [9, 9])[1] == 4
+
+
+def test_generate_takes_a_run_directory(tmp_path, cli):
+    """`nanoseek generate runs/X` (what a user naturally passes) uses runs/X/ckpt."""
+    from nanoseek.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["the cat sat on the mat. " * 50], vocab_size=300)
+    nanoseek.save_pretrained(tiny_model(5, vocab_size=tok.vocab_size), tmp_path / "run" / "ckpt")
+    tok.save(tmp_path / "run" / "ckpt")
+    r = cli("generate", tmp_path / "run", "the cat", "--max-tokens", 5, "--temperature", 0)
+    assert r.code == 0, r.err
+    five = SamplingParams(max_tokens=5, temperature=0)
+    want = Engine.load(tmp_path / "run" / "ckpt").generate(["the cat"], five)[0]
+    assert r.out == want.text + "\n" and "5 tokens" in r.err

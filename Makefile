@@ -5,7 +5,7 @@ PIP     := .venv/bin/pip
 TORCH   := torch==2.13.0
 export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: run test test-all bench lint format clean
+.PHONY: run r1 test test-all bench lint format clean
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -19,17 +19,24 @@ export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 run: .venv/.installed
 	$(PY) -m nanoseek.quickstart
 
+# SFT then GRPO on arithmetic, from nothing to a reasoning model: ~25 minutes on 2 cores
+r1: .venv/.installed
+	$(PY) -m nanoseek.r1
+
+# One torch thread per test process: the tests are small, and the server and DDP tests run
+# torch in several threads or processes at once, where a second thread only spin-waits.
 test: .venv/.installed
-	$(PY) -m pytest -q -x --durations=10
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x --durations=10
 
 test-all: .venv/.installed
-	$(PY) -m pytest -q -m "slow or not slow" --durations=15
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "slow or not slow" --durations=15
 
 bench: .venv/.installed
 	$(PY) -m benchmarks.forward
 	$(PY) -m benchmarks.train_throughput
 	$(PY) -m benchmarks.decode
 	$(PY) -m benchmarks.moe_vs_dense
+	$(PY) -m benchmarks.serve_load
 
 lint: .venv/.installed
 	.venv/bin/ruff check .

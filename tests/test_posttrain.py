@@ -227,10 +227,18 @@ def test_micro_batches_add_up_to_the_batch(variant):
     full, _ = _loss(variant, epsilon=0.2)
     norm = {"grpo": 2, "dr_grpo": 2, "dapo": int(MASK.sum())}[variant]
     parts = [
-        policy_loss(RATIOS.log()[i : i + 1], torch.zeros(1, 3), None, ADV[i : i + 1],
-                    MASK[i : i + 1], variant, epsilon=0.2, normalizer=norm)[0]
+        policy_loss(
+            RATIOS.log()[i : i + 1],
+            torch.zeros(1, 3),
+            None,
+            ADV[i : i + 1],
+            MASK[i : i + 1],
+            variant,
+            epsilon=0.2,
+            normalizer=norm,
+        )[0]
         for i in range(2)
-    ]  # fmt: skip
+    ]
     assert (parts[0] + parts[1]).item() == pytest.approx(full.item())
 
 
@@ -275,8 +283,17 @@ def test_one_step_raises_the_rewarded_completion(variant):
     before = logp().sum(1).exp().detach()
     lp = logp()
     ref = lp.detach() if cfg.beta > 0 else None
-    loss, stats = policy_loss(lp, lp.detach(), ref, adv, torch.ones(3, 2), variant, cfg.beta,
-                              cfg.epsilon, cfg.epsilon_high)  # fmt: skip
+    loss, stats = policy_loss(
+        lp,
+        lp.detach(),
+        ref,
+        adv,
+        torch.ones(3, 2),
+        variant,
+        cfg.beta,
+        cfg.epsilon,
+        cfg.epsilon_high,
+    )
     loss.backward()
     with torch.no_grad():
         table -= 1.0 * table.grad
@@ -291,8 +308,10 @@ def test_overlong_and_truncation():
     assert (overlong_penalty(torch.tensor([99]), 16, 0) == 0).all()
     mask = torch.ones(3, 2)
     assert mask_truncated(mask, torch.tensor([False, True, False])).tolist() == [
-        [1, 1], [0, 0], [1, 1],
-    ]  # fmt: skip
+        [1, 1],
+        [0, 0],
+        [1, 1],
+    ]
     assert GRPOConfig.for_variant("dapo").epsilon_high == 0.28
     assert not GRPOConfig.for_variant("dr_grpo").scale_std
     with pytest.raises(PostTrainError, match="unknown GRPO variant"):

@@ -62,7 +62,7 @@ def _sft_file(path: Path, problems: list[Problem]) -> Path:
                     {"role": "assistant", "content": "yes", "reasoning_content": "ok"},
                 ]
             }
-        )  # fmt: skip
+        )
         for p in problems
     ]
     path.write_text("\n".join(lines) + "\n")
@@ -77,8 +77,11 @@ def _model(tok: Tokenizer) -> nanoseek.Transformer:
 @pytest.fixture(scope="module")
 def taught(tok, tmp_path_factory) -> nanoseek.Transformer:
     """SFT on 32 chats whose reply is always <think>ok</think>yes: the model learns it."""
-    data = load_sft(_sft_file(tmp_path_factory.mktemp("sft") / "yes.jsonl",
-                              Yes().generate(1, 32)), tok, seq_len=64)  # fmt: skip
+    data = load_sft(
+        _sft_file(tmp_path_factory.mktemp("sft") / "yes.jsonl", Yes().generate(1, 32)),
+        tok,
+        seq_len=64,
+    )
     model = _model(tok).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(60):
@@ -105,8 +108,15 @@ def test_evaluate_task_on_the_taught_model(taught, tok):
     assert taught.training
     assert (r.accuracy, r.format_rate, r.truncated, r.pass_at_k) == (1.0, 1.0, 0.0, 1.0)
     assert r.mean_length == len(tok.encode(ANSWER))  # the stop token is not counted
-    assert r.row() == {"task": "yes", "n": 6, "accuracy": 1.0, "format_rate": 1.0,
-                       "mean_length": r.mean_length, "truncated": 0.0, "pass@2": 1.0}  # fmt: skip
+    assert r.row() == {
+        "task": "yes",
+        "n": 6,
+        "accuracy": 1.0,
+        "format_rate": 1.0,
+        "mean_length": r.mean_length,
+        "truncated": 0.0,
+        "pass@2": 1.0,
+    }
 
 
 def test_evaluate_task_on_an_untrained_model(tok):
@@ -138,14 +148,24 @@ def test_report_card(tmp_path):
 
 def test_distill_keeps_verified_distinct_completions(taught, tok, tmp_path):
     out = tmp_path / "distill.jsonl"
-    stats = distill(Engine(taught, tok, max_batch=8, max_len=64), Yes(), n=4, out_path=out,
-                    samples_per_prompt=3, temperature=0.5, max_tokens=8)  # fmt: skip
+    stats = distill(
+        Engine(taught, tok, max_batch=8, max_len=64),
+        Yes(),
+        n=4,
+        out_path=out,
+        samples_per_prompt=3,
+        temperature=0.5,
+        max_tokens=8,
+    )
     assert (stats.prompts, stats.samples, stats.accepted, stats.written) == (4, 12, 12, 4)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     prompts = [p.prompt for p in Yes().generate(1, 4)]
     assert [m["messages"][0]["content"] for m in lines] == prompts
-    assert lines[0]["messages"][1] == {"role": "assistant", "content": "yes",
-                                       "reasoning_content": "ok"}  # fmt: skip
+    assert lines[0]["messages"][1] == {
+        "role": "assistant",
+        "content": "yes",
+        "reasoning_content": "ok",
+    }
     assert len(load_sft(out, tok, seq_len=64).examples) == 4  # it is SFT data
 
     class Teacher:  # any object with a tokenizer and generate() will do
@@ -180,12 +200,15 @@ def test_bits_per_byte_and_cli(taught, tok, tmp_path, monkeypatch, capsys):
     src.mkdir()
     for i in range(50):  # the 50th document is the val split
         (src / f"{i}.txt").write_text(f"Say yes {i}. <think>ok</think>yes, the cat sat.\n" * 20)
-    shards = prepare(str(src), tmp_path / "shards", tokenizer=tmp_path / "base" / "tokenizer.json",
-                     verbose=False)  # fmt: skip
+    shards = prepare(
+        str(src), tmp_path / "shards", tokenizer=tmp_path / "base" / "tokenizer.json", verbose=False
+    )
     model, loader = _model(tok).eval(), BatchLoader(shards, "val", 2, 32)
     with torch.no_grad():
-        nats = [F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten()).item()
-                for x, y in loader.val_batches(2)]  # fmt: skip
+        nats = [
+            F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten()).item()
+            for x, y in loader.val_batches(2)
+        ]
     bytes_per_token = loader.meta["splits"]["val"]["bytes"] / loader.meta["splits"]["val"]["tokens"]
     expected = sum(nats) / 2 / math.log(2) / bytes_per_token
     assert bits_per_byte(model, shards, 2, 32, 2, tokenizer=tok) == pytest.approx(
@@ -195,9 +218,27 @@ def test_bits_per_byte_and_cli(taught, tok, tmp_path, monkeypatch, capsys):
         bits_per_byte(model, shards, 2, 32, 2, tokenizer=Tokenizer.train(["other " * 99], 300))
 
     report = tmp_path / "report.md"
-    argv = ["eval", str(base), str(run), "--task", "yes", "--n", "4", "--max-tokens", "8",
-            "--device", "cpu", "--data", str(shards), "--seq-len", "64", "--val-batches", "2",
-            "--out", str(report)]  # fmt: skip
+    argv = [
+        "eval",
+        str(base),
+        str(run),
+        "--task",
+        "yes",
+        "--n",
+        "4",
+        "--max-tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--data",
+        str(shards),
+        "--seq-len",
+        "64",
+        "--val-batches",
+        "2",
+        "--out",
+        str(report),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert printed == report.read_text()
@@ -208,8 +249,27 @@ def test_bits_per_byte_and_cli(taught, tok, tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["rows"] == rows
 
     out = tmp_path / "d.jsonl"
-    assert main(["distill", str(run), "--task", "yes", "--n", "3", "--out", str(out),
-                 "--max-tokens", "8", "--samples-per-prompt", "2", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "distill",
+                str(run),
+                "--task",
+                "yes",
+                "--n",
+                "3",
+                "--out",
+                str(out),
+                "--max-tokens",
+                "8",
+                "--samples-per-prompt",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "3 prompts x 2 samples: 6 accepted (100.0%), 3 written" in capsys.readouterr().out
     assert len(out.read_text().splitlines()) == 3
 

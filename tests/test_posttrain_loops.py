@@ -70,18 +70,35 @@ def chats(tmp_path_factory) -> Path:
     lines = []
     for i, p in enumerate(Yes().generate(1, 64)):
         answer = "yes" if i % 2 else "no"
-        lines.append(json.dumps({"messages": [
-            {"role": "user", "content": p.prompt},
-            {"role": "assistant", "content": answer, "reasoning_content": "ok"},
-        ]}))  # fmt: skip
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": p.prompt},
+                        {"role": "assistant", "content": answer, "reasoning_content": "ok"},
+                    ]
+                }
+            )
+        )
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def sft_config(base: Path, chats: Path, out: Path, **kw) -> SFTConfig:
-    settings = dict(init=str(base), data=str(chats), out=str(out), steps=40, batch_size=8,
-                    seq_len=48, lr=1e-2, warmup_steps=2, eval_every=20, val_examples=6,
-                    progress=False, threads=1)  # fmt: skip
+    settings = dict(
+        init=str(base),
+        data=str(chats),
+        out=str(out),
+        steps=40,
+        batch_size=8,
+        seq_len=48,
+        lr=1e-2,
+        warmup_steps=2,
+        eval_every=20,
+        val_examples=6,
+        progress=False,
+        threads=1,
+    )
     settings.update(kw)
     return SFTConfig(**settings)
 
@@ -95,9 +112,20 @@ def sft_run(base, chats, tmp_path_factory) -> Path:
 
 
 def rl_config(init: Path, out: Path, **kw) -> RLConfig:
-    settings = dict(init=str(init), task="yes", out=str(out), steps=1, prompts_per_step=4,
-                    group_size=8, max_completion_tokens=8, lr=3e-3, eval_every=0, eval_n=4,
-                    progress=False, threads=1)  # fmt: skip
+    settings = dict(
+        init=str(init),
+        task="yes",
+        out=str(out),
+        steps=1,
+        prompts_per_step=4,
+        group_size=8,
+        max_completion_tokens=8,
+        lr=3e-3,
+        eval_every=0,
+        eval_n=4,
+        progress=False,
+        threads=1,
+    )
     settings.update(kw)
     return RLConfig(**settings)
 
@@ -121,8 +149,9 @@ def answer_logprob(model: nanoseek.Transformer, tok: Tokenizer, answer: str) -> 
 # --- SFT ----------------------------------------------------------------------------------------
 
 
-def test_sft_trains_on_the_assistant_tokens_only_and_learns(sft_run, base, chats, tok,
-                                                            tmp_path, monkeypatch):  # fmt: skip
+def test_sft_trains_on_the_assistant_tokens_only_and_learns(
+    sft_run, base, chats, tok, tmp_path, monkeypatch
+):
     recs = records(sft_run)
     losses = [r["loss"] for r in recs]
     assert len(losses) == 40 and losses[-1] < 0.5 * losses[0]
@@ -132,9 +161,13 @@ def test_sft_trains_on_the_assistant_tokens_only_and_learns(sft_run, base, chats
     assert summary["steps"] == 40 and summary["val_examples"] == 6
     assert (sft_run / "loss.png").stat().st_size > 0
     engine = Engine.load(sft_run, max_batch=4, max_len=64)  # weights + tokenizer in ckpt/
-    texts = {c.text for c in engine.generate(
-        [chat_prompt(tok, p) for p in Yes().held_out(4)], SamplingParams(max_tokens=8, temperature=0)
-    )}  # fmt: skip
+    texts = {
+        c.text
+        for c in engine.generate(
+            [chat_prompt(tok, p) for p in Yes().held_out(4)],
+            SamplingParams(max_tokens=8, temperature=0),
+        )
+    }
     assert texts <= {YES, NO}
 
     # what the loop feeds the model: targets only on the replies (and their <|end|>)
@@ -151,7 +184,9 @@ def test_sft_trains_on_the_assistant_tokens_only_and_learns(sft_run, base, chats
     assert len(seen) == 2
     for y in seen:
         for row in y:
-            assert tok.decode(row[row != -100].tolist()) in [f"<think>{a}<|end|>" for a in (YES, NO)]
+            assert tok.decode(row[row != -100].tolist()) in [
+                f"<think>{a}<|end|>" for a in (YES, NO)
+            ]
 
 
 def test_sft_exact_resume(base, chats, tmp_path, monkeypatch):
@@ -219,8 +254,16 @@ def test_grpo_step_raises_the_rewarded_completion(sft_run, tok, tmp_path, monkey
 def test_grpo_exact_resume(sft_run, tmp_path, monkeypatch):
     """grpo with a reference model and two minibatch updates per step: killed mid-run,
     resumed, the same prompts, samples and updates as the uninterrupted run."""
-    kw = dict(steps=4, save_every=2, eval_every=2, variant="grpo", updates_per_batch=2,
-              minibatches=2, prompts_per_step=2, group_size=4)  # fmt: skip
+    kw = dict(
+        steps=4,
+        save_every=2,
+        eval_every=2,
+        variant="grpo",
+        updates_per_batch=2,
+        minibatches=2,
+        prompts_per_step=2,
+        group_size=4,
+    )
     rl(rl_config(sft_run, tmp_path / "full", **kw))
     real, calls = rl_mod.group_advantages, {"n": 0}
 
@@ -252,28 +295,89 @@ def test_grpo_exact_resume(sft_run, tmp_path, monkeypatch):
 
 def test_cli_runs_and_errors_are_one_line(sft_run, base, chats, tmp_path, cli):
     out = tmp_path / "rl"
-    r = cli("rl", sft_run, "--task", "yes", "--out", out, "--steps", 1, "--prompts-per-step", 2,
-            "--group-size", 2, "--max-completion-tokens", 8, "--eval-n", 2, "--no-progress",
-            "--threads", 1)  # fmt: skip
+    r = cli(
+        "rl",
+        sft_run,
+        "--task",
+        "yes",
+        "--out",
+        out,
+        "--steps",
+        1,
+        "--prompts-per-step",
+        2,
+        "--group-size",
+        2,
+        "--max-completion-tokens",
+        8,
+        "--eval-n",
+        2,
+        "--no-progress",
+        "--threads",
+        1,
+    )
     assert r.code == 0 and "rl summary" in r.err
-    r = cli("sft", base, "--data", chats, "--out", tmp_path / "sft", "--steps", 1,
-            "--batch-size", 2, "--no-progress", "--threads", 1)  # fmt: skip
+    r = cli(
+        "sft",
+        base,
+        "--data",
+        chats,
+        "--out",
+        tmp_path / "sft",
+        "--steps",
+        1,
+        "--batch-size",
+        2,
+        "--no-progress",
+        "--threads",
+        1,
+    )
     assert r.code == 0 and "sft summary" in r.err
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "bot", "content": "hi"}]}\nnot json\n')
     cases = [
         (("rl", sft_run, "--task", "yes", "--out", out, "--steps", 1), "--resume"),
-        (("rl", sft_run, "--task", "yes", "--out", tmp_path / "x", "--steps", 1,
-          "--group-size", 1), "--group-size must be >= 2"),  # fmt: skip
+        (
+            (
+                "rl",
+                sft_run,
+                "--task",
+                "yes",
+                "--out",
+                tmp_path / "x",
+                "--steps",
+                1,
+                "--group-size",
+                1,
+            ),
+            "--group-size must be >= 2",
+        ),
         (("rl", sft_run, "--task", "nope", "--out", tmp_path / "x", "--steps", 1), "unknown task"),
-        (("rl", sft_run, "--task", "yes", "--out", tmp_path / "x", "--steps", 1,
-          "--variant", "ppo"), "--variant must be one of"),  # fmt: skip
-        (("rl", tmp_path / "missing", "--task", "yes", "--out", tmp_path / "x", "--steps", 1),
-         "not a checkpoint directory"),  # fmt: skip
+        (
+            (
+                "rl",
+                sft_run,
+                "--task",
+                "yes",
+                "--out",
+                tmp_path / "x",
+                "--steps",
+                1,
+                "--variant",
+                "ppo",
+            ),
+            "--variant must be one of",
+        ),
+        (
+            ("rl", tmp_path / "missing", "--task", "yes", "--out", tmp_path / "x", "--steps", 1),
+            "not a checkpoint directory",
+        ),
         (("rl", sft_run, "--task", "yes", "--out", tmp_path / "x"), "give a budget"),
-        (("sft", base, "--data", bad, "--out", tmp_path / "y", "--steps", 1),
-         "line 1: message 1 has role 'bot'"),  # fmt: skip
+        (
+            ("sft", base, "--data", bad, "--out", tmp_path / "y", "--steps", 1),
+            "line 1: message 1 has role 'bot'",
+        ),
         (("sft", base, "--out", tmp_path / "y", "--steps", 1), "--data"),
         (("sft", "--out", tmp_path / "none", "--resume"), "no checkpoint"),
     ]

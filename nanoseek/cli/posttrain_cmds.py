@@ -16,10 +16,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N], mps")
     p.add_argument("--dtype", default="fp32", help="auto, fp32, bf16, fp16")
     p.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="CPU threads (default 1: decode matmuls are small, and 2 threads spin-wait "
         "against any other busy process)",
-    )  # fmt: skip
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -125,16 +127,26 @@ def cmd_eval(args) -> int:
     for ckpt in args.ckpt:
         model, tokenizer = load_model(ckpt, device, dtype)
         result = evaluate_task(
-            model, tokenizer, task, n=args.n, k=args.k, samples=args.samples,
-            max_tokens=args.max_tokens, temperature=args.temperature,
-            max_batch=args.max_batch, seed=args.seed,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            task,
+            n=args.n,
+            k=args.k,
+            samples=args.samples,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            max_batch=args.max_batch,
+            seed=args.seed,
+        )
         row = {"name": ckpt, **result.row()}
         if args.data:
             row["bits_per_byte"] = bits_per_byte(
-                model, args.data, seq_len=args.seq_len, n_batches=args.val_batches,
+                model,
+                args.data,
+                seq_len=args.seq_len,
+                n_batches=args.val_batches,
                 tokenizer=tokenizer,
-            )  # fmt: skip
+            )
         rows.append(row)
         print(f"[{ckpt}: accuracy {result.accuracy:.1%}]", file=sys.stderr)
     markdown, data = report_card(rows)
@@ -150,10 +162,18 @@ def cmd_distill(args) -> int:
 
     task, device, dtype = _setup(args)
     stats = distill(
-        args.teacher, task, args.n, args.out, samples_per_prompt=args.samples_per_prompt,
-        temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens,
-        max_batch=args.max_batch, device=device, dtype=dtype,
-    )  # fmt: skip
+        args.teacher,
+        task,
+        args.n,
+        args.out,
+        samples_per_prompt=args.samples_per_prompt,
+        temperature=args.temperature,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        max_batch=args.max_batch,
+        device=device,
+        dtype=dtype,
+    )
     print(f"{stats.summary()} -> {args.out}")
     return 0
 

@@ -57,15 +57,22 @@ def chat_prompt(tokenizer: Tokenizer, problem: Problem, thinking: bool | None = 
 
 
 def make_engine(
-    model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], max_tokens: int,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    max_tokens: int,
     max_batch: int,
-) -> Engine:  # fmt: skip
+) -> Engine:
     """An engine whose context fits the longest prompt plus max_tokens (no larger: the cache
     is preallocated for max_batch sequences)."""
     need = max(len(p) for p in prompts) + max_tokens
     model.eval()  # the caller's job, not the engine's
-    return Engine(model, tokenizer, max_batch=max_batch,
-                  max_len=min(need, model.config.max_position_embeddings))  # fmt: skip
+    return Engine(
+        model,
+        tokenizer,
+        max_batch=max_batch,
+        max_len=min(need, model.config.max_position_embeddings),
+    )
 
 
 def seeds(seed: int, n: int) -> list[int]:
@@ -136,9 +143,7 @@ def evaluate_task(
             truncated=sum(c.finish_reason == "length" for c in greedy) / n,
         )
         if k:
-            sampled = sample_completions(
-                engine, prompts, samples, max_tokens, temperature, seed
-            )  # fmt: skip
+            sampled = sample_completions(engine, prompts, samples, max_tokens, temperature, seed)
             scores = []
             for p, outs in zip(problems, sampled, strict=True):
                 c = sum(task.reward(p, o.text).correct for o in outs)
@@ -159,8 +164,10 @@ def sample_completions(
 ) -> list[list[Completion]]:
     """`samples` seeded completions per prompt, as one batched generate."""
     flat = [p for p in prompts for _ in range(samples)]
-    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=s)
-              for s in seeds(seed, len(flat))]  # fmt: skip
+    params = [
+        SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=s)
+        for s in seeds(seed, len(flat))
+    ]
     outs = engine.generate(flat, params)
     return [outs[i * samples : (i + 1) * samples] for i in range(len(prompts))]
 

@@ -40,7 +40,7 @@ from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.model import Transformer
 from nanoseek.posttrain.errors import PostTrainError
-from nanoseek.posttrain.evaluate import checkpoint_dir, chat_prompt, evaluate_task, load_model
+from nanoseek.posttrain.evaluate import chat_prompt, checkpoint_dir, evaluate_task, load_model
 from nanoseek.posttrain.grpo import (
     VARIANTS,
     GRPOConfig,
@@ -66,10 +66,12 @@ def _h(text: str, **kw: Any) -> Any:
 
 @dataclass
 class RLConfig(RunConfig):
-    init: str = _h("the starting checkpoint (an SFT'd model): a checkpoint or run directory",
-                   default="")  # fmt: skip
-    task: str = _h(f"the task whose verifier gives the rewards: {', '.join(TASKS)}",
-                   default="arithmetic")  # fmt: skip
+    init: str = _h(
+        "the starting checkpoint (an SFT'd model): a checkpoint or run directory", default=""
+    )
+    task: str = _h(
+        f"the task whose verifier gives the rewards: {', '.join(TASKS)}", default="arithmetic"
+    )
     task_options: dict[str, Any] = _h(
         "the task's settings, e.g. {max_digits = 4} (config file only)", default_factory=dict
     )
@@ -142,11 +144,29 @@ class RLConfig(RunConfig):
     given: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     IDENTITY = (
-        "init", "task", "task_options", "prompts_per_step", "group_size", "temperature",
-        "max_completion_tokens", "variant", "beta", "epsilon", "epsilon_high", "mask_truncated",
-        "overlong_cache", "updates_per_batch", "minibatches", "lr", "warmup_steps",
-        "min_lr_ratio", "weight_decay", "beta1", "beta2", "seed",
-    )  # fmt: skip
+        "init",
+        "task",
+        "task_options",
+        "prompts_per_step",
+        "group_size",
+        "temperature",
+        "max_completion_tokens",
+        "variant",
+        "beta",
+        "epsilon",
+        "epsilon_high",
+        "mask_truncated",
+        "overlong_cache",
+        "updates_per_batch",
+        "minibatches",
+        "lr",
+        "warmup_steps",
+        "min_lr_ratio",
+        "weight_decay",
+        "beta1",
+        "beta2",
+        "seed",
+    )
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -157,10 +177,18 @@ class RLConfig(RunConfig):
         need(bool(self.out), "give the run directory: --out DIR")
         need(self.task in TASKS, f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
         need(self.variant in VARIANTS, f"--variant must be one of {', '.join(VARIANTS)}")
-        need(self.group_size >= 2, f"--group-size must be >= 2 (got {self.group_size}): the "
-             "advantage compares completions of one prompt")  # fmt: skip
-        for name in ("prompts_per_step", "max_completion_tokens", "updates_per_batch",
-                     "minibatches", "eval_n"):  # fmt: skip
+        need(
+            self.group_size >= 2,
+            f"--group-size must be >= 2 (got {self.group_size}): the "
+            "advantage compares completions of one prompt",
+        )
+        for name in (
+            "prompts_per_step",
+            "max_completion_tokens",
+            "updates_per_batch",
+            "minibatches",
+            "eval_n",
+        ):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
         need(
             self.updates_per_batch % self.minibatches == 0
@@ -171,7 +199,10 @@ class RLConfig(RunConfig):
         need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
-        need(self.dtype in ("auto", "bf16", "fp32"), f"--dtype auto, bf16 or fp32, not {self.dtype!r}")
+        need(
+            self.dtype in ("auto", "bf16", "fp32"),
+            f"--dtype auto, bf16 or fp32, not {self.dtype!r}",
+        )
         need(
             self.resume or any(v is not None for v in (self.steps, self.tokens, self.minutes)),
             "give a budget: --steps, --tokens or --minutes",
@@ -225,19 +256,22 @@ def rollout(
     rank: int,
 ) -> tuple[Rollouts, list[str]]:
     """Sample G completions for each of the step's problems and score them."""
-    problems = task.generate(1 + derive_seed(cfg.seed, "prompts", step, rank),
-                             cfg.prompts_per_step)  # fmt: skip
+    problems = task.generate(1 + derive_seed(cfg.seed, "prompts", step, rank), cfg.prompts_per_step)
     prompts = [chat_prompt(tokenizer, p) for p in problems]
     G = cfg.group_size
     flat = [p for p in prompts for _ in range(G)]
     # The turn ends at <|end|> only (<|eos|> is not a chat token): a completion that
     # stopped ended with exactly that token, which the loss then trains on.
     params = [
-        SamplingParams(max_tokens=cfg.max_completion_tokens, temperature=cfg.temperature,
-                       seed=derive_seed(cfg.seed, "sample", step, rank, i),
-                       stop_token_ids=[tokenizer.end_id], ignore_eos=True)
+        SamplingParams(
+            max_tokens=cfg.max_completion_tokens,
+            temperature=cfg.temperature,
+            seed=derive_seed(cfg.seed, "sample", step, rank, i),
+            stop_token_ids=[tokenizer.end_id],
+            ignore_eos=True,
+        )
         for i in range(len(flat))
-    ]  # fmt: skip
+    ]
     outs = engine.generate(flat, params)
     rewards = [task.reward(problems[i // G], c.text) for i, c in enumerate(outs)]
     seqs = [
@@ -283,6 +317,31 @@ def token_logprobs(
     return logp, ent
 
 
+def trimmed(
+    ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' ids and completion mask, cut after their last completion token."""
+    m = mask[rows]
+    T = int(m.any(0).nonzero().max()) + 2 if m.any() else 2
+    return ids[rows, :T], m[:, : T - 1]
+
+
+def logprobs_of(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    useful: torch.Tensor,
+    rt: Runtime,
+) -> torch.Tensor:
+    """[B, T - 1] log-probs of the sampled tokens in the useful rows (0 elsewhere)."""
+    out = torch.zeros(mask.shape, device=ids.device)
+    rows = useful.nonzero()[:, 0]
+    if len(rows):
+        x, _ = trimmed(ids, mask, rows)
+        out[rows, : x.shape[1] - 1] = token_logprobs(model, x, rt)[0]
+    return out
+
+
 def make_engine(model: Transformer, tokenizer: Tokenizer, task: Task, cfg: RLConfig) -> Engine:
     """The rollout engine over the policy itself (the same tensors: no copy), its context
     sized from the task's prompt lengths (deterministic, so a resumed run gets the same)."""
@@ -292,8 +351,9 @@ def make_engine(model: Transformer, tokenizer: Tokenizer, task: Task, cfg: RLCon
     longest = max(len(chat_prompt(tokenizer, p)) for p in probe)
     need = longest + longest // 2 + cfg.max_completion_tokens
     max_len = min(need, model.config.max_position_embeddings)
-    return Engine(model, tokenizer, max_batch=cfg.prompts_per_step * cfg.group_size,
-                  max_len=max_len)  # fmt: skip
+    return Engine(
+        model, tokenizer, max_batch=cfg.prompts_per_step * cfg.group_size, max_len=max_len
+    )
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -350,11 +410,19 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             rec = {}
             if rt.master:
-                r = evaluate_task(model, tokenizer, task, n=cfg.eval_n,
-                                  max_tokens=cfg.max_completion_tokens,
-                                  max_batch=min(cfg.eval_n, 64))  # fmt: skip
-                rec = {"val_accuracy": r.accuracy, "val_format": r.format_rate,
-                       "val_length": r.mean_length}  # fmt: skip
+                r = evaluate_task(
+                    model,
+                    tokenizer,
+                    task,
+                    n=cfg.eval_n,
+                    max_tokens=cfg.max_completion_tokens,
+                    max_batch=min(cfg.eval_n, 64),
+                )
+                rec = {
+                    "val_accuracy": r.accuracy,
+                    "val_format": r.format_rate,
+                    "val_length": r.mean_length,
+                }
             rt.barrier()
             state.extra["eval_seconds"] = state.extra.get("eval_seconds", 0.0) + (
                 time.perf_counter() - t0
@@ -373,11 +441,14 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
         t_start = time.perf_counter() - state.elapsed
         last_eval: dict[str, float] = {}
         progress = Progress(
-            out / "metrics.jsonl", rt.master, cfg.progress, cfg.steps,
-            state.step if found else None, cfg.log_every,
-            show={"reward": ".2f", "accuracy": ".0%", "val_accuracy": ".0%",
-                  "response_len": ".0f"},
-        )  # fmt: skip
+            out / "metrics.jsonl",
+            rt.master,
+            cfg.progress,
+            cfg.steps,
+            state.step if found else None,
+            cfg.log_every,
+            show={"reward": ".2f", "accuracy": ".0%", "val_accuracy": ".0%", "response_len": ".0f"},
+        )
         with progress:
             if not found:  # where the run starts from
                 last_eval = held_out()
@@ -396,42 +467,55 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                 if loss_cfg.mask_truncated:
                     mask = mask_truncated(mask, roll.truncated)
                 ids, mask, adv = roll.ids.to(rt.device), mask.to(rt.device), adv.to(rt.device)
-                # 3. updates: old (sampling-policy) and reference log-probs first, if needed
-                multi = cfg.updates_per_batch > 1
-                old_logp = ref_logp = None
-                with torch.no_grad():
-                    if multi:
-                        old_logp, _ = token_logprobs(model, ids, rt)
-                    if ref is not None:
-                        ref_logp, _ = token_logprobs(ref, ids, rt)
+                # 3. updates. A completion whose advantage is 0 adds nothing to the policy
+                # gradient (with beta 0, nothing at all): it is left out of the forward and
+                # backward, while the divisors stay the whole batch's, so the update is the same.
                 B, M = ids.shape[0], cfg.minibatches
+                useful = mask.any(1) & ((adv != 0) | (ref is not None))
+                old_logp = ref_logp = None  # of the sampling policy and the reference
+                with torch.no_grad():
+                    if cfg.updates_per_batch > 1:
+                        old_logp = logprobs_of(model, ids, mask, useful, rt)
+                    if ref is not None:
+                        ref_logp = logprobs_of(ref, ids, mask, useful, rt)
                 sums = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0}
-                ent_sum, ent_n = 0.0, 0.0
+                ent_sum, ent_n, updates = 0.0, 0.0, 0
                 for u in range(cfg.updates_per_batch):
                     epoch, part = divmod(u, M)
                     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "mb", step, epoch))
                     order = torch.randperm(B, generator=gen) if M > 1 else torch.arange(B)
-                    rows = order[part::M].to(rt.device)
-                    m = mask[rows]
-                    T = int(m.sum(0).nonzero().max()) + 2 if m.any() else 2  # trim the padding
-                    logp, ent = token_logprobs(step_model, ids[rows, :T], rt, entropy=epoch == 0)
-                    m = m[:, : T - 1]
-                    n_tokens = rt.all_reduce_sum(m.sum().item())
+                    part_rows = order[part::M].to(rt.device)
+                    n_seq, n_tok = len(part_rows), rt.all_reduce_mean(mask[part_rows].sum().item())
+                    rows, scale = part_rows[useful[part_rows]], 1.0
+                    if len(rows) == 0:  # nothing to learn from
+                        if rt.world == 1:
+                            continue  # no step: Adam would still move the weights
+                        rows, scale = part_rows[:1], 0.0  # every rank must join the all-reduce
+                    x, m = trimmed(ids, mask, rows)
+                    T1 = m.shape[1]
+                    logp, ent = token_logprobs(step_model, x, rt, entropy=epoch == 0)
                     loss, st = policy_loss(
-                        logp, None if old_logp is None else old_logp[rows, : T - 1],
-                        None if ref_logp is None else ref_logp[rows, : T - 1],
-                        adv[rows], m, loss_cfg.variant, loss_cfg.beta, loss_cfg.epsilon,
-                        loss_cfg.epsilon_high, max_len=cfg.max_completion_tokens,
-                        normalizer=max(n_tokens / rt.world, 1.0) if cfg.variant == "dapo" else None,
-                    )  # fmt: skip
-                    loss.backward()
+                        logp,
+                        None if old_logp is None else old_logp[rows, :T1],
+                        None if ref_logp is None else ref_logp[rows, :T1],
+                        adv[rows],
+                        m,
+                        loss_cfg.variant,
+                        loss_cfg.beta,
+                        loss_cfg.epsilon,
+                        loss_cfg.epsilon_high,
+                        max_len=cfg.max_completion_tokens,
+                        normalizer=max(n_tok, 1.0) if cfg.variant == "dapo" else n_seq,
+                    )
+                    (loss * scale).backward()
                     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-                    loss_v = rt.all_reduce_mean(loss.item())
+                    loss_v = rt.all_reduce_mean(loss.item() * scale)
                     if guard.ok(step, loss_v, norm):
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     engine.refresh_weights()  # 4. the next rollouts see the new weights
+                    updates += 1
                     sums["loss"] += loss_v
                     sums["grad_norm"] += norm
                     sums["kl"] += st["kl"].item()
@@ -444,17 +528,26 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                 state.step += 1
                 n_sampled = int(rt.all_reduce_sum(float(roll.lengths.sum())))
                 state.tokens += n_sampled
-                for key, secs in (("rollout_seconds", t_roll - t0), ("update_seconds", t_end - t_roll)):
+                for key, secs in (
+                    ("rollout_seconds", t_roll - t0),
+                    ("update_seconds", t_end - t_roll),
+                ):
                     state.extra[key] = state.extra.get(key, 0.0) + secs
                 state.train_seconds += t_end - t0
 
                 # --- metrics, evaluation, checkpoints ------------------------------------------
-                U = cfg.updates_per_batch
-                stats = torch.tensor([
-                    roll.rewards.mean(), roll.correct.mean(), roll.formatted.mean(),
-                    roll.lengths.float().mean(), roll.truncated.float().mean(),
-                    informative_groups(roll.rewards, cfg.group_size).float().mean(),
-                ], dtype=torch.float64)  # fmt: skip
+                U = max(updates, 1)
+                stats = torch.tensor(
+                    [
+                        roll.rewards.mean(),
+                        roll.correct.mean(),
+                        roll.formatted.mean(),
+                        roll.lengths.float().mean(),
+                        roll.truncated.float().mean(),
+                        informative_groups(roll.rewards, cfg.group_size).float().mean(),
+                    ],
+                    dtype=torch.float64,
+                )
                 reward, acc, fmt, length, trunc, informative = rt.all_reduce_mean(stats).tolist()
                 state.elapsed = time.perf_counter() - t_start
                 if stop.minutes or horizon.minutes:  # every rank must see the same time
@@ -469,7 +562,8 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                     "response_len": length,
                     "truncated": trunc,
                     "informative_groups": informative,
-                    "entropy": rt.all_reduce_mean(ent_sum / max(ent_n, 1.0)),
+                    "entropy": rt.all_reduce_mean(ent_sum / ent_n) if ent_n else None,
+                    "updates": updates,
                     "clip_frac": rt.all_reduce_mean(sums["clip"] / U),
                     "ratio": rt.all_reduce_mean(sums["ratio"] / U),
                     "grad_norm": sums["grad_norm"] / U,
@@ -493,7 +587,9 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
             return {}
         summary = summarize(cfg, state, out / "metrics.jsonl", rt)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        plot_rl(out / "metrics.jsonl", out / "rl.png", f"{cfg.variant} on {task.name} from {cfg.init}")
+        plot_rl(
+            out / "metrics.jsonl", out / "rl.png", f"{cfg.variant} on {task.name} from {cfg.init}"
+        )
         print(summary_table(summary), file=sys.stderr)
         return summary
 
@@ -543,16 +639,25 @@ def summary_table(s: dict[str, Any]) -> str:
     busy = max(s["rollout_seconds"] + s["update_seconds"], 1e-9)
     rows = [
         ("run", f"{s['variant']} (beta {s['beta']:g}) on {s['task']} from {s['init']}"),
-        ("trained", f"{s['steps']} steps, {s['completions']:,} completions, "
-                    f"{human(s['sampled_tokens'])} sampled tokens"),
-        ("held-out accuracy", f"{pct(s['held_out_accuracy_start'])} -> "
-                              f"{pct(s['held_out_accuracy_end'])} (n={s['held_out_n']})"),
+        (
+            "trained",
+            f"{s['steps']} steps, {s['completions']:,} completions, "
+            f"{human(s['sampled_tokens'])} sampled tokens",
+        ),
+        (
+            "held-out accuracy",
+            f"{pct(s['held_out_accuracy_start'])} -> "
+            f"{pct(s['held_out_accuracy_end'])} (n={s['held_out_n']})",
+        ),
         ("mean reward", f"{num(s['reward_start'])} -> {num(s['reward_end'])}"),
-        ("time", f"rollouts {s['rollout_seconds']:.0f} s "
-                 f"({s['rollout_seconds'] / busy:.0%}), updates {s['update_seconds']:.0f} s, "
-                 f"evaluation {s['eval_seconds']:.0f} s; {s['elapsed_seconds']:.0f} s in all"),
+        (
+            "time",
+            f"rollouts {s['rollout_seconds']:.0f} s "
+            f"({s['rollout_seconds'] / busy:.0%}), updates {s['update_seconds']:.0f} s, "
+            f"evaluation {s['eval_seconds']:.0f} s; {s['elapsed_seconds']:.0f} s in all",
+        ),
         ("checkpoint", s["checkpoint"]),
-    ]  # fmt: skip
+    ]
     return format_table(rows, "\nrl summary")
 
 
@@ -567,8 +672,11 @@ def plot_rl(metrics_path: str | Path, png: str | Path, title: str = "") -> None:
 
     recs = read_metrics(metrics_path)
     train = [(r["step"], r["elapsed"], r["reward"]) for r in recs if r.get("reward") is not None]
-    evals = [(r["step"], r["elapsed"], r["val_accuracy"]) for r in recs
-             if r.get("val_accuracy") is not None]  # fmt: skip
+    evals = [
+        (r["step"], r["elapsed"], r["val_accuracy"])
+        for r in recs
+        if r.get("val_accuracy") is not None
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, col, label in ((axes[0], 0, "step"), (axes[1], 1, "seconds")):
         if train:

@@ -95,10 +95,24 @@ class SFTConfig(RunConfig):
     given: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     IDENTITY = (
-        "init", "data", "batch_size", "seq_len", "grad_accum", "val_examples", "lr",
-        "min_lr_ratio", "warmup_steps", "schedule", "decay_frac", "weight_decay", "beta1",
-        "beta2", "mtp_weight", "gamma", "seed",
-    )  # fmt: skip
+        "init",
+        "data",
+        "batch_size",
+        "seq_len",
+        "grad_accum",
+        "val_examples",
+        "lr",
+        "min_lr_ratio",
+        "warmup_steps",
+        "schedule",
+        "decay_frac",
+        "weight_decay",
+        "beta1",
+        "beta2",
+        "mtp_weight",
+        "gamma",
+        "seed",
+    )
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -114,7 +128,10 @@ class SFTConfig(RunConfig):
         need(self.val_examples >= 0, "--val-examples must be >= 0")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(self.schedule in ("cosine", "wsd"), f"--schedule cosine or wsd, not {self.schedule!r}")
-        need(self.dtype in ("auto", "bf16", "fp32"), f"--dtype auto, bf16 or fp32, not {self.dtype!r}")
+        need(
+            self.dtype in ("auto", "bf16", "fp32"),
+            f"--dtype auto, bf16 or fp32, not {self.dtype!r}",
+        )
         need(0 <= self.min_lr_ratio <= 1 and 0 < self.decay_frac <= 1, "bad LR schedule ratios")
         need(
             self.resume or any(v is not None for v in (self.steps, self.tokens, self.minutes)),
@@ -182,10 +199,14 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
         val_loss = None
         t_start = time.perf_counter() - state.elapsed
         progress = Progress(
-            out / "metrics.jsonl", rt.master, cfg.progress, cfg.steps,
-            state.step if found else None, cfg.log_every,
+            out / "metrics.jsonl",
+            rt.master,
+            cfg.progress,
+            cfg.steps,
+            state.step if found else None,
+            cfg.log_every,
             show={"loss": ".3f", "val_loss": ".3f", "tok_per_s": ",.0f"},
-        )  # fmt: skip
+        )
         with progress:
             while state.progress(stop) < 1.0:
                 step, t0 = state.step, time.perf_counter()
@@ -193,10 +214,17 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
                 counts.zero_()
                 stats.zero_()
                 batches = [
-                    get_batch(train_data, cfg.batch_size, cfg.seed, step * cfg.grad_accum + m,
-                              tokenizer.pad_id, rt.rank, rt.world)
+                    get_batch(
+                        train_data,
+                        cfg.batch_size,
+                        cfg.seed,
+                        step * cfg.grad_accum + m,
+                        tokenizer.pad_id,
+                        rt.rank,
+                        rt.world,
+                    )
                     for m in range(cfg.grad_accum)
-                ]  # fmt: skip
+                ]
                 # every assistant token of the step weighs the same, however the micro-batches
                 # split them: each micro-batch's mean loss is scaled by its share of the tokens
                 n_step = rt.all_reduce_sum(float(sum((y != -100).sum() for _, y in batches)))
@@ -262,7 +290,10 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
             "val_examples": len(val_data.examples),
             "steps": state.step,
             "trained_tokens": state.tokens,
-            "epochs": state.step * cfg.batch_size * cfg.grad_accum * rt.world
+            "epochs": state.step
+            * cfg.batch_size
+            * cfg.grad_accum
+            * rt.world
             / max(len(train_data.examples), 1),
             "wall_seconds": state.train_seconds,
             "elapsed_seconds": state.elapsed,
@@ -320,11 +351,17 @@ def summary_table(s: dict[str, Any]) -> str:
     loss = "-" if s["final_loss"] is None else f"{s['final_loss']:.4f}"
     rows = [
         ("data", f"{s['examples']:,} chats ({s['val_examples']} held out) from {s['data']}"),
-        ("trained", f"{s['steps']} steps, {human(s['trained_tokens'])} assistant tokens, "
-                    f"{s['epochs']:.2f} epochs"),
-        ("training time", f"{s['wall_seconds']:.0f} s ({s['tokens_per_second']:,.0f} trained "
-                          f"tokens/s); {s['elapsed_seconds']:.0f} s in all"),
+        (
+            "trained",
+            f"{s['steps']} steps, {human(s['trained_tokens'])} assistant tokens, "
+            f"{s['epochs']:.2f} epochs",
+        ),
+        (
+            "training time",
+            f"{s['wall_seconds']:.0f} s ({s['tokens_per_second']:,.0f} trained "
+            f"tokens/s); {s['elapsed_seconds']:.0f} s in all",
+        ),
         ("loss (assistant tokens)", f"train {loss}, validation {val} nats/token"),
         ("checkpoint", s["checkpoint"]),
-    ]  # fmt: skip
+    ]
     return format_table(rows, "\nsft summary")

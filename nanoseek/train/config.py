@@ -250,9 +250,7 @@ def resume_config(tc: Config, saved: dict[str, Any] | None) -> Config:
     fields = config_fields(cls)
     saved = {k: v for k, v in (saved or {}).items() if k in fields}  # keys of other versions
     given = tc.given_fields()
-    differ = [
-        k for k in cls.IDENTITY if k in given and k in saved and getattr(tc, k) != saved[k]
-    ]
+    differ = [k for k in cls.IDENTITY if k in given and k in saved and getattr(tc, k) != saved[k]]
     if differ:
         changes = ", ".join(f"{k} {saved[k]!r} -> {getattr(tc, k)!r}" for k in differ)
         raise TrainError(

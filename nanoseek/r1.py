@@ -16,8 +16,8 @@ DeepSeek-R1 recipe at toy scale, in about 25 minutes on 2 CPU cores.
 The same with the CLI (after step 1-2's data and base model):
     nanoseek sft runs/r1/base --data runs/r1/data/chats.jsonl --out runs/r1/sft --steps 600 \\
         --batch-size 32 --lr 3e-3 --mtp-weight 0 --threads 1
-    nanoseek rl runs/r1/sft --task arithmetic --out runs/r1/rl --minutes 12 --lr 3e-5 \\
-        --max-completion-tokens 64 --threads 1
+    nanoseek rl runs/r1/sft --task arithmetic --out runs/r1/rl --minutes 15 \\
+        --max-completion-tokens 64 --eval-n 200 --threads 1
     nanoseek eval runs/r1/base runs/r1/sft runs/r1/rl --task arithmetic --n 200 --k 8 \\
         --max-tokens 64 --out runs/r1/report.md
 """
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/r1")
     ap.add_argument("--chats", type=int, default=30_000, help="SFT chats to make")
     ap.add_argument("--sft-steps", type=int, default=600)
-    ap.add_argument("--rl-minutes", type=float, default=12.0)
+    ap.add_argument("--rl-minutes", type=float, default=15.0)
     ap.add_argument("--n", type=int, default=200, help="held-out problems in the report")
     ap.add_argument("--k", type=int, default=8, help="pass@k in the report")
     ap.add_argument(

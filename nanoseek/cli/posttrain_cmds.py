@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "completions per problem sampled by nanoseek's engine, rewards from the task's "
         "verifier, group-normalised advantages, the clipped objective (variants grpo, dr_grpo, "
         "dapo). Defaults: dr_grpo with beta 0 (no reference model: Dr. GRPO and DAPO found the "
-        "KL unneeded with verifiable rewards, and it saves a forward), lr 1e-4, G 8, 16 "
+        "KL unneeded with verifiable rewards, and it saves a forward), lr 3e-5, G 8, 16 "
         "problems per step, temperature 1. Writes OUT/ckpt, metrics.jsonl, rl.png and "
         "summary.json; --resume continues exactly. Example: nanoseek rl runs/sft --task "
         "arithmetic --out runs/rl --steps 200",

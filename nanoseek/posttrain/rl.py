@@ -305,14 +305,19 @@ def rollout(
 
 
 def token_logprobs(
-    model: torch.nn.Module, ids: torch.Tensor, rt: Runtime, entropy: bool = False
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    rt: Runtime,
+    temperature: float = 1.0,
+    entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(ids[:, t + 1] | ids[:, :t + 1]) [B, T - 1], and the policy's entropy at each
-    position (nats) when asked. The logits come from the model's forward (no targets), so
-    DDP sees the head used inside it."""
+    position (nats) when asked. The policy is the one the rollouts sample from: the model's
+    distribution at the sampling temperature. The logits come from the model's forward (no
+    targets), so DDP sees the head used inside it."""
     with rt.autocast():
         logits = model(ids[:, :-1]).logits
-    logp_all = logits.float().log_softmax(-1)
+    logp_all = (logits.float() / temperature).log_softmax(-1)
     logp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
     ent = None
     if entropy:
@@ -336,13 +341,14 @@ def logprobs_of(
     mask: torch.Tensor,
     useful: torch.Tensor,
     rt: Runtime,
+    temperature: float,
 ) -> torch.Tensor:
     """[B, T - 1] log-probs of the sampled tokens in the useful rows (0 elsewhere)."""
     out = torch.zeros(mask.shape, device=ids.device)
     rows = useful.nonzero()[:, 0]
     if len(rows):
         x, _ = trimmed(ids, mask, rows)
-        out[rows, : x.shape[1] - 1] = token_logprobs(model, x, rt)[0]
+        out[rows, : x.shape[1] - 1] = token_logprobs(model, x, rt, temperature)[0]
     return out
 
 
@@ -479,9 +485,9 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                 old_logp = ref_logp = None  # of the sampling policy and the reference
                 with torch.no_grad():
                     if cfg.updates_per_batch > 1:
-                        old_logp = logprobs_of(model, ids, mask, useful, rt)
+                        old_logp = logprobs_of(model, ids, mask, useful, rt, cfg.temperature)
                     if ref is not None:
-                        ref_logp = logprobs_of(ref, ids, mask, useful, rt)
+                        ref_logp = logprobs_of(ref, ids, mask, useful, rt, cfg.temperature)
                 sums = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0}
                 ent_sum, ent_n, updates = 0.0, 0.0, 0
                 for u in range(cfg.updates_per_batch):
@@ -497,7 +503,9 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                         rows, scale = part_rows[:1], 0.0  # every rank must join the all-reduce
                     x, m = trimmed(ids, mask, rows)
                     T1 = m.shape[1]
-                    logp, ent = token_logprobs(step_model, x, rt, entropy=epoch == 0)
+                    logp, ent = token_logprobs(
+                        step_model, x, rt, cfg.temperature, entropy=epoch == 0
+                    )
                     loss, st = policy_loss(
                         logp,
                         None if old_logp is None else old_logp[rows, :T1],

@@ -1,15 +1,15 @@
 """`make r1`: from nothing to a model that answers held-out arithmetic with reasoning, the
-DeepSeek-R1 recipe at toy scale, in about 25 minutes on 2 CPU cores.
+DeepSeek-R1 recipe at toy scale, in about 20 minutes on 2 CPU cores.
 
 1. data: 30,000 training problems of the `arithmetic` task (2-3 digit + and -, none from
    the held-out set), each with a worked solution in its <think> block (column arithmetic
    from the ones digit up, the answer so far after each column) as SFT chats; a byte-level
    BPE tokenizer that keeps digits apart;
-2. a fresh model: the `tiny` preset widened to 128 with 4 layers (1.2M parameters, MLA +
+2. a fresh model: the `tiny` preset widened to 128 with 4 layers (936K parameters, MLA +
    DeepSeekMoE, no MTP module): the base;
-3. SFT to the format (short on purpose: the model learns the format and half the problems,
-   which leaves room for RL);
-4. GRPO (dr_grpo) on the task's verifier, from the SFT checkpoint;
+3. SFT, 600 steps: the format, and ~40% of the held-out problems (pass@8 ~65%), which
+   leaves GRPO room (longer SFT leaves it less; shorter, no signal: docs/posttrain.md);
+4. GRPO (dr_grpo, beta 0) on the task's verifier, from the SFT checkpoint, 15 minutes;
 5. the report card (base, SFT, RL: accuracy, format, mean length, pass@8 on 200 held-out
    problems) in runs/r1/report.md + .json, and a few held-out answers with their reasoning.
 

@@ -346,6 +346,81 @@ def estimate_training(
     return out
 
 
+def training_memory(
+    cfg: ModelConfig,
+    gpus: int,
+    ep: int = 1,
+    seq_len: int = 4096,
+    micro_batch: int = 1,
+    parallel: str = "fsdp",
+    gpu: GPU | None = None,
+) -> dict[str, Any]:
+    """Bytes per GPU to train `cfg` the way `nanoseek train` spreads it (docs/distributed.md):
+    dense parameters sharded over all GPUs (FSDP2) or replicated (DDP), routed experts split
+    over `ep` GPUs (and replicated over gpus / ep), fp32 master weights and gradients, AdamW's
+    two fp32 moments, bf16 matmuls. Activations are an estimate, per micro-batch of
+    `micro_batch` x `seq_len` tokens: the tensors each block keeps for its backward, as
+    nanoseek runs today (all kept), and with each block recomputed in the backward
+    (activation checkpointing, which nanoseek does not do yet)."""
+    gpus, ep = _count("GPU count", gpus), _count("EP size", ep)
+    if gpus % ep or cfg.n_routed_experts % ep:
+        raise ComputeError(f"--ep {ep} must divide the GPU count ({gpus}) and the experts")
+    if parallel not in ("fsdp", "ddp"):
+        raise ComputeError(f"parallel must be fsdp or ddp, got {parallel!r}")
+    d, h, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_experts_per_tok
+    counts = param_counts(cfg, include_mtp=True)
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    moe_layers += cfg.num_nextn_predict_layers  # MTP blocks are MoE blocks
+    routed = moe_layers * cfg.n_routed_experts * 3 * d * cfg.moe_intermediate_size
+    dense = counts["total"] - routed
+    local = dense / (gpus if parallel == "fsdp" else 1) + routed / ep
+    # bf16 copies FSDP2 gathers: the block running and the next one, prefetched
+    block_dense = (dense - counts["embedding"]) / max(cfg.num_hidden_layers, 1)
+    gathered = 2 * 2 * block_dense if parallel == "fsdp" and gpus > 1 else 0
+
+    # activations kept per token per block (bf16 elements), roughly: attention's norm out,
+    # q/kv latents, per-head q k v and output, residual; the MoE's norm out, gate logits,
+    # k dispatched copies in and out, each expert's gate/up/act, the shared expert
+    attn = 2 * d + (cfg.q_lora_rank or 0) + cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    attn += h * (2 * cfg.qk_head_dim + 2 * cfg.v_head_dim)
+    inter = cfg.moe_intermediate_size
+    moe = 2 * d + 2 * cfg.n_routed_experts + k * (2 * d + 3 * inter)
+    moe += cfg.n_shared_experts * 3 * inter
+    mlp = 2 * d + 3 * cfg.intermediate_size
+    per_token = sum(
+        attn + (moe if cfg.is_moe_layer(i) else mlp) for i in range(cfg.num_hidden_layers)
+    )
+    per_token += cfg.num_nextn_predict_layers * (attn + moe + 3 * d)
+    tokens = micro_batch * seq_len
+    heads = 1 + cfg.num_nextn_predict_layers  # the loss keeps d logits per head, bf16
+    logits = tokens * cfg.vocab_size * 2 * heads
+    kept = 2 * tokens * per_token + logits
+    blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    biggest = max(attn + moe, attn + mlp)
+    recomputed = 2 * tokens * (d * blocks + biggest) + logits
+
+    out: dict[str, Any] = {
+        "params_total": counts["total"],
+        "params_routed_experts": routed,
+        "params_per_gpu": local,
+        "gpus": gpus,
+        "ep": ep,
+        "layout": f"{parallel.upper()} x {gpus} dense, experts over {ep} ({gpus // ep} copies)",
+        "weights_fp32_gb": 4 * local / 1e9,
+        "grads_fp32_gb": 4 * local / 1e9,
+        "adam_moments_gb": 8 * local / 1e9,
+        "gathered_bf16_gb": gathered / 1e9,
+        "activations_gb": kept / 1e9,
+        "activations_recomputed_gb": recomputed / 1e9,
+        "total_gb": (16 * local + gathered + kept) / 1e9,
+        "total_recomputed_gb": (16 * local + gathered + recomputed) / 1e9,
+    }
+    if gpu is not None and gpu.memory_gb:
+        out["gpu"] = gpu.name
+        out["gpu_memory_gb"] = gpu.memory_gb
+    return out
+
+
 def check_claim(
     cfg: ModelConfig,
     tokens: float,

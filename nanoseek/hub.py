@@ -246,9 +246,13 @@ def from_pretrained(
 # --- writing ----------------------------------------------------------------------------
 
 
-def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's tensors under Hugging Face names, experts unstacked, MTP as extra layers."""
-    own = dict(model.named_parameters()) | dict(model.named_buffers())
+def hf_state_dict(
+    model: Transformer, tensors: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's tensors under Hugging Face names, experts unstacked, MTP as extra layers.
+    `tensors`: the model's state dict gathered whole, when its parameters are sharded
+    (`Runtime.full_state_dict`)."""
+    own = tensors or dict(model.named_parameters()) | dict(model.named_buffers())
     out = {theirs: own[ours].detach() for ours, theirs in hf_names(model).items()}
     for ours, theirs in _expert_layers(model).items():
         w13, w2 = own[f"{ours}.w13"].detach(), own[f"{ours}.w2"].detach()
@@ -262,8 +266,9 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         cfg.num_nextn_predict_layers
     ):  # the official layout repeats embed/head per MTP layer
         hf = f"model.layers.{cfg.num_hidden_layers + k}."
-        out[hf + "embed_tokens.weight"] = model.embed.weight.detach()
-        out[hf + "shared_head.head.weight"] = model.head.weight.detach()
+        out[hf + "embed_tokens.weight"] = own["embed.weight"].detach()
+        head = own.get("head.weight", own["embed.weight"])  # tied: listed once, as embed
+        out[hf + "shared_head.head.weight"] = head.detach()
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
@@ -276,9 +281,15 @@ def save_pretrained(
     return Path(path)
 
 
-def write_pretrained(model: Transformer, directory: Path, dtype: torch.dtype | None = None) -> None:
-    """config.json + model.safetensors into an existing directory (not atomic on its own)."""
-    tensors = hf_state_dict(model)
+def write_pretrained(
+    model: Transformer,
+    directory: Path,
+    dtype: torch.dtype | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """config.json + model.safetensors into an existing directory (not atomic on its own).
+    `tensors`: as in `hf_state_dict`."""
+    tensors = hf_state_dict(model, tensors)
     if dtype is not None:
         tensors = {
             k: v if k.endswith("e_score_correction_bias") else v.to(dtype)

@@ -335,9 +335,12 @@ def test_loader_is_a_pure_function_of_seed_step_rank(built):
     assert torch.equal(a.get_batch(3)[0], x)
     assert not torch.equal(a.get_batch(4)[0], x)
     assert not torch.equal(BatchLoader(out, "train", 4, 16, seed=8).get_batch(3)[0], x)
-    assert not torch.equal(
-        BatchLoader(out, "train", 4, 16, seed=7, rank=1, world_size=2).get_batch(3)[0], x
-    )
+    # 2 ranks split the same global batch: rank r takes rows r, r + 2, ...
+    halves = [BatchLoader(out, "train", 4, 16, seed=7, rank=r, world_size=2) for r in (0, 1)]
+    assert torch.equal(halves[0].get_batch(3)[0], x[0::2])
+    assert torch.equal(halves[1].get_batch(3)[0], x[1::2])
+    with pytest.raises(DataError, match="does not split evenly over 3 processes"):
+        BatchLoader(out, "train", 4, 16, rank=0, world_size=3)
     # resume: a fresh loader started at step 5 sees what the first one saw from step 5
     run = [a.get_batch(s) for s in range(8)]
     resumed = BatchLoader(out, "train", batch_size=4, seq_len=16, seed=7)
@@ -357,9 +360,11 @@ def test_val_batches_are_fixed(built):
         torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         for a, b in zip(first, second, strict=True)
     )
-    r0 = list(BatchLoader(built[1], "val", 2, 8, rank=0, world_size=2).val_batches(1))[0][0]
-    r1 = list(BatchLoader(built[1], "val", 2, 8, rank=1, world_size=2).val_batches(1))[0][0]
-    assert not torch.equal(r0, r1)
+    # over 2 ranks, the same windows, shared out
+    r0 = list(BatchLoader(built[1], "val", 2, 8, rank=0, world_size=2).val_batches(3))
+    r1 = list(BatchLoader(built[1], "val", 2, 8, rank=1, world_size=2).val_batches(3))
+    for whole, a, b in zip(first, r0, r1, strict=True):
+        assert torch.equal(whole[0], torch.cat([a[0], b[0]]))
     assert v.bits_per_byte(v.bytes_per_token * np.log(2)) == pytest.approx(1.0)
     with pytest.raises(DataError, match="fewer than seq_len"):
         BatchLoader(built[1], "val", 2, 10**7)

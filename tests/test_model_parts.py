@@ -225,3 +225,21 @@ def test_forward_reports_expert_counts_and_balance_loss():
     assert torch.equal(with_mtp.expert_counts[:ran], plain.expert_counts[:ran])
     want = with_mtp.main_loss + 0.3 * with_mtp.mtp_losses[0] + 0.1 * with_mtp.balance_loss
     assert torch.allclose(with_mtp.loss, want) and with_mtp.balance_loss > 0
+
+
+def test_expert_counts_leave_out_the_tokens_not_counted():
+    """SFT pads chats to a common length: padding is routed (and computed) but must not count
+    as expert load, or it would move the balancing biases."""
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    model = Transformer(cfg)
+    k, n_main = cfg.num_experts_per_tok, len(model.moe_layers()) - cfg.num_nextn_predict_layers
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    counted = torch.ones(2, 12, dtype=torch.bool)
+    counted[1, 7:] = False  # row 1: 7 real tokens, then padding
+    full = model(x, targets=x).expert_counts.sum(1)
+    part = model(x, targets=x, counted=counted).expert_counts.sum(1)
+    assert full[:n_main].tolist() == [24 * k] * n_main
+    assert part[:n_main].tolist() == [19 * k] * n_main
+    # MTP depth 1 sees positions 0..10, counted when token i+1 is: 11 + 6
+    assert part[n_main:].tolist() == [17 * k] * cfg.num_nextn_predict_layers

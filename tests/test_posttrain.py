@@ -373,9 +373,9 @@ def test_batches_are_a_pure_function_of_seed_and_step(tok, tmp_path):
     a = get_batch(data, 4, seed=3, step=7, pad_id=tok.pad_id)
     b = get_batch(data, 4, seed=3, step=7, pad_id=tok.pad_id)
     assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
-    # an epoch is a permutation: 10 examples in batches of 5 over 2 ranks -> one step each
-    epoch = example_indices(10, 5, 3, 0, rank=0, world_size=2) + example_indices(
-        10, 5, 3, 0, rank=1, world_size=2
+    # an epoch is a permutation: 10 examples in a batch of 10 over 2 ranks -> 5 each
+    epoch = example_indices(10, 10, 3, 0, rank=0, world_size=2) + example_indices(
+        10, 10, 3, 0, rank=1, world_size=2
     )
     assert sorted(epoch) == list(range(10))
     assert example_indices(10, 5, 3, 1) != example_indices(10, 5, 4, 1)

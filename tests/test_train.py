@@ -279,7 +279,7 @@ def test_checkpoint_survives_failure_mid_save(shards, tmp_path, monkeypatch):
     train(tiny_run(shards, out, steps=3, eval_every=0))
     ckpt = out / "ckpt"
     before = {p.name: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
-    model, state, _, _ = load_checkpoint(ckpt)
+    model, state, _ = load_checkpoint(ckpt)
     opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
     with torch.no_grad():
         for p in model.parameters():
@@ -290,14 +290,14 @@ def test_checkpoint_survives_failure_mid_save(shards, tmp_path, monkeypatch):
 
     import nanoseek.train.checkpoint as ckpt_mod
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", boom)  # fails after the weights are written
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(ckpt_mod.torch, "save", boom)  # fails mid-save
+    with pytest.raises(Exception, match="disk full"):  # OSError, or DCP's wrapping of it
         save_checkpoint(ckpt, model, opt, dataclasses.replace(state, step=99), shards)
     after = {p.name: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
     assert after == before
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
     monkeypatch.undo()
-    _, state2, _, _ = load_checkpoint(ckpt)
+    _, state2, _ = load_checkpoint(ckpt)
     assert state2.step == 3
 
 
@@ -311,7 +311,7 @@ def test_save_keeps_the_old_checkpoint_until_the_new_one_is_in(shards, tmp_path,
     ckpt, old = out / "ckpt", out / ".ckpt.old"
     ckpt.rename(old)  # a crash mid-swap: `.old` is the only copy, and a resume starts from it
     assert find_checkpoint(ckpt) == old
-    model, state, _, _ = load_checkpoint(old)
+    model, state, _ = load_checkpoint(old)
     opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
     real_rmtree = shutil.rmtree
 
@@ -377,7 +377,7 @@ def test_non_finite_losses_in_a_row_stop_the_run(shards, tmp_path, monkeypatch):
                 )
             )
     assert "ckpt" in str(e.value)
-    _, state, _, _ = load_checkpoint(tmp_path / "r" / "ckpt")
+    _, state, _ = load_checkpoint(tmp_path / "r" / "ckpt")
     assert state.step == 2  # the last good checkpoint, not overwritten by a bad state
 
 
@@ -458,6 +458,6 @@ def test_two_process_ddp_on_cpu(shards, tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(shards), str(tmp_path / "r")), nprocs=2)
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert s["world_size"] == 2 and s["tokens_seen"] == 4 * 2 * 4 * 32
+    assert s["world_size"] == 2 and s["tokens_seen"] == 4 * 4 * 32  # batch: over all ranks
     assert from_pretrained(tmp_path / "r" / "ckpt").config.vocab_size == 300
     assert (tmp_path / "r" / "data" / "meta.json").is_file()

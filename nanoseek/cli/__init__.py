@@ -13,6 +13,7 @@ import sys
 from nanoseek.cli import (
     compute_cmds,
     data_cmds,
+    export_cmds,
     infer_cmds,
     model_cmds,
     posttrain_cmds,
@@ -27,6 +28,7 @@ COMMAND_MODULES = [
     posttrain_cmds,
     infer_cmds,
     serve_cmds,
+    export_cmds,
     compute_cmds,
 ]
 
@@ -57,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         # ConfigError, CheckpointError and friends subclass ValueError: one clear line.
         if os.environ.get("NANOSEEK_DEBUG"):
             raise
-        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        where = ""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: say which rank
+            where = f" (rank {os.environ.get('RANK')} of {os.environ['WORLD_SIZE']})"
+        print(f"nanoseek {args.command}: error{where}: {e}", file=sys.stderr)
         return 2
 
 

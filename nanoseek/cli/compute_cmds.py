@@ -1,4 +1,5 @@
-"""`nanoseek compute <train|check|fleet|run|flops|gpus|plot>`: FLOPs, GPU-hours, cost."""
+"""`nanoseek compute <train|check|fleet|memory|run|flops|gpus|plot>`: FLOPs, GPU-hours, cost,
+memory per GPU."""
 
 from __future__ import annotations
 
@@ -110,6 +111,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_flops)
 
+    p = cmds.add_parser(
+        "memory", help="memory per GPU to train a model with FSDP2 x expert parallelism"
+    )
+    _model_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs, e.g. 2048")
+    p.add_argument("--ep", type=int, default=1, help="GPUs the routed experts are split over")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per pass")
+    p.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp")
+    p.add_argument("--gpu", help="a catalog GPU, to compare against its memory")
+    _common(p)
+    p.set_defaults(func=cmd_memory)
+
     p = cmds.add_parser("gpus", help="the GPU catalog (peaks, memory, price, sources)")
     p.add_argument("--measure", action="store_true", help="also measure this machine's matmul peak")
     p.add_argument("--sources", action="store_true", help="print where each number comes from")
@@ -181,6 +194,20 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         args.price,
     )
     return _emit(args, {"model": name, **r} if name else r)
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from nanoseek.compute import training_memory
+
+    cfg, name = _model(args)
+    gpu = _gpu(args) if args.gpu else None
+    r = training_memory(cfg, args.gpus, args.ep, args.seq_len, args.micro_batch, args.parallel, gpu)
+    r["note"] = (
+        "Activations are an estimate of what each block keeps for its backward; 'recomputed' "
+        "is with activation checkpointing per block, which nanoseek does not do yet. "
+        "Experts are split over --ep GPUs and replicated over the rest (not sharded)."
+    )
+    return _emit(args, {"model": name, **r})
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -317,6 +344,8 @@ def _fmt(key: str, v: Any) -> str:
         return f"{v:.1%}"
     if "cost_usd" in key or key.startswith("price"):
         return f"${v:,.2f}" if v < 100 else f"${v:,.0f}"
+    if key.endswith("_gb"):
+        return f"{v:,.2f} GB"
     if key.startswith(("params", "optimal_params")):
         return human(v)
     if "flops" in key:

@@ -32,6 +32,11 @@ class BatchLoader:
     ):
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size % world_size:
+            raise DataError(
+                f"batch size {batch_size} (over all ranks) does not split evenly over "
+                f"{world_size} processes; use a multiple of {world_size}"
+            )
         self.meta = read_meta(shard_dir)
         self.data = open_split(shard_dir, split, self.meta)
         self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
@@ -54,18 +59,21 @@ class BatchLoader:
         return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()  # x, y: (B, T)
 
     def get_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, self.rank, _SPLIT_CODE.get(self.split, 2)])
+        """This rank's rows of the step's batch. The batch (batch_size windows over all ranks)
+        is a pure function of (seed, step): N processes train on what one process would."""
+        rng = np.random.default_rng([self.seed, step, 0, _SPLIT_CODE.get(self.split, 2)])
         starts = rng.integers(0, len(self.data) - self.seq_len, size=self.batch_size)
-        return self._windows(starts)
+        return self._windows(starts[self.rank :: self.world_size])
 
     def val_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The same n_batches every call: windows evenly spaced over the split, this rank's
-        share of them, so validation losses are comparable across steps and runs."""
-        n = n_batches * self.batch_size * self.world_size
-        starts = np.linspace(0, len(self.data) - self.seq_len - 1, n).astype(np.int64)
-        mine = starts[self.rank :: self.world_size]
+        share of them, so validation losses are comparable across steps, runs and numbers of
+        ranks."""
+        starts = np.linspace(0, len(self.data) - self.seq_len - 1, n_batches * self.batch_size)
+        mine = starts.astype(np.int64)[self.rank :: self.world_size]
+        local = self.batch_size // self.world_size
         for b in range(n_batches):
-            yield self._windows(mine[b * self.batch_size : (b + 1) * self.batch_size])
+            yield self._windows(mine[b * local : (b + 1) * local])
 
     def bits_per_byte(self, loss: float) -> float:
         """Mean cross-entropy per token (nats) -> bits per byte of text, comparable across

@@ -45,6 +45,7 @@ class RoutingStats:
 
     def __init__(self, balance: bool = False):
         self.balance = balance
+        self.counted: torch.Tensor | None = None  # [N] bool: the tokens `counts` counts
         self.counts: list[torch.Tensor] = []
         self.balance_losses: list[torch.Tensor] = []
 
@@ -232,9 +233,14 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(flat)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_experts)  # to dispatch
         if stats is not None:
-            stats.counts.append(counts)
+            if stats.counted is not None:  # the load: real tokens only
+                stats.counts.append(
+                    torch.bincount(indices[stats.counted].flatten(), minlength=self.n_experts)
+                )
+            else:
+                stats.counts.append(counts)
             if stats.balance:
                 stats.balance_losses.append(self._sequence_balance_loss(scores, indices, shape))
         out = self.experts(flat, weights, indices, counts)

@@ -175,16 +175,19 @@ class Transformer(nn.Module):
         balance_weight: float = 0.0,
         kv: list[LayerKV] | None = None,
         positions: torch.Tensor | None = None,
+        counted: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, T] -> logits [B, T, vocab]. With `targets` [B, T] (ignore -100),
         also the loss: main + mtp_weight / D * sum of the MTP losses (when the model has MTP
         modules) + balance_weight * the sequence-wise balance loss (summed over MoE layers, each
-        layer's loss weighted by alpha as in DeepSeek-V3)."""
+        layer's loss weighted by alpha as in DeepSeek-V3). `counted` [B, T] bool: the tokens
+        whose routing counts in `expert_counts` (default: all; padding should not)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = self.rope(positions)
         stats = RoutingStats(balance=balance_weight > 0 and targets is not None)
+        stats.counted = None if counted is None else counted.flatten()
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, None if kv is None else kv[i], positions if kv else None, stats)
@@ -198,7 +201,7 @@ class Transformer(nn.Module):
             )
             out.loss = out.main_loss
             if self.mtp and mtp_weight > 0:
-                out.mtp_losses = self._mtp_losses(h, input_ids, targets, positions, stats)
+                out.mtp_losses = self._mtp_losses(h, input_ids, targets, positions, stats, counted)
                 out.loss = out.loss + mtp_weight / len(self.mtp) * sum(out.mtp_losses)
             if stats.balance_losses:
                 out.balance_loss = torch.stack(stats.balance_losses).sum()
@@ -213,13 +216,17 @@ class Transformer(nn.Module):
             out.expert_counts = counts
         return out
 
-    def _mtp_losses(self, h, input_ids, targets, positions, stats) -> list[torch.Tensor]:
+    def _mtp_losses(
+        self, h, input_ids, targets, positions, stats, counted=None
+    ) -> list[torch.Tensor]:
         """Module k sees h_{k-1} at i and token i+k, and predicts token i+k+1 (= targets[i+k])."""
         losses = []
         T = input_ids.shape[1]
         for k, module in enumerate(self.mtp, start=1):
             if T - k <= 0:
                 break
+            if counted is not None:  # position i counts if token i+k is not padding
+                stats.counted = counted[:, k:].flatten()
             pos = positions[:, : T - k]
             cos, sin = self.rope(pos)
             h = module(h[:, : T - k], self.embed(input_ids[:, k:]), cos, sin, stats=stats)

@@ -51,7 +51,13 @@ from nanoseek.posttrain.grpo import (
     policy_loss,
 )
 from nanoseek.posttrain.tasks import TASKS, Task, get_task
-from nanoseek.train.checkpoint import RunState, load_checkpoint, restore_rng, save_checkpoint
+from nanoseek.train.checkpoint import (
+    RunState,
+    load_checkpoint,
+    restore_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
 from nanoseek.train.config import RunConfig
 from nanoseek.train.metrics import Progress, read_metrics
 from nanoseek.train.run import StepGuard, build_optimizer, check_resume, open_run, set_lr
@@ -373,11 +379,12 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
     out, ckpt_dir = Path(cfg.out), Path(cfg.out) / "ckpt"
     loss_cfg = cfg.loss_config()
     task = get_task(cfg.task, **cfg.task_options)
-    with Runtime.start(cfg.device, cfg.dtype, cfg.threads) as rt:
+    # DDP: the rollout engine reads the policy's whole tensors
+    with Runtime.start(cfg.device, cfg.dtype, cfg.threads, parallel="ddp") as rt:
         # --- policy, reference, optimizer, engine ---------------------------------------------
         source = found or checkpoint_dir(cfg.init)  # of the tokenizer (fresh: the weights)
         if found:
-            model, state, opt_state, rng = load_checkpoint(found, rt.device)
+            model, state, rng = load_checkpoint(found, rt.device)
             tokenizer = Tokenizer.load(found)
             check_resume(state, cfg, tokenizer.hash, found, warn=rt.master)
         else:
@@ -400,7 +407,7 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
         step_model = rt.wrap(model, unused_parameters=True)  # the MTP modules get no gradient
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         if found:
-            optimizer.load_state_dict(opt_state)
+            restore_optimizer(found, model, optimizer)
             restore_rng(rng)
         engine = make_engine(model, tokenizer, task, cfg)
         if rt.master:
@@ -440,9 +447,7 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
             return rec
 
         def save() -> None:
-            if rt.master:
-                save_checkpoint(ckpt_dir, model, optimizer, state, source)
-            rt.barrier()
+            save_checkpoint(ckpt_dir, model, optimizer, state, source)  # every rank: a collective
 
         # --- the loop --------------------------------------------------------------------------
         stop, horizon = cfg.budget(), state.lr_horizon
@@ -521,7 +526,7 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                     )
                     (loss * scale).backward()
                     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+                    norm = rt.clip_grads(model, clip)
                     loss_v = rt.all_reduce_mean(loss.item() * scale)
                     if guard.ok(step, loss_v, norm):
                         optimizer.step()

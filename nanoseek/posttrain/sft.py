@@ -33,7 +33,13 @@ from nanoseek.posttrain.errors import PostTrainError
 from nanoseek.posttrain.evaluate import checkpoint_dir, load_model
 from nanoseek.posttrain.sft_data import SFTData, collate, get_batch, load_sft
 from nanoseek.train.balance import update_expert_bias
-from nanoseek.train.checkpoint import RunState, load_checkpoint, restore_rng, save_checkpoint
+from nanoseek.train.checkpoint import (
+    RunState,
+    load_checkpoint,
+    restore_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
 from nanoseek.train.config import RunConfig
 from nanoseek.train.metrics import Progress, plot_loss
 from nanoseek.train.run import StepGuard, build_optimizer, check_resume, evaluate, open_run, set_lr
@@ -56,7 +62,10 @@ class SFTConfig(RunConfig):
     tokens: float | None = _h("trained (assistant) tokens", default=None)
     minutes: float | None = _h("wall-clock minutes", default=None)
     # batch
-    batch_size: int = _h("chats per micro-batch (per rank)", default=16)
+    batch_size: int = _h(
+        "chats per micro-batch, over all ranks (each of N processes takes batch_size / N)",
+        default=16,
+    )
     seq_len: int = _h("tokens per chat at most (longer ones are cut)", default=512)
     grad_accum: int = _h("micro-batches per optimizer step", default=1)
     val_examples: int = _h("chats held out of training for the validation loss", default=64)
@@ -84,6 +93,8 @@ class SFTConfig(RunConfig):
     device: str = _h("auto, cpu, cuda, cuda:1, ...", default="auto")
     dtype: str = _h("auto (bf16 where the hardware has it), bf16 or fp32", default="auto")
     threads: int | None = _h("CPU threads (default: torch's choice)", default=None)
+    parallel: str = _h("under torchrun: fsdp (sharded) or ddp (replicated)", default="fsdp")
+    ep: int = _h("under torchrun: split the routed experts over this many ranks", default=1)
     resume: bool = _h(
         "continue from OUT/ckpt exactly where it stopped, with the run's saved settings; "
         "flags may change the budget, cadence, --grad-clip and the machine, not what the run "
@@ -147,11 +158,16 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     cfg.validate()
     cfg, found = open_run(cfg)  # on --resume: the run's saved settings, and its checkpoint
     out, ckpt_dir = Path(cfg.out), Path(cfg.out) / "ckpt"
-    with Runtime.start(cfg.device, cfg.dtype, cfg.threads) as rt:
+    with Runtime.start(cfg.device, cfg.dtype, cfg.threads, cfg.parallel, cfg.ep) as rt:
+        if cfg.batch_size % rt.world:
+            raise PostTrainError(
+                f"sft: --batch-size {cfg.batch_size} (over all ranks) does not split evenly over "
+                f"{rt.world} processes"
+            )
         # --- model, tokenizer, data, optimizer: new, or as the checkpoint left them -----------
         source = found or checkpoint_dir(cfg.init)  # of the tokenizer (fresh: the weights)
         if found:
-            model, state, opt_state, rng = load_checkpoint(found, rt.device)
+            model, state, rng = load_checkpoint(found, rt.device)
             tokenizer = Tokenizer.load(found)
             check_resume(state, cfg, tokenizer.hash, found, warn=rt.master)
         else:
@@ -172,7 +188,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
         step_model = rt.wrap(model, unused_parameters=mtp_idle)
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         if found:
-            optimizer.load_state_dict(opt_state)
+            restore_optimizer(found, model, optimizer)
             restore_rng(rng)
         if rt.master:
             out.mkdir(parents=True, exist_ok=True)
@@ -233,7 +249,12 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
                     n = (y != -100).sum().float()
                     with rt.sync_grads(step_model, sync=micro == cfg.grad_accum - 1):
                         with rt.autocast():
-                            o = step_model(x, targets=y, mtp_weight=cfg.mtp_weight)
+                            o = step_model(
+                                x,
+                                targets=y,
+                                mtp_weight=cfg.mtp_weight,
+                                counted=x != tokenizer.pad_id,  # padding balances nothing
+                            )
                         # DDP averages over ranks: scale by world so the sum over ranks counts
                         (o.loss * n * rt.world / n_step).backward()
                     stats += torch.stack([o.main_loss.detach().float() * n, n, o.loss.detach() * n])
@@ -243,7 +264,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
                 rt.all_reduce_sum(stats)
                 loss, total = (stats[0] / stats[1]).item(), (stats[2] / stats[1]).item()
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+                norm = rt.clip_grads(model, clip)
                 state.step += 1
                 state.tokens += int(n_step)
                 if guard.ok(step, total, norm):
@@ -274,9 +295,9 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
                     val_loss = rec["val_loss"] = validate()
                 progress.update(rec, state.progress(stop), last=done)
                 if (cfg.save_every and state.step % cfg.save_every == 0 and guard.bad == 0) or done:
-                    if rt.master:
-                        save_checkpoint(ckpt_dir, model, optimizer, state, source)
-                    rt.barrier()
+                    save_checkpoint(
+                        ckpt_dir, model, optimizer, state, source
+                    )  # every rank: a collective
 
         # --- summary ---------------------------------------------------------------------------
         if val_loss is None and val_data.examples:  # resumed a finished run
@@ -293,7 +314,6 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
             "epochs": state.step
             * cfg.batch_size
             * cfg.grad_accum
-            * rt.world
             / max(len(train_data.examples), 1),
             "wall_seconds": state.train_seconds,
             "elapsed_seconds": state.elapsed,

@@ -148,11 +148,13 @@ def load_sft(path: str | Path, tokenizer: Tokenizer, seq_len: int) -> SFTData:
 def example_indices(
     n_examples: int, batch_size: int, seed: int, step: int, rank: int = 0, world_size: int = 1
 ) -> list[int]:
-    """Which examples make batch `step` on `rank`: position p of the global stream of
-    examples is permutation(seed, epoch = p // n)[p % n]; ranks take adjacent slices."""
-    first = (step * world_size + rank) * batch_size
+    """Which examples make this rank's part of batch `step` (batch_size examples over all
+    ranks): position p of the global stream of examples is permutation(seed, epoch = p // n)
+    [p % n]; ranks take adjacent slices of the step's batch_size positions."""
+    local = batch_size // world_size
+    first = step * batch_size + rank * local
     out, perms = [], {}
-    for p in range(first, first + batch_size):
+    for p in range(first, first + local):
         epoch = p // n_examples
         if epoch not in perms:
             perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n_examples)

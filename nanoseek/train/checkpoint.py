@@ -6,8 +6,13 @@ all read.
                                            gate biases as e_score_correction_bias
       tokenizer.json, tokenizer_config.json
       train_state/state.json               RunState: step, tokens, times, LR horizon, config
-      train_state/optimizer.pt             AdamW moments
-      train_state/rng.pt                   torch RNG states
+      train_state/optimizer/               AdamW moments, a torch.distributed.checkpoint
+      train_state/rng.pt                   torch RNG states (rank 0's)
+
+Under torchrun every rank calls `save_checkpoint`: the weights are gathered whole and written
+by rank 0; the optimizer state is written by DCP, each rank its own shard, with the global
+layout in its metadata, so a run saved on N ranks resumes on M (DCP reshards on load) and
+every checkpoint opens in `transformers` as it is.
 
 The whole directory is written under a temporary name and renamed into place, so a crash
 mid-save leaves the previous checkpoint untouched. Between the two renames of the swap the
@@ -17,14 +22,20 @@ once the new one is in place.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from nanoseek.hub import CheckpointError, from_pretrained, write_pretrained
 from nanoseek.model import Transformer
@@ -71,20 +82,80 @@ def save_checkpoint(
     state: RunState,
     tokenizer_dir: str | Path | None = None,
 ) -> Path:
-    with atomic_dir(path, is_complete=_complete) as tmp:
-        write_pretrained(model, tmp)  # fp32 master weights: resuming from them is exact
-        for name in TOKENIZER_FILES:
-            if tokenizer_dir is not None and (Path(tokenizer_dir) / name).is_file():
-                shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
-        ts = tmp / "train_state"
-        ts.mkdir()
-        torch.save(optimizer.state_dict(), ts / "optimizer.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, ts / "rng.pt")
-        (ts / "state.json").write_text(json.dumps(state.to_dict(), indent=2) + "\n")
-    return Path(path)
+    """Write the checkpoint (a collective under torchrun: call it on every rank). `model` is
+    the one whose parameters the optimizer holds (not a DDP wrapper)."""
+    import torch.distributed.checkpoint as dcp  # ~1 s to import: only when saving
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    path = Path(path)
+    rank0 = not _distributed() or dist.get_rank() == 0
+    weights = _whole_state_dict(model)
+    # DCP writes the optimizer's shards beside the checkpoint; rank 0 moves them in
+    staging = path.with_name(f".{path.name}.optimizer")
+    if rank0:
+        shutil.rmtree(staging, ignore_errors=True)
+    _barrier()
+    try:
+        with _dcp_errors():
+            dcp.save(
+                {"optimizer": get_optimizer_state_dict(model, optimizer)},
+                checkpoint_id=staging,
+                no_dist=not _distributed(),
+            )
+        if rank0:
+            with atomic_dir(path, is_complete=_complete) as tmp:
+                # fp32 master weights: resuming from them is exact
+                write_pretrained(model, tmp, tensors=weights)
+                for name in TOKENIZER_FILES:
+                    if tokenizer_dir is not None and (Path(tokenizer_dir) / name).is_file():
+                        shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+                ts = tmp / "train_state"
+                ts.mkdir()
+                staging.rename(ts / "optimizer")
+                rng = {"cpu": torch.get_rng_state()}
+                if torch.cuda.is_available():
+                    rng["cuda"] = torch.cuda.get_rng_state_all()
+                torch.save(rng, ts / "rng.pt")
+                (ts / "state.json").write_text(json.dumps(state.to_dict(), indent=2) + "\n")
+    finally:
+        if rank0:
+            shutil.rmtree(staging, ignore_errors=True)  # left only by a failed save
+    _barrier()
+    return path
+
+
+@contextlib.contextmanager
+def _dcp_errors() -> Iterator[None]:
+    """DCP reports a rank's failure as CheckpointException, a BaseException that `except
+    Exception` (and the CLI's one-line errors) would miss: re-raise the rank's own error. On
+    one process DCP also warns, at every call, that it is on one process: silenced."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable")
+            yield
+    except CheckpointException as e:
+        rank, (exc, _) = next(iter(e.failures.items()))
+        raise exc if isinstance(exc, Exception) else RuntimeError(f"rank {rank}: {exc}") from e
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _whole_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if not _distributed():
+        return state
+    from nanoseek.train.parallel import dtensor_full
+
+    return {k: dtensor_full(v) for k, v in state.items()}
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
@@ -113,20 +184,57 @@ def read_train_state(path: str | Path) -> RunState:
 
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[Transformer, RunState, dict[str, Any], dict[str, Any]]:
-    """-> (model in fp32 on device, run state, optimizer state_dict, rng states)."""
+) -> tuple[Transformer, RunState, dict[str, Any]]:
+    """-> (model in fp32 on device, run state, rng states). The optimizer's state is loaded
+    once the model is spread over the ranks and the optimizer built: `restore_optimizer`."""
     path = Path(path)
-    ts = path / "train_state"
     state = read_train_state(path)
     try:
-        opt = torch.load(ts / "optimizer.pt", map_location=device, weights_only=True)
-        rng = torch.load(ts / "rng.pt", weights_only=True)
+        rng = torch.load(path / "train_state" / "rng.pt", weights_only=True)
     except (OSError, RuntimeError) as e:
         raise CheckpointError(
-            f"{ts}: unreadable training state ({e}); start afresh with --overwrite"
+            f"{path / 'train_state'}: unreadable training state ({e}); start afresh with "
+            "--overwrite"
         ) from e
     model = from_pretrained(path, dtype=torch.float32, device=device)
-    return model, state, opt, rng
+    return model, state, rng
+
+
+def restore_optimizer(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The checkpoint's optimizer state into `optimizer`, whatever the number of ranks that
+    saved it and that load it (a collective under torchrun)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    ts = Path(path) / "train_state"
+    try:
+        if (ts / "optimizer.pt").is_file():  # written before DCP checkpoints: one process
+            optimizer.load_state_dict(torch.load(ts / "optimizer.pt", weights_only=True))
+            return
+        target = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to fill
+        # the parameter groups stay this launch's: how parameters are grouped depends on how
+        # they are spread (sharded ones apart); the settings in them are the run's anyway
+        groups = copy.deepcopy(target["optimizer"]["param_groups"])  # dcp.load fills in place
+        # partial: parameters that never had a gradient (GRPO's MTP modules) have no saved
+        # state; they keep the empty one the template starts them with
+        planner = DefaultLoadPlanner(allow_partial_load=True)
+        with _dcp_errors():
+            dcp.load(
+                target,
+                checkpoint_id=ts / "optimizer",
+                planner=planner,
+                no_dist=not _distributed(),
+            )
+        target["optimizer"]["param_groups"] = groups
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"{ts}: unreadable optimizer state ({e}); start afresh with --overwrite"
+        ) from e
+    set_optimizer_state_dict(model, optimizer, target["optimizer"])
 
 
 def restore_rng(rng: dict[str, Any]) -> None:

@@ -44,6 +44,9 @@ class RunConfig:
     # one is an error, since the result would silently be neither the old run nor a clean new
     # one.
     IDENTITY: ClassVar[tuple[str, ...]] = ()
+    # How this launch spreads the run over its processes: never taken from the saved
+    # settings, so a run saved on N ranks resumes on M with the defaults (or new flags).
+    LAYOUT: ClassVar[tuple[str, ...]] = ("parallel", "ep")
     given: frozenset[str] | None  # the fields given explicitly (file or flags)
 
     def validate(self) -> None:
@@ -90,7 +93,10 @@ class TrainConfig(RunConfig):
     tokens: float | None = _h("training tokens (e.g. 2e6)", default=None)
     minutes: float | None = _h("wall-clock minutes", default=None)
     # batch
-    batch_size: int = _h("sequences per micro-batch (per rank)", default=8)
+    batch_size: int = _h(
+        "sequences per micro-batch, over all ranks (each of N processes takes batch_size / N)",
+        default=8,
+    )
     seq_len: int = _h("tokens per sequence", default=256)
     grad_accum: int = _h("micro-batches per optimizer step", default=1)
     # optimizer and schedule
@@ -122,6 +128,16 @@ class TrainConfig(RunConfig):
     dtype: str = _h("auto (bf16 where the hardware has it), bf16 or fp32", default="auto")
     compile: bool = _h("torch.compile the model", default=False)
     threads: int | None = _h("CPU threads (default: torch's choice)", default=None)
+    parallel: str = _h(
+        "under torchrun: fsdp (FSDP2: parameters, gradients and optimizer state sharded over the "
+        "ranks) or ddp (each rank holds them all)",
+        default="fsdp",
+    )
+    ep: int = _h(
+        "under torchrun: split the routed experts over this many ranks (expert parallelism; "
+        "must divide the number of processes)",
+        default=1,
+    )
     resume: bool = _h(
         "continue from OUT/ckpt exactly where it stopped, with the settings the run was started "
         "with (OUT/train_config.json). Flags may change the budget, evaluation/checkpoint/log "
@@ -148,6 +164,10 @@ class TrainConfig(RunConfig):
         for name in ("batch_size", "seq_len", "grad_accum"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(
+            self.parallel in ("fsdp", "ddp"), f"parallel must be fsdp or ddp, got {self.parallel!r}"
+        )
+        need(self.ep >= 1, f"ep must be >= 1, got {self.ep}")
         need(
             self.schedule in ("cosine", "wsd"),
             f"schedule must be cosine or wsd, got {self.schedule!r}",
@@ -248,7 +268,9 @@ def resume_config(tc: Config, saved: dict[str, Any] | None) -> Config:
     updated with what was given now (`tc.given_fields()`) where that may change."""
     cls = type(tc)
     fields = config_fields(cls)
-    saved = {k: v for k, v in (saved or {}).items() if k in fields}  # keys of other versions
+    saved = {  # not keys of other versions, nor the last launch's layout
+        k: v for k, v in (saved or {}).items() if k in fields and k not in cls.LAYOUT
+    }
     given = tc.given_fields()
     differ = [k for k in cls.IDENTITY if k in given and k in saved and getattr(tc, k) != saved[k]]
     if differ:

@@ -24,7 +24,13 @@ from nanoseek.config import get_preset
 from nanoseek.data import BatchLoader, prepare, read_meta
 from nanoseek.model import Transformer
 from nanoseek.train.balance import gamma_at, load_imbalance, update_expert_bias
-from nanoseek.train.checkpoint import RunState, load_checkpoint, restore_rng, save_checkpoint
+from nanoseek.train.checkpoint import (
+    RunState,
+    load_checkpoint,
+    restore_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
 from nanoseek.train.config import TrainConfig, TrainError
 from nanoseek.train.metrics import Progress, plot_loss, summary_table, unigram_loss
 from nanoseek.train.run import StepGuard, build_optimizer, check_resume, evaluate, open_run, set_lr
@@ -37,7 +43,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     tc.validate()
     tc, found = open_run(tc)  # on --resume: the run's saved settings, and its checkpoint
     out, ckpt_dir = Path(tc.out), Path(tc.out) / "ckpt"
-    with Runtime.start(tc.device, tc.dtype, tc.threads) as rt:
+    with Runtime.start(tc.device, tc.dtype, tc.threads, tc.parallel, tc.ep) as rt:
         # --- data, model, optimizer: new, or as the checkpoint left them ----------------------
         data = prepare_data(tc, rt)
         meta = read_meta(data)
@@ -47,7 +53,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
             for split in ("train", "val")
         }
         if found:
-            model, state, opt_state, rng = load_checkpoint(found, rt.device)
+            model, state, rng = load_checkpoint(found, rt.device)
             check_resume(state, tc, tokenizer["hash"], data, warn=rt.master)
         else:
             model = new_model(tc, tokenizer["vocab_size"], rt.device)
@@ -59,11 +65,11 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         step_model = rt.wrap(model, unused_parameters=mtp_idle, compile=tc.compile)
         optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
         if found:
-            optimizer.load_state_dict(opt_state)
+            restore_optimizer(found, model, optimizer)
             restore_rng(rng)
 
         # --- accounting ------------------------------------------------------------------------
-        tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * rt.world
+        tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum  # over all ranks
         # MTP modules that never run (mtp_weight 0) cost no FLOPs
         counted = cfg if tc.mtp_weight > 0 else cfg.replace(num_nextn_predict_layers=0)
         fpt = flops_per_token(counted, tc.seq_len, training=True)
@@ -84,9 +90,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
             return loss, loader["val"].bits_per_byte(loss)
 
         def save() -> None:
-            if rt.master:
-                save_checkpoint(ckpt_dir, model, optimizer, state, data)
-            rt.barrier()
+            save_checkpoint(ckpt_dir, model, optimizer, state, data)  # every rank: a collective
 
         # --- the loop --------------------------------------------------------------------------
         stop, horizon = tc.budget(), state.lr_horizon  # where the run ends; what the LR runs over
@@ -122,7 +126,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                 rt.all_reduce_sum(counts)
                 rt.all_reduce_mean(losses)
                 clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+                norm = rt.clip_grads(model, clip)
                 total, loss, mtp_loss = losses.tolist()
                 state.step += 1
                 state.tokens += tokens_per_step

@@ -59,15 +59,19 @@ def check_resume(
 def build_optimizer(
     model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
 ) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only, not on norms (nor biases)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+    """AdamW; weight decay on matrices only, not on norms (nor biases). Under FSDP2 / EP the
+    parameters sharded alike share a group (one fused kernel cannot mix whole and sharded
+    tensors, or two meshes)."""
+    groups: dict[tuple[bool, int], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        key = (p.dim() >= 2, id(getattr(p, "device_mesh", None)))
+        groups.setdefault(key, []).append(p)
+    param_groups = [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        for (decay, _), params in sorted(groups.items(), key=lambda kv: not kv[0][0])
     ]
     # fused: one kernel over all parameters (CPU and CUDA), ~2x the default on this model
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=True)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=1e-8, fused=True)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:

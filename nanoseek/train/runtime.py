@@ -2,20 +2,28 @@
 the other ranks. Pretraining, SFT and GRPO loops share it, so none of them touches
 `torch.distributed` directly.
 
-    with Runtime.start(device="auto", dtype="auto") as rt:   # one process, or under torchrun
-        step_model = rt.wrap(model)                          # DDP over the ranks
+    with Runtime.start(device="auto", dtype="auto", parallel="fsdp", ep=2) as rt:
+        step_model = rt.wrap(model)               # FSDP2 (or DDP), experts over the EP group
         with rt.autocast():
             loss = step_model(x, targets=y).loss
+        norm = rt.clip_grads(model, 1.0)          # the global gradient norm
         rt.all_reduce_sum(counts)
 
-Under `torchrun` (WORLD_SIZE > 1) it joins the process group: NCCL on GPUs, gloo on CPUs.
+Under `torchrun` (WORLD_SIZE > 1) it joins the process group: NCCL on GPUs, gloo on CPUs, with
+a timeout on every collective (NANOSEEK_DIST_TIMEOUT seconds, default 600), so a rank that
+dies cannot leave the others waiting forever. The ranks form a 2-D mesh ("replicate", "ep"):
+ranks r // ep share their experts' tokens, ranks with the same r % ep hold the same experts.
+See docs/distributed.md.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections import defaultdict
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -23,6 +31,8 @@ import torch.distributed as dist
 from torch import nn
 
 from nanoseek.device import resolve_device, resolve_dtype
+
+PARALLEL = ("fsdp", "ddp")
 
 Value = TypeVar("Value", torch.Tensor, float)
 
@@ -34,16 +44,32 @@ class Runtime:
     local_rank: int
     device: torch.device
     dtype: torch.dtype  # of the matmuls, under autocast; parameters stay fp32
+    parallel: str = "fsdp"  # the dense parameters: fsdp (sharded) or ddp (replicated)
+    ep: int = 1  # ranks the routed experts are split over
+    mesh: Any = None  # DeviceMesh ("replicate", "ep") when world > 1: the experts
+    dp_mesh: Any = None  # DeviceMesh over all ranks: FSDP2's
     owns_process_group: bool = False  # started it, so close() ends it
     threads_before: int | None = None  # the thread count to restore on close()
 
     @classmethod
     def start(
-        cls, device: str = "auto", dtype: str = "auto", threads: int | None = None
+        cls,
+        device: str = "auto",
+        dtype: str = "auto",
+        threads: int | None = None,
+        parallel: str = "fsdp",
+        ep: int = 1,
     ) -> Runtime:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if parallel not in PARALLEL:
+            raise ValueError(f"--parallel must be fsdp or ddp, got {parallel!r}")
+        if ep < 1 or world % ep:
+            raise ValueError(
+                f"--ep {ep} must divide the number of processes ({world}); run under "
+                f"`torchrun --nproc-per-node {max(ep, 2)}` for expert parallelism"
+            )
         dev = resolve_device(device)
         if world > 1 and dev.type == "cuda":  # one GPU per process
             dev = torch.device("cuda", local_rank)
@@ -51,12 +77,21 @@ class Runtime:
         amp_dtype = resolve_dtype(dtype, dev)
         owns = world > 1 and not dist.is_initialized()
         if owns:
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+            timeout = timedelta(seconds=float(os.environ.get("NANOSEEK_DIST_TIMEOUT", "600")))
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
+        mesh = dp_mesh = None
+        if world > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(dev.type, (world // ep, ep), mesh_dim_names=("replicate", "ep"))
+            dp_mesh = init_device_mesh(dev.type, (world,))
         before = None
         if threads:
             before = torch.get_num_threads()
             torch.set_num_threads(threads)
-        return cls(rank, world, local_rank, dev, amp_dtype, owns, before)
+        return cls(
+            rank, world, local_rank, dev, amp_dtype, parallel, ep, mesh, dp_mesh, owns, before
+        )
 
     @property
     def master(self) -> bool:
@@ -74,20 +109,30 @@ class Runtime:
         self, model: nn.Module, unused_parameters: bool = False, compile: bool = False
     ) -> nn.Module:
         """The module to run forward and backward through. Call it before building the
-        optimizer: the optimizer, clipping and checkpoints then use `model`'s parameters,
-        which stay whole under DDP. `unused_parameters`: some parameters get no gradient in a
-        step (DDP must then look for them).
-
-        DDP today. FSDP2 goes here too: `fully_shard` each block, then the model, in place;
-        the parameters become sharded DTensors, so optimizer and clipping work unchanged and
-        `full_state_dict` below gathers them."""
+        optimizer (it may replace parameters). On one process: `model` itself. Under torchrun:
+        with ep > 1 the routed experts are split over the EP group first (in place); then the
+        dense parameters are sharded in place with FSDP2 (`model` is returned, its parameters
+        now DTensors) or replicated with DDP (a wrapper is returned; `model`'s parameters stay
+        whole). Either way the optimizer, clipping (`clip_grads`) and checkpoints use
+        `model.parameters()`. `unused_parameters`: some parameters get no gradient in a step
+        (DDP must then look for them)."""
         wrapped = model
         if self.world > 1:
-            # buffers are not broadcast: the expert biases are updated identically on every
-            # rank from all-reduced counts
-            wrapped = nn.parallel.DistributedDataParallel(
-                model, broadcast_buffers=False, find_unused_parameters=unused_parameters
-            )
+            from nanoseek.train import parallel as par  # DTensor: 2 s to import, so only here
+
+            experts = par.shard_experts(model, self.mesh) if self.ep > 1 else []
+            if self.parallel == "fsdp":
+                par.apply_fsdp(model, self.dp_mesh, set(experts))
+            else:
+                # buffers are not broadcast: the expert biases are updated identically on
+                # every rank from all-reduced counts; the experts are synced by EP, not DDP
+                ignore = [n for n, p in model.named_parameters() if any(p is e for e in experts)]
+                nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    model, ignore
+                )
+                wrapped = nn.parallel.DistributedDataParallel(
+                    model, broadcast_buffers=False, find_unused_parameters=unused_parameters
+                )
         return torch.compile(wrapped) if compile else wrapped
 
     @staticmethod
@@ -98,16 +143,51 @@ class Runtime:
     def sync_grads(self, model: nn.Module, sync: bool) -> AbstractContextManager:
         """Around a micro-batch's forward and backward: sync=False keeps its gradients local
         (accumulating), sync=True (the last micro-batch) reduces them across ranks."""
-        if sync or self.world == 1:
+        if self.world == 1:
             return nullcontext()
-        return model.no_sync()  # FSDP2: model.set_requires_gradient_sync(False)
+        inner = getattr(model, "_orig_mod", model)
+        if isinstance(inner, nn.parallel.DistributedDataParallel):
+            return nullcontext() if sync else inner.no_sync()
+        inner.set_requires_gradient_sync(sync)  # FSDP2
+        return nullcontext()
+
+    @torch.no_grad()
+    def clip_grads(self, model: nn.Module, max_norm: float) -> float:
+        """Finish the step's gradients (expert-parallel ones averaged like the rest), clip
+        them to `max_norm` (inf: no clipping) by their global norm over all ranks, and return
+        that norm. Parameters are grouped by how they are spread, since sharded (DTensor) and
+        whole tensors, or two meshes, cannot meet in one norm."""
+        model = self.unwrap(model)
+        if self.world == 1:
+            return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+        from nanoseek.train import parallel as par
+
+        if self.ep > 1:
+            par.finish_expert_grads(model, self.world)
+        groups: dict[Any, list[torch.Tensor]] = defaultdict(list)
+        for p in model.parameters():
+            if p.grad is not None:
+                groups[id(getattr(p, "device_mesh", None))].append(p)
+        norms = [
+            par.dtensor_full(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            for params in groups.values()
+        ]
+        total = torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0]
+        if max_norm < math.inf:
+            for params in groups.values():
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total.item()
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Every tensor of the model, whole, on every rank: for checkpoints and for refreshing
-        an inference engine's weights. Under DDP each rank holds it already; under FSDP2
-        this is a collective (`get_model_state_dict(full_state_dict=True)`): call it on all
-        ranks."""
-        return self.unwrap(model).state_dict()
+        an inference engine's weights. Sharded tensors (FSDP2, EP) are gathered: a
+        collective, so call it on every rank."""
+        state = self.unwrap(model).state_dict()
+        if self.world == 1:
+            return state
+        from nanoseek.train.parallel import dtensor_full
+
+        return {k: dtensor_full(v) for k, v in state.items()}
 
     # --- across ranks ----------------------------------------------------------------------
 

@@ -37,6 +37,10 @@ CHAT_TEMPLATE = (
     "{% endif %}"
 )
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special tokens
+# nanoseek starts every training document and every text prompt with <|bos|> (the chat
+# template writes it itself) and never ends a prompt with <|eos|>. tokenizer_config.json and
+# the GGUF export say so, for loaders (llama.cpp) that add special tokens themselves.
+ADD_BOS, ADD_EOS = True, False
 
 
 class Tokenizer:
@@ -106,6 +110,8 @@ class Tokenizer:
             "bos_token": BOS,
             "eos_token": EOS,
             "pad_token": PAD,
+            "add_bos_token": ADD_BOS,
+            "add_eos_token": ADD_EOS,
             "additional_special_tokens": SPECIAL_TOKENS[3:],
             "chat_template": CHAT_TEMPLATE,
             "clean_up_tokenization_spaces": False,

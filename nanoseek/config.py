@@ -21,6 +21,14 @@ def is_yarn(scaling: dict[str, Any] | None) -> bool:
     return bool(scaling) and scaling.get("type", scaling.get("rope_type")) == "yarn"
 
 
+# model_type -> the transformers class that reads its checkpoints
+MODEL_TYPES = {
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",
+}
+
+
 class ConfigError(ValueError):
     """A config that cannot describe a model; the message names the field and the fix."""
 
@@ -63,7 +71,12 @@ class ModelConfig:
     topk_method: str = "noaux_tc"  # V3: noaux_tc; V2: greedy / group_limited_greedy
     # mtp
     num_nextn_predict_layers: int = 1
-    model_type: str = "deepseek_v3"
+    # DeepSeek Sparse Attention (V3.2's lightning indexer): read only when model_type is
+    # "deepseek_v32"; names and defaults as transformers' DeepseekV32Config
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+    model_type: str = "deepseek_v3"  # or "deepseek_v2", "deepseek_v32"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,6 +85,11 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def has_indexer(self) -> bool:
+        """V3.2: every attention layer has a lightning indexer (DeepSeek Sparse Attention)."""
+        return self.model_type == "deepseek_v32"
 
     def is_moe_layer(self, layer_id: int) -> bool:
         return self.n_routed_experts > 0 and layer_id >= self.first_k_dense_replace
@@ -118,6 +136,22 @@ class ModelConfig:
         if self.first_k_dense_replace > 0 or self.n_routed_experts == 0:
             need(self.intermediate_size > 0, "intermediate_size must be positive for dense layers")
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+        need(
+            self.model_type in MODEL_TYPES,
+            f"model_type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}",
+        )
+        if self.has_indexer:
+            for name in ("index_n_heads", "index_head_dim", "index_topk"):
+                need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+            need(
+                self.index_head_dim >= self.qk_rope_head_dim,
+                "index_head_dim must be >= qk_rope_head_dim (the indexer ropes its first "
+                "qk_rope_head_dim numbers)",
+            )
+            need(
+                self.q_lora_rank is not None,
+                "deepseek_v32 needs q_lora_rank (the indexer reads the compressed query)",
+            )
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             need(
@@ -137,16 +171,15 @@ class ModelConfig:
     # --- Hugging Face config.json --------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if not self.has_indexer:
+            for name in ("index_n_heads", "index_head_dim", "index_topk"):
+                d.pop(name)
         rope_params: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if is_yarn(self.rope_scaling):
             rope_params.update({k: v for k, v in self.rope_scaling.items() if k != "type"})
             rope_params["rope_type"] = "yarn"
         d.update(
-            architectures=[
-                "DeepseekV3ForCausalLM"
-                if self.model_type == "deepseek_v3"
-                else "DeepseekV2ForCausalLM"
-            ],
+            architectures=[MODEL_TYPES[self.model_type]],
             num_key_value_heads=self.num_attention_heads,
             hidden_act="silu",
             attention_bias=False,
@@ -155,6 +188,8 @@ class ModelConfig:
             n_group=self.n_group,
             topk_group=self.topk_group,
         )
+        if self.has_indexer:  # transformers' V3.2 config has no such field (always interleaved)
+            d.pop("rope_interleave")
         if is_yarn(self.rope_scaling):  # transformers 4.x reads this key
             d["rope_scaling"] = {
                 **{k: v for k, v in self.rope_scaling.items() if k != "rope_type"},
@@ -165,10 +200,10 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
         model_type = d.get("model_type")
-        if model_type not in ("deepseek_v3", "deepseek_v2"):
+        if model_type not in MODEL_TYPES:
             raise ConfigError(
                 f"{source}: model_type {model_type!r} is not a DeepSeek model; "
-                "nanoseek reads 'deepseek_v3' and 'deepseek_v2' checkpoints"
+                f"nanoseek reads {', '.join(repr(t) for t in MODEL_TYPES)} checkpoints"
             )
         names = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling", "rope_theta"}
         kw = {k: d[k] for k in names if k in d and (d[k] is not None or k == "q_lora_rank")}
@@ -230,7 +265,11 @@ def attention_matrix_params(c: ModelConfig) -> int:
         q = d * c.q_lora_rank + c.q_lora_rank * h * c.qk_head_dim
     kv = d * (c.kv_lora_rank + c.qk_rope_head_dim)
     kv += c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim)
-    return q + kv + h * c.v_head_dim * d
+    index = 0
+    if c.has_indexer:  # wq_b (from the compressed query), wk, weights_proj
+        index = c.q_lora_rank * c.index_n_heads * c.index_head_dim
+        index += d * c.index_head_dim + d * c.index_n_heads
+    return q + kv + h * c.v_head_dim * d + index
 
 
 def ffn_matrix_params(c: ModelConfig, layer_id: int) -> dict[str, int]:
@@ -250,6 +289,8 @@ def _layer_params(c: ModelConfig, layer_id: int) -> tuple[int, int]:
     """(total, activated) parameters of one transformer block."""
     d = c.hidden_size
     norms = 2 * d + c.kv_lora_rank + (c.q_lora_rank or 0)  # attn/ffn, kv_norm, q_norm
+    if c.has_indexer:
+        norms += 2 * c.index_head_dim  # the indexer's k_norm (a LayerNorm: weight and bias)
     active = attention_matrix_params(c) + norms + sum(ffn_matrix_params(c, layer_id).values())
     idle = 0  # routed experts a token does not use
     if c.is_moe_layer(layer_id):
@@ -326,6 +367,13 @@ def _tiny() -> ModelConfig:
         topk_group=1,
         routed_scaling_factor=1.0,
         num_nextn_predict_layers=1,
+    )
+
+
+def _tiny_v32() -> ModelConfig:
+    # tiny with V3.2's lightning indexer: attention is sparse past index_topk tokens
+    return _tiny().replace(
+        model_type="deepseek_v32", index_n_heads=8, index_head_dim=16, index_topk=32
     )
 
 
@@ -426,6 +474,7 @@ def _deepseek_v2_lite() -> ModelConfig:
 
 PRESETS = {
     "tiny": _tiny,
+    "tiny-v32": _tiny_v32,
     "small": _small,
     "dense-small": _dense_small,
     "deepseek-v3": _deepseek_v3,

@@ -1,4 +1,4 @@
-"""Read and write Hugging Face DeepSeek-V3 checkpoints: config.json + safetensors.
+"""Read and write Hugging Face DeepSeek-V3 (and V2, V3.2) checkpoints: config.json + safetensors.
 
 One table maps nanoseek's paper names to Hugging Face's; routed experts, stored per expert
 in the checkpoint, are stacked into one tensor here. Official FP8 weights
@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
 from nanoseek.model import Transformer
+from nanoseek.model.indexer import Indexer
 from nanoseek.utils import atomic_dir, read_json
 
 FP8_BLOCK = 128
@@ -35,6 +36,12 @@ BLOCK_NAMES = {
     "attn.kv_norm.weight": "self_attn.kv_a_layernorm.weight",
     "attn.wkv_b.weight": "self_attn.kv_b_proj.weight",
     "attn.wo.weight": "self_attn.o_proj.weight",
+    # V3.2's lightning indexer (same names on both sides)
+    "attn.indexer.wq_b.weight": "self_attn.indexer.wq_b.weight",
+    "attn.indexer.wk.weight": "self_attn.indexer.wk.weight",
+    "attn.indexer.k_norm.weight": "self_attn.indexer.k_norm.weight",
+    "attn.indexer.k_norm.bias": "self_attn.indexer.k_norm.bias",
+    "attn.indexer.weights_proj.weight": "self_attn.indexer.weights_proj.weight",
     "ffn.w1.weight": "mlp.gate_proj.weight",
     "ffn.w2.weight": "mlp.down_proj.weight",
     "ffn.w3.weight": "mlp.up_proj.weight",
@@ -178,7 +185,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             f"{path}: not a checkpoint directory (expected config.json + safetensors, "
             "or a run directory with ckpt/)"
         )
-    if not (path / "config.json").exists() and (path / "ckpt" / "config.json").exists():
+    # a run directory has a config.json of its own (the model it trains), but no weights
+    weights = any(
+        (path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")
+    )
+    if not weights and (path / "ckpt" / "config.json").exists():
         return path / "ckpt"
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: missing config.json (and no ckpt/ run checkpoint in it)")
@@ -205,6 +216,9 @@ def from_pretrained(
         model = Transformer(cfg).to(dtype)
         for moe in model.moe_layers():  # the routing bias stays fp32, like the reference
             moe.gate.bias.data = moe.gate.bias.data.float()
+        for m in model.modules():  # so do V3.2's per-head index weights, as in transformers
+            if isinstance(m, Indexer):
+                m.weights_proj.float()
     model = model.to_empty(device=device)
     for moe in model.moe_layers():
         moe.gate.bias.zero_()  # V2 checkpoints have none

@@ -33,6 +33,13 @@ class KVCache:
         self.mtp_latent = (
             torch.zeros(mtp_layers, *shape, dtype=dtype, device=device) if mtp_layers else None
         )
+        # V3.2: the lightning indexer's key per layer and token, beside the latent rows
+        self.index = self.mtp_index = None
+        if cfg.has_indexer:
+            ishape = (slots, self.rows_per_slot, cfg.index_head_dim)
+            self.index = torch.zeros(cfg.num_hidden_layers, *ishape, dtype=dtype, device=device)
+            if mtp_layers:
+                self.mtp_index = torch.zeros(mtp_layers, *ishape, dtype=dtype, device=device)
         self.used = 0  # slots 0..used-1 hold running sequences
 
     @property
@@ -62,7 +69,7 @@ class KVCache:
         if slot == last:
             return False
         n = min(length_of_last + 1, self.rows_per_slot)
-        for buf in (self.latent, self.mtp_latent):
+        for buf in (self.latent, self.mtp_latent, self.index, self.mtp_index):
             if buf is not None:
                 buf[:, slot, :n] = buf[:, last, :n]
         return True
@@ -72,7 +79,22 @@ class KVCache:
         """Rows start..start+B of layer i as the model's LayerKV (for the plain path)."""
         buf = (self.mtp_latent if mtp else self.latent)[i]
         slots = torch.arange(start, start + B, device=buf.device)
-        return LayerKV(buf[..., : self.rank], buf[..., self.rank :], slots, length)
+        index = self.mtp_index if mtp else self.index
+        index_k = None if index is None else index[i]
+        return LayerKV(buf[..., : self.rank], buf[..., self.rank :], slots, length, index_k)
+
+    def slot_rows(self, slot: int, n: int) -> torch.Tensor:
+        """The first n rows of a slot, every layer [layers, n, C + R (+ index keys)]: what
+        the prefix cache keeps of a prompt."""
+        rows = self.latent[:, slot, :n]
+        return rows if self.index is None else torch.cat([rows, self.index[:, slot, :n]], -1)
+
+    def put_rows(self, slot: int, rows: torch.Tensor) -> None:
+        """Write rows from `slot_rows` back into the first rows of a slot."""
+        n, width = rows.shape[1], self.rank + self.rope
+        self.latent[:, slot, :n] = rows[..., :width]
+        if self.index is not None:
+            self.index[:, slot, :n] = rows[..., width:]
 
     def flat(self, mtp: bool = False) -> list[torch.Tensor]:
         """Each layer's cache as rows [slots * rows_per_slot, rank + rope] (views): where a

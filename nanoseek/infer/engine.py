@@ -108,7 +108,9 @@ class Engine:
         if speculative and prefix_cache:
             # the MTP module's cached rows depend on the token after each position
             raise EngineError("prefix_cache and speculative decoding do not combine; pick one")
-        self.speculative, self.plain = speculative, plain
+        # V3.2's indexer has no absorbed form yet: its models decode on the plain path
+        # (cached latents and indexer keys, keys and values re-expanded each step)
+        self.speculative, self.plain = speculative, plain or cfg.has_indexer
         self.prefix = PrefixCache(capacity_tokens=8 * self.max_len) if prefix_cache else None
         p = next(model.parameters())
         self.device = p.device
@@ -265,7 +267,8 @@ class Engine:
         h = self.runner.forward(ids, pos, start, S=S, plain=self.plain)
         if self.prefix is not None:
             for s in seqs:
-                self.prefix.insert(s.prompt_ids, self.cache.latent[:, s.slot])
+                n = len(s.prompt_ids) // self.prefix.block * self.prefix.block
+                self.prefix.insert(s.prompt_ids, self.cache.slot_rows(s.slot, n))
         rows, last = torch.arange(B, device=self.device), torch.tensor(lens, device=self.device) - 1
         logits = self.runner.logits(h[rows, last])
         tok, lp = self._sample(logits, seqs)
@@ -286,7 +289,7 @@ class Engine:
         if hit is None:
             return 0
         rows, n = hit
-        self.cache.latent[:, seq.slot, :n] = rows
+        self.cache.put_rows(seq.slot, rows)
         return n
 
     def _decode(self, seqs: list[Sequence]):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.indexer import Indexer
 from nanoseek.model.norm import RMSNorm, rms_scale, rms_unweighted
 from nanoseek.model.rope import apply_rope, rope_permutations, rotate_folded, softmax_scale
 
@@ -43,6 +44,7 @@ class LayerKV:
     k_rope: torch.Tensor
     slots: torch.Tensor  # [B] long
     length: int
+    index_k: torch.Tensor | None = None  # V3.2: the indexer's keys [slots, max_len, index_head_dim]
 
 
 @dataclass
@@ -97,13 +99,17 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, h * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(h * self.v_dim, d, bias=False)
         self.scale = softmax_scale(qk, cfg.rope_scaling)
+        self.indexer = Indexer(cfg) if cfg.has_indexer else None
 
     def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """-> q_nope [B, T, H, nope], q_rope [B, T, H, rope], and the compressed query
+        q_norm(wq_a(x)) [B, T, q_lora_rank] (None without q-LoRA), which the indexer reads."""
         B, T, _ = x.shape
-        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_lat = None if hasattr(self, "wq") else self.q_norm(self.wq_a(x))
+        q = self.wq(x) if q_lat is None else self.wq_b(q_lat)
         q = q.view(B, T, self.n_heads, self.nope + self.rope)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
-        return q_nope, apply_rope(q_rope, cos, sin)  # [B, T, H, nope], [B, T, H, rope]
+        return q_nope, apply_rope(q_rope, cos, sin), q_lat
 
     def _latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         c_kv, k_rope = self.wkv_a(x).split([self.kv_rank, self.rope], dim=-1)
@@ -120,24 +126,60 @@ class MLA(nn.Module):
         """x [B, T, d]. Without `kv`: causal self-attention over x (training).
         With `kv`: write this chunk's latents at `positions` [B, T] and attend over the
         cache up to each query's own position (prefill or decode, ragged batches)."""
-        q_nope, q_rope = self._queries(x, cos, sin)
+        q_nope, q_rope, q_lat = self._queries(x, cos, sin)
         c_kv, k_rope = self._latents(x, cos, sin)
+        idx = self.indexer  # V3.2; its selection carries no gradient (indexer_kl trains it)
         if kv is None:
-            out = self._attend_plain(q_nope, q_rope, c_kv, k_rope, mask=None)
+            mask = None  # causal
+            T = x.shape[1]
+            if idx is not None and idx.enabled and T > idx.topk:
+                visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None]
+                with torch.no_grad():
+                    keys = idx.keys(x, cos, sin)
+                    mask = idx.select(idx.scores(x, q_lat, cos, sin, keys), visible)
+            out = self._attend_plain(q_nope, q_rope, c_kv, k_rope, mask=mask)
         else:
             rows = kv.slots[:, None]
             kv.c_kv[rows, positions] = c_kv.to(kv.c_kv.dtype)
             kv.k_rope[rows, positions] = k_rope.to(kv.k_rope.dtype)
             # key s is visible to the query at position p iff s <= p: also hides stale rows
             mask = torch.arange(kv.length, device=x.device)[None, None, :] <= positions[:, :, None]
+            if idx is not None:
+                if kv.index_k is None:
+                    raise ValueError("a V3.2 model needs a cache with the indexer's keys")
+                with torch.no_grad():
+                    kv.index_k[rows, positions] = idx.keys(x, cos, sin).to(kv.index_k.dtype)
+                if idx.enabled and kv.length > idx.topk:
+                    keys = kv.index_k[kv.slots, : kv.length].to(x.dtype)
+                    with torch.no_grad():
+                        mask = idx.select(idx.scores(x, q_lat, cos, sin, keys), mask)
             c_all = kv.c_kv[kv.slots, : kv.length].to(x.dtype)
             r_all = kv.k_rope[kv.slots, : kv.length].to(x.dtype)
             out = self._attend_plain(q_nope, q_rope, c_all, r_all, mask=mask)
         return self.wo(out.flatten(2))
 
+    @torch.no_grad()
+    def attention_probs(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """The attention of x [B, T, d] over the keys `keep` [B or 1, T, T] allows (causal,
+        or the indexer's selection) as one distribution per query: heads summed, then
+        L1-normalised [B, T, T] float32 (what the V3.2 indexer fits; see indexer_kl)."""
+        q_nope, q_rope, _ = self._queries(x, cos, sin)
+        c_kv, k_rope = self._latents(x, cos, sin)
+        B, T, _ = c_kv.shape
+        k_nope = self.wkv_b(c_kv).view(B, T, self.n_heads, -1)[..., : self.nope]
+        scores = torch.einsum("bthd,bshd->bhts", q_nope, k_nope)
+        scores = scores + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
+        scores = (scores.float() * self.scale).masked_fill(~keep[:, None], float("-inf"))
+        p = scores.softmax(-1).sum(1)
+        return p / p.sum(-1, keepdim=True)
+
     def _attend_plain(self, q_nope, q_rope, c_kv, k_rope, mask):
         B, S, _ = c_kv.shape
         T = q_nope.shape[1]
+        if mask is not None and mask.shape[0] != B:
+            mask = mask.expand(B, -1, -1)
         k_nope, v = (
             self.wkv_b(c_kv)
             .view(B, S, self.n_heads, self.nope + self.v_dim)

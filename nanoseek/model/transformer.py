@@ -158,6 +158,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
             elif name.endswith("weight"):
                 nn.init.ones_(p)  # norms
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)  # the V3.2 indexer's LayerNorm
         for moe in self.moe_layers():
             moe.gate.bias.zero_()
 
@@ -260,6 +262,11 @@ class Transformer(nn.Module):
         """ids [B, T] -> final-norm hidden [B, T, d]. flats[i] / kvs[i]: layer i's cache as
         rows and this batch's [B, S, C + R] view (see MLA.decode); counts [n_moe, E]
         optionally accumulates the expert load."""
+        if self.config.has_indexer:
+            raise NotImplementedError(
+                "V3.2's sparse attention has no absorbed decode yet: use the plain path "
+                "(forward with a cache; the Engine does this for V3.2 models)"
+            )
         x = F.embedding(ids.view(-1), self.embed.weight)  # activations stay 2-D: [B*T, d]
         moe = 0
         for i, (layer, fl) in enumerate(zip(self.layers, f.layers, strict=True)):

@@ -105,6 +105,11 @@ class TrainConfig(RunConfig):
     warmup_steps: int = _h("linear warm-up steps", default=20)
     schedule: str = _h("cosine, or wsd (warmup-stable-decay)", default="cosine")
     decay_frac: float = _h("wsd: the final fraction of the run that decays", default=0.2)
+    optimizer: str = _h(
+        "adamw, or muon (Muon for the blocks' weight matrices, experts included; AdamW for "
+        "embeddings, head, router and norms; the same --lr and schedule)",
+        default="adamw",
+    )
     weight_decay: float = _h("AdamW weight decay (matrices only)", default=0.1)
     beta1: float = _h("AdamW beta1", default=0.9)
     beta2: float = _h("AdamW beta2", default=0.95)
@@ -116,6 +121,11 @@ class TrainConfig(RunConfig):
         "expert-bias update speed at the end (decays with progress)", default=0.001
     )
     alpha: float = _h("sequence-wise balance loss weight (0: off)", default=0.0)
+    indexer_warmup_steps: int = _h(
+        "V3.2 models: before training, this many steps train only the lightning indexers, by "
+        "KL to the dense attention (one process)",
+        default=0,
+    )
     # evaluation, checkpoints, logging
     eval_every: int = _h("evaluate every N steps (0: only at the end)", default=100)
     eval_batches: int = _h("validation batches per evaluation", default=8)
@@ -169,6 +179,10 @@ class TrainConfig(RunConfig):
         )
         need(self.ep >= 1, f"ep must be >= 1, got {self.ep}")
         need(
+            self.optimizer in ("adamw", "muon"),
+            f"optimizer must be adamw or muon, got {self.optimizer!r}",
+        )
+        need(
             self.schedule in ("cosine", "wsd"),
             f"schedule must be cosine or wsd, got {self.schedule!r}",
         )
@@ -205,6 +219,7 @@ IDENTITY = (
     "warmup_steps",
     "schedule",
     "decay_frac",
+    "optimizer",
     "weight_decay",
     "beta1",
     "beta2",
@@ -212,6 +227,7 @@ IDENTITY = (
     "gamma",
     "gamma_final",
     "alpha",
+    "indexer_warmup_steps",
 )
 TrainConfig.IDENTITY = IDENTITY
 

@@ -63,7 +63,9 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         model.train()
         mtp_idle = tc.mtp_weight == 0 and cfg.num_nextn_predict_layers > 0
         step_model = rt.wrap(model, unused_parameters=mtp_idle, compile=tc.compile)
-        optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+        optimizer = build_optimizer(
+            model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.optimizer
+        )
         if found:
             restore_optimizer(found, model, optimizer)
             restore_rng(rng)
@@ -91,6 +93,9 @@ def train(tc: TrainConfig) -> dict[str, Any]:
 
         def save() -> None:
             save_checkpoint(ckpt_dir, model, optimizer, state, data)  # every rank: a collective
+
+        if not found and tc.indexer_warmup_steps:
+            warm_up_indexers(model, loader["train"], tc, rt)
 
         # --- the loop --------------------------------------------------------------------------
         stop, horizon = tc.budget(), state.lr_horizon  # where the run ends; what the LR runs over
@@ -212,6 +217,36 @@ def summarize(
         "tokens_per_second": state.tokens / train_seconds,
         "checkpoint": str(Path(tc.out) / "ckpt"),
     }
+
+
+def warm_up_indexers(model: Transformer, loader: BatchLoader, tc: TrainConfig, rt: Runtime) -> list:
+    """DeepSeek-V3.2's dense warm-up, before the first step of a fresh run: only the lightning
+    indexers learn, by KL from the dense attention's distribution to theirs, on the run's
+    first batches; the rest of the model is frozen. -> the KL of each step. Training then
+    runs sparse; the indexers stay as the warm-up left them (the report goes on training
+    them beside the LM loss: not done here)."""
+    from nanoseek.model.indexer import indexer_kl, indexer_parameters
+
+    params = indexer_parameters(model)
+    if not params:
+        raise TrainError("--indexer-warmup-steps: the model has no indexer (a V3.2 preset has)")
+    if rt.world > 1:
+        raise TrainError("--indexer-warmup-steps runs on one process for now")
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=0.0)
+    kls = []
+    for step in range(tc.indexer_warmup_steps):
+        x, _ = loader.get_batch(10**12 + step)  # batches the training steps never draw
+        with rt.autocast():
+            kl = indexer_kl(model, x.to(rt.device))
+        kl.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        kls.append(kl.item())
+    print(
+        f"indexer warm-up: {len(kls)} steps, KL to dense attention {kls[0]:.4f} -> {kls[-1]:.4f}",
+        file=sys.stderr,
+    )
+    return kls
 
 
 def step_losses(o: Any) -> torch.Tensor:

@@ -17,6 +17,8 @@ from nanoseek.train.checkpoint import RunState, find_checkpoint, read_train_stat
 from nanoseek.train.config import Config, RunConfig, TrainError, resume_config
 from nanoseek.train.runtime import Runtime
 
+OPTIMIZERS = ("adamw", "muon")
+
 
 def open_run(tc: Config) -> tuple[Config, Path | None]:
     """Check OUT against --resume / --overwrite. -> (the settings to run with, the checkpoint
@@ -57,19 +59,36 @@ def check_resume(
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
-) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only, not on norms (nor biases). Under FSDP2 / EP the
-    parameters sharded alike share a group (one fused kernel cannot mix whole and sharded
-    tensors, or two meshes)."""
-    groups: dict[tuple[bool, int], list[nn.Parameter]] = {}
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    kind: str = "adamw",
+) -> torch.optim.Optimizer:
+    """AdamW (`kind` "adamw"), or Muon for the blocks' weight matrices and AdamW for the rest
+    ("muon", train/muon.py). Weight decay on matrices only, not on norms (nor biases). Under
+    FSDP2 / EP the parameters sharded alike share a group (one fused kernel cannot mix whole
+    and sharded tensors, or two meshes)."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {kind!r}; use one of {', '.join(OPTIMIZERS)}")
+    muon = set()
+    if kind == "muon":
+        from nanoseek.train.muon import muon_parameters
+
+        muon = {id(p) for p in muon_parameters(model)[0]}
+    groups: dict[tuple[bool, bool, int], list[nn.Parameter]] = {}
     for p in model.parameters():
-        key = (p.dim() >= 2, id(getattr(p, "device_mesh", None)))
+        key = (id(p) in muon, p.dim() >= 2, id(getattr(p, "device_mesh", None)))
         groups.setdefault(key, []).append(p)
     param_groups = [
         {"params": params, "weight_decay": weight_decay if decay else 0.0}
-        for (decay, _), params in sorted(groups.items(), key=lambda kv: not kv[0][0])
+        | ({"muon": True} if is_muon else {})
+        for (is_muon, decay, _), params in sorted(groups.items(), key=lambda kv: not kv[0][1])
     ]
+    if kind == "muon":
+        from nanoseek.train.muon import MuonAdamW
+
+        return MuonAdamW(param_groups, lr=lr, betas=betas, eps=1e-8)
     # fused: one kernel over all parameters (CPU and CUDA), ~2x the default on this model
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=1e-8, fused=True)
 

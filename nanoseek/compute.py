@@ -21,8 +21,11 @@ import torch
 
 from nanoseek.config import (
     ModelConfig,
+    V4Config,
+    any_param_counts,
     attention_matrix_params,
     ffn_matrix_params,
+    get_any_preset,
     get_preset,
     param_counts,
 )
@@ -130,6 +133,187 @@ def six_n_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     n_active = param_counts(cfg)["activated"]
     attn = flops_breakdown(cfg, seq_len)["attention_scores"]
     return {"six_n": 6.0 * n_active, "six_n_plus_attention": 6.0 * n_active + attn}
+
+
+# --- long context: the FLOPs of one new token and the KV cache, V3 / V3.2 / V4 -----------
+#
+# Decode: one new token at position L attends to L cached tokens. Weights cost 2 FLOPs per
+# activated parameter (embedding lookup out, head in, MTP out), as param_counts counts them.
+# Attention is counted the way each model decodes from its cache:
+# - V3 / V3.2 MLA, absorbed ("MQA mode"): each of h heads scores the 512 + 64 latent of
+#   every key it reads and sums 512-wide latent values: h * (2 * kv_lora + rope) MACs a key.
+#   V3 reads all L keys. V3.2's lightning indexer scores all L keys (index_n_heads *
+#   index_head_dim MACs each), then MLA reads index_topk of them.
+# - V4 shared-KV MQA, head_dim D: h * 2D MACs a key read. Every layer reads its last
+#   sliding_window tokens; a CSA layer also reads index_topk of its L/4 compressed entries,
+#   chosen by an indexer that scores all L/4; an HCA layer reads all L/128 entries.
+# KV cache per layer for L tokens: V3 L * (kv_lora + rope); V3.2 adds the indexer's key,
+# L * index_head_dim; V4 keeps min(L, window) rows of D, plus L/4 entries of D and L/4
+# indexer keys (CSA) or L/128 entries of D (HCA).
+
+AnyConfig = ModelConfig | V4Config
+
+
+def _context(what: str, L: float) -> int:
+    return _count(what, L)
+
+
+def decode_flops(cfg: AnyConfig, context: int) -> dict[str, float]:
+    """FLOPs of one new token with `context` tokens cached (forward only), by part:
+    weights (2 x activated parameters), indexer (scoring the context), attention (the
+    keys each layer reads)."""
+    L = _context("context length", context)
+    weights = 2.0 * any_param_counts(cfg)["activated"]
+    indexer = attention = 0.0
+    if isinstance(cfg, V4Config):
+        per_key = cfg.num_attention_heads * 2 * cfg.head_dim
+        index_key = cfg.index_n_heads * cfg.index_head_dim
+        for ratio in cfg.compress_ratios:
+            keys = min(L, cfg.sliding_window)
+            if ratio == 4:
+                entries = L // 4
+                indexer += index_key * entries
+                keys += min(entries, cfg.index_topk)
+            elif ratio:
+                keys += L // ratio
+            attention += per_key * keys
+    else:
+        per_key = cfg.num_attention_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        keys = L
+        if cfg.has_indexer:
+            indexer = cfg.num_hidden_layers * cfg.index_n_heads * cfg.index_head_dim * L
+            keys = min(L, cfg.index_topk)
+        attention = cfg.num_hidden_layers * per_key * keys
+    parts = {"weights": weights, "indexer": 2.0 * indexer, "attention": 2.0 * attention}
+    return {**parts, "total": sum(parts.values())}
+
+
+KV_FORMATS = ("bf16", "release")
+
+
+def _kv_entry_bytes(cfg: AnyConfig, fmt: str) -> tuple[float, float]:
+    """(bytes of one cached entry, bytes of one indexer key) in a KV format.
+
+    bf16: every value 2 bytes. release: as the checkpoints' inference code stores them --
+    V3 / V3.2 MLA latent as FlashMLA's FP8 layout (512 FP8 + one fp32 scale per 128 + 64
+    BF16 RoPE = 656 B), V3.2 indexer key FP8 + one fp32 scale (132 B); V4 entries FP8 except
+    the BF16 RoPE dims (448 + 128 = 576 B) and indexer keys FP4 (64 B), scales left out.
+    """
+    if fmt not in KV_FORMATS:
+        raise ComputeError(f"KV format must be one of {', '.join(KV_FORMATS)}, got {fmt!r}")
+    rope = cfg.qk_rope_head_dim
+    if isinstance(cfg, V4Config):
+        if fmt == "bf16":
+            return 2.0 * cfg.head_dim, 2.0 * cfg.index_head_dim
+        return (cfg.head_dim - rope) + 2.0 * rope, cfg.index_head_dim / 2
+    if fmt == "bf16":
+        return 2.0 * (cfg.kv_lora_rank + rope), 2.0 * cfg.index_head_dim
+    latent = cfg.kv_lora_rank + 4 * math.ceil(cfg.kv_lora_rank / 128) + 2.0 * rope
+    return latent, cfg.index_head_dim + 4.0
+
+
+def kv_cache_bytes(cfg: AnyConfig, context: int, fmt: str = "bf16") -> dict[str, float]:
+    """KV cache of one sequence of `context` tokens, all layers, by part: latent (V3, V3.2)
+    or compressed entries (V4), indexer keys, the sliding window's rows (V4)."""
+    L = _context("context length", context)
+    entry, index_key = _kv_entry_bytes(cfg, fmt)
+    main = indexer = window = 0.0
+    if isinstance(cfg, V4Config):
+        for ratio in cfg.compress_ratios:
+            window += min(L, cfg.sliding_window) * entry
+            if ratio:
+                main += (L // ratio) * entry
+            if ratio == 4:
+                indexer += (L // 4) * index_key
+    else:
+        main = cfg.num_hidden_layers * L * entry
+        if cfg.has_indexer:
+            indexer = cfg.num_hidden_layers * L * index_key
+    parts = {
+        "compressed" if isinstance(cfg, V4Config) else "latent": main,
+        "indexer": indexer,
+        "window": window,
+    }
+    total = sum(parts.values())
+    return {**parts, "total": total, "per_token": total / L}
+
+
+def context_costs(
+    cfg: AnyConfig, context: int, fmt: str = "bf16", name: str | None = None
+) -> dict[str, Any]:
+    """decode_flops and kv_cache_bytes at one context length, flat."""
+    p = any_param_counts(cfg)
+    f = decode_flops(cfg, context)
+    kv = kv_cache_bytes(cfg, context, fmt)
+    return {
+        "model": name,
+        "model_type": cfg.model_type,
+        "context": int(context),
+        "params_total": p["total"],
+        "params_activated": p["activated"],
+        "flops_per_token": f["total"],
+        **{f"flops_{k}": v for k, v in f.items() if k != "total"},
+        "kv_format": fmt,
+        "kv_cache_bytes": kv["total"],
+        "kv_cache_bytes_per_token": kv["per_token"],
+    }
+
+
+def family_ratio(
+    cfg: AnyConfig, ref: AnyConfig, context: int, fmt: str = "bf16"
+) -> dict[str, float]:
+    """cfg's single-token FLOPs and KV cache as fractions of ref's, at `context` tokens
+    (the V4 report's headline: V4-Pro against V3.2 at 1M is 27% and 10%)."""
+    a, b = decode_flops(cfg, context), decode_flops(ref, context)
+    ka, kb = kv_cache_bytes(cfg, context, fmt), kv_cache_bytes(ref, context, fmt)
+    return {"flops_ratio": a["total"] / b["total"], "kv_cache_ratio": ka["total"] / kb["total"]}
+
+
+FAMILY = ("deepseek-v3", "deepseek-v32", "deepseek-v4-flash", "deepseek-v4-pro")
+
+
+def plot_family(
+    out: str | Path,
+    presets: tuple[str, ...] = FAMILY,
+    fmt: str = "bf16",
+    max_context: int = 1 << 20,
+) -> Path:
+    """FLOPs of one new token and KV cache bytes against context length, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nanoseek.utils import atomic_path
+
+    contexts = sorted({int(2 ** (i / 4)) for i in range(40, 4 * int(math.log2(max_context)) + 1)})
+    fig, (ax_f, ax_kv) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in presets:
+        cfg = get_any_preset(name)
+        ax_f.loglog(contexts, [decode_flops(cfg, L)["total"] for L in contexts], label=name)
+        ax_kv.loglog(
+            contexts,
+            [kv_cache_bytes(cfg, L, fmt)["total"] / 2**30 for L in contexts],
+            label=name,
+        )
+    for ax, ylabel in (
+        (ax_f, "FLOPs for one new token"),
+        (ax_kv, f"KV cache of one sequence (GiB, {fmt} format)"),
+    ):
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        for L in (4096, 131072, 1 << 20):
+            if L <= max_context:
+                ax.axvline(L, color="grey", lw=0.6, ls=":")
+    ax_f.legend(fontsize=8, loc="upper left")
+    fig.suptitle("DeepSeek decode cost against context length (from the configs)")
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return out
 
 
 # --- this machine's matmul peak ----------------------------------------------------------
@@ -647,4 +831,10 @@ __all__ = [
     "fleet_capacity",
     "run_report",
     "plot_cost",
+    "decode_flops",
+    "kv_cache_bytes",
+    "KV_FORMATS",
+    "context_costs",
+    "family_ratio",
+    "plot_family",
 ]

@@ -342,6 +342,155 @@ def kv_cache_bytes_per_token(c: ModelConfig, bytes_per_value: int = 2) -> dict[s
     return {"latent": latent, "full": full}
 
 
+# --- DeepSeek-V4: accounting only --------------------------------------------------------
+
+
+V4_LAYER_RATIOS = {
+    "sliding_attention": 0,
+    "compressed_sparse_attention": 4,
+    "heavily_compressed_attention": 128,
+}
+
+
+@dataclass
+class V4Config:
+    """The shape of a DeepSeek-V4 model, for parameter, FLOP and KV-cache accounting only.
+
+    V4 is not a ModelConfig: its attention is shared-KV multi-query attention (one 512-wide
+    head read as key and value) over a 128-token sliding window plus, per layer, either
+    nothing, compressed sparse attention (CSA: one entry per 4 tokens, a lightning indexer
+    picks index_topk of them) or heavily compressed attention (HCA: one entry per 128 tokens,
+    all attended); a grouped low-rank output projection; hc_mult residual streams
+    (hyper-connections); every layer MoE, the first num_hash_layers routed by a token-id
+    hash. Field names are those of the released config.json (transformers' DeepseekV4Config).
+    nanoseek cannot build or train it.
+    """
+
+    vocab_size: int = 129280
+    hidden_size: int = 4096
+    num_hidden_layers: int = 43
+    num_attention_heads: int = 64
+    head_dim: int = 512
+    qk_rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    sliding_window: int = 128
+    # per layer: 0 sliding window only, 4 CSA, 128 HCA (the released config's compress_ratios)
+    compress_ratios: tuple[int, ...] = ()
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    hc_mult: int = 4
+    moe_intermediate_size: int = 2048
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 6
+    num_hash_layers: int = 3
+    num_nextn_predict_layers: int = 1
+    max_position_embeddings: int = 1048576
+    tie_word_embeddings: bool = False
+    model_type: str = "deepseek_v4"
+
+    def __post_init__(self) -> None:
+        n = self.num_hidden_layers
+        ratios = tuple(int(r) for r in self.compress_ratios[:n])
+        if not ratios:  # transformers' default schedule: 2 HCA, then HCA / CSA interleaved
+            ratios = (128,) * min(n, 2) + tuple(4 if i % 2 else 128 for i in range(max(n - 2, 0)))
+        self.compress_ratios = ratios
+        if len(ratios) != n or set(ratios) - {0, 4, 128}:
+            raise ConfigError(
+                f"invalid V4Config: compress_ratios needs {n} entries of 0, 4 or 128, got {ratios}"
+            )
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"invalid V4Config: {name} must be positive")
+        if (self.num_attention_heads * self.head_dim) % self.o_groups:
+            raise ConfigError("invalid V4Config: o_groups must divide heads x head_dim")
+
+    @property
+    def layer_counts(self) -> dict[int, int]:
+        """How many layers of each compress ratio (0 window only, 4 CSA, 128 HCA)."""
+        return {r: self.compress_ratios.count(r) for r in (0, 4, 128)}
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> V4Config:
+        if d.get("model_type") != "deepseek_v4":
+            raise ConfigError(f"{source}: model_type {d.get('model_type')!r} is not deepseek_v4")
+        names = {f.name for f in dataclasses.fields(cls)} - {"compress_ratios"}
+        kw = {k: d[k] for k in names if d.get(k) is not None}
+        if d.get("compress_ratios") is not None:  # the released checkpoints' per-layer list
+            kw["compress_ratios"] = tuple(d["compress_ratios"])
+        elif d.get("layer_types"):  # transformers' names; compress_rates may override 4 / 128
+            rates = {**V4_LAYER_RATIOS, **(d.get("compress_rates") or {})}
+            kw["compress_ratios"] = tuple(rates[t] for t in d["layer_types"])
+        if d.get("mlp_layer_types"):
+            kw["num_hash_layers"] = d["mlp_layer_types"].count("hash_moe")
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from e
+
+    def replace(self, **changes: Any) -> V4Config:
+        return dataclasses.replace(self, **changes)
+
+
+def _v4_block_params(c: V4Config, ratio: int) -> tuple[int, int]:
+    """(total, activated) parameters of one V4 block with the given compress ratio."""
+    d, h, hd, ih, ihd = (
+        c.hidden_size,
+        c.num_attention_heads,
+        c.head_dim,
+        c.index_n_heads,
+        c.index_head_dim,
+    )
+    attn = d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * hd  # wq_a, q_norm, wq_b
+    attn += d * hd + hd  # shared-KV projection and its norm
+    attn += h * hd // c.o_groups * c.o_groups * c.o_lora_rank  # grouped wo_a
+    attn += c.o_groups * c.o_lora_rank * d + h  # wo_b, attention sinks
+    if ratio == 128:  # HCA compressor: kv and gate projections, position bias, norm
+        attn += 2 * d * hd + ratio * hd + hd
+    elif ratio == 4:  # CSA: overlapping windows (2x wide), plus the lightning indexer
+        attn += 2 * 2 * d * hd + ratio * 2 * hd + hd
+        attn += 2 * 2 * d * ihd + ratio * 2 * ihd + ihd  # the indexer's own compressor
+        attn += c.q_lora_rank * ih * ihd + d * ih  # indexer queries and head weights
+    expert = 3 * d * c.moe_intermediate_size
+    n = c.hc_mult
+    hc = 2 * ((2 + n) * n * n * d + (2 + n) * n + 3)  # attention and FFN hyper-connections
+    active = attn + hc + 2 * d + d * c.n_routed_experts  # + 2 norms + the router
+    active += (c.n_shared_experts + c.num_experts_per_tok) * expert
+    idle = (c.n_routed_experts - c.num_experts_per_tok) * expert
+    return active + idle, active
+
+
+def v4_param_counts(c: V4Config, include_mtp: bool = False) -> dict[str, int]:
+    """param_counts for DeepSeek-V4, with the same conventions (embedding lookup not
+    activated, head activated, MTP out unless asked). Checked against transformers'
+    DeepseekV4ForCausalLM built on the meta device."""
+    emb = c.vocab_size * c.hidden_size
+    head = 0 if c.tie_word_embeddings else emb
+    hc_head = c.hc_mult * c.hc_mult * c.hidden_size + c.hc_mult + 1
+    total = emb + head + c.hidden_size + hc_head
+    active = c.vocab_size * c.hidden_size + c.hidden_size + hc_head
+    for ratio in c.compress_ratios:
+        t, a = _v4_block_params(c, ratio)
+        total += t
+        active += a
+    # each MTP module: a sliding-window block, e/h projections (2 d x d), their norms
+    t, a = _v4_block_params(c, 0)
+    extra = 2 * c.hidden_size * c.hidden_size + 3 * c.hidden_size + hc_head
+    mtp_t = c.num_nextn_predict_layers * (t + extra)
+    mtp_a = c.num_nextn_predict_layers * (a + extra)
+    if include_mtp:
+        total += mtp_t
+        active += mtp_a
+    return {"total": total, "activated": active, "mtp": mtp_t, "embedding": emb + head}
+
+
+def any_param_counts(c: ModelConfig | V4Config, include_mtp: bool = False) -> dict[str, int]:
+    return (v4_param_counts if isinstance(c, V4Config) else param_counts)(c, include_mtp)
+
+
 # --- presets -----------------------------------------------------------------------
 
 
@@ -432,6 +581,36 @@ def _deepseek_v3() -> ModelConfig:
     )
 
 
+def _deepseek_v32() -> ModelConfig:
+    # deepseek-ai/DeepSeek-V3.2(-Exp) config.json: V3's shape plus the lightning indexer
+    # (index_n_heads 64, index_head_dim 128, index_topk 2048, transformers' defaults too)
+    return _deepseek_v3().replace(
+        model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048
+    )
+
+
+def _deepseek_v4_flash() -> V4Config:
+    # deepseek-ai/DeepSeek-V4-Flash config.json (= transformers' DeepseekV4Config defaults):
+    # 2 window-only layers, then CSA / HCA alternating; the 44th ratio (0) is the MTP block's
+    return V4Config(compress_ratios=(0, 0) + (4, 128) * 20 + (4,))
+
+
+def _deepseek_v4_pro() -> V4Config:
+    # deepseek-ai/DeepSeek-V4-Pro config.json: 2 HCA layers, then CSA / HCA alternating
+    return V4Config(
+        hidden_size=7168,
+        num_hidden_layers=61,
+        num_attention_heads=128,
+        q_lora_rank=1536,
+        o_groups=16,
+        o_lora_rank=1024,
+        index_topk=1024,
+        moe_intermediate_size=3072,
+        n_routed_experts=384,
+        compress_ratios=(128, 128) + (4, 128) * 29 + (4,),
+    )
+
+
 def _deepseek_v2_lite() -> ModelConfig:
     return ModelConfig(
         vocab_size=102400,
@@ -478,13 +657,35 @@ PRESETS = {
     "small": _small,
     "dense-small": _dense_small,
     "deepseek-v3": _deepseek_v3,
+    "deepseek-v32": _deepseek_v32,
     "deepseek-v2-lite": _deepseek_v2_lite,
+}
+
+# Presets nanoseek can count but not build: `nanoseek compute context` and `info` read them.
+ACCOUNTING_PRESETS = {
+    "deepseek-v4-flash": _deepseek_v4_flash,
+    "deepseek-v4-pro": _deepseek_v4_pro,
 }
 
 
 def get_preset(name: str) -> ModelConfig:
+    if name in ACCOUNTING_PRESETS:
+        raise ConfigError(
+            f"preset {name!r} is for accounting only (nanoseek cannot build DeepSeek-V4); "
+            "use it with `nanoseek compute context`"
+        )
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def get_any_preset(name: str) -> ModelConfig | V4Config:
+    """A preset nanoseek can build (ModelConfig) or only count (V4Config)."""
+    if name in ACCOUNTING_PRESETS:
+        return ACCOUNTING_PRESETS[name]()
+    if name not in PRESETS:
+        names = ", ".join([*PRESETS, *ACCOUNTING_PRESETS])
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {names}")
     return PRESETS[name]()
 
 
@@ -492,7 +693,11 @@ __all__ = [
     "ConfigError",
     "ModelConfig",
     "PRESETS",
+    "ACCOUNTING_PRESETS",
+    "V4Config",
     "get_preset",
+    "get_any_preset",
+    "v4_param_counts",
     "param_counts",
     "kv_cache_bytes_per_token",
 ]

@@ -465,3 +465,197 @@ def test_training_memory_splits_the_parameters_as_the_layout_does():
     assert r["activations_recomputed_gb"] < r["activations_gb"] / 10
     with pytest.raises(ComputeError, match="must divide"):
         training_memory(cfg, gpus=100, ep=64)
+
+
+# --- the DeepSeek family after V3: presets, decode FLOPs and KV cache against context ------
+
+
+def _published(count: float, figure: float, digits: int) -> bool:
+    """Whether `count` rounds to a published figure given to `digits` significant digits."""
+    return f"{count:.{digits}g}" == f"{figure:.{digits}g}"
+
+
+@pytest.mark.parametrize(
+    "preset, total, activated",
+    [("deepseek-v32", 671e9, 37e9), ("deepseek-v4-flash", 284e9, 13e9)],
+)
+def test_family_parameter_counts_match_the_published(preset, total, activated):
+    from nanoseek.config import any_param_counts, get_any_preset
+
+    p = any_param_counts(get_any_preset(preset))
+    assert abs(p["total"] / total - 1) < 0.01
+    # "37B" and "13B" are two-figure roundings: the count rounds to them
+    assert _published(p["activated"], activated, 2)
+    assert abs(p["activated"] - activated) <= 0.5e9
+
+
+def test_v4_pro_parameter_counts():
+    from nanoseek.config import get_any_preset, v4_param_counts
+
+    p = v4_param_counts(get_any_preset("deepseek-v4-pro"))
+    assert abs(p["activated"] / 49e9 - 1) < 0.01  # 48.85B
+    # 1.573T without the MTP module (1.7% under "1.6T", which it rounds to); with it 1.599T
+    assert _published(p["total"], 1.6e12, 2) and abs(p["total"] / 1.6e12 - 1) < 0.02
+    with_mtp = v4_param_counts(get_any_preset("deepseek-v4-pro"), include_mtp=True)
+    assert abs(with_mtp["total"] / 1.6e12 - 1) < 0.01
+    # exact: transformers' DeepseekV4ForCausalLM with this config, counted on the meta device
+    assert p["total"] == 1_572_997_179_491
+
+
+def test_v4_counts_match_transformers_module_by_module():
+    transformers = pytest.importorskip("transformers")
+    from nanoseek.config import V4Config, v4_param_counts
+
+    names = {0: "sliding_attention", 4: "compressed_sparse_attention"}
+    names[128] = "heavily_compressed_attention"
+    c = V4Config(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        head_dim=32,
+        qk_rope_head_dim=8,
+        q_lora_rank=16,
+        o_groups=2,
+        o_lora_rank=8,
+        index_n_heads=2,
+        index_head_dim=16,
+        moe_intermediate_size=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        compress_ratios=(128, 0, 4, 128, 4),
+    )
+    hf = transformers.DeepseekV4Config(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        head_dim=32,
+        partial_rotary_factor=8 / 32,
+        q_lora_rank=16,
+        o_groups=2,
+        o_lora_rank=8,
+        index_n_heads=2,
+        index_head_dim=16,
+        moe_intermediate_size=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        layer_types=[names[r] for r in c.compress_ratios],
+    )
+    with torch.device("meta"):
+        model = transformers.DeepseekV4ForCausalLM(hf)
+    assert v4_param_counts(c)["total"] == sum(p.numel() for p in model.parameters())
+    assert V4Config.from_hf_dict(hf.to_dict()).compress_ratios == c.compress_ratios
+
+
+def test_v4_from_released_config_dict():
+    from nanoseek.config import V4Config, get_any_preset
+
+    # the released config.json lists a ratio per layer plus one for the MTP block
+    d = {"model_type": "deepseek_v4", "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0]}
+    assert V4Config.from_hf_dict(d) == get_any_preset("deepseek-v4-flash")
+    assert get_any_preset("deepseek-v4-pro").layer_counts == {0: 0, 4: 30, 128: 31}
+
+
+def test_v3_numbers_unchanged_by_the_family():
+    # deepseek-v3 keeps its counts, its training FLOPs and its KV cache
+    assert param_counts(V3)["activated"] == 36_625_603_584
+    assert flops_per_token(V3, 4096) == pytest.approx(2.6065e11, rel=1e-4)
+    assert compute.kv_cache_bytes(V3, 1)["total"] == 61 * 576 * 2
+    v32 = get_preset("deepseek-v32")
+    assert v32.has_indexer and v32.replace(model_type="deepseek_v3") == V3
+
+
+def test_accounting_presets_are_not_buildable():
+    from nanoseek.config import ConfigError
+
+    with pytest.raises(ConfigError, match="accounting only"):
+        get_preset("deepseek-v4-pro")
+
+
+def test_decode_flops_by_hand():
+    from nanoseek.config import get_any_preset
+
+    L = 1 << 20
+    v3 = compute.decode_flops(V3, L)
+    assert v3["attention"] == 2 * 61 * 128 * (2 * 512 + 64) * L
+    v32 = compute.decode_flops(get_preset("deepseek-v32"), L)
+    assert v32["indexer"] == 2 * 61 * 64 * 128 * L
+    assert v32["attention"] == 2 * 61 * 128 * (2 * 512 + 64) * 2048
+    pro = compute.decode_flops(get_any_preset("deepseek-v4-pro"), L)
+    csa = 30 * (128 + 1024) + 31 * (128 + L // 128)  # keys read by CSA and HCA layers
+    assert pro["attention"] == 2 * 128 * 2 * 512 * csa
+    assert pro["indexer"] == 2 * 30 * 64 * 128 * (L // 4)
+    # short contexts: V3.2 is V3 plus its indexer until the context passes index_topk
+    assert (
+        compute.decode_flops(get_preset("deepseek-v32"), 1024)["attention"]
+        == (compute.decode_flops(V3, 1024)["attention"])
+    )
+
+
+def test_v4_pro_against_v32_at_a_million_tokens():
+    """The V4 report: at 1M tokens V4-Pro needs 27% of V3.2's single-token FLOPs and 10%
+    of its KV cache. From the configs: 26.2% and 10.3% (release formats), 11.5% (BF16)."""
+    from nanoseek.config import get_any_preset
+
+    pro, v32 = get_any_preset("deepseek-v4-pro"), get_preset("deepseek-v32")
+    r = compute.family_ratio(pro, v32, 1 << 20, "release")
+    assert 0.25 < r["flops_ratio"] < 0.28
+    assert 0.095 < r["kv_cache_ratio"] < 0.11
+    assert 0.11 < compute.family_ratio(pro, v32, 1 << 20)["kv_cache_ratio"] < 0.12
+
+
+def test_ratio_falls_monotonically_with_context():
+    from nanoseek.config import get_any_preset
+
+    pro, v32 = get_any_preset("deepseek-v4-pro"), get_preset("deepseek-v32")
+    contexts = [2**k for k in range(7, 23)]
+    # Past 4K tokens both sparse budgets are full (V3.2 reads 2048 keys, V4-Pro's CSA reads
+    # 1024 entries = 4096 tokens) and only the dense parts grow: the ratios fall steadily.
+    # Below, V3.2's MLA stops growing at 2K while V4's CSA still grows: a bump at 2K-4K.
+    long = [L for L in contexts if L >= 4096]
+    for key in ("flops_ratio", "kv_cache_ratio"):
+        r = [compute.family_ratio(pro, v32, L)[key] for L in long]
+        assert all(a > b for a, b in zip(r[:-1], r[1:], strict=True)), key
+    r = [compute.family_ratio(pro, v32, L)["flops_ratio"] for L in (2048, 4096)]
+    assert r[0] < r[1]
+    # and the costs themselves grow with context for every model
+    for cfg in (V3, v32, pro, get_any_preset("deepseek-v4-flash")):
+        f = [compute.decode_flops(cfg, L)["total"] for L in contexts]
+        kv = [compute.kv_cache_bytes(cfg, L)["total"] for L in contexts]
+        assert f == sorted(f) and kv == sorted(kv)
+    with pytest.raises(ComputeError):
+        compute.decode_flops(V3, 0)
+    with pytest.raises(ComputeError, match="KV format"):
+        compute.kv_cache_bytes(V3, 10, "fp3")
+
+
+def test_cli_context(tmp_path, cli):
+    out = json.loads(
+        _cli(
+            cli,
+            [
+                "context",
+                "--preset",
+                "deepseek-v32",
+                "--preset",
+                "deepseek-v4-pro",
+                "--context",
+                "1M",
+                "--kv-format",
+                "release",
+                "--json",
+            ],
+        )
+    )
+    assert [r["model"] for r in out] == ["deepseek-v32", "deepseek-v4-pro"]
+    assert out[1]["context"] == 1_000_000
+    assert 0.25 < out[1]["flops_vs_deepseek-v32"] < 0.28
+    assert out[0]["kv_cache_bytes_per_token"] == 61 * (656 + 132)
+    table = _cli(cli, ["context", "--plot", str(tmp_path / "family.png")])
+    assert "deepseek-v4-flash" in table and "1M" in table and "KV vs deepseek-v32" in table
+    assert (tmp_path / "family.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "deepseek_v4", "hidden_size": 4096}))
+    out = json.loads(_cli(cli, ["context", "--config", str(cfg), "--vs", "none", "--json"]))
+    assert len(out) == 3 and out[0]["model_type"] == "deepseek_v4"

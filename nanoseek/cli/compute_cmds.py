@@ -1,5 +1,5 @@
-"""`nanoseek compute <train|check|fleet|memory|run|flops|gpus|plot>`: FLOPs, GPU-hours, cost,
-memory per GPU."""
+"""`nanoseek compute <train|check|fleet|memory|run|flops|context|gpus|plot>`: FLOPs, GPU-hours,
+cost, memory per GPU, decode cost against context length."""
 
 from __future__ import annotations
 
@@ -110,6 +110,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     _model_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_flops)
+
+    p = cmds.add_parser(
+        "context",
+        help="FLOPs of one new token and KV cache against context length (V3, V3.2, V4)",
+    )
+    p.add_argument(
+        "--preset",
+        action="append",
+        help="repeat; any preset incl. deepseek-v4-flash / -pro (default: the V3-V4 family)",
+    )
+    p.add_argument(
+        "--config", action="append", help="a Hugging Face config.json (V3, V3.2 or V4); repeat"
+    )
+    p.add_argument(
+        "--context",
+        type=_quantity,
+        action="append",
+        help="context length in tokens, e.g. 128K or 1M; repeat (default 4K, 128K, 1M)",
+    )
+    p.add_argument(
+        "--kv-format",
+        choices=("bf16", "release"),
+        default="bf16",
+        help="KV cache bytes: every value BF16, or as the releases store it (FP8, FP4 keys)",
+    )
+    p.add_argument(
+        "--vs",
+        default="deepseek-v32",
+        help="reference preset for the ratios (default deepseek-v32; 'none' for no ratios)",
+    )
+    p.add_argument("--plot", help="also write the log-log plot of both against context here")
+    p.add_argument("--json", action="store_true", help="print JSON (a list of flat objects)")
+    p.set_defaults(func=cmd_context)
 
     p = cmds.add_parser(
         "memory", help="memory per GPU to train a model with FSDP2 x expert parallelism"
@@ -277,6 +310,96 @@ def cmd_flops(args: argparse.Namespace) -> int:
         ),
     ]
     print(format_table(rows))
+    return 0
+
+
+def _any_model(spec: str, is_path: bool) -> Any:
+    from nanoseek.config import ModelConfig, V4Config, get_any_preset
+    from nanoseek.utils import read_json
+
+    if not is_path:
+        return get_any_preset(spec)
+    from pathlib import Path
+
+    from nanoseek.config import ConfigError
+
+    path = Path(spec)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.exists():
+        raise ConfigError(f"{path}: no config.json here")
+    d = read_json(path, "a model config", ConfigError)
+    if d.get("model_type") == "deepseek_v4":
+        return V4Config.from_hf_dict(d, str(path))
+    return ModelConfig.from_hf_dict(d, str(path))
+
+
+def _ctx_label(n: int) -> str:
+    """4096 -> 4K, 1048576 -> 1M (binary, as context lengths are named); else as is."""
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return f"{n:,}"
+
+
+def cmd_context(args: argparse.Namespace) -> int:
+    from nanoseek.compute import FAMILY, context_costs, family_ratio, plot_family
+    from nanoseek.utils import human
+
+    specs = [(p, False) for p in (args.preset or [])] + [(c, True) for c in (args.config or [])]
+    if not specs:
+        specs = [(p, False) for p in FAMILY]
+    models = [(spec, _any_model(spec, is_path)) for spec, is_path in specs]
+    contexts = [int(c) for c in (args.context or [4096, 131072, 1 << 20])]
+    ref = None if args.vs == "none" else _any_model(args.vs, False)
+    rows: list[dict[str, Any]] = []
+    for L in contexts:
+        for name, cfg in models:
+            r = context_costs(cfg, L, args.kv_format, name)
+            if ref is not None:
+                ratio = family_ratio(cfg, ref, L, args.kv_format)
+                r[f"flops_vs_{args.vs}"] = ratio["flops_ratio"]
+                r[f"kv_cache_vs_{args.vs}"] = ratio["kv_cache_ratio"]
+            rows.append(r)
+    if args.plot:
+        presets = tuple(spec for spec, is_path in specs if not is_path)
+        plot_family(args.plot, presets or FAMILY, args.kv_format, max(max(contexts), 1 << 20))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    head = [
+        "context",
+        "model",
+        "params",
+        "active",
+        "GFLOP/token",
+        "attn+index",
+        "KV cache",
+        "KV/token",
+    ]
+    if ref is not None:
+        head += [f"FLOPs vs {args.vs}", f"KV vs {args.vs}"]
+    table = [tuple(head)]
+    for r in rows:
+        row = [
+            _ctx_label(r["context"]),
+            r["model"],
+            human(r["params_total"]),
+            human(r["params_activated"]),
+            f"{r['flops_per_token'] / 1e9:,.1f}",
+            f"{(r['flops_attention'] + r['flops_indexer']) / r['flops_per_token']:.0%}",
+            f"{r['kv_cache_bytes'] / 2**30:,.2f} GiB",
+            f"{r['kv_cache_bytes_per_token'] / 1024:,.1f} KiB",
+        ]
+        if ref is not None:
+            row += [f"{r[f'flops_vs_{args.vs}']:.1%}", f"{r[f'kv_cache_vs_{args.vs}']:.1%}"]
+        table.append(tuple(row))
+    print(format_table(table))
+    print(
+        f"decode, one sequence: forward FLOPs of one new token with `context` tokens cached "
+        f"(2 x activated parameters + attention + indexer); KV cache in {args.kv_format}"
+    )
+    if args.plot:
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -3,6 +3,7 @@ DeepseekV32ForCausalLM, logit for logit both ways and token for token; the warm-
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -284,3 +285,6 @@ def test_nanoseek_train_warms_up_the_indexers_then_trains_sparse(tmp_path, monke
     s = train(make_config(**run, threads=1, lr=3e-3, indexer_warmup_steps=12))
     assert len(kls) == 12 and kls[-1] < kls[0]
     assert s["steps"] == 3 and math.isfinite(s["final_val_loss"])
+    # sparse training: the indexers' KL over their selected keys joins the loss
+    recs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["indexer_kl"] > 0 for r in recs)

@@ -126,6 +126,11 @@ class TrainConfig(RunConfig):
         "KL to the dense attention (one process)",
         default=0,
     )
+    indexer_loss_weight: float = _h(
+        "V3.2 models, after the warm-up: weight of the indexers' KL to the main attention over "
+        "the keys they select, added to the loss (it reaches only the indexers; 0: frozen)",
+        default=1.0,
+    )
     # evaluation, checkpoints, logging
     eval_every: int = _h("evaluate every N steps (0: only at the end)", default=100)
     eval_batches: int = _h("validation batches per evaluation", default=8)
@@ -228,6 +233,7 @@ IDENTITY = (
     "gamma_final",
     "alpha",
     "indexer_warmup_steps",
+    "indexer_loss_weight",
 )
 TrainConfig.IDENTITY = IDENTITY
 

@@ -23,6 +23,7 @@ from nanoseek.compute import flops_per_token, measure_matmul_peak
 from nanoseek.config import get_preset
 from nanoseek.data import BatchLoader, prepare, read_meta
 from nanoseek.model import Transformer
+from nanoseek.model.indexer import indexer_kl
 from nanoseek.train.balance import gamma_at, load_imbalance, update_expert_bias
 from nanoseek.train.checkpoint import (
     RunState,
@@ -62,7 +63,15 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         cfg, moe_layers = model.config, model.moe_layers()
         model.train()
         mtp_idle = tc.mtp_weight == 0 and cfg.num_nextn_predict_layers > 0
-        step_model = rt.wrap(model, unused_parameters=mtp_idle, compile=tc.compile)
+        # V3.2: the indexers learn from their own KL, not from the LM loss
+        indexer_weight = tc.indexer_loss_weight if cfg.has_indexer else 0.0
+        if indexer_weight and rt.world > 1:
+            raise TrainError(
+                "the V3.2 indexer loss runs on one process for now; under torchrun pass "
+                "--indexer-loss-weight 0 (the indexers stay as the warm-up left them)"
+            )
+        unused = mtp_idle or cfg.has_indexer  # DDP: the indexers get no gradient through it
+        step_model = rt.wrap(model, unused_parameters=unused, compile=tc.compile)
         optimizer = build_optimizer(
             model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.optimizer
         )
@@ -103,7 +112,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         guard = StepGuard(tc.max_bad_steps, ckpt_dir, warn=rt.master)
         n_experts = (len(moe_layers), cfg.n_routed_experts)
         counts = torch.zeros(n_experts, dtype=torch.long, device=rt.device)  # tokens per expert
-        losses = torch.zeros(3, device=rt.device)  # total (minimised), main, mean MTP
+        losses = torch.zeros(4, device=rt.device)  # total (minimised), main, mean MTP, indexer
         val_loss = val_bpb = None
         t_start = time.perf_counter() - state.elapsed
         resume_step = state.step if found else None
@@ -124,15 +133,17 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                             o = step_model(
                                 x, targets=y, mtp_weight=tc.mtp_weight, balance_weight=tc.alpha
                             )
-                        (o.loss / tc.grad_accum).backward()
-                    losses += step_losses(o) / tc.grad_accum
+                            kl = indexer_kl(model, x, sparse=True) if indexer_weight else None
+                        objective = o.loss if kl is None else o.loss + indexer_weight * kl
+                        (objective / tc.grad_accum).backward()
+                    losses += step_losses(o, objective, kl) / tc.grad_accum
                     if o.expert_counts is not None:
                         counts += o.expert_counts
                 rt.all_reduce_sum(counts)
                 rt.all_reduce_mean(losses)
                 clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
                 norm = rt.clip_grads(model, clip)
-                total, loss, mtp_loss = losses.tolist()
+                total, loss, mtp_loss, index_loss = losses.tolist()
                 state.step += 1
                 state.tokens += tokens_per_step
                 if guard.ok(step, total, norm):  # else skipped: no update, no bias change
@@ -162,6 +173,8 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                 }
                 if tc.mtp_weight > 0 and cfg.num_nextn_predict_layers > 0:
                     rec["mtp_loss"] = mtp_loss
+                if indexer_weight:
+                    rec["indexer_kl"] = index_loss
                 if moe_layers:
                     rec["load_max_mean"] = [round(v, 3) for v in load_imbalance(counts)]
                 if (tc.eval_every and state.step % tc.eval_every == 0) or done:
@@ -249,11 +262,12 @@ def warm_up_indexers(model: Transformer, loader: BatchLoader, tc: TrainConfig, r
     return kls
 
 
-def step_losses(o: Any) -> torch.Tensor:
-    """[total, main, mean MTP] of one forward, detached: what is minimised (main + MTP +
-    balance) and its parts, logged apart."""
+def step_losses(o: Any, total: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
+    """[total, main, mean MTP, indexer KL] of one forward, detached: what is minimised (main +
+    MTP + balance + the V3.2 indexers' KL) and its parts, logged apart."""
     mtp = torch.stack(o.mtp_losses).mean() if o.mtp_losses else torch.zeros_like(o.main_loss)
-    return torch.stack([o.loss.detach(), o.main_loss.detach(), mtp.detach()]).float()
+    kl = torch.zeros_like(o.main_loss) if kl is None else kl
+    return torch.stack([total, o.main_loss, mtp, kl]).detach().float()
 
 
 def new_model(tc: TrainConfig, vocab_size: int, device: torch.device) -> Transformer:

@@ -331,15 +331,17 @@ def param_counts(c: ModelConfig, include_mtp: bool = False) -> dict[str, int]:
 
 
 def kv_cache_bytes_per_token(c: ModelConfig, bytes_per_value: int = 2) -> dict[str, int]:
-    """Latent cache (c_kv + k_rope) versus full per-head keys and values, all layers."""
+    """Latent cache (c_kv + k_rope) versus full per-head keys and values, all layers; V3.2
+    also caches one indexer key per layer (`indexer`, in neither)."""
     latent = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * bytes_per_value
+    indexer = c.num_hidden_layers * c.index_head_dim * bytes_per_value if c.has_indexer else 0
     full = (
         c.num_hidden_layers
         * c.num_attention_heads
         * (c.qk_head_dim + c.v_head_dim)
         * bytes_per_value
     )
-    return {"latent": latent, "full": full}
+    return {"latent": latent, "full": full, "indexer": indexer}
 
 
 # --- DeepSeek-V4: accounting only --------------------------------------------------------

@@ -286,5 +286,19 @@ def test_nanoseek_train_warms_up_the_indexers_then_trains_sparse(tmp_path, monke
     assert len(kls) == 12 and kls[-1] < kls[0]
     assert s["steps"] == 3 and math.isfinite(s["final_val_loss"])
     # sparse training: the indexers' KL over their selected keys joins the loss
-    recs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    recs = [
+        json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert all(r["indexer_kl"] > 0 for r in recs)
+
+
+def test_the_cache_holds_the_indexer_keys_beside_the_latent_rows():
+    from nanoseek.config import kv_cache_bytes_per_token
+    from nanoseek.infer import Engine
+
+    cfg = nanoseek.get_preset("tiny-v32")
+    kv = kv_cache_bytes_per_token(cfg, bytes_per_value=4)
+    assert kv["indexer"] == cfg.num_hidden_layers * cfg.index_head_dim * 4
+    engine = Engine(nanoseek.Transformer(cfg), max_batch=2)
+    assert engine.cache.bytes_per_token() == kv["latent"] + kv["indexer"]
+    assert kv_cache_bytes_per_token(nanoseek.get_preset("tiny"))["indexer"] == 0

@@ -59,6 +59,11 @@ def info(args: argparse.Namespace) -> int:
             "KV cache / token, latent",
             f"{kv['latent']:,} B (bf16: {cfg.kv_lora_rank}+{cfg.qk_rope_head_dim} per layer)",
         ),
+        *(
+            [("KV cache / token, indexer", f"{kv['indexer']:,} B (V3.2: one key per layer)")]
+            if kv["indexer"]
+            else []
+        ),
         (
             "KV cache / token, full K+V",
             f"{kv['full']:,} B ({kv['full'] / kv['latent']:.1f}x the latent)",

@@ -103,5 +103,7 @@ class KVCache:
         return [] if buf is None else [b.view(-1, self.rank + self.rope) for b in buf]
 
     def bytes_per_token(self) -> int:
-        """Bytes the main model's cache holds per token slot, read off the tensor itself."""
-        return self.latent.nbytes // (self.latent.shape[1] * self.latent.shape[2])
+        """Bytes the main model's cache holds per token slot (V3.2: indexer keys included),
+        read off the tensors themselves."""
+        slots = self.latent.shape[1] * self.latent.shape[2]
+        return (self.latent.nbytes + (0 if self.index is None else self.index.nbytes)) // slots

@@ -125,8 +125,8 @@ def test_parity_both_ways(pair, T, tmp_path):
     assert (again - got).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("prefix_cache", [False, True])
-def test_greedy_generation_equals_transformers(pair, prefix_cache):
+@pytest.mark.parametrize("prefix_cache,plain", [(False, False), (True, False), (False, True)])
+def test_greedy_generation_equals_transformers(pair, prefix_cache, plain):
     ref, _, path = pair
     gen = torch.Generator().manual_seed(11)
     prompt = torch.randint(0, ref.config.vocab_size, (20,), generator=gen).tolist()  # > topk
@@ -134,8 +134,8 @@ def test_greedy_generation_equals_transformers(pair, prefix_cache):
     want = ref.generate(
         torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
     )[0, len(prompt) :].tolist()
-    eng = Engine.load(path, max_len=64, prefix_cache=prefix_cache)
-    assert eng.plain  # V3.2 decodes on the plain path (cached latents and indexer keys)
+    # absorbed (default) or plain, the indexer keys cached beside the latent rows
+    eng = Engine.load(path, max_len=64, prefix_cache=prefix_cache, plain=plain)
     greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     # batched with a shorter prompt (ragged prefill), then again (a prefix-cache hit)
     for _ in range(2):
@@ -143,10 +143,11 @@ def test_greedy_generation_equals_transformers(pair, prefix_cache):
         assert outs[0].token_ids == want
 
 
-def test_engine_plain_path_equals_full_recompute():
-    """The plain path over the cache (indexer keys cached) against re-running forward on
-    the whole sequence at every step, batched and with MTP speculation (8 index heads:
-    see CONFIGS on ties)."""
+@pytest.mark.parametrize("plain", [False, True])
+def test_engine_paths_equal_full_recompute(plain):
+    """Both cached paths (absorbed MLA with the indexer over its cached keys; plain) against
+    re-running forward on the whole sequence at every step, batched and with MTP
+    speculation (8 index heads: see CONFIGS on ties)."""
     torch.manual_seed(3)
     model = nanoseek.Transformer(get_preset("tiny-v32").replace(index_topk=6)).eval()
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [3, 4]]
@@ -159,8 +160,8 @@ def test_engine_plain_path_equals_full_recompute():
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
         want.append(ids[len(p) :])
     greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-    assert [o.token_ids for o in Engine(model).generate(prompts, greedy)] == want
-    spec = Engine(model, speculative=True).generate(prompts, greedy)
+    assert [o.token_ids for o in Engine(model, plain=plain).generate(prompts, greedy)] == want
+    spec = Engine(model, speculative=True, plain=plain).generate(prompts, greedy)
     assert [o.token_ids for o in spec] == want
 
 

@@ -102,6 +102,11 @@ class KVCache:
         buf = self.mtp_latent if mtp else self.latent
         return [] if buf is None else [b.view(-1, self.rank + self.rope) for b in buf]
 
+    def index_flat(self, mtp: bool = False) -> list[torch.Tensor]:
+        """V3.2: each layer's indexer keys as rows [slots * rows_per_slot, D] (views)."""
+        buf = self.mtp_index if mtp else self.index
+        return [] if buf is None else [b.view(-1, b.shape[-1]) for b in buf]
+
     def bytes_per_token(self) -> int:
         """Bytes the main model's cache holds per token slot (V3.2: indexer keys included),
         read off the tensors themselves."""

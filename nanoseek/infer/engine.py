@@ -108,9 +108,7 @@ class Engine:
         if speculative and prefix_cache:
             # the MTP module's cached rows depend on the token after each position
             raise EngineError("prefix_cache and speculative decoding do not combine; pick one")
-        # V3.2's indexer has no absorbed form yet: its models decode on the plain path
-        # (cached latents and indexer keys, keys and values re-expanded each step)
-        self.speculative, self.plain = speculative, plain or cfg.has_indexer
+        self.speculative, self.plain = speculative, plain
         self.prefix = PrefixCache(capacity_tokens=8 * self.max_len) if prefix_cache else None
         p = next(model.parameters())
         self.device = p.device

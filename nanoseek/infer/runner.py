@@ -55,6 +55,7 @@ class ModelRunner:
         self.neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=dev)
         self.zero = torch.tensor(0.0, dtype=dtype, device=dev)
         self.flat, self.mtp_flat = cache.flat(), cache.flat(mtp=True)
+        self.index_flat, self.mtp_index_flat = cache.index_flat(), cache.index_flat(mtp=True)
 
     def prepare(self, pos: torch.Tensor, start: int = 0, S: int | None = None) -> DecodeStep:
         """The per-step inputs every layer shares, for pos [B, T] in cache rows
@@ -73,7 +74,7 @@ class ModelRunner:
         cs = self.folded.rope[pos]  # [B, T, 2, 1, R]
         ck = cs.view(B * T, 2, -1)
         rows = (self.row_base[start : start + B, None] + pos).view(-1)
-        return DecodeStep(B, T, S, mask, cs[:, :, 0], cs[:, :, 1], ck[:, 0], ck[:, 1], rows)
+        return DecodeStep(B, T, S, mask, cs[:, :, 0], cs[:, :, 1], ck[:, 0], ck[:, 1], rows, pos)
 
     @torch.inference_mode()
     def forward(
@@ -94,7 +95,10 @@ class ModelRunner:
             return self.model(ids, kv=kv, positions=pos).hidden
         st = step or self.prepare(pos, start, S)
         kvs = self.cache.latent[:, start : start + B, : st.S]  # this batch's rows, every layer
-        return self.model.decode(self.folded, ids, st, self.flat, kvs, self.expert_counts)
+        index = None
+        if self.cache.index is not None:  # V3.2: the indexer keys, alike
+            index = (self.index_flat, self.cache.index[:, start : start + B, : st.S])
+        return self.model.decode(self.folded, ids, st, self.flat, kvs, self.expert_counts, index)
 
     @torch.inference_mode()
     def mtp_forward(
@@ -117,7 +121,10 @@ class ModelRunner:
             return mod.norm(mod(h, m.embed(next_ids), cos, sin, kv=kv, positions=pos))
         st = step or self.prepare(pos, start, S)
         kv = self.cache.mtp_latent[0, start : start + B, : st.S]
-        return m.mtp_decode(self.folded, h, next_ids, st, self.mtp_flat[0], kv)
+        index = None
+        if self.cache.mtp_index is not None:
+            index = (self.mtp_index_flat[0], self.cache.mtp_index[0, start : start + B, : st.S])
+        return m.mtp_decode(self.folded, h, next_ids, st, self.mtp_flat[0], kv, index)
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,7 @@ class DecodeStep:
     cos_k: torch.Tensor  # [B*T, R]
     sin_k: torch.Tensor
     rows: torch.Tensor  # [B*T] row of each new latent in a layer's flat [rows, C + R] cache
+    pos: torch.Tensor | None = None  # [B, T] positions (V3.2's indexer selects among s <= p)
 
 
 @dataclass
@@ -75,6 +76,8 @@ class FoldedMLA:
     kv_eps: torch.Tensor
     q_dim: int  # Q
     k_dim: int  # K: the query's non-rope width per head: C when W_uk is folded, else nope
+    # V3.2: the norm weights the indexer's inputs need (attn_norm's, q_norm's), unfolded
+    index_norms: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class MLA(nn.Module):
@@ -231,18 +234,40 @@ class MLA(nn.Module):
         )
         w_in = (w_in * input_norm.weight).t()
         k_dim = nope if w_uk is not None else C
+        index_norms = None
+        if self.indexer is not None:
+            index_norms = (input_norm.weight.detach(), self.q_norm.weight.detach())
         return FoldedMLA(
-            w_in, wq, w_uk, w_uv_t, wo, q_eps, self.kv_norm.eps_tensor(device), q_a.shape[0], k_dim
+            w_in,
+            wq,
+            w_uk,
+            w_uv_t,
+            wo,
+            q_eps,
+            self.kv_norm.eps_tensor(device),
+            q_a.shape[0],
+            k_dim,
+            index_norms,
         )
 
     def decode(
-        self, f: FoldedMLA, x: torch.Tensor, st: DecodeStep, flat: torch.Tensor, kv: torch.Tensor
+        self,
+        f: FoldedMLA,
+        x: torch.Tensor,
+        st: DecodeStep,
+        flat: torch.Tensor,
+        kv: torch.Tensor,
+        index: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x [N = B*T, d], normed without its weight (folded) -> [N, d]. Writes this chunk's
         latents into `flat` (this layer's cache as rows [slots*P, C + R]) at st.rows, then
-        attends over `kv` [B, S, C + R], the rows this batch reads (a view of the same cache)."""
+        attends over `kv` [B, S, C + R], the rows this batch reads (a view of the same cache).
+        V3.2: `index` = (the indexer keys' flat rows, this batch's [B, S, D] view), likewise."""
         B, T, H, C, R, K = st.B, st.T, self.n_heads, self.kv_rank, self.rope, f.k_dim
         q, c_kv, c_g, k_rope, k_swap = (x @ f.w_in).split_with_sizes([f.q_dim, C, C, R, R], -1)
+        mask = st.mask
+        if self.indexer is not None:
+            mask = self._index_mask(f, x, q, st, index)
         if f.wq is not None:
             q = rms_unweighted(q, f.q_eps) @ f.wq
         q_k, q_rope, q_swap = q.view(B, T, H, K + 2 * R).split_with_sizes([K, R, R], -1)
@@ -254,7 +279,7 @@ class MLA(nn.Module):
         q = torch.cat([q_k, rotate_folded(q_rope, q_swap, st.cos_q, st.sin_q)], dim=-1)
         q = q.transpose(1, 2).reshape(B, H * T, C + R)  # a view when T == 1
         kt = kv.transpose(1, 2)  # one latent "head" [c_kv | k_rope] shared by all query heads
-        scores = torch.bmm(q, kt) if st.mask is None else torch.baddbmm(st.mask, q, kt)
+        scores = torch.bmm(q, kt) if mask is None else torch.baddbmm(mask, q, kt)
         probs = scores.softmax(-1, dtype=torch.float32)
         if probs.dtype != kv.dtype:
             probs = probs.to(kv.dtype)
@@ -262,3 +287,27 @@ class MLA(nn.Module):
         if f.w_uv_t is not None:  # o = o_lat W_uv, when W_uv was not folded into wo
             o = o @ f.w_uv_t  # [B, H, T, v]
         return o.transpose(1, 2).reshape(B * T, -1) @ f.wo
+
+    def _index_mask(self, f: FoldedMLA, x, q_a, st: DecodeStep, index) -> torch.Tensor | None:
+        """V3.2 over the cache: write this chunk's indexer keys, then the additive mask
+        [B, H*T or 1, S] of each query's index_topk best visible keys (st.mask when every
+        visible key fits). The indexer reads the unfolded norms: x and q as the plain
+        path sees them."""
+        if index is None:
+            raise ValueError("a V3.2 model decodes with its indexer keys cached (index=...)")
+        idx, (flat, keys), R = self.indexer, index, self.rope
+        B, T, S = st.B, st.T, st.S
+        attn_w, q_w = f.index_norms
+        xw = (x * attn_w).view(B, T, -1)  # attn_norm(h)
+        q_lat = (rms_unweighted(q_a, f.q_eps) * q_w).view(B, T, -1)  # q_norm(wq_a(x))
+        cos, sin = st.cos_q[:, :, 0, : R // 2], st.sin_q[:, :, 0, R // 2 :]  # [cos|cos], [-sin|sin]
+        flat.index_copy_(0, st.rows, idx.keys(xw, cos, sin).view(B * T, -1).to(flat.dtype))
+        if not idx.enabled or S <= idx.topk:
+            return st.mask
+        visible = torch.arange(S, device=x.device) <= st.pos[:, :, None]  # [B, T, S]
+        keep = idx.select(idx.scores(xw, q_lat, cos, sin, keys.to(xw.dtype)), visible)
+        mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill_(
+            ~keep, float("-inf")
+        )
+        H = self.n_heads
+        return mask[:, None].expand(B, H, T, S).reshape(B, H * T, S) if T > 1 else mask

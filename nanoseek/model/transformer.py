@@ -52,9 +52,11 @@ class Block(nn.Module):
             self.attn_norm.eps_tensor(self.attn_norm.weight.device),
         )
 
-    def decode(self, f: FoldedBlock, x, st: DecodeStep, flat, kv, counts=None) -> torch.Tensor:
+    def decode(
+        self, f: FoldedBlock, x, st: DecodeStep, flat, kv, counts=None, index=None
+    ) -> torch.Tensor:
         """x [B*T, d] -> [B*T, d] over the latent cache (see MLA.decode)."""
-        x = x + self.attn.decode(f.attn, rms_unweighted(x, f.eps), st, flat, kv)
+        x = x + self.attn.decode(f.attn, rms_unweighted(x, f.eps), st, flat, kv, index)
         return x + self.ffn.decode(f.ffn, rms_unweighted(x, f.eps), counts)
 
 
@@ -90,11 +92,13 @@ class MTPModule(nn.Module):
             eh, self.block.fold(dispatch), self.enorm.eps_tensor(dev), self.norm.eps_tensor(dev)
         )
 
-    def decode(self, f: FoldedMTP, h, emb_next, st: DecodeStep, flat, kv) -> torch.Tensor:
+    def decode(
+        self, f: FoldedMTP, h, emb_next, st: DecodeStep, flat, kv, index=None
+    ) -> torch.Tensor:
         """h, emb_next [N, d] -> the module's normed output [N, d]."""
         # enorm and hnorm share an eps: normalise [emb, h] as one [N, 2, d] tensor
         both = rms_unweighted(torch.stack([emb_next, h], 1), f.eps)
-        x = self.block.decode(f.block, both.flatten(1) @ f.eh, st, flat, kv)
+        x = self.block.decode(f.block, both.flatten(1) @ f.eh, st, flat, kv, index=index)
         return rms_unweighted(x, f.norm_eps) * self.norm.weight
 
 
@@ -257,31 +261,42 @@ class Transformer(nn.Module):
         )
 
     def decode(
-        self, f: FoldedModel, ids: torch.Tensor, st: DecodeStep, flats, kvs, counts=None
+        self,
+        f: FoldedModel,
+        ids: torch.Tensor,
+        st: DecodeStep,
+        flats,
+        kvs,
+        counts=None,
+        index=None,
     ) -> torch.Tensor:
         """ids [B, T] -> final-norm hidden [B, T, d]. flats[i] / kvs[i]: layer i's cache as
         rows and this batch's [B, S, C + R] view (see MLA.decode); counts [n_moe, E]
-        optionally accumulates the expert load."""
-        if self.config.has_indexer:
-            raise NotImplementedError(
-                "V3.2's sparse attention has no absorbed decode yet: use the plain path "
-                "(forward with a cache; the Engine does this for V3.2 models)"
-            )
+        optionally accumulates the expert load; index (V3.2): (flats, kvs) of the indexer
+        keys' cache, likewise."""
         x = F.embedding(ids.view(-1), self.embed.weight)  # activations stay 2-D: [B*T, d]
         moe = 0
         for i, (layer, fl) in enumerate(zip(self.layers, f.layers, strict=True)):
             c = None
             if counts is not None and isinstance(layer.ffn, MoE):
                 c, moe = counts[moe], moe + 1
-            x = layer.decode(fl, x, st, flats[i], kvs[i], c)
+            ix = None if index is None else (index[0][i], index[1][i])
+            x = layer.decode(fl, x, st, flats[i], kvs[i], c, ix)
         return (rms_unweighted(x, f.norm_eps) * self.norm.weight).view(*ids.shape, -1)
 
     def mtp_decode(
-        self, f: FoldedModel, h: torch.Tensor, next_ids: torch.Tensor, st: DecodeStep, flat, kv
+        self,
+        f: FoldedModel,
+        h: torch.Tensor,
+        next_ids: torch.Tensor,
+        st: DecodeStep,
+        flat,
+        kv,
+        index=None,
     ) -> torch.Tensor:
         """MTP module 1 over the cache: h [B, T, d] (the main model's final-norm hidden),
         next_ids [B, T] the token after each position -> its normed output [B, T, d] (the
         shared head turns it into logits for the token two ahead)."""
         emb = F.embedding(next_ids.view(-1), self.embed.weight)
-        out = self.mtp[0].decode(f.mtp[0], h.reshape(emb.shape), emb, st, flat, kv)
+        out = self.mtp[0].decode(f.mtp[0], h.reshape(emb.shape), emb, st, flat, kv, index)
         return out.view(*next_ids.shape, -1)

@@ -1,6 +1,10 @@
 from nanoseek.model.attention import MLA, LayerKV
+from nanoseek.model.attention_v4 import Compressor, GroupedLinear, V4Attention, V4Indexer
+from nanoseek.model.block_v4 import V4Block
+from nanoseek.model.hyper import HyperConnection, HyperHead
 from nanoseek.model.indexer import Indexer
 from nanoseek.model.moe import MLP, Experts, Gate, MoE
+from nanoseek.model.moe_v4 import HashRouter, TopKRouter, V4Experts, V4MoE
 from nanoseek.model.transformer import Block, ModelOutput, MTPModule, Transformer
 
 __all__ = [
@@ -15,4 +19,16 @@ __all__ = [
     "MTPModule",
     "ModelOutput",
     "Transformer",
+    # DeepSeek-V4 building blocks
+    "HyperConnection",
+    "HyperHead",
+    "TopKRouter",
+    "HashRouter",
+    "V4Experts",
+    "V4MoE",
+    "Compressor",
+    "V4Indexer",
+    "GroupedLinear",
+    "V4Attention",
+    "V4Block",
 ]

@@ -1,0 +1,320 @@
+"""DeepSeek-V4 attention, piece by piece (the stateless, full-sequence forms).
+
+V4 attention is shared-KV multi-query attention: one `head_dim` (512) vector per token is
+both key and value for every head, over a sliding window of recent tokens plus, in most
+layers, *compressed* entries that summarise the distant past:
+
+- **Compressor.** Every `rate` tokens become one entry: each token proposes a value
+  `kv_proj(x)` and per-channel gate logits `gate_proj(x) + position_bias[pos in window]`;
+  the entry is the gate-softmax-weighted sum over the window (per channel), RMS-normed,
+  with RoPE at the window's first position. HCA (heavily compressed attention) uses
+  rate 128 and attends to all entries; CSA (compressed sparse attention) uses rate 4 with
+  *overlapping* windows -- each token projects twice (Ca | Cb), and entry w pools window
+  w's Cb with window w-1's Ca -- and a lightning `V4Indexer` picks `index_topk` entries per
+  query. An entry may be read only by queries past its window's end (`causal_bias`).
+- **Attention sinks.** A learned per-head logit `sinks[h]` joins the softmax as one more
+  column and is then dropped: a head can put weight "nowhere" instead of being forced to
+  spread it over the keys (`sink_attention`).
+- **Interleaved partial RoPE on the tail** (`rope_tail`): RoPE rotates pairs of the last
+  `rope_dim` channels. Since values are keys, the output's rope channels are rotated back
+  by the query's position (`rope_tail(out, cos, -sin)`), leaving relative positions.
+- **Grouped output projection** (`GroupedLinear`): heads x head_dim is huge (32768 for
+  V4-Flash), so heads are split into `o_groups` groups, each projected on its own to
+  `o_lora_rank` (`o_a_proj`), then mixed by one linear (`o_b_proj`) to the hidden size.
+
+Parameter names are transformers' DeepseekV4 (`self_attn.compressor.{kv_proj, gate_proj,
+position_bias, kv_norm}`, `self_attn.compressor.indexer.{..., q_b_proj,
+scorer.weights_proj}`, `self_attn.o_a_proj`, `self_attn.sinks`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import V4_LAYER_RATIOS
+from nanoseek.model.hyper import rms_normalize
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import cos_sin, inv_frequencies
+
+
+def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of the last 2 * cos.shape[-1]
+    channels of x (in float32); the leading channels pass. cos / sin [..., S, r/2] must
+    broadcast against x [..., S, D] (give heads a dimension of 1)."""
+    r = 2 * cos.shape[-1]
+    pairs = x[..., -r:].float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    rot = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    return torch.cat([x[..., :-r], rot.to(x.dtype)], dim=-1)
+
+
+class GroupedLinear(nn.Module):
+    """Block-diagonal linear (transformers' DeepseekV4GroupedLinear, V4's `o_a_proj`):
+    x [..., g, in_per_group] -> [..., g, out_features / g], group i by its own matrix.
+    weight [out_features, in_per_group]: the g matrices stacked by rows."""
+
+    def __init__(self, in_per_group: int, out_features: int, n_groups: int):
+        super().__init__()
+        self.n_groups = n_groups
+        self.weight = nn.Parameter(torch.empty(out_features, in_per_group))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.view(self.n_groups, -1, self.weight.shape[1])  # [g, out/g, in]
+        return torch.einsum("...gi,goi->...go", x, w)
+
+
+def sink_attention(
+    q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None, sinks: torch.Tensor, scale
+) -> torch.Tensor:
+    """Shared-KV attention with a per-head sink (transformers' eager_attention_forward):
+    q [B, H, S, D], kv [B, 1, T, D] (key and value), mask additive, broadcast to
+    [B, H, S, T], sinks [H] -> out [B, S, H, D]. The sink is one more softmax column whose
+    probability is dropped, so a head's weights over the keys may sum to less than 1."""
+    logits = (q @ kv.transpose(-1, -2)) * scale
+    if mask is not None:
+        logits = logits + mask
+    B, H, S, _ = logits.shape
+    sink = sinks.to(logits.dtype).view(1, H, 1, 1).expand(B, H, S, 1)
+    logits = torch.cat([logits, sink], dim=-1)
+    probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    return (probs.to(kv.dtype) @ kv).transpose(1, 2)
+
+
+def causal_bias(position_ids: torch.Tensor, n_entries: int, rate: int) -> torch.Tensor:
+    """[B, 1, S, T] additive mask over compressed entries: the query at position t reads
+    entry w only when its whole window has passed, w < (t + 1) // rate."""
+    visible = (position_ids + 1) // rate  # [B, S]
+    entries = torch.arange(n_entries, device=position_ids.device)
+    blocked = entries.view(1, 1, -1) >= visible.unsqueeze(-1)
+    bias = torch.zeros(blocked.shape, device=position_ids.device)
+    return bias.masked_fill(blocked, float("-inf")).unsqueeze(1)
+
+
+class Compressor(nn.Module):
+    """One compressed KV entry per `rate` tokens (transformers' DeepseekV4HCACompressor
+    with `overlap=False`, DeepseekV4CSACompressor's compression with `overlap=True`),
+    stateless: windows after the last complete one are dropped. A CSA compressor owns
+    the layer's `V4Indexer` (as transformers' does), which it does not call itself.
+
+    forward(x [B, S, D]) -> entries [B, S // rate, head_dim], RoPE'd at each window's
+    first position (`inv_freq`: the "compress" rope, theta 160000 with YaRN in V4).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        rate: int,
+        rope_dim: int,
+        rope_theta: float = 160000.0,
+        rope_scaling: dict[str, Any] | None = None,
+        overlap: bool = False,
+        norm_eps: float = 1e-6,
+        indexer: V4Indexer | None = None,
+    ):
+        super().__init__()
+        self.head_dim, self.rate, self.overlap = head_dim, rate, overlap
+        width = 2 * head_dim if overlap else head_dim  # overlap: [Ca | Cb] per token
+        self.kv_proj = nn.Linear(hidden_size, width, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
+        self.position_bias = nn.Parameter(torch.zeros(rate, width))
+        self.kv_norm = RMSNorm(head_dim, norm_eps)
+        inv_freq = inv_frequencies(rope_dim, rope_theta, rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if indexer is not None:  # CSA: `compressor.indexer` in checkpoints
+            self.indexer = indexer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compress(x)
+
+    def compress(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        n, r, d = S // self.rate, self.rate, self.head_dim
+        if n == 0:
+            return x.new_zeros(B, 0, d)
+        kv = self.kv_proj(x[:, : n * r]).view(B, n, r, -1)
+        gate = self.gate_proj(x[:, : n * r]).view(B, n, r, -1) + self.position_bias
+        if self.overlap:  # window w pools its own Cb and window w-1's Ca over 2r slots
+            prev_kv = F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))  # window 0: no predecessor
+            prev_gate = F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))
+            kv = torch.cat([prev_kv, kv[..., d:]], dim=2)
+            gate = torch.cat([prev_gate, gate[..., d:]], dim=2)
+        weights = gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
+        entries = self.kv_norm((kv * weights).sum(dim=2))
+        positions = (torch.arange(n, device=x.device) * r).expand(B, n)
+        cos, sin = cos_sin(positions, self.inv_freq)
+        return rope_tail(entries, cos.to(x.dtype), sin.to(x.dtype))
+
+
+class IndexerScorer(nn.Module):
+    """index score(t, s) = sum_h w_{t,h} * relu(q_{t,h} . k_s) (DeepseekV4IndexerScorer)."""
+
+    def __init__(self, hidden_size: int, n_heads: int, head_dim: int):
+        super().__init__()
+        self.softmax_scale, self.weights_scaling = head_dim**-0.5, n_heads**-0.5
+        self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False)
+
+    def forward(self, q: torch.Tensor, keys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """q [B, S, H, d], keys [B, T, d], x [B, S, D] -> scores [B, S, T] (fp32)."""
+        scores = F.relu(q.float() @ keys.float().transpose(-1, -2).unsqueeze(1))
+        weights = self.weights_proj(x).float() * self.weights_scaling  # [B, S, H]
+        return (scores * self.softmax_scale * weights.unsqueeze(-1)).sum(dim=2)
+
+
+class V4Indexer(Compressor):
+    """CSA's lightning indexer (transformers' DeepseekV4Indexer), stateless: its own small
+    overlapping compressor (`index_head_dim`) gives index keys; queries come from the
+    attention's normed q-LoRA latent (`q_b_proj`), roped at their positions with the same
+    "compress" rope. forward -> top-k entry ids [B, S, k] per query, -1 where fewer than
+    k entries are visible yet."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        q_lora_rank: int,
+        n_heads: int,
+        head_dim: int,
+        topk: int,
+        rate: int,
+        rope_dim: int,
+        rope_theta: float = 160000.0,
+        rope_scaling: dict[str, Any] | None = None,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__(
+            hidden_size, head_dim, rate, rope_dim, rope_theta, rope_scaling, True, norm_eps
+        )
+        self.n_heads, self.topk = n_heads, topk
+        self.q_b_proj = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.scorer = IndexerScorer(hidden_size, n_heads, head_dim)
+
+    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, position_ids: torch.Tensor):
+        """-> (index scores [B, S, T] with -inf on entries not yet visible, visible [B, S])."""
+        B, S, _ = x.shape
+        keys = self.compress(x)
+        q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim)
+        cos, sin = cos_sin(position_ids, self.inv_freq)
+        q = rope_tail(q, cos.unsqueeze(2).to(q.dtype), sin.unsqueeze(2).to(q.dtype))
+        scores = self.scorer(q, keys, x)
+        visible = (position_ids + 1) // self.rate
+        blocked = torch.arange(keys.shape[1], device=x.device) >= visible.unsqueeze(-1)
+        return scores.masked_fill(blocked, float("-inf")), visible
+
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, position_ids: torch.Tensor):
+        scores, visible = self.scores(x, q_latent, position_ids)
+        top = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
+        return torch.where(top >= visible.unsqueeze(-1), -1, top)
+
+
+def selected_bias(top_k: torch.Tensor, n_entries: int) -> torch.Tensor:
+    """[B, 1, S, T] additive mask: 0 on the entries the indexer chose (ids >= 0), -inf
+    elsewhere (CSA's per-query block bias)."""
+    B, S, _ = top_k.shape
+    ids = torch.where(top_k >= 0, top_k, n_entries)  # -1 -> a spare column, cut off below
+    bias = torch.full((B, S, n_entries + 1), float("-inf"), device=top_k.device)
+    return bias.scatter_(-1, ids, 0.0)[..., :n_entries].unsqueeze(1)
+
+
+def sliding_bias(position_ids: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, 1, S, S] additive causal mask over the sequence's own tokens: the query at
+    position t reads keys at t - window < position <= t."""
+    q, k = position_ids.unsqueeze(-1), position_ids.unsqueeze(-2)
+    allowed = (k <= q) & (k > q - window)
+    bias = torch.zeros(allowed.shape, device=position_ids.device)
+    return bias.masked_fill(~allowed, float("-inf")).unsqueeze(1)
+
+
+class V4Attention(nn.Module):
+    """One V4 attention layer, full-sequence and stateless (transformers' DeepseekV4Attention
+    with no cache). `layer_type` is transformers' name: "sliding_attention" (window only),
+    "compressed_sparse_attention" (CSA, rate 4, indexer), "heavily_compressed_attention"
+    (HCA, rate 128); `compress_rate` overrides the rate.
+
+    Queries: `x -> q_a_proj -> q_a_norm` (the latent the indexer also reads) `-> q_b_proj`,
+    per head RMS-normed without a weight. The one KV head: `x -> kv_proj -> kv_norm`. Both
+    roped on their last `rope_dim` channels: the plain "main" rope (theta 10000) in
+    sliding-only layers, the "compress" rope (compress_rope_theta, YaRN) where a compressor
+    runs. Keys are the window's tokens then the compressed entries; softmax with a sink per
+    head; the output's rope channels rotated back; grouped output projection.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        n_heads: int,
+        head_dim: int = 512,
+        rope_dim: int = 64,
+        q_lora_rank: int = 1024,
+        o_groups: int = 8,
+        o_lora_rank: int = 1024,
+        sliding_window: int = 128,
+        layer_type: str = "sliding_attention",
+        compress_rate: int | None = None,
+        rope_theta: float = 10000.0,
+        compress_rope_theta: float = 160000.0,
+        rope_scaling: dict[str, Any] | None = None,
+        index_n_heads: int = 64,
+        index_head_dim: int = 128,
+        index_topk: int = 512,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.n_heads, self.head_dim, self.window = n_heads, head_dim, sliding_window
+        self.o_groups, self.norm_eps, self.scale = o_groups, norm_eps, head_dim**-0.5
+        self.q_a_proj = nn.Linear(hidden_size, q_lora_rank, bias=False)
+        self.q_a_norm = RMSNorm(q_lora_rank, norm_eps)
+        self.q_b_proj = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.kv_proj = nn.Linear(hidden_size, head_dim, bias=False)
+        self.kv_norm = RMSNorm(head_dim, norm_eps)
+        in_per_group = n_heads * head_dim // o_groups
+        self.o_a_proj = GroupedLinear(in_per_group, o_groups * o_lora_rank, o_groups)
+        self.o_b_proj = nn.Linear(o_groups * o_lora_rank, hidden_size, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(n_heads))
+        if layer_type not in V4_LAYER_RATIOS:
+            raise ValueError(f"V4 layer_type {layer_type!r} is not one of {list(V4_LAYER_RATIOS)}")
+        compress_rate = compress_rate or V4_LAYER_RATIOS[layer_type]
+        self.compressor: Compressor | None = None
+        if layer_type != "sliding_attention":
+            rope = (rope_dim, compress_rope_theta, rope_scaling)
+            indexer = None
+            if layer_type == "compressed_sparse_attention":  # sparse: the indexer chooses
+                indexer = V4Indexer(
+                    hidden_size, q_lora_rank, index_n_heads, index_head_dim, index_topk,
+                    compress_rate, *rope, norm_eps,
+                )  # fmt: skip
+            self.compressor = Compressor(
+                hidden_size, head_dim, compress_rate, *rope, indexer is not None, norm_eps, indexer
+            )
+            inv_freq = inv_frequencies(*rope)
+        else:
+            inv_freq = inv_frequencies(rope_dim, rope_theta)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """x [B, S, D], position_ids [B, S] (the sequence from its start) -> [B, S, D]."""
+        B, S, _ = x.shape
+        cos, sin = cos_sin(position_ids, self.inv_freq)
+        cos, sin = cos.to(x.dtype).unsqueeze(1), sin.to(x.dtype).unsqueeze(1)  # [B, 1, S, r/2]
+        q_latent = self.q_a_norm(self.q_a_proj(x))
+        q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        q = rope_tail(rms_normalize(q, self.norm_eps), cos, sin)  # [B, H, S, hd]
+        kv = rope_tail(self.kv_norm(self.kv_proj(x)).unsqueeze(1), cos, sin)  # [B, 1, S, hd]
+        mask = sliding_bias(position_ids, self.window)
+        if self.compressor is not None:
+            entries = self.compressor(x)
+            if hasattr(self.compressor, "indexer"):
+                top = self.compressor.indexer(x, q_latent, position_ids)
+                extra = selected_bias(top, entries.shape[1])
+            else:
+                extra = causal_bias(position_ids, entries.shape[1], self.compressor.rate)
+            kv = torch.cat([kv, entries.unsqueeze(1)], dim=2)
+            mask = torch.cat([mask, extra], dim=-1)
+        out = sink_attention(q, kv, mask.to(q.dtype), self.sinks, self.scale)  # [B, S, H, hd]
+        out = rope_tail(out, cos.transpose(1, 2), -sin.transpose(1, 2))
+        out = self.o_a_proj(out.reshape(B, S, self.o_groups, -1)).flatten(2)
+        return self.o_b_proj(out)

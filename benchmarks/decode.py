@@ -1,6 +1,8 @@
 """Decode benchmark: nanoseek's engine versus transformers `generate(use_cache=True)`.
 
     python -m benchmarks.decode [--ckpt PATH] [--train-seconds 60] [--threads 1] [--no-small]
+        [--llama-cpp DIR (default $NANOSEEK_LLAMA_CPP)] [--llama-cpp-threads 1,2]
+        [--rounds 3] [--llama-cpp-only]
 
 One run, same weights for both (saved with nanoseek, loaded by both): decode tokens/s and
 time to first token at batch 1 and 8, KV-cache bytes per token read off the tensors each
@@ -13,11 +15,28 @@ second-order corpus (so MTP drafts have something to learn, but not everything).
 numbers say what the engine does where per-op overhead, not arithmetic or bandwidth, sets
 the speed; the `small` preset rows (6 layers, hidden 256, random weights) show a size
 where reading the weights starts to matter.
+
+With --llama-cpp (a llama.cpp tree built into build/, as benchmarks/gguf_llamacpp.py
+describes) the checkpoint is also exported to GGUF f32, f16 and q8_0 and decoded by
+llama.cpp through libllama (gguf_llamacpp.BENCH_C) next to nanoseek's engine: same prompt
+ids, same number of greedy tokens, same thread counts (1 and 2), batch 1 and 8 and 16
+concurrent sequences, f32 KV cache and no flash attention on both sides, the engines
+alternating within each of --rounds rounds (best and spread printed). Each row gives the
+ratio nanoseek / llama.cpp and whether llama.cpp's greedy tokens equal nanoseek's. Without
+it those rows are skipped with a line saying how to enable them.
+
+No "memory-bandwidth limit" is printed: the bytes a token reads and the rates of DRAM and
+of the last-level cache are, but once the cache holds the part of the weights every token
+reads (attention, dense layer, shared experts, head: 14 MB of `small`'s 30 MB per token,
+in a 32 MB L3), DRAM bandwidth bounds only the routed experts' share, so the old
+"bytes / DRAM bandwidth" figure was no limit (llama.cpp f32 decoded above it).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -85,21 +104,29 @@ def hf_run(hf, prompts: torch.Tensor, n: int) -> tuple[float, float, int]:
     return ttft, prompts.shape[0] * (n - 1) / (total - ttft), per_token
 
 
-def ns_run(engine: Engine, prompts: list[list[int]], n: int) -> tuple[float, float]:
+def ns_run(engine: Engine, prompts: list[list[int]], n: int, tokens: list | None = None):
+    """(time to first token, decode tokens/s after it); the greedy ids of each prompt are
+    appended to `tokens` when given."""
     sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     engine.generate(
         prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     )  # warm-up
-    for p in prompts:
-        engine.add_request(p, sp)
+    seqs = [engine.add_request(p, sp).id for p in prompts]
+    out = {s: [] for s in seqs}
     t0 = time.perf_counter()
-    engine.step()  # the prefill: every prompt's first token
+    for o in engine.step():  # the prefill: every prompt's first token
+        out[o.seq_id] += o.token_ids
     ttft = time.perf_counter() - t0
     t1 = time.perf_counter()
     produced = 0
     while engine.has_unfinished():
-        produced += sum(len(o.token_ids) for o in engine.step())
-    return ttft, produced / (time.perf_counter() - t1)
+        for o in engine.step():
+            out[o.seq_id] += o.token_ids
+            produced += len(o.token_ids)
+    tps = produced / (time.perf_counter() - t1)
+    if tokens is not None:
+        tokens.extend(out[s] for s in seqs)
+    return ttft, tps
 
 
 def long_context(model: nanoseek.Transformer, S: int, steps: int = 20) -> tuple[float, float]:
@@ -127,14 +154,128 @@ def long_context(model: nanoseek.Transformer, S: int, steps: int = 20) -> tuple[
     return out[0], out[1]
 
 
-def bandwidth_gbs() -> float:
-    x = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)  # 256 MB, far past the caches
+def read_gbs(nbytes: int) -> float:
+    """GB/s of summing an fp32 buffer of `nbytes` (best of 5, after a warm-up pass), at the
+    current torch thread count: 256 MB is DRAM; a few MB stays in the last-level cache."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(6):
         t0 = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t0)
     return x.nbytes / best / 1e9
+
+
+def llc_bytes() -> int | None:
+    """The last-level cache's size from sysfs (Linux), or None."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        v = f.read_text().strip()
+        sizes.append(int(v[:-1]) * {"K": 1 << 10, "M": 1 << 20}[v[-1]] if v[-1] in "KM" else int(v))
+    return max(sizes) if sizes else None
+
+
+LLAMA_ROWS = (("f32", "llama.cpp f32 GGUF"), ("f16", "llama.cpp f16"), ("q8_0", "llama.cpp q8_0"))
+
+
+def llama_cpp_compare(
+    model, ckpt: Path, prompts, n: int, llama: Path, threads=(1, 2), batches=(1, 8, 16), rounds=3
+) -> dict:
+    """nanoseek's engine against llama.cpp (through libllama, `gguf_llamacpp.BENCH_C`) on
+    the same weights exported as GGUF f32/f16/q8_0: same prompts (token ids), same greedy
+    tokens count, same thread count, f32 KV cache and no flash attention on both sides.
+    The engines alternate within each round; best of `rounds`, spread kept. Returns
+    {"speeds": {(threads, batch): {engine: [tok/s per round]}}, "agree": {(engine,
+    threads, batch): (tokens equal to nanoseek absorbed's, tokens)}}, for `print_llama_cpp`."""
+    from benchmarks.gguf_llamacpp import build_bench, llama_bench
+    from nanoseek.export import export_gguf
+
+    tmp = Path(tempfile.mkdtemp())
+    exe = build_bench(llama, tmp)
+    files = {d: export_gguf(ckpt, tmp / f"model-{d}.gguf", d, verbose=False) for d, _ in LLAMA_ROWS}
+    engines = [("nanoseek absorbed", {})]
+    if model.mtp:
+        engines.append(("nanoseek absorbed + MTP spec", {"speculative": True}))
+    speeds: dict = {}
+    agree: dict = {}  # (engine, threads, batch) -> (tokens equal, tokens)
+    for _ in range(rounds):
+        for T in threads:
+            torch.set_num_threads(T)
+            for B in batches:
+                x = prompts(B).tolist()
+                cell = speeds.setdefault((T, B), {})
+                ref: list = []
+                for name, kw in engines:
+                    eng = Engine(model, max_batch=B, max_len=16 + n + 8, **kw)
+                    got: list = []
+                    cell.setdefault(name, []).append(ns_run(eng, x, n, got)[1])
+                    ref = ref or got
+                    if got is not ref:
+                        _tally(agree, (name, T, B), ref, got)
+                    del eng
+                for d, name in LLAMA_ROWS:
+                    _, tps, got = llama_bench(exe, files[d], x, n, T, tmp)
+                    cell.setdefault(name, []).append(tps)
+                    _tally(agree, (name, T, B), ref, got)
+    shutil.rmtree(tmp)
+    return {"speeds": speeds, "agree": agree}
+
+
+def _tally(agree: dict, key, ref: list[list[int]], got: list[list[int]]) -> None:
+    same = sum(a == b for r, g in zip(ref, got, strict=True) for a, b in zip(r, g, strict=True))
+    total = sum(len(r) for r in ref)
+    s, t = agree.get(key, (0, 0))
+    agree[key] = (s + same, t + total)
+
+
+def print_llama_cpp(res: dict, n: int, rounds: int) -> None:
+    speeds, agree = res["speeds"], res["agree"]
+    print(
+        f"\nnanoseek vs llama.cpp (libllama), same weights, greedy, prompt 16, {n} new tokens, "
+        "f32 KV cache and no flash attention on both; decode tok/s (aggregate over the batch), "
+        f"best of {rounds} rounds (min-max), engines alternating within each round"
+    )
+    table = []
+    for (T, B), cell in sorted(speeds.items()):
+        ours = {k: max(v) for k, v in cell.items() if k.startswith("nanoseek")}
+        base, top = ours["nanoseek absorbed"], max(ours.values())
+        for name, v in cell.items():
+            same, tot = agree.get((name, T, B), (0, 0))
+            ident = (
+                "(reference)"
+                if name == "nanoseek absorbed"
+                else ("identical" if same == tot else f"{same}/{tot} tokens")
+            )
+            llama = not name.startswith("nanoseek")
+            table.append(
+                (
+                    T,
+                    B,
+                    name,
+                    f"{max(v):,.0f}",
+                    f"{min(v):,.0f}-{max(v):,.0f}",
+                    f"{base / max(v):.2f}x" if llama else "",
+                    f"{top / max(v):.2f}x" if llama else "",
+                    ident,
+                )
+            )
+    header = (
+        "threads",
+        "batch",
+        "engine",
+        "tok/s",
+        "spread",
+        "nanoseek absorbed / it",
+        "nanoseek best / it",
+        "greedy vs nanoseek",
+    )
+    print(format_table(table, header=header))
+    f32 = [v for (name, *_), v in agree.items() if name == "llama.cpp f32 GGUF"]
+    ok = all(s == t for s, t in f32)
+    print(
+        "greedy tokens, llama.cpp f32 GGUF vs nanoseek (same batch, same threads): "
+        + ("identical token for token in every run" if ok else "DIFFER (see the table)")
+    )
 
 
 def find_trained_checkpoint(root: str = "runs") -> Path | None:
@@ -210,12 +351,24 @@ def main() -> None:
     )
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--no-small", action="store_true", help="skip the `small` preset rows")
+    ap.add_argument(
+        "--llama-cpp",
+        type=Path,
+        default=os.environ.get("NANOSEEK_LLAMA_CPP") or None,
+        help="a llama.cpp source tree built into build/ (libllama), to compare against on the "
+        "checkpoint's weights (default: $NANOSEEK_LLAMA_CPP)",
+    )
+    ap.add_argument(
+        "--llama-cpp-threads", default="1,2", help="thread counts of the llama.cpp comparison"
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="llama.cpp comparison: best of N")
+    ap.add_argument(
+        "--llama-cpp-only",
+        action="store_true",
+        help="only the llama.cpp comparison (and the bandwidth line): no transformers rows",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import DeepseekV3ForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
     tmp = tempfile.TemporaryDirectory()
     ckpt = None if args.ckpt == "tiny" else args.ckpt or find_trained_checkpoint()
     if ckpt:
@@ -228,13 +381,20 @@ def main() -> None:
     n = args.new_tokens
     prompts = prompt_maker(path, cfg.vocab_size)
     what = f"checkpoint {path}" if ckpt else "tiny config trained on the synthetic corpus"
-    rows = decode_rows(model, path, prompts, n, DeepseekV3ForCausalLM)
-    print_rows(rows, f"{cfg.num_hidden_layers}-layer {what}", n, args.threads)
-    latent = nanoseek.config.kv_cache_bytes_per_token(cfg, 4)
-    print(
-        f"latent formula: {latent['latent']} B/token (fp32); full K/V would be {latent['full']} B/token"
-    )
-    if not args.no_small:  # a 6-layer, 256-wide model: overhead matters less than at tiny
+    rows: list[tuple] = []
+    if not args.llama_cpp_only:
+        from transformers import DeepseekV3ForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        rows = decode_rows(model, path, prompts, n, DeepseekV3ForCausalLM)
+        print_rows(rows, f"{cfg.num_hidden_layers}-layer {what}", n, args.threads)
+        latent = nanoseek.config.kv_cache_bytes_per_token(cfg, 4)
+        print(
+            f"latent formula: {latent['latent']} B/token (fp32); "
+            f"full K/V would be {latent['full']} B/token"
+        )
+    if not (args.no_small or args.llama_cpp_only):  # 6 layers, 256 wide: less overhead-bound
         torch.manual_seed(0)
         small_path = Path(tmp.name) / "small"
         nanoseek.save_pretrained(nanoseek.Transformer(nanoseek.get_preset("small")), small_path)
@@ -244,23 +404,73 @@ def main() -> None:
         )
         print_rows(small_rows, "6-layer `small` preset (random weights)", n, args.threads)
 
-    print("\nLong context, batch 1, ms per decode step (cache of random latents)")
-    table = []
-    for S in (2048, 8192):
-        a, p = long_context(model, S)
-        table.append((S, f"{a:.2f}", f"{p:.2f}", f"{p / a:.1f}x"))
-    print(format_table(table, header=("context", "absorbed", "plain", "speedup")))
+    if not args.llama_cpp_only:
+        print("\nLong context, batch 1, ms per decode step (cache of random latents)")
+        table = []
+        for S in (2048, 8192):
+            a, p = long_context(model, S)
+            table.append((S, f"{a:.2f}", f"{p:.2f}", f"{p / a:.1f}x"))
+        print(format_table(table, header=("context", "absorbed", "plain", "speedup")))
 
-    bw = bandwidth_gbs()
+    best = {
+        "nanoseek": max(
+            (r[3] for r in rows if r[1] == 1 and r[0].startswith("nanoseek")), default=0
+        )
+    }
+    best_threads = args.threads
+    if args.llama_cpp is None:
+        print(
+            "\nllama.cpp rows skipped: give a llama.cpp tree built into build/ with --llama-cpp "
+            "DIR or NANOSEEK_LLAMA_CPP=DIR (see benchmarks/gguf_llamacpp.py for the build)"
+        )
+    elif not (path / "tokenizer.json").exists():
+        print(f"\nllama.cpp rows skipped: {path} has no tokenizer.json, which the GGUF needs")
+    else:
+        threads = tuple(int(t) for t in args.llama_cpp_threads.split(","))
+        res = llama_cpp_compare(
+            model, path, prompts, n, args.llama_cpp, threads, rounds=args.rounds
+        )
+        torch.set_num_threads(args.threads)
+        print_llama_cpp(res, n, args.rounds)
+        best_threads = threads[0]
+        cell = res["speeds"][(best_threads, 1)]
+        best = {
+            "nanoseek": max(max(v) for k, v in cell.items() if k.startswith("nanoseek")),
+            "llama.cpp f32": max(cell["llama.cpp f32 GGUF"]),
+        }
+
+    # Bytes per decoded token and the rates they are read at. No "bandwidth limit" is
+    # derived from them: a DRAM figure bounds nothing when the last-level cache keeps the
+    # part every token reads (attention, dense layer, shared experts, head) across tokens
+    # (llama.cpp f32 decoded above such a "limit"), and a cache figure bounds nothing
+    # either, since the routed experts come from a pool larger than the cache.
+    torch.set_num_threads(best_threads)
+    dram = read_gbs(256 << 20)
+    llc = llc_bytes()
+    cached = read_gbs(min(llc // 2, 64 << 20)) if llc else None
+    torch.set_num_threads(args.threads)
     weights = param_counts(cfg)["activated"] * 4
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+    routed = moe_layers * cfg.num_experts_per_tok * expert
+    pool = moe_layers * cfg.n_routed_experts * expert
     ctx = 16 + n // 2
     per_tok = weights + ctx * nanoseek.config.kv_cache_bytes_per_token(cfg, 4)["latent"]
-    best = max(r[3] for r in rows if r[1] == 1 and r[0].startswith("nanoseek"))
-    limit = bw * 1e9 / per_tok
     print(
-        f"\nMemory bandwidth (256 MB sum): {bw:.1f} GB/s. Bytes read per decoded token at batch 1: "
-        f"{per_tok / 1e6:.2f} MB (activated weights + cache) -> limit {limit:,.0f} tok/s; "
-        f"nanoseek reaches {best:,.0f} tok/s = {best / limit:.1%} of it."
+        f"\nBytes read per decoded token at batch 1: {per_tok / 1e6:.1f} MB (activated fp32 "
+        f"weights + cache): {(per_tok - routed) / 1e6:.1f} MB read by every token, "
+        f"{routed / 1e6:.1f} MB of routed experts out of a {pool / 1e6:.1f} MB pool. "
+        f"Read rates at {best_threads} thread(s): DRAM (256 MB sum) {dram:.1f} GB/s"
+        + (
+            f", last-level cache ({llc >> 20} MB; sum of {min(llc // 2, 64 << 20) >> 20} MB) "
+            f"{cached:.1f} GB/s"
+            if llc
+            else ""
+        )
+        + ". Effective: "
+        + ", ".join(f"{k} {v:,.0f} tok/s = {v * per_tok / 1e9:.1f} GB/s" for k, v in best.items())
+        + ". No limit is printed: with the every-token part in cache, DRAM bandwidth bounds "
+        "only the routed experts' share, and how much of those the cache keeps depends on routing."
     )
     tmp.cleanup()
 

@@ -19,6 +19,9 @@ prompt (max |difference|), and --n greedy tokens (plain argmax, not stopping at 
 `nanoseek generate --temperature 0`. Tokenization is also compared on every .py file of the
 nanoseek package, and llama-simple's output (the command a user runs) on the first prompt.
 Not part of `make test`: it needs the llama.cpp build.
+
+BENCH_C / `build_bench` / `llama_bench`: the same greedy decode, timed and batched (one
+sequence per prompt), which `benchmarks.decode --llama-cpp` runs against nanoseek's engine.
 """
 
 from __future__ import annotations
@@ -125,14 +128,161 @@ int main(int argc, char ** argv) {
 """
 
 
-def build_greedy(llama: Path, out: Path) -> Path:
-    exe = out / "greedy"
+BENCH_C = r"""
+#include "llama.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static void quiet(enum ggml_log_level level, const char * text, void * data) {
+    (void) level; (void) text; (void) data;
+}
+
+static double now(void) {
+    struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+static int argmax(const float * l, int n) {
+    int best = 0;
+    for (int v = 1; v < n; v++) if (l[v] > l[best]) best = v;
+    return best;
+}
+
+/* every prompt is its own sequence: one prefill of all of them, then n_predict - 1 decode
+   steps of one token per sequence (argmax, EOS not stopping); out[s * n_predict + i] */
+static int run(struct llama_context * ctx, int n_seq, const int * plen, llama_token ** prompts,
+               int n_predict, int n_vocab, llama_token * out, double * t_pre, double * t_dec) {
+    llama_memory_clear(llama_get_memory(ctx), true);
+    int total = 0;
+    for (int s = 0; s < n_seq; s++) total += plen[s];
+    struct llama_batch b = llama_batch_init(total > n_seq ? total : n_seq, 0, 1);
+    int * last = malloc(sizeof(int) * n_seq), k = 0;
+    for (int s = 0; s < n_seq; s++) {
+        for (int i = 0; i < plen[s]; i++, k++) {
+            b.token[k] = prompts[s][i]; b.pos[k] = i; b.n_seq_id[k] = 1; b.seq_id[k][0] = s;
+            b.logits[k] = i == plen[s] - 1;
+        }
+        last[s] = k - 1;
+    }
+    b.n_tokens = k;
+    double t0 = now();
+    if (llama_decode(ctx, b)) return 1;
+    for (int s = 0; s < n_seq; s++)
+        out[s * n_predict] = argmax(llama_get_logits_ith(ctx, last[s]), n_vocab);
+    double t1 = now();
+    for (int step = 1; step < n_predict; step++) {
+        b.n_tokens = n_seq;
+        for (int s = 0; s < n_seq; s++) {
+            b.token[s] = out[s * n_predict + step - 1]; b.pos[s] = plen[s] + step - 1;
+            b.n_seq_id[s] = 1; b.seq_id[s][0] = s; b.logits[s] = 1;
+        }
+        if (llama_decode(ctx, b)) return 1;
+        for (int s = 0; s < n_seq; s++)
+            out[s * n_predict + step] = argmax(llama_get_logits_ith(ctx, s), n_vocab);
+    }
+    *t_pre = t1 - t0; *t_dec = now() - t1;
+    llama_batch_free(b); free(last);
+    return 0;
+}
+
+/* bench MODEL N_PREDICT THREADS IDS_FILE: IDS_FILE holds one prompt of token ids per line,
+   decoded together (one sequence each, unified KV cache off) after a 4-token warm-up run.
+   Prints "time <prefill s> <decode s>" and one "gen <ids>" per sequence. f32 KV cache and no
+   flash attention (exact, as the greedy check) unless DEFAULTS is set. */
+int main(int argc, char ** argv) {
+    if (argc != 5) { fprintf(stderr, "usage: %s MODEL N_PREDICT THREADS IDS_FILE\n", argv[0]); return 1; }
+    int n_predict = atoi(argv[2]), threads = atoi(argv[3]);
+    FILE * f = fopen(argv[4], "r");
+    if (!f) { fprintf(stderr, "cannot read %s\n", argv[4]); return 1; }
+    int n_seq = 0, plen[256], max_plen = 0;
+    llama_token * prompts[256];
+    char line[65536];
+    while (n_seq < 256 && fgets(line, sizeof line, f)) {
+        prompts[n_seq] = malloc(sizeof(llama_token) * 8192);
+        int n = 0; char * p = line, * end;
+        for (long v = strtol(p, &end, 10); end != p; v = strtol(p, &end, 10)) {
+            prompts[n_seq][n++] = (llama_token) v; p = end;
+        }
+        if (n == 0) continue;
+        plen[n_seq++] = n;
+        if (n > max_plen) max_plen = n;
+    }
+    fclose(f);
+
+    llama_log_set(quiet, NULL);
+    llama_backend_init();
+    struct llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    struct llama_model * model = llama_model_load_from_file(argv[1], mp);
+    if (!model) { fprintf(stderr, "cannot load %s\n", argv[1]); return 1; }
+    int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    struct llama_context_params cp = llama_context_default_params();
+    cp.n_seq_max = n_seq;
+    cp.kv_unified = false;
+    cp.n_ctx = n_seq * (max_plen + n_predict);
+    cp.n_batch = cp.n_ubatch = n_seq * max_plen;
+    cp.n_threads = cp.n_threads_batch = threads;
+    if (!getenv("DEFAULTS")) {
+        cp.type_k = GGML_TYPE_F32;
+        cp.type_v = GGML_TYPE_F32;
+        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    }
+    struct llama_context * ctx = llama_init_from_model(model, cp);
+    if (!ctx) { fprintf(stderr, "cannot create a context\n"); return 1; }
+    llama_token * out = malloc(sizeof(llama_token) * n_seq * n_predict);
+    double t_pre, t_dec;
+    int warm = n_predict < 4 ? n_predict : 4;
+    if (run(ctx, n_seq, plen, prompts, warm, n_vocab, out, &t_pre, &t_dec)) return 1;
+    if (run(ctx, n_seq, plen, prompts, n_predict, n_vocab, out, &t_pre, &t_dec)) return 1;
+    printf("time %.9f %.9f\n", t_pre, t_dec);
+    for (int s = 0; s < n_seq; s++) {
+        printf("gen");
+        for (int i = 0; i < n_predict; i++) printf(" %d", out[s * n_predict + i]);
+        printf("\n");
+    }
+    llama_free(ctx);
+    llama_model_free(model);
+    return 0;
+}
+"""
+
+
+def build_c(llama: Path, out: Path, name: str = "greedy", source: str = GREEDY_C) -> Path:
+    """Compile `source` against the libllama of the llama.cpp tree `llama` (built into
+    build/bin) as out/name."""
+    exe = out / name
     lib = llama / "build" / "bin"
     inc = [f"-I{llama / 'include'}", f"-I{llama / 'ggml' / 'include'}"]
-    (out / "greedy.c").write_text(GREEDY_C)
-    cmd = ["cc", "-O2", "-o", exe, out / "greedy.c", *inc, f"-L{lib}", f"-Wl,-rpath,{lib}"]
+    (out / f"{name}.c").write_text(source)
+    cmd = ["cc", "-O2", "-o", exe, out / f"{name}.c", *inc, f"-L{lib}", f"-Wl,-rpath,{lib}"]
     subprocess.run([*map(str, cmd), "-lllama", "-lggml", "-lggml-base"], check=True)
     return exe
+
+
+def build_greedy(llama: Path, out: Path) -> Path:
+    return build_c(llama, out)
+
+
+def build_bench(llama: Path, out: Path) -> Path:
+    """The timed, batched greedy decoder (BENCH_C): see `llama_bench`."""
+    return build_c(llama, out, "bench", BENCH_C)
+
+
+def llama_bench(
+    exe: Path, gguf: Path, prompts: list[list[int]], n: int, threads: int, tmp: Path
+) -> tuple[float, float, list[list[int]]]:
+    """Greedy-decode every prompt (token ids, one sequence each, all in one batch) for n
+    tokens with llama.cpp at `threads` threads, f32 KV cache, no flash attention. Returns
+    (prefill seconds, decode tokens/s after the first token, the generated ids per prompt),
+    measured as `benchmarks.decode` measures nanoseek's engine."""
+    ids = tmp / "bench_ids.txt"
+    ids.write_text("".join(" ".join(map(str, p)) + "\n" for p in prompts))
+    cmd = [str(exe), str(gguf), str(n), str(threads), str(ids)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
+    t_pre, t_dec = (float(x) for x in out[0].split()[1:])
+    gens = [[int(x) for x in line.split()[1:]] for line in out[1:] if line.startswith("gen")]
+    return t_pre, len(prompts) * (n - 1) / t_dec, gens
 
 
 def llama_run(

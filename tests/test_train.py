@@ -428,20 +428,23 @@ def test_cli_errors_are_one_line(shards, tmp_path, cli):
         assert "not available" in err and "cpu" in err
 
 
-def _ddp_worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
+def _ddp_worker(rank: int, world: int, ports: list[int], shards: str, out: str) -> None:
     import os
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]))
     with Runtime.start("cpu", "fp32") as rt:  # the reductions the loop relies on
         assert (rt.rank, rt.world) == (rank, world)
         assert rt.all_reduce_sum(float(rank + 1)) == 3.0 and rt.all_reduce_mean(float(rank)) == 0.5
         assert rt.broadcast(float(rank)) == 0.0
         counts = torch.tensor([rank, 1])
         assert rt.all_reduce_sum(counts).tolist() == [1, 2]
+    # a second process group on a port of its own: re-using the first one's races with its
+    # store shutting down (seen once: rank 1 waited 10 minutes in the first barrier)
+    os.environ["MASTER_PORT"] = str(ports[1])
     # data: the corpus, so rank 0 prepares it into OUT/data while rank 1 waits for it
     corpus = str(Path(shards).parent / "src")
-    kw = dict(steps=4, eval_every=2, dtype="fp32", data=corpus, vocab_size=300)
+    kw = dict(steps=4, eval_every=2, dtype="fp32", data=corpus, vocab_size=300, parallel="ddp")
     train(tiny_run(Path(shards), Path(out), **kw))
 
 
@@ -453,10 +456,13 @@ def test_two_process_ddp_on_cpu(shards, tmp_path):
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
+    socks = [socket.socket(), socket.socket()]
+    for s in socks:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(shards), str(tmp_path / "r")), nprocs=2)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    mp.spawn(_ddp_worker, args=(2, ports, str(shards), str(tmp_path / "r")), nprocs=2)
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["tokens_seen"] == 4 * 4 * 32  # batch: over all ranks
     assert from_pretrained(tmp_path / "r" / "ckpt").config.vocab_size == 300

@@ -40,6 +40,7 @@ from torch import nn
 from nanoseek.hub import CheckpointError, from_pretrained, write_pretrained
 from nanoseek.model import Transformer
 from nanoseek.train.budget import Budget
+from nanoseek.train.runtime import whole_state_dict
 from nanoseek.utils import atomic_dir, read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -89,7 +90,7 @@ def save_checkpoint(
 
     path = Path(path)
     rank0 = not _distributed() or dist.get_rank() == 0
-    weights = _whole_state_dict(model)
+    weights = whole_state_dict(model)
     # DCP writes the optimizer's shards beside the checkpoint; rank 0 moves them in
     staging = path.with_name(f".{path.name}.optimizer")
     if rank0:
@@ -147,15 +148,6 @@ def _distributed() -> bool:
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
-
-
-def _whole_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
-    if not _distributed():
-        return state
-    from nanoseek.train.parallel import dtensor_full
-
-    return {k: dtensor_full(v) for k, v in state.items()}
 
 
 def find_checkpoint(path: str | Path) -> Path | None:

@@ -63,13 +63,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         cfg, moe_layers = model.config, model.moe_layers()
         model.train()
         mtp_idle = tc.mtp_weight == 0 and cfg.num_nextn_predict_layers > 0
-        # V3.2: the indexers learn from their own KL, not from the LM loss
-        indexer_weight = tc.indexer_loss_weight if cfg.has_indexer else 0.0
-        if indexer_weight and rt.world > 1:
-            raise TrainError(
-                "the V3.2 indexer loss runs on one process for now; under torchrun pass "
-                "--indexer-loss-weight 0 (the indexers stay as the warm-up left them)"
-            )
+        indexer_weight = indexer_loss_weight(tc, cfg.has_indexer, rt)
         unused = mtp_idle or cfg.has_indexer  # DDP: the indexers get no gradient through it
         step_model = rt.wrap(model, unused_parameters=unused, compile=tc.compile)
         optimizer = build_optimizer(
@@ -86,15 +80,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         fpt = flops_per_token(counted, tc.seq_len, training=True)
         peak = measure_matmul_peak(rt.dtype, str(rt.device)) * rt.world if rt.master else math.inf
         if rt.master:
-            out.mkdir(parents=True, exist_ok=True)
-            cfg.save(out / "config.json")
-            atomic_write_text(out / "train_config.json", json.dumps(tc.to_dict(), indent=2) + "\n")
-            print(
-                f"training {tc.preset} ({human(model.num_params())} parameters, vocab "
-                f"{cfg.vocab_size}) on {rt.device} {str(rt.dtype)[6:]}, {rt.world} process(es), "
-                f"{tokens_per_step:,} tokens/step -> {out}",
-                file=sys.stderr,
-            )
+            start_run_files(tc, rt, model, out, tokens_per_step)
 
         def validate() -> tuple[float, float]:
             loss = evaluate(model, loader["val"].val_batches(tc.eval_batches), rt)
@@ -123,22 +109,9 @@ def train(tc: TrainConfig) -> dict[str, Any]:
             while state.progress(stop) < 1.0:
                 step, t0 = state.step, time.perf_counter()
                 lr = set_lr(optimizer, schedule(step, state.progress(horizon)))
-                counts.zero_()
-                losses.zero_()
-                for micro in range(tc.grad_accum):
-                    x, y = loader["train"].get_batch(step * tc.grad_accum + micro)
-                    x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                    with rt.sync_grads(step_model, sync=micro == tc.grad_accum - 1):
-                        with rt.autocast():
-                            o = step_model(
-                                x, targets=y, mtp_weight=tc.mtp_weight, balance_weight=tc.alpha
-                            )
-                            kl = indexer_kl(model, x, sparse=True) if indexer_weight else None
-                        objective = o.loss if kl is None else o.loss + indexer_weight * kl
-                        (objective / tc.grad_accum).backward()
-                    losses += step_losses(o, objective, kl) / tc.grad_accum
-                    if o.expert_counts is not None:
-                        counts += o.expert_counts
+                accumulate_gradients(
+                    step_model, model, loader["train"], step, tc, rt, indexer_weight, counts, losses
+                )
                 rt.all_reduce_sum(counts)
                 rt.all_reduce_mean(losses)
                 clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
@@ -230,6 +203,63 @@ def summarize(
         "tokens_per_second": state.tokens / train_seconds,
         "checkpoint": str(Path(tc.out) / "ckpt"),
     }
+
+
+def indexer_loss_weight(tc: TrainConfig, has_indexer: bool, rt: Runtime) -> float:
+    """V3.2: the weight of the indexers' own KL in the loss (the LM loss never reaches them);
+    0 for models without an indexer."""
+    weight = tc.indexer_loss_weight if has_indexer else 0.0
+    if weight and rt.world > 1:
+        raise TrainError(
+            "the V3.2 indexer loss runs on one process for now; under torchrun pass "
+            "--indexer-loss-weight 0 (the indexers stay as the warm-up left them)"
+        )
+    return weight
+
+
+def start_run_files(
+    tc: TrainConfig, rt: Runtime, model: Transformer, out: Path, tokens_per_step: int
+) -> None:
+    """Rank 0: the run directory's config.json and train_config.json, and the opening line."""
+    cfg = model.config
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.json")
+    atomic_write_text(out / "train_config.json", json.dumps(tc.to_dict(), indent=2) + "\n")
+    print(
+        f"training {tc.preset} ({human(model.num_params())} parameters, vocab "
+        f"{cfg.vocab_size}) on {rt.device} {str(rt.dtype)[6:]}, {rt.world} process(es), "
+        f"{tokens_per_step:,} tokens/step -> {out}",
+        file=sys.stderr,
+    )
+
+
+def accumulate_gradients(
+    step_model: torch.nn.Module,
+    model: Transformer,
+    loader: BatchLoader,
+    step: int,
+    tc: TrainConfig,
+    rt: Runtime,
+    indexer_weight: float,
+    counts: torch.Tensor,
+    losses: torch.Tensor,
+) -> None:
+    """Forward and backward over the step's micro-batches (gradients synced on the last);
+    `counts` and `losses` are reset and filled with this rank's expert loads and mean losses."""
+    counts.zero_()
+    losses.zero_()
+    for micro in range(tc.grad_accum):
+        x, y = loader.get_batch(step * tc.grad_accum + micro)
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        with rt.sync_grads(step_model, sync=micro == tc.grad_accum - 1):
+            with rt.autocast():
+                o = step_model(x, targets=y, mtp_weight=tc.mtp_weight, balance_weight=tc.alpha)
+                kl = indexer_kl(model, x, sparse=True) if indexer_weight else None
+            objective = o.loss if kl is None else o.loss + indexer_weight * kl
+            (objective / tc.grad_accum).backward()
+        losses += step_losses(o, objective, kl) / tc.grad_accum
+        if o.expert_counts is not None:
+            counts += o.expert_counts
 
 
 def warm_up_indexers(model: Transformer, loader: BatchLoader, tc: TrainConfig, rt: Runtime) -> list:

@@ -182,12 +182,7 @@ class Runtime:
         """Every tensor of the model, whole, on every rank: for checkpoints and for refreshing
         an inference engine's weights. Sharded tensors (FSDP2, EP) are gathered: a
         collective, so call it on every rank."""
-        state = self.unwrap(model).state_dict()
-        if self.world == 1:
-            return state
-        from nanoseek.train.parallel import dtensor_full
-
-        return {k: dtensor_full(v) for k, v in state.items()}
+        return whole_state_dict(self.unwrap(model))
 
     # --- across ranks ----------------------------------------------------------------------
 
@@ -242,3 +237,14 @@ class Runtime:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def whole_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """model.state_dict() with sharded tensors (FSDP2, EP) gathered whole: a collective under
+    torchrun (call it on every rank); as is on one process."""
+    state = model.state_dict()
+    if not (dist.is_available() and dist.is_initialized()):
+        return state
+    from nanoseek.train.parallel import dtensor_full  # DTensor: imported only when sharded
+
+    return {k: dtensor_full(v) for k, v in state.items()}

@@ -227,39 +227,9 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
             while state.progress(stop) < 1.0:
                 step, t0 = state.step, time.perf_counter()
                 lr = set_lr(optimizer, schedule(step, state.progress(horizon)))
-                counts.zero_()
-                stats.zero_()
-                batches = [
-                    get_batch(
-                        train_data,
-                        cfg.batch_size,
-                        cfg.seed,
-                        step * cfg.grad_accum + m,
-                        tokenizer.pad_id,
-                        rt.rank,
-                        rt.world,
-                    )
-                    for m in range(cfg.grad_accum)
-                ]
-                # every assistant token of the step weighs the same, however the micro-batches
-                # split them: each micro-batch's mean loss is scaled by its share of the tokens
-                n_step = rt.all_reduce_sum(float(sum((y != -100).sum() for _, y in batches)))
-                for micro, (x, y) in enumerate(batches):
-                    x, y = x.to(rt.device), y.to(rt.device)
-                    n = (y != -100).sum().float()
-                    with rt.sync_grads(step_model, sync=micro == cfg.grad_accum - 1):
-                        with rt.autocast():
-                            o = step_model(
-                                x,
-                                targets=y,
-                                mtp_weight=cfg.mtp_weight,
-                                counted=x != tokenizer.pad_id,  # padding balances nothing
-                            )
-                        # DDP averages over ranks: scale by world so the sum over ranks counts
-                        (o.loss * n * rt.world / n_step).backward()
-                    stats += torch.stack([o.main_loss.detach().float() * n, n, o.loss.detach() * n])
-                    if o.expert_counts is not None:
-                        counts += o.expert_counts
+                n_step = accumulate_gradients(
+                    step_model, train_data, step, cfg, tokenizer.pad_id, rt, counts, stats
+                )
                 rt.all_reduce_sum(counts)
                 rt.all_reduce_sum(stats)
                 loss, total = (stats[0] / stats[1]).item(), (stats[2] / stats[1]).item()
@@ -341,6 +311,49 @@ def split(data: SFTData, cfg: SFTConfig) -> tuple[SFTData, SFTData]:
     train = [e for i, e in enumerate(data.examples) if i not in held]
     val = [e for i, e in enumerate(data.examples) if i in held]
     return dataclasses.replace(data, examples=train), dataclasses.replace(data, examples=val)
+
+
+def accumulate_gradients(
+    step_model: torch.nn.Module,
+    data: SFTData,
+    step: int,
+    cfg: SFTConfig,
+    pad_id: int,
+    rt: Runtime,
+    counts: torch.Tensor,
+    stats: torch.Tensor,
+) -> float:
+    """Forward and backward over the step's micro-batches (gradients synced on the last).
+    `counts` (expert loads) and `stats` ([loss x n, n, total loss x n]) are reset and filled
+    with this rank's part. -> the step's trained tokens over all ranks."""
+    counts.zero_()
+    stats.zero_()
+    batches = [
+        get_batch(
+            data, cfg.batch_size, cfg.seed, step * cfg.grad_accum + m, pad_id, rt.rank, rt.world
+        )
+        for m in range(cfg.grad_accum)
+    ]
+    # every assistant token of the step weighs the same, however the micro-batches split
+    # them: each micro-batch's mean loss is scaled by its share of the tokens
+    n_step = rt.all_reduce_sum(float(sum((y != -100).sum() for _, y in batches)))
+    for micro, (x, y) in enumerate(batches):
+        x, y = x.to(rt.device), y.to(rt.device)
+        n = (y != -100).sum().float()
+        with rt.sync_grads(step_model, sync=micro == cfg.grad_accum - 1):
+            with rt.autocast():
+                o = step_model(
+                    x,
+                    targets=y,
+                    mtp_weight=cfg.mtp_weight,
+                    counted=x != pad_id,  # padding balances nothing
+                )
+            # DDP averages over ranks: scale by world so the sum over ranks counts
+            (o.loss * n * rt.world / n_step).backward()
+        stats += torch.stack([o.main_loss.detach().float() * n, n, o.loss.detach() * n])
+        if o.expert_counts is not None:
+            counts += o.expert_counts
+    return n_step
 
 
 def val_batches(data: SFTData, batch_size: int, pad_id: int):

@@ -344,7 +344,7 @@ def kv_cache_bytes_per_token(c: ModelConfig, bytes_per_value: int = 2) -> dict[s
     return {"latent": latent, "full": full, "indexer": indexer}
 
 
-# --- DeepSeek-V4: accounting only --------------------------------------------------------
+# --- DeepSeek-V4 ----------------------------------------------------------------------
 
 
 V4_LAYER_RATIOS = {
@@ -352,11 +352,17 @@ V4_LAYER_RATIOS = {
     "compressed_sparse_attention": 4,
     "heavily_compressed_attention": 128,
 }
+CSA, HCA = "compressed_sparse_attention", "heavily_compressed_attention"
+
+
+def _v4_default_rates() -> dict[str, int]:
+    return {CSA: V4_LAYER_RATIOS[CSA], HCA: V4_LAYER_RATIOS[HCA]}
 
 
 @dataclass
 class V4Config:
-    """The shape of a DeepSeek-V4 model, for parameter, FLOP and KV-cache accounting only.
+    """The shape of a DeepSeek-V4 model: what `V4Transformer` builds, and what parameter,
+    FLOP and KV-cache accounting reads.
 
     V4 is not a ModelConfig: its attention is shared-KV multi-query attention (one 512-wide
     head read as key and value) over a 128-token sliding window plus, per layer, either
@@ -364,8 +370,9 @@ class V4Config:
     picks index_topk of them) or heavily compressed attention (HCA: one entry per 128 tokens,
     all attended); a grouped low-rank output projection; hc_mult residual streams
     (hyper-connections); every layer MoE, the first num_hash_layers routed by a token-id
-    hash. Field names are those of the released config.json (transformers' DeepseekV4Config).
-    nanoseek cannot build or train it.
+    hash. Field names are those of the released config.json (transformers' DeepseekV4Config);
+    the per-layer schedule is the released `compress_ratios` (0 = window only), read against
+    `compress_rates` (transformers' per-type rates, 4 and 128 unless a small model says less).
     """
 
     vocab_size: int = 129280
@@ -378,31 +385,55 @@ class V4Config:
     o_groups: int = 8
     o_lora_rank: int = 1024
     sliding_window: int = 128
-    # per layer: 0 sliding window only, 4 CSA, 128 HCA (the released config's compress_ratios)
+    # per layer: 0 sliding window only, else compress_rates[CSA] (CSA) or [HCA] (HCA)
     compress_ratios: tuple[int, ...] = ()
+    compress_rates: dict[str, int] = dataclasses.field(default_factory=_v4_default_rates)
     index_n_heads: int = 64
     index_head_dim: int = 128
     index_topk: int = 512
     hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
     moe_intermediate_size: int = 2048
     n_routed_experts: int = 256
     n_shared_experts: int = 1
     num_experts_per_tok: int = 6
     num_hash_layers: int = 3
+    scoring_func: str = "sqrtsoftplus"
+    routed_scaling_factor: float = 1.5
+    swiglu_limit: float = 10.0
     num_nextn_predict_layers: int = 1
     max_position_embeddings: int = 1048576
+    # rope: plain `rope_theta` in window-only layers; `compress_rope_theta` (with the YaRN
+    # `rope_scaling`, if any) wherever a compressor runs
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
     model_type: str = "deepseek_v4"
 
     def __post_init__(self) -> None:
         n = self.num_hidden_layers
+        rates = {**_v4_default_rates(), **(self.compress_rates or {})}
+        self.compress_rates = {CSA: int(rates[CSA]), HCA: int(rates[HCA])}
+        csa, hca = self.compress_rates[CSA], self.compress_rates[HCA]
         ratios = tuple(int(r) for r in self.compress_ratios[:n])
         if not ratios:  # transformers' default schedule: 2 HCA, then HCA / CSA interleaved
-            ratios = (128,) * min(n, 2) + tuple(4 if i % 2 else 128 for i in range(max(n - 2, 0)))
+            ratios = (hca,) * min(n, 2) + tuple(csa if i % 2 else hca for i in range(max(n - 2, 0)))
         self.compress_ratios = ratios
-        if len(ratios) != n or set(ratios) - {0, 4, 128}:
+        if csa <= 0 or hca <= 0 or csa == hca:
             raise ConfigError(
-                f"invalid V4Config: compress_ratios needs {n} entries of 0, 4 or 128, got {ratios}"
+                f"invalid V4Config: compress_rates must be two different positive rates, got "
+                f"{self.compress_rates}"
+            )
+        if len(ratios) != n or set(ratios) - {0, csa, hca}:
+            raise ConfigError(
+                f"invalid V4Config: compress_ratios needs {n} entries of 0, {csa} or {hca}, "
+                f"got {ratios}"
             )
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
             if getattr(self, name) <= 0:
@@ -412,26 +443,108 @@ class V4Config:
 
     @property
     def layer_counts(self) -> dict[int, int]:
-        """How many layers of each compress ratio (0 window only, 4 CSA, 128 HCA)."""
-        return {r: self.compress_ratios.count(r) for r in (0, 4, 128)}
+        """How many layers of each compress ratio (0 window only, then CSA's, HCA's)."""
+        rates = (0, self.compress_rates[CSA], self.compress_rates[HCA])
+        return {r: self.compress_ratios.count(r) for r in rates}
+
+    @property
+    def layer_types(self) -> list[str]:
+        """transformers' per-layer attention types."""
+        by_rate = {0: "sliding_attention", **{r: t for t, r in self.compress_rates.items()}}
+        return [by_rate[r] for r in self.compress_ratios]
+
+    @property
+    def mlp_layer_types(self) -> list[str]:
+        n, k = self.num_hidden_layers, min(self.num_hash_layers, self.num_hidden_layers)
+        return ["hash_moe"] * k + ["moe"] * (n - k)
+
+    def validate_buildable(self) -> None:
+        """What V4Transformer needs beyond the accounting's checks."""
+        if self.scoring_func != "sqrtsoftplus":
+            raise ConfigError(f"V4 scoring_func {self.scoring_func!r}: only sqrtsoftplus is built")
+        if self.n_shared_experts != 1:
+            raise ConfigError("V4 builds exactly one shared expert (n_shared_experts = 1)")
+        if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+            raise ConfigError("num_experts_per_tok must be between 1 and n_routed_experts")
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > self.head_dim:
+            raise ConfigError("qk_rope_head_dim must be even and at most head_dim")
+        if CSA in self.layer_types and self.qk_rope_head_dim > self.index_head_dim:
+            raise ConfigError("index_head_dim must be >= qk_rope_head_dim (indexer keys are roped)")
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> V4Config:
+        """The released config.json (compress_ratios, num_hash_layers, rope_scaling) or
+        transformers' (layer_types, compress_rates, mlp_layer_types, rope_parameters)."""
         if d.get("model_type") != "deepseek_v4":
             raise ConfigError(f"{source}: model_type {d.get('model_type')!r} is not deepseek_v4")
-        names = {f.name for f in dataclasses.fields(cls)} - {"compress_ratios"}
+        derived = {"compress_ratios", "compress_rates", "rope_scaling", "qk_rope_head_dim"}
+        names = {f.name for f in dataclasses.fields(cls)} - derived
         kw = {k: d[k] for k in names if d.get(k) is not None}
+        rates = {**_v4_default_rates(), **(d.get("compress_rates") or {})}
+        kw["compress_rates"] = rates
         if d.get("compress_ratios") is not None:  # the released checkpoints' per-layer list
             kw["compress_ratios"] = tuple(d["compress_ratios"])
-        elif d.get("layer_types"):  # transformers' names; compress_rates may override 4 / 128
-            rates = {**V4_LAYER_RATIOS, **(d.get("compress_rates") or {})}
-            kw["compress_ratios"] = tuple(rates[t] for t in d["layer_types"])
+        elif d.get("layer_types"):  # transformers' names
+            kw["compress_ratios"] = tuple({**V4_LAYER_RATIOS, **rates}[t] for t in d["layer_types"])
         if d.get("mlp_layer_types"):
-            kw["num_hash_layers"] = d["mlp_layer_types"].count("hash_moe")
+            types = list(d["mlp_layer_types"])
+            k = types.count("hash_moe")
+            if types != ["hash_moe"] * k + ["moe"] * (len(types) - k):
+                raise ConfigError(f"{source}: hash_moe layers must come first, got {types}")
+            kw["num_hash_layers"] = k
+        if d.get("qk_rope_head_dim") is not None:
+            kw["qk_rope_head_dim"] = int(d["qk_rope_head_dim"])
+        elif d.get("partial_rotary_factor") is not None:
+            kw["qk_rope_head_dim"] = int(kw.get("head_dim", 512) * d["partial_rotary_factor"])
+        # rope: transformers 5 nests {"main": ..., "compress": ...}; the release has
+        # rope_theta, compress_rope_theta and a (YaRN) rope_scaling for the compress rope
+        rp = d.get("rope_parameters") or {}
+        compress = rp.get("compress") if isinstance(rp.get("compress"), dict) else rp
+        if isinstance(rp.get("main"), dict) and "rope_theta" in rp["main"]:
+            kw["rope_theta"] = float(rp["main"]["rope_theta"])
+        if "rope_theta" in compress and isinstance(rp.get("compress"), dict):
+            kw["compress_rope_theta"] = float(compress["rope_theta"])
+        scaling = d.get("rope_scaling") or compress
+        if is_yarn(scaling):
+            drop = ("rope_theta", "partial_rotary_factor", "attention_factor", "rope_type")
+            kw["rope_scaling"] = {k: v for k, v in scaling.items() if k not in drop}
+            kw["rope_scaling"]["type"] = "yarn"
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
         try:
             return cls(**kw)
         except TypeError as e:
             raise ConfigError(f"{source}: {e}") from e
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json in transformers' names (DeepseekV4Config reads it as it is)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("compress_ratios", "num_hash_layers", "rope_scaling", "qk_rope_head_dim"):
+            d.pop(name)
+        prf = self.qk_rope_head_dim / self.head_dim
+        compress: dict[str, Any] = {"rope_type": "default"}
+        if is_yarn(self.rope_scaling):
+            compress = {k: v for k, v in self.rope_scaling.items() if k != "type"}
+            compress.update(rope_type="yarn", attention_factor=1.0)  # V4 does not scale cos/sin
+        d.update(
+            architectures=["DeepseekV4ForCausalLM"],
+            layer_types=self.layer_types,
+            mlp_layer_types=self.mlp_layer_types,
+            partial_rotary_factor=prf,
+            num_key_value_heads=1,
+            hidden_act="silu",
+            norm_topk_prob=True,
+            rope_parameters={
+                "main": {"rope_type": "default", "rope_theta": self.rope_theta},
+                "compress": {**compress, "rope_theta": self.compress_rope_theta},
+            },
+        )
+        for part in d["rope_parameters"].values():
+            part["partial_rotary_factor"] = prf
+        return d
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
     def replace(self, **changes: Any) -> V4Config:
         return dataclasses.replace(self, **changes)
@@ -450,9 +563,11 @@ def _v4_block_params(c: V4Config, ratio: int) -> tuple[int, int]:
     attn += d * hd + hd  # shared-KV projection and its norm
     attn += h * hd // c.o_groups * c.o_groups * c.o_lora_rank  # grouped wo_a
     attn += c.o_groups * c.o_lora_rank * d + h  # wo_b, attention sinks
-    if ratio == 128:  # HCA compressor: kv and gate projections, position bias, norm
+    if ratio == c.compress_rates[HCA]:  # HCA compressor: kv and gate projections, bias, norm
         attn += 2 * d * hd + ratio * hd + hd
-    elif ratio == 4:  # CSA: overlapping windows (2x wide), plus the lightning indexer
+    elif (
+        ratio == c.compress_rates[CSA]
+    ):  # CSA: overlapping windows (2x wide), plus the lightning indexer
         attn += 2 * 2 * d * hd + ratio * 2 * hd + hd
         attn += 2 * 2 * d * ihd + ratio * 2 * ihd + ihd  # the indexer's own compressor
         attn += c.q_lora_rank * ih * ihd + d * ih  # indexer queries and head weights
@@ -591,6 +706,35 @@ def _deepseek_v32() -> ModelConfig:
     )
 
 
+def _tiny_v4() -> V4Config:
+    # a trainable DeepSeek-V4: window-only, CSA and HCA layers (HCA every 16 tokens, so a
+    # 256-token context has entries), the first layer hash-routed, 2 residual streams
+    return V4Config(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        head_dim=32,
+        qk_rope_head_dim=8,
+        q_lora_rank=32,
+        o_groups=2,
+        o_lora_rank=32,
+        sliding_window=16,
+        compress_ratios=(0, 4, 16, 4),
+        compress_rates={CSA: 4, HCA: 16},
+        index_n_heads=4,
+        index_head_dim=16,
+        index_topk=8,
+        hc_mult=2,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        num_hash_layers=1,
+        num_nextn_predict_layers=0,  # V4Transformer has no MTP module yet
+        max_position_embeddings=256,
+    )
+
+
 def _deepseek_v4_flash() -> V4Config:
     # deepseek-ai/DeepSeek-V4-Flash config.json (= transformers' DeepseekV4Config defaults):
     # 2 window-only layers, then CSA / HCA alternating; the 44th ratio (0) is the MTP block's
@@ -656,6 +800,7 @@ def _deepseek_v2_lite() -> ModelConfig:
 PRESETS = {
     "tiny": _tiny,
     "tiny-v32": _tiny_v32,
+    "tiny-v4": _tiny_v4,  # a V4Config: build it with nanoseek.model.v4.V4Transformer
     "small": _small,
     "dense-small": _dense_small,
     "deepseek-v3": _deepseek_v3,
@@ -663,18 +808,21 @@ PRESETS = {
     "deepseek-v2-lite": _deepseek_v2_lite,
 }
 
-# Presets nanoseek can count but not build: `nanoseek compute context` and `info` read them.
+# Presets nanoseek counts but does not build (hundreds of billions of parameters):
+# `nanoseek compute context` and `info` read them.
 ACCOUNTING_PRESETS = {
     "deepseek-v4-flash": _deepseek_v4_flash,
     "deepseek-v4-pro": _deepseek_v4_pro,
 }
 
 
-def get_preset(name: str) -> ModelConfig:
+def get_preset(name: str) -> ModelConfig | V4Config:
+    """A preset nanoseek can build: a ModelConfig (V2 / V3 / V3.2) or, for tiny-v4, a
+    V4Config."""
     if name in ACCOUNTING_PRESETS:
         raise ConfigError(
-            f"preset {name!r} is for accounting only (nanoseek cannot build DeepSeek-V4); "
-            "use it with `nanoseek compute context`"
+            f"preset {name!r} is for accounting only (too large to build here; tiny-v4 "
+            "is the buildable DeepSeek-V4); use it with `nanoseek compute context`"
         )
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")

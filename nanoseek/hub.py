@@ -1,4 +1,5 @@
 """Read and write Hugging Face DeepSeek-V3 (and V2, V3.2) checkpoints: config.json + safetensors.
+DeepSeek-V4 checkpoints (`model_type: deepseek_v4`) are handed to hub_v4.py.
 
 One table maps nanoseek's paper names to Hugging Face's; routed experts, stored per expert
 in the checkpoint, are stacked into one tensor here. Official FP8 weights
@@ -17,9 +18,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoseek.config import ModelConfig
+from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model import Transformer
 from nanoseek.model.indexer import Indexer
+from nanoseek.model.v4 import V4Transformer
 from nanoseek.utils import atomic_dir, read_json
 
 FP8_BLOCK = 128
@@ -196,12 +198,28 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
+def fill_tensor(path: Path, target: torch.Tensor, name: str, t: torch.Tensor) -> None:
+    """Copy checkpoint tensor `name` into `target`, or say which shape config.json implied."""
+    if tuple(t.shape) != tuple(target.shape):
+        raise CheckpointError(
+            f"{path}: tensor {name} has shape {tuple(t.shape)}, "
+            f"config.json implies {tuple(target.shape)}"
+        )
+    with torch.no_grad():
+        target.copy_(t)
+
+
 def from_pretrained(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> Transformer:
-    """Load a Hugging Face DeepSeek-V3 (or V2) checkpoint directory, or a nanoseek run
-    directory (its `ckpt/`), into a nanoseek model."""
+) -> Transformer | V4Transformer:
+    """Load a Hugging Face DeepSeek-V3 (or V2, V3.2, V4) checkpoint directory, or a nanoseek
+    run directory (its `ckpt/`), into a nanoseek model (V4: a V4Transformer)."""
     path = resolve_checkpoint(path)
+    d = read_json(path / "config.json", "a model config", ConfigError)
+    if isinstance(d, dict) and d.get("model_type") == "deepseek_v4":
+        from nanoseek.hub_v4 import load_v4
+
+        return load_v4(path, d, _TensorSource(path), dtype, device)
     cfg = ModelConfig.load(path / "config.json")
     src = _TensorSource(path)
     present = sum(
@@ -225,13 +243,7 @@ def from_pretrained(
     own = dict(model.named_parameters()) | dict(model.named_buffers())
 
     def fill(target: torch.Tensor, name: str, t: torch.Tensor) -> None:
-        if tuple(t.shape) != tuple(target.shape):
-            raise CheckpointError(
-                f"{path}: tensor {name} has shape {tuple(t.shape)}, "
-                f"config.json implies {tuple(target.shape)}"
-            )
-        with torch.no_grad():
-            target.copy_(t)
+        fill_tensor(path, target, name, t)
 
     for ours, theirs in hf_names(model).items():
         if theirs not in src:
@@ -287,7 +299,7 @@ def hf_state_dict(
 
 
 def save_pretrained(
-    model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None
+    model: Transformer | V4Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> Path:
     """Write config.json + model.safetensors atomically: into a temp dir, then swapped in."""
     with atomic_dir(path) as tmp:
@@ -296,13 +308,18 @@ def save_pretrained(
 
 
 def write_pretrained(
-    model: Transformer,
+    model: Transformer | V4Transformer,
     directory: Path,
     dtype: torch.dtype | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """config.json + model.safetensors into an existing directory (not atomic on its own).
     `tensors`: as in `hf_state_dict`."""
+    if isinstance(model, V4Transformer):
+        from nanoseek.hub_v4 import write_v4
+
+        write_v4(model, directory, dtype, tensors)
+        return
     tensors = hf_state_dict(model, tensors)
     if dtype is not None:
         tensors = {

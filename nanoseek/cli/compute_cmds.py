@@ -176,12 +176,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _model(args: argparse.Namespace) -> tuple[Any, str | None]:
-    from nanoseek.config import ModelConfig, get_preset
+    from nanoseek.config import ConfigError, ModelConfig, get_preset
 
     if getattr(args, "config", None):
         return ModelConfig.load(args.config), args.config
     if getattr(args, "preset", None):
-        return get_preset(args.preset), args.preset
+        cfg = get_preset(args.preset)
+        if not isinstance(cfg, ModelConfig):  # V4: only `compute context` reads it
+            raise ConfigError(f"preset {args.preset!r} is DeepSeek-V4: use `compute context`")
+        return cfg, args.preset
     return None, None
 
 

@@ -8,7 +8,9 @@ import argparse
 def add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument(
-        "--preset", default=None, help="tiny, small, dense-small, deepseek-v3, deepseek-v2-lite"
+        "--preset",
+        default=None,
+        help="tiny, tiny-v32, small, dense-small, deepseek-v3, deepseek-v2-lite, tiny-v4",
     )
     src.add_argument("--config", default=None, help="a config.json or a checkpoint directory")
 
@@ -34,6 +36,8 @@ def info(args: argparse.Namespace) -> int:
     from nanoseek.utils import human
 
     cfg = load_model_config(args)
+    if not hasattr(cfg, "kv_lora_rank"):  # a V4Config (tiny-v4): counts only
+        return _info_v4(args, cfg)
     counts = param_counts(cfg)
     kv = kv_cache_bytes_per_token(cfg, bytes_per_value=2)
     seq = min(args.seq_len, cfg.max_position_embeddings)
@@ -70,6 +74,31 @@ def info(args: argparse.Namespace) -> int:
         ),
         (f"FLOPs / token, forward @ {seq}", human(fwd)),
         (f"FLOPs / token, training @ {seq}", human(train)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _info_v4(args: argparse.Namespace, cfg) -> int:
+    from nanoseek.config import v4_param_counts
+    from nanoseek.utils import human
+
+    counts = v4_param_counts(cfg)
+    kinds = ", ".join(f"{cfg.layer_types.count(t)} {t}" for t in dict.fromkeys(cfg.layer_types))
+    rows = [
+        ("model", args.preset),
+        ("layers", f"{cfg.num_hidden_layers} ({kinds}; {cfg.num_hash_layers} hash-routed)"),
+        ("hidden / heads", f"{cfg.hidden_size} / {cfg.num_attention_heads} x {cfg.head_dim}"),
+        ("residual streams", str(cfg.hc_mult)),
+        (
+            "experts",
+            f"{cfg.n_routed_experts} routed (top {cfg.num_experts_per_tok}) + 1 shared",
+        ),
+        ("parameters, total", human(counts["total"])),
+        ("parameters, activated", f"{human(counts['activated'])} (excl. input embedding lookup)"),
+        ("FLOPs, KV cache", "see `nanoseek compute context " + str(args.preset) + "`"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -139,6 +139,11 @@ class Engine:
         device = resolve_device(device)  # before the (slower) checkpoint checks
         ckpt_dir = resolve_checkpoint(ckpt_dir)
         model = from_pretrained(ckpt_dir, dtype=dtype, device=device).eval()
+        if not isinstance(model, Transformer):  # V4Transformer: no cache or fold yet
+            raise EngineError(
+                f"{ckpt_dir}: DeepSeek-V4 has no cached engine yet; `nanoseek generate` "
+                "decodes it greedily by recomputing the sequence per token"
+            )
         tokenizer = None
         if (ckpt_dir / "tokenizer.json").exists():
             from nanoseek.data.tokenizer import Tokenizer

@@ -6,6 +6,7 @@ from nanoseek.model.indexer import Indexer
 from nanoseek.model.moe import MLP, Experts, Gate, MoE
 from nanoseek.model.moe_v4 import HashRouter, TopKRouter, V4Experts, V4MoE
 from nanoseek.model.transformer import Block, ModelOutput, MTPModule, Transformer
+from nanoseek.model.v4 import V4Transformer, generate_v4
 
 __all__ = [
     "MLA",
@@ -31,4 +32,6 @@ __all__ = [
     "GroupedLinear",
     "V4Attention",
     "V4Block",
+    "V4Transformer",
+    "generate_v4",
 ]

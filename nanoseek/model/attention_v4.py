@@ -124,8 +124,9 @@ class Compressor(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, width, bias=False)
         self.position_bias = nn.Parameter(torch.zeros(rate, width))
         self.kv_norm = RMSNorm(head_dim, norm_eps)
-        inv_freq = inv_frequencies(rope_dim, rope_theta, rope_scaling)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # a plain fp32 CPU tensor, not a buffer: model.to(bfloat16) must not round the
+        # frequencies, nor a model built on the meta device lose them (cos_sin moves it)
+        self.inv_freq = inv_frequencies(rope_dim, rope_theta, rope_scaling)
         if indexer is not None:  # CSA: `compressor.indexer` in checkpoints
             self.indexer = indexer
 
@@ -293,7 +294,7 @@ class V4Attention(nn.Module):
             inv_freq = inv_frequencies(*rope)
         else:
             inv_freq = inv_frequencies(rope_dim, rope_theta)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.inv_freq = inv_freq  # plain fp32 tensor, as in Compressor
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """x [B, S, D], position_ids [B, S] (the sequence from its start) -> [B, S, D]."""

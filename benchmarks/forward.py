@@ -11,24 +11,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from contextlib import nullcontext
 
 import torch
 
 import nanoseek
+from benchmarks.timing import median_seconds
 from nanoseek.compute import flops_per_token, measure_matmul_peak
 from nanoseek.config import get_preset
 from nanoseek.utils import format_table
 
 
 def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_seconds(fn, repeats)
 
 
 def main() -> None:

@@ -123,8 +123,42 @@ def flops_breakdown(cfg: ModelConfig, seq_len: int, training: bool = True) -> di
     return {k: scale * v for k, v in parts.items()}
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+def flops_per_token(cfg: ModelConfig | V4Config, seq_len: int, training: bool = True) -> float:
+    """Matmul FLOPs per token of a causal sequence of seq_len, training (3x) or forward."""
+    if isinstance(cfg, V4Config):
+        return v4_flops_per_token(cfg, seq_len, training)
     return sum(flops_breakdown(cfg, seq_len, training).values())
+
+
+def v4_flops_per_token(cfg: V4Config, seq_len: int, training: bool = True) -> float:
+    """DeepSeek-V4: 2 FLOPs per activated parameter (embedding lookup out, head in, MTP out:
+    as decode_flops counts them) plus the attention and indexer of each position, averaged
+    over the positions of a causal sequence (position t reads what a decode step with t
+    tokens cached reads, see decode_flops); training is 3x."""
+    seq_len = int(_positive("seq_len", seq_len))
+    t = torch.arange(1, seq_len + 1, dtype=torch.float64)  # each position's context
+    macs = any_param_counts(cfg)["activated"] + _v4_attention_macs(cfg, t).mean().item()
+    return 2.0 * (3 if training else 1) * macs
+
+
+def _v4_attention_macs(cfg: V4Config, context: torch.Tensor) -> torch.Tensor:
+    """Attention and indexer multiply-adds, all layers, of a token reading `context` tokens
+    (a tensor of contexts): decode_flops' count, vectorised over the positions."""
+    per_key = cfg.num_attention_heads * 2 * cfg.head_dim
+    index_key = cfg.index_n_heads * cfg.index_head_dim
+    csa = cfg.compress_rates["compressed_sparse_attention"]
+    total = torch.zeros_like(context)
+    for ratio, n_layers in cfg.layer_counts.items():
+        keys = context.clamp(max=cfg.sliding_window)
+        index = torch.zeros_like(context)
+        if ratio == csa:  # the indexer scores every entry, attention reads index_topk
+            entries = torch.div(context, csa, rounding_mode="floor")
+            index = index_key * entries
+            keys = keys + entries.clamp(max=cfg.index_topk)
+        elif ratio:  # HCA: every entry
+            keys = keys + torch.div(context, ratio, rounding_mode="floor")
+        total += n_layers * (per_key * keys + index)
+    return total
 
 
 def six_n_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:

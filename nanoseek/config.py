@@ -454,6 +454,11 @@ class V4Config:
         return [by_rate[r] for r in self.compress_ratios]
 
     @property
+    def has_indexer(self) -> bool:
+        """Some layer is CSA, whose lightning indexer chooses the entries each query reads."""
+        return CSA in self.layer_types
+
+    @property
     def mlp_layer_types(self) -> list[str]:
         n, k = self.num_hidden_layers, min(self.num_hash_layers, self.num_hidden_layers)
         return ["hash_moe"] * k + ["moe"] * (n - k)
@@ -669,6 +674,49 @@ def _small() -> ModelConfig:
     )
 
 
+def _small_v32() -> ModelConfig:
+    # `small` with V3.2's lightning indexer (sparse past 256 tokens): compressed queries
+    # (the indexer reads them) narrowed to 96 so the activated count stays ~`small`'s (9.2M)
+    return _small().replace(
+        model_type="deepseek_v32",
+        q_lora_rank=96,
+        index_n_heads=4,
+        index_head_dim=32,
+        index_topk=256,
+    )
+
+
+def _small_v4() -> V4Config:
+    # DeepSeek-V4 at `small`'s scale and activated parameters (~9.2M; benchmarks/family.py):
+    # V4-Flash's layout shrunk -- a window-only layer, then CSA / HCA alternating (rates 4
+    # and 128, a 128-token window), 4 residual streams, the first layer hash-routed, every
+    # layer MoE (32 experts, top 4 + 1 shared); index_topk 64 entries = 256 tokens, as
+    # small-v32's 256; head_dim 128 (vs small's 128 + 32 latent), rope on 1/8 of it as V4
+    return V4Config(
+        vocab_size=8192,
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        head_dim=128,
+        qk_rope_head_dim=16,
+        q_lora_rank=96,
+        o_groups=2,
+        o_lora_rank=48,
+        sliding_window=128,
+        compress_ratios=(0, 4, 128, 4, 128, 4),
+        index_n_heads=4,
+        index_head_dim=32,
+        index_topk=64,
+        hc_mult=4,
+        moe_intermediate_size=224,
+        n_routed_experts=32,
+        num_experts_per_tok=4,
+        num_hash_layers=1,
+        num_nextn_predict_layers=0,  # V4Transformer has no MTP module yet
+        max_position_embeddings=1024,
+    )
+
+
 def _dense_small() -> ModelConfig:
     # Same activated FFN width as `small` (shared + top-k experts = 5 x 256 = 1280), every layer dense.
     s = _small()
@@ -800,8 +848,10 @@ def _deepseek_v2_lite() -> ModelConfig:
 PRESETS = {
     "tiny": _tiny,
     "tiny-v32": _tiny_v32,
-    "tiny-v4": _tiny_v4,  # a V4Config: build it with nanoseek.model.v4.V4Transformer
+    "tiny-v4": _tiny_v4,  # V4Configs (tiny-v4, small-v4): built as V4Transformer
     "small": _small,
+    "small-v32": _small_v32,
+    "small-v4": _small_v4,
     "dense-small": _dense_small,
     "deepseek-v3": _deepseek_v3,
     "deepseek-v32": _deepseek_v32,
@@ -817,8 +867,8 @@ ACCOUNTING_PRESETS = {
 
 
 def get_preset(name: str) -> ModelConfig | V4Config:
-    """A preset nanoseek can build: a ModelConfig (V2 / V3 / V3.2) or, for tiny-v4, a
-    V4Config."""
+    """A preset nanoseek can build: a ModelConfig (V2 / V3 / V3.2) or, for tiny-v4 and
+    small-v4, a V4Config."""
     if name in ACCOUNTING_PRESETS:
         raise ConfigError(
             f"preset {name!r} is for accounting only (too large to build here; tiny-v4 "

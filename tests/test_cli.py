@@ -41,7 +41,8 @@ def test_unknown_preset_is_one_clear_line():
     assert out.returncode == 2
     assert out.stderr.strip() == (
         "nanoseek info: error: unknown preset 'huge'; choose one of: "
-        "tiny, tiny-v32, tiny-v4, small, dense-small, deepseek-v3, deepseek-v32, deepseek-v2-lite"
+        "tiny, tiny-v32, tiny-v4, small, small-v32, small-v4, dense-small, deepseek-v3, "
+        "deepseek-v32, deepseek-v2-lite"
     )
 
 

@@ -10,7 +10,7 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--preset",
         default=None,
-        help="tiny, tiny-v32, small, dense-small, deepseek-v3, deepseek-v2-lite, tiny-v4",
+        help="tiny, tiny-v32, tiny-v4, small, small-v32, small-v4, dense-small, deepseek-v3, ...",
     )
     src.add_argument("--config", default=None, help="a config.json or a checkpoint directory")
 
@@ -82,10 +82,12 @@ def info(args: argparse.Namespace) -> int:
 
 
 def _info_v4(args: argparse.Namespace, cfg) -> int:
+    from nanoseek.compute import flops_per_token
     from nanoseek.config import v4_param_counts
     from nanoseek.utils import human
 
     counts = v4_param_counts(cfg)
+    seq = min(args.seq_len, cfg.max_position_embeddings)
     kinds = ", ".join(f"{cfg.layer_types.count(t)} {t}" for t in dict.fromkeys(cfg.layer_types))
     rows = [
         ("model", args.preset),
@@ -98,7 +100,9 @@ def _info_v4(args: argparse.Namespace, cfg) -> int:
         ),
         ("parameters, total", human(counts["total"])),
         ("parameters, activated", f"{human(counts['activated'])} (excl. input embedding lookup)"),
-        ("FLOPs, KV cache", "see `nanoseek compute context " + str(args.preset) + "`"),
+        (f"FLOPs / token, forward @ {seq}", human(flops_per_token(cfg, seq, training=False))),
+        (f"FLOPs / token, training @ {seq}", human(flops_per_token(cfg, seq, training=True))),
+        ("KV cache, decode FLOPs", "see `nanoseek compute context " + str(args.preset) + "`"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -75,14 +75,21 @@ def sink_attention(
     q [B, H, S, D], kv [B, 1, T, D] (key and value), mask additive, broadcast to
     [B, H, S, T], sinks [H] -> out [B, S, H, D]. The sink is one more softmax column whose
     probability is dropped, so a head's weights over the keys may sum to less than 1."""
+    probs = sink_probs(q, kv, mask, sinks, scale)
+    return (probs.to(kv.dtype) @ kv).transpose(1, 2)
+
+
+def sink_probs(
+    q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None, sinks: torch.Tensor, scale
+) -> torch.Tensor:
+    """sink_attention's weights over the keys, [B, H, S, T] (the sink's column dropped)."""
     logits = (q @ kv.transpose(-1, -2)) * scale
     if mask is not None:
         logits = logits + mask
     B, H, S, _ = logits.shape
     sink = sinks.to(logits.dtype).view(1, H, 1, 1).expand(B, H, S, 1)
     logits = torch.cat([logits, sink], dim=-1)
-    probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
-    return (probs.to(kv.dtype) @ kv).transpose(1, 2)
+    return torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
 
 
 def causal_bias(position_ids: torch.Tensor, n_entries: int, rate: int) -> torch.Tensor:
@@ -207,7 +214,10 @@ class V4Indexer(Compressor):
         return scores.masked_fill(blocked, float("-inf")), visible
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, position_ids: torch.Tensor):
-        scores, visible = self.scores(x, q_latent, position_ids)
+        return self.select(*self.scores(x, q_latent, position_ids))
+
+    def select(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """The top-k entry ids [B, S, k] of `scores`, -1 past each query's visible entries."""
         top = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
         return torch.where(top >= visible.unsqueeze(-1), -1, top)
 
@@ -296,26 +306,72 @@ class V4Attention(nn.Module):
             inv_freq = inv_frequencies(rope_dim, rope_theta)
         self.inv_freq = inv_freq  # plain fp32 tensor, as in Compressor
 
+    @property
+    def indexer(self) -> V4Indexer | None:
+        """CSA's lightning indexer (it lives in the compressor, as in checkpoints)."""
+        return getattr(self.compressor, "indexer", None)
+
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """x [B, S, D], position_ids [B, S] (the sequence from its start) -> [B, S, D]."""
+        B, S, _ = x.shape
+        q, q_latent, cos, sin = self.queries(x, position_ids)
+        kv, mask = self.keys(x, q_latent, position_ids, cos, sin)
+        out = sink_attention(q, kv, mask.to(q.dtype), self.sinks, self.scale)  # [B, S, H, hd]
+        out = rope_tail(out, cos.transpose(1, 2), -sin.transpose(1, 2))
+        out = self.o_a_proj(out.reshape(B, S, self.o_groups, -1)).flatten(2)
+        return self.o_b_proj(out)
+
+    def queries(self, x: torch.Tensor, position_ids: torch.Tensor):
+        """-> (q [B, H, S, hd] normed and roped, q_latent [B, S, q_lora_rank] (what the
+        indexer reads), cos, sin [B, 1, S, r/2])."""
         B, S, _ = x.shape
         cos, sin = cos_sin(position_ids, self.inv_freq)
         cos, sin = cos.to(x.dtype).unsqueeze(1), sin.to(x.dtype).unsqueeze(1)  # [B, 1, S, r/2]
         q_latent = self.q_a_norm(self.q_a_proj(x))
         q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        q = rope_tail(rms_normalize(q, self.norm_eps), cos, sin)  # [B, H, S, hd]
+        return rope_tail(rms_normalize(q, self.norm_eps), cos, sin), q_latent, cos, sin
+
+    def keys(self, x, q_latent, position_ids, cos, sin, top: torch.Tensor | None = None):
+        """-> (kv [B, 1, S + T, hd]: the sequence's keys then its T compressed entries, the
+        additive mask [B, 1, S, S + T]). CSA reads the entries `top` [B, S, k] names
+        (default: the indexer's choice)."""
         kv = rope_tail(self.kv_norm(self.kv_proj(x)).unsqueeze(1), cos, sin)  # [B, 1, S, hd]
         mask = sliding_bias(position_ids, self.window)
-        if self.compressor is not None:
-            entries = self.compressor(x)
-            if hasattr(self.compressor, "indexer"):
-                top = self.compressor.indexer(x, q_latent, position_ids)
-                extra = selected_bias(top, entries.shape[1])
-            else:
-                extra = causal_bias(position_ids, entries.shape[1], self.compressor.rate)
-            kv = torch.cat([kv, entries.unsqueeze(1)], dim=2)
-            mask = torch.cat([mask, extra], dim=-1)
-        out = sink_attention(q, kv, mask.to(q.dtype), self.sinks, self.scale)  # [B, S, H, hd]
-        out = rope_tail(out, cos.transpose(1, 2), -sin.transpose(1, 2))
-        out = self.o_a_proj(out.reshape(B, S, self.o_groups, -1)).flatten(2)
-        return self.o_b_proj(out)
+        if self.compressor is None:
+            return kv, mask
+        entries = self.compressor(x)
+        if self.indexer is not None:
+            if top is None:
+                top = self.indexer(x, q_latent, position_ids)
+            extra = selected_bias(top, entries.shape[1])
+        else:
+            extra = causal_bias(position_ids, entries.shape[1], self.compressor.rate)
+        kv = torch.cat([kv, entries.unsqueeze(1)], dim=2)
+        return kv, torch.cat([mask, extra], dim=-1)
+
+    def indexer_kl(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """CSA's indexer loss (V3.2's, over compressed entries): the mean per query of
+        KL(p || softmax(I)) over the entries the indexer selects, p this attention's weights
+        on them (summed over heads, L1-normalised, detached), I the index scores. Pass x
+        detached: the gradient then reaches only the indexer, which the LM loss never
+        reaches (top-k only chooses). None when no query sees an entry yet."""
+        idx = self.indexer
+        with torch.no_grad():
+            q, q_latent, cos, sin = self.queries(x, position_ids)
+        scores, visible = idx.scores(x, q_latent, position_ids)  # [B, S, T], fp32
+        top = idx.select(scores.detach(), visible)
+        with torch.no_grad():
+            kv, mask = self.keys(x, q_latent, position_ids, cos, sin, top)
+            probs = sink_probs(q, kv, mask.to(q.dtype), self.sinks, self.scale)
+            p = probs[..., x.shape[1] :].float().sum(1)  # the entries' columns, heads summed
+            mass = p.sum(-1, keepdim=True)
+            p = p / mass.clamp(min=1e-30)
+        keep = selected_bias(top, scores.shape[-1])[:, 0] == 0  # [B, S, T]
+        rows = keep.any(-1) & (mass[..., 0] > 0)
+        if not rows.any():
+            return None
+        # finite fill: a row with nothing selected must not put NaN into the backward
+        logq = scores.masked_fill(~keep, torch.finfo(scores.dtype).min).log_softmax(-1)
+        logq = logq.masked_fill(~keep, 0.0)  # p is 0 there: no term
+        kl = (torch.xlogy(p, p) - p * logq).sum(-1)
+        return kl[rows].mean()

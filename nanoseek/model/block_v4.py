@@ -40,11 +40,16 @@ class V4Block(nn.Module):
         self.attn_hc, self.ffn_hc = HyperConnection(*hc), HyperConnection(*hc)
 
     def forward(
-        self, h: torch.Tensor, position_ids: torch.Tensor, input_ids: torch.Tensor | None = None
+        self,
+        h: torch.Tensor,
+        position_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        counts: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """`counts`: see V4MoE.forward (the MoE's tokens per expert, learned routing only)."""
         post, comb, x = self.attn_hc(h)
         out = self.self_attn(self.input_layernorm(x), position_ids)
         h = HyperConnection.update(h, out, post, comb)
         post, comb, x = self.ffn_hc(h)
-        out = self.mlp(self.post_attention_layernorm(x), input_ids)
+        out = self.mlp(self.post_attention_layernorm(x), input_ids, counts)
         return HyperConnection.update(h, out, post, comb)

@@ -153,12 +153,23 @@ class V4MoE(nn.Module):
         self.experts = V4Experts(n_experts, hidden_size, inter, swiglu_limit)
         self.shared_experts = V4MLP(hidden_size, inter, swiglu_limit)
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        counts: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x [..., D] -> [..., D]. `counts`, when given, gets this layer's tokens per expert
+        [E] appended if its routing is learned (what auxiliary-loss-free balancing reads;
+        a hash layer's fixed table has no bias to move)."""
         if self.is_hash:
             if input_ids is None:
                 raise ValueError("a hash-routed V4MoE layer needs input_ids (token ids)")
             _, weights, indices = self.gate(x, input_ids)
         else:
             _, weights, indices = self.gate(x)
+            if counts is not None:
+                E = self.experts.gate_up_proj.shape[0]
+                counts.append(torch.bincount(indices.flatten(), minlength=E))
         flat = x.reshape(-1, x.shape[-1])
         return self.experts(flat, indices, weights).view_as(x) + self.shared_experts(x)

@@ -11,6 +11,10 @@ transformers' DeepseekV4ForCausalLM's (`model.embed_tokens`, `model.layers.N...`
 Stateless: `forward` runs the whole sequence (there is no KV / compressor cache yet), and
 `generate_v4` decodes greedily by recomputing the full forward per new token. No MTP
 module is built (checkpoints' MTP layers are ignored, as transformers does).
+
+Training (`nanoseek train --preset tiny-v4`): `forward` reports the learned-routing layers'
+expert counts for auxiliary-loss-free balancing, and `indexer_kl_v4` is the CSA indexers'
+own loss (the LM loss never reaches them).
 """
 
 from __future__ import annotations
@@ -74,20 +78,30 @@ class V4Model(nn.Module):
         self.hc_head = HyperHead(cfg.hidden_size, cfg.hc_mult, cfg.hc_eps, cfg.rms_norm_eps)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        h = x.unsqueeze(2).expand(-1, -1, self.hc_mult, -1)  # every stream starts as x
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        counts: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """`counts`: gets each learned-routing MoE layer's tokens per expert (V4MoE)."""
+        h = self.streams(input_ids)
         for layer in self.layers:
-            h = layer(h, position_ids, input_ids)
+            h = layer(h, position_ids, input_ids, counts)
         return self.norm(self.hc_head(h))
+
+    def streams(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The residual streams entering layer 0 [B, S, hc_mult, D]: each one the embedding."""
+        return self.embed_tokens(input_ids).unsqueeze(2).expand(-1, -1, self.hc_mult, -1)
 
 
 class V4Transformer(nn.Module):
     """DeepSeek-V4 for causal LM (transformers' DeepseekV4ForCausalLM, without a cache).
 
     `forward(input_ids, targets)` returns the same `ModelOutput` as `Transformer.forward`
-    (lazy logits, the fused head + cross-entropy loss), so training code can treat both
-    alike; `expert_counts` and the MTP / balance losses are left empty."""
+    (lazy logits, the fused head + cross-entropy loss, `expert_counts` of the learned-routing
+    MoE layers), so training code can treat both alike; the MTP / balance losses are left
+    empty."""
 
     def __init__(self, cfg: V4Config):
         super().__init__()
@@ -125,7 +139,10 @@ class V4Transformer(nn.Module):
                 m.tid2eid.copy_(table)
 
     def moe_layers(self) -> list[V4MoE]:
-        return [m for m in self.modules() if isinstance(m, V4MoE)]
+        """The MoE layers with learned routing, in `expert_counts` row order: those whose
+        `gate.e_score_correction_bias` auxiliary-loss-free balancing moves (the first
+        num_hash_layers route by a fixed token table: nothing to balance)."""
+        return [m for m in self.modules() if isinstance(m, V4MoE) and not m.is_hash]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -146,8 +163,10 @@ class V4Transformer(nn.Module):
         B, S = input_ids.shape
         if positions is None:
             positions = torch.arange(S, device=input_ids.device).expand(B, S)
-        h = self.model(input_ids, positions)
+        counts: list[torch.Tensor] = []
+        h = self.model(input_ids, positions, counts)
         out = ModelOutput(hidden=h, head=self.lm_head)
+        out.expert_counts = torch.stack(counts) if counts else None
         if targets is None:
             out._logits = self.lm_head(h)
         else:
@@ -156,6 +175,29 @@ class V4Transformer(nn.Module):
             )
             out.loss = out.main_loss
         return out
+
+
+def indexer_kl_v4(model: V4Transformer, input_ids: torch.Tensor) -> torch.Tensor:
+    """The CSA indexers' loss, averaged over the CSA layers (`V4Attention.indexer_kl`): the
+    model runs once more without gradient, and each CSA layer's indexer is scored against
+    its attention on the layer's (detached) input, so the gradient reaches the indexers
+    only. Add it to the LM loss, as V3.2's sparse stage does (indexer.indexer_kl).
+    0 (no gradient) when no query sees a compressed entry yet (a short sequence)."""
+    B, S = input_ids.shape
+    positions = torch.arange(S, device=input_ids.device).expand(B, S)
+    with torch.no_grad():
+        h = model.model.streams(input_ids)
+    losses = []
+    for layer in model.model.layers:
+        if layer.self_attn.indexer is not None:
+            with torch.no_grad():
+                x = layer.input_layernorm(layer.attn_hc(h)[2])
+            kl = layer.self_attn.indexer_kl(x, positions)
+            if kl is not None:
+                losses.append(kl)
+        with torch.no_grad():
+            h = layer(h, positions, input_ids)
+    return torch.stack(losses).mean() if losses else h.new_zeros((), dtype=torch.float32)
 
 
 @torch.no_grad()

@@ -11,15 +11,24 @@ from __future__ import annotations
 import torch
 
 from nanoseek.model.moe import MoE
+from nanoseek.model.moe_v4 import V4MoE
 
 
 @torch.no_grad()
-def update_expert_bias(layers: list[MoE], counts: torch.Tensor, gamma: float) -> None:
+def update_expert_bias(layers: list[MoE | V4MoE], counts: torch.Tensor, gamma: float) -> None:
     """counts [n_layers, n_experts]: tokens routed to each expert during the step."""
     load = counts.float()
     step = gamma * torch.sign(load.mean(dim=1, keepdim=True) - load)
     for moe, delta in zip(layers, step, strict=True):
-        moe.gate.bias += delta.to(moe.gate.bias.device)
+        bias = selection_bias(moe)
+        bias += delta.to(bias.device)
+
+
+def selection_bias(moe: MoE | V4MoE) -> torch.Tensor:
+    """The layer's selection-only bias buffer: V3's `gate.bias`; V4's router keeps
+    transformers' name, `gate.e_score_correction_bias`."""
+    gate = moe.gate
+    return gate.e_score_correction_bias if isinstance(moe, V4MoE) else gate.bias
 
 
 def load_imbalance(counts: torch.Tensor) -> list[float]:

@@ -10,7 +10,10 @@ update RMS: one `--lr`, weight decay and schedule serve both halves.
 `torch.optim.Muon` does this for 2-D weights only; the routed experts are stacked 3-D
 ([experts, rows, cols]), so here every expert's matrix is orthogonalised on its own, in one
 batched computation. The embedding, the output head, the router and every vector (norms)
-stay on AdamW (torch's fused kernel), as in Muon's recipe and DeepSeek-V4's.
+stay on AdamW (torch's fused kernel), as in Muon's recipe and DeepSeek-V4's. In a V4 model
+the hyper-connections' projections and the compressors' position biases stay on AdamW too;
+V4's grouped output projection (`o_a_proj`, its groups' matrices stacked by rows) is
+orthogonalised as the one matrix it is stored as.
 """
 
 from __future__ import annotations
@@ -39,13 +42,23 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return (x.mT if tall else x).to(g.dtype)
 
 
+# Matrices that stay on AdamW, by name: embedding and head (Transformer's `embed.` / `head.`,
+# V4Transformer's `model.embed_tokens.` / `lm_head.`), the routers (`.gate.`), and in V4 the
+# hyper-connections' mixing projections (`attn_hc.` / `ffn_hc.` / `hc_head.`: small maps to
+# a few gating logits, not hidden-to-hidden) and the compressors' `position_bias` (a bias
+# table, not a map).
+ADAMW_PREFIXES = ("embed.", "head.", "model.embed_tokens.", "lm_head.")
+ADAMW_PARTS = (".gate.", "_hc.", "hc_head.", "position_bias")
+
+
 def muon_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(the matrices Muon trains, the rest): every weight matrix inside the blocks (attention
-    projections, dense and expert FFNs, MTP projections) but the router's; embeddings, head,
-    router and vectors go to AdamW."""
+    projections, V4's compressors and indexers, dense and expert FFNs, MTP projections) but
+    the router's; embeddings, head, router, V4's hyper-connections and position biases, and
+    vectors go to AdamW."""
     muon, rest = [], []
     for name, p in model.named_parameters():
-        outside = name.startswith(("embed.", "head.")) or ".gate." in name
+        outside = name.startswith(ADAMW_PREFIXES) or any(part in name for part in ADAMW_PARTS)
         (rest if p.dim() < 2 or outside else muon).append(p)
     return muon, rest
 

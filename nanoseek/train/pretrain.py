@@ -6,6 +6,10 @@ Runs as one process, or under `torchrun` (one process per device, DDP, gradients
 loads summed over ranks). Batches are a pure function of (seed, step, rank), and the LR a
 pure function of the step and the run's progress, so a resumed run (which takes its settings
 from the checkpoint) repeats the uninterrupted one exactly.
+
+The model is a `Transformer` (V2 / V3 / V3.2 presets) or, for a V4 preset (tiny-v4), a
+`V4Transformer`: both return the same ModelOutput (loss, expert counts of the balanced
+layers), so the loop treats them alike; V4 runs on one process only.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from typing import Any
 import torch
 
 from nanoseek.compute import flops_per_token, measure_matmul_peak
-from nanoseek.config import get_preset
+from nanoseek.config import V4Config, get_preset
 from nanoseek.data import BatchLoader, prepare, read_meta
-from nanoseek.model import Transformer
+from nanoseek.model import Transformer, V4Transformer
 from nanoseek.model.indexer import indexer_kl
+from nanoseek.model.v4 import indexer_kl_v4
 from nanoseek.train.balance import gamma_at, load_imbalance, update_expert_bias
 from nanoseek.train.checkpoint import (
     RunState,
@@ -60,6 +65,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
             model = new_model(tc, tokenizer["vocab_size"], rt.device)
             state = RunState(lr_horizon=tc.budget(), tokenizer=tokenizer["hash"])
         state.train_config = tc.to_dict()
+        check_v4(model, tc, rt)
         cfg, moe_layers = model.config, model.moe_layers()
         model.train()
         mtp_idle = tc.mtp_weight == 0 and cfg.num_nextn_predict_layers > 0
@@ -206,8 +212,8 @@ def summarize(
 
 
 def indexer_loss_weight(tc: TrainConfig, has_indexer: bool, rt: Runtime) -> float:
-    """V3.2: the weight of the indexers' own KL in the loss (the LM loss never reaches them);
-    0 for models without an indexer."""
+    """V3.2 and V4 (CSA layers): the weight of the indexers' own KL in the loss (the LM loss
+    never reaches them); 0 for models without an indexer."""
     weight = tc.indexer_loss_weight if has_indexer else 0.0
     if weight and rt.world > 1:
         raise TrainError(
@@ -217,8 +223,30 @@ def indexer_loss_weight(tc: TrainConfig, has_indexer: bool, rt: Runtime) -> floa
     return weight
 
 
+def check_v4(model: Transformer | V4Transformer, tc: TrainConfig, rt: Runtime) -> None:
+    """What a V4 model cannot do yet is an error, not a silent no-op: train on several
+    processes (FSDP2 / EP in parallel.py know V3's modules, not V4's stacked experts and
+    hyper-connections) or take the sequence-wise balance loss (--alpha)."""
+    if not isinstance(model, V4Transformer):
+        return
+    if rt.world > 1:
+        raise TrainError(
+            "DeepSeek-V4 presets train on one process for now (FSDP/EP do not shard V4's "
+            "modules yet); run `nanoseek train` without torchrun"
+        )
+    if tc.alpha > 0:
+        raise TrainError(
+            "--alpha: DeepSeek-V4 has no sequence-wise balance loss here yet (its routers "
+            "are balanced by the expert bias alone); pass --alpha 0"
+        )
+
+
 def start_run_files(
-    tc: TrainConfig, rt: Runtime, model: Transformer, out: Path, tokens_per_step: int
+    tc: TrainConfig,
+    rt: Runtime,
+    model: Transformer | V4Transformer,
+    out: Path,
+    tokens_per_step: int,
 ) -> None:
     """Rank 0: the run directory's config.json and train_config.json, and the opening line."""
     cfg = model.config
@@ -235,7 +263,7 @@ def start_run_files(
 
 def accumulate_gradients(
     step_model: torch.nn.Module,
-    model: Transformer,
+    model: Transformer | V4Transformer,
     loader: BatchLoader,
     step: int,
     tc: TrainConfig,
@@ -254,12 +282,20 @@ def accumulate_gradients(
         with rt.sync_grads(step_model, sync=micro == tc.grad_accum - 1):
             with rt.autocast():
                 o = step_model(x, targets=y, mtp_weight=tc.mtp_weight, balance_weight=tc.alpha)
-                kl = indexer_kl(model, x, sparse=True) if indexer_weight else None
+                kl = indexer_loss(model, x) if indexer_weight else None
             objective = o.loss if kl is None else o.loss + indexer_weight * kl
             (objective / tc.grad_accum).backward()
         losses += step_losses(o, objective, kl) / tc.grad_accum
         if o.expert_counts is not None:
             counts += o.expert_counts
+
+
+def indexer_loss(model: Transformer | V4Transformer, x: torch.Tensor) -> torch.Tensor:
+    """The indexers' KL to the main attention over what they select (V3.2: tokens; V4:
+    CSA's compressed entries), added to the loss beside the LM loss."""
+    if isinstance(model, V4Transformer):
+        return indexer_kl_v4(model, x)
+    return indexer_kl(model, x, sparse=True)
 
 
 def warm_up_indexers(model: Transformer, loader: BatchLoader, tc: TrainConfig, rt: Runtime) -> list:
@@ -271,6 +307,11 @@ def warm_up_indexers(model: Transformer, loader: BatchLoader, tc: TrainConfig, r
     from nanoseek.model.indexer import indexer_kl, indexer_parameters
 
     params = indexer_parameters(model)
+    if isinstance(model, V4Transformer):
+        raise TrainError(
+            "--indexer-warmup-steps is V3.2's dense warm-up; V4's CSA indexers learn beside "
+            "the LM loss (--indexer-loss-weight)"
+        )
     if not params:
         raise TrainError("--indexer-warmup-steps: the model has no indexer (a V3.2 preset has)")
     if rt.world > 1:
@@ -300,14 +341,18 @@ def step_losses(o: Any, total: torch.Tensor, kl: torch.Tensor | None) -> torch.T
     return torch.stack([total, o.main_loss, mtp, kl]).detach().float()
 
 
-def new_model(tc: TrainConfig, vocab_size: int, device: torch.device) -> Transformer:
+def new_model(
+    tc: TrainConfig, vocab_size: int, device: torch.device
+) -> Transformer | V4Transformer:
+    """The preset's model, fresh (seeded): a V4Transformer for a V4 preset (tiny-v4)."""
     cfg = get_preset(tc.preset).replace(**tc.model)
     if cfg.vocab_size != vocab_size:  # the model's vocabulary is the tokenizer's
         cfg = cfg.replace(vocab_size=vocab_size)
     if cfg.max_position_embeddings < tc.seq_len:
         cfg = cfg.replace(max_position_embeddings=tc.seq_len)
     torch.manual_seed(tc.seed)
-    return Transformer(cfg).to(device)
+    build = V4Transformer if isinstance(cfg, V4Config) else Transformer
+    return build(cfg).to(device)
 
 
 def prepare_data(tc: TrainConfig, rt: Runtime) -> Path:

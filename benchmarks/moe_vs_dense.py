@@ -2,6 +2,7 @@
 model's (`dense-small`: same activated parameters) final validation loss with less compute?
 
     python -m benchmarks.moe_vs_dense [--tokens 8e5] [--data data/stdlib-8k] [--out runs/moe_vs_dense]
+                                      [--compile]
 
 Both train on the same shards, batches and token budget with the same recipe; validation
 loss is measured every --eval-every steps on the same windows. Prints a table and saves
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--png", default="docs/moe_vs_dense.png")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="train both under torch.compile")
     args = ap.parse_args(argv)
 
     shards = (
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             eval_every=args.eval_every,
             overwrite=True,
             seed=args.seed,
+            compile=args.compile,
         )
         summaries[preset] = train(tc)
         runs[preset] = curve(out)

@@ -3,22 +3,26 @@ DeepseekV3ForCausalLM with the same config, batch, dtype and optimizer settings.
 
     python -m benchmarks.train_throughput [--preset small] [--batch-size 8] [--seq-len 256]
                                           [--dtype auto|bf16|fp32] [--steps 6] [--warmup 3]
+                                          [--compile] [--twin dense-small]
 
 Both sides: random tokens, AdamW, gradient clipping, bf16 autocast where the hardware has
 native bf16 matmul (else fp32). `transformers` has no MTP, so nanoseek is timed twice: with
 MTP off (the same model work) and with MTP on (what `nanoseek train` runs). MFU uses each
 side's own matmul FLOPs per token over this machine's measured matmul peak for the dtype.
+--compile adds nanoseek under torch.compile (the warm-up steps absorb the compilation);
+--twin PRESET adds nanoseek's step for a second preset (MoE against its dense twin, in the
+same run).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 from contextlib import nullcontext
 
 import torch
 
+from benchmarks.timing import median_seconds
 from nanoseek.compute import flops_per_token, measure_matmul_peak
 from nanoseek.config import get_preset
 from nanoseek.device import resolve_dtype
@@ -29,25 +33,19 @@ from nanoseek.utils import format_table
 
 
 def time_steps(step, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(step, steps, warmups=warmup)
 
 
-def nanoseek_step(cfg, x, y, autocast, mtp_weight: float):
+def nanoseek_step(cfg, x, y, autocast, mtp_weight: float, compile: bool = False):
     torch.manual_seed(0)
     model = Transformer(cfg).train()
     opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
     layers = model.moe_layers()
+    forward = torch.compile(model) if compile else model
 
     def step():
         with autocast():
-            out = model(x, targets=y, mtp_weight=mtp_weight)
+            out = forward(x, targets=y, mtp_weight=mtp_weight)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -87,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="add nanoseek under torch.compile")
+    ap.add_argument("--twin", help="add nanoseek's step for this preset too (e.g. dense-small)")
     args = ap.parse_args(argv)
 
     cfg = get_preset(args.preset)
@@ -99,19 +99,24 @@ def main(argv: list[str] | None = None) -> None:
     x, y = data[:, :-1], data[:, 1:]
     tokens = args.batch_size * args.seq_len
     peak = measure_matmul_peak(dtype, "cpu")
-    fpt_mtp = flops_per_token(cfg, args.seq_len)
     fpt = flops_per_token(cfg.replace(num_nextn_predict_layers=0), args.seq_len)
 
-    rows = []
-    for name, make, f in [
+    specs = [
         ("transformers DeepseekV3ForCausalLM", lambda: transformers_step(cfg, x, autocast), fpt),
         ("nanoseek (MTP off: same work)", lambda: nanoseek_step(cfg, x, y, autocast, 0.0), fpt),
-        (
-            "nanoseek (MTP on: `nanoseek train`)",
-            lambda: nanoseek_step(cfg, x, y, autocast, 0.3),
-            fpt_mtp,
-        ),
-    ]:
+    ]
+    for preset in [args.preset] + ([args.twin] if args.twin else []):
+        c = get_preset(preset)
+        for compiled in [False] + ([True] if args.compile else []):
+            label = f"nanoseek {preset} (MTP on{', compiled' if compiled else ''})"
+            make = functools.partial(nanoseek_step, c, x, y, autocast, 0.3, compiled)
+            specs.append((label, make, flops_per_token(c, args.seq_len)))
+    if args.twin and args.compile:
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = 64  # two models compiled in one process
+    rows = []
+    for name, make, f in specs:
         sec = time_steps(make(), args.warmup, args.steps)
         rows.append((name, sec, tokens / sec, f * tokens / sec / peak))
         print(f"  measured {name}: {sec * 1e3:.0f} ms/step", flush=True)

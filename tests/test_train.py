@@ -467,3 +467,15 @@ def test_two_process_ddp_on_cpu(shards, tmp_path):
     assert s["world_size"] == 2 and s["tokens_seen"] == 4 * 4 * 32  # batch: over all ranks
     assert from_pretrained(tmp_path / "r" / "ckpt").config.vocab_size == 300
     assert (tmp_path / "r" / "data" / "meta.json").is_file()
+
+
+@pytest.mark.slow  # compiling forward and backward: ~3 minutes on 2 cores
+def test_compiled_training_matches_eager(shards, tmp_path):
+    """`--compile` runs the MoE through the grouped path (grouped_mm, traced whole) and fuses
+    the rest; the losses must stay those of the eager loop, step for step."""
+    kw = dict(steps=4, eval_every=0, eval_batches=1)
+    train(tiny_run(shards, tmp_path / "eager", **kw))
+    train(tiny_run(shards, tmp_path / "compiled", compile=True, **kw))
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert len(compiled) == 4 and compiled[-1] < compiled[0]
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-4)

@@ -162,6 +162,65 @@ def _eager_under_compile(fn):
     return call
 
 
+@torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """F.grouped_mm as an op torch.compile does not look into: its meta function accepts
+    only bf16 (the CUDA kernel's rule) while the CPU kernel runs any dtype. Forward: a [M, K]
+    rows grouped by `offs`, b [E, K, N] -> [M, N]; backward uses the [K, M] x [M, N] form."""
+    return F.grouped_mm(a, b, offs=offs)
+
+
+@grouped_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if b.dim() == 3:
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[-1])
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offs = ctx.saved_tensors
+    da = grouped_mm(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    db = grouped_mm(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    return da, db, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+class _Permute(torch.autograd.Function):
+    """x's rows in the order `index` (a permutation). The backward gathers with `inverse`:
+    x[index]'s own backward is a scatter-add, which runs on one thread."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def count_tokens(
+    indices: torch.Tensor, n_experts: int, counted: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Tokens per expert [n_experts] (int64) from `indices` [N, k]; `counted` [N] bool leaves
+    tokens out. bincount with a fixed output shape, so torch.compile traces it."""
+    flat = indices.flatten()
+    ones = torch.ones_like(flat) if counted is None else counted[:, None].expand_as(indices)
+    return flat.new_zeros(n_experts).scatter_add_(0, flat, ones.flatten().long())
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    t = x.device.type
+    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
+
+
 class Experts(nn.Module):
     """All routed experts' weights stacked: w13 = [gate; up] per expert, w2 = down."""
 
@@ -171,7 +230,6 @@ class Experts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter))
 
-    @_eager_under_compile  # the slice sizes change every step: one recompile each
     def forward(
         self,
         x: torch.Tensor,
@@ -179,19 +237,41 @@ class Experts(nn.Module):
         indices: torch.Tensor,
         counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [N, d]; each token goes to its k experts, `counts` [E] tokens per expert. Tokens
-        are sorted by expert and every expert runs once on its contiguous slice (a loop over
-        experts, never over tokens); its outputs are weighted and added into their tokens' rows."""
+        """x [N, d]; each token goes to its k experts (`indices` [N, k], gate `weights`
+        [N, k]), `counts` [E] tokens per expert -> [N, d]. Eager: `sorted`. Under
+        torch.compile on CPU: `grouped`, which the compiler traces whole (no host sync, no
+        shape that changes per step) and fuses the elementwise work around."""
+        if x.device.type == "cpu" and torch.compiler.is_compiling():
+            return self.grouped(x, weights, indices, counts)
+        return self.sorted(x, weights, indices, counts)
+
+    def grouped(self, x, weights, indices, counts=None) -> torch.Tensor:
+        """Tokens sorted by expert, every expert's two matmuls as one `grouped_mm` each."""
+        N, k = indices.shape
+        d, dt = x.shape[1], _compute_dtype(x)
+        if counts is None:
+            counts = count_tokens(indices, self.w13.shape[0])
+        order = indices.flatten().argsort(stable=True)
+        inverse = order.argsort()
+        offs = counts.cumsum(0).to(torch.int32)
+        copies = x.to(dt)[:, None].expand(N, k, d).reshape(N * k, d)  # token-major
+        h = grouped_mm(_Permute.apply(copies, order, inverse), self.w13.to(dt).mT, offs)
+        gate, up = h.chunk(2, dim=-1)
+        y = grouped_mm(F.silu(gate) * up, self.w2.to(dt).mT, offs)
+        y = _Permute.apply(y, inverse, order).view(N, k, d)  # back to token-major
+        return (y * weights.to(dt)[:, :, None]).sum(1).to(x.dtype)
+
+    @_eager_under_compile  # the slice sizes change every step: one recompile each
+    def sorted(self, x, weights, indices, counts=None) -> torch.Tensor:
+        """Tokens sorted by expert and every expert run once on its contiguous slice (a loop
+        over experts, never over tokens); its outputs are weighted and added into their
+        tokens' rows. The fastest eager path on CPU."""
         N, k = indices.shape
         if counts is None:
-            counts = torch.bincount(indices.flatten(), minlength=self.w13.shape[0])
+            counts = count_tokens(indices, self.w13.shape[0])
         order = indices.flatten().argsort(stable=True)
         token = order // k  # the token of each sorted (token, choice) pair
-        dt = (
-            torch.get_autocast_dtype(x.device.type)
-            if torch.is_autocast_enabled(x.device.type)
-            else x.dtype
-        )
+        dt = _compute_dtype(x)
         # In reduced precision each slice is padded to a multiple of PAD rows: oneDNN builds
         # a kernel for every new bf16 matmul shape, which costs more than the multiply when
         # shapes change every step. fp32 matmuls (MKL) have no such cost: no padding.
@@ -233,12 +313,10 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(flat)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_experts)  # to dispatch
+        counts = count_tokens(indices, self.n_experts)  # to dispatch
         if stats is not None:
             if stats.counted is not None:  # the load: real tokens only
-                stats.counts.append(
-                    torch.bincount(indices[stats.counted].flatten(), minlength=self.n_experts)
-                )
+                stats.counts.append(count_tokens(indices, self.n_experts, stats.counted))
             else:
                 stats.counts.append(counts)
             if stats.balance:
@@ -318,7 +396,7 @@ class MoE(nn.Module):
                 g, u = (x @ f.w13).chunk(2, dim=-1)
                 out = out + (F.silu(g) * u) @ f.w2
         if counts is not None:
-            counts += torch.bincount(idx.flatten(), minlength=self.n_experts)
+            counts += count_tokens(idx, self.n_experts)
         return out
 
     def _grouped(self, x, weights, idx) -> torch.Tensor:

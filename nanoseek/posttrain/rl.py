@@ -373,6 +373,163 @@ def make_engine(model: Transformer, tokenizer: Tokenizer, task: Task, cfg: RLCon
 
 
 # --- the loop -----------------------------------------------------------------------------------
+class PolicyUpdate:
+    """Step 3 of a GRPO step: `updates_per_batch` minibatch updates of the policy on one
+    batch of rollouts (ids, completion mask, advantages), the engine refreshed after each.
+    -> the updates' mean loss, grad norm, KL, clip fraction and ratio; entropy; count."""
+
+    def __init__(
+        self,
+        cfg: RLConfig,
+        model: Transformer,
+        step_model: torch.nn.Module,
+        ref: Transformer | None,
+        optimizer: torch.optim.Optimizer,
+        engine: Engine,
+        guard: StepGuard,
+        rt: Runtime,
+    ):
+        self.cfg, self.loss_cfg = cfg, cfg.loss_config()
+        self.model, self.step_model, self.ref = model, step_model, ref
+        self.optimizer, self.engine, self.guard, self.rt = optimizer, engine, guard, rt
+
+    def __call__(
+        self, step: int, ids: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor
+    ) -> dict[str, Any]:
+        cfg, loss_cfg, rt, ref = self.cfg, self.loss_cfg, self.rt, self.ref
+        model, step_model, optimizer = self.model, self.step_model, self.optimizer
+        # A completion whose advantage is 0 adds nothing to the policy
+        # gradient (with beta 0, nothing at all): it is left out of the forward and
+        # backward, while the divisors stay the whole batch's, so the update is the same.
+        B, M = ids.shape[0], cfg.minibatches
+        useful = mask.any(1) & ((adv != 0) | (ref is not None))
+        old_logp = ref_logp = None  # of the sampling policy and the reference
+        with torch.no_grad():
+            if cfg.updates_per_batch > 1:
+                old_logp = logprobs_of(model, ids, mask, useful, rt, cfg.temperature)
+            if ref is not None:
+                ref_logp = logprobs_of(ref, ids, mask, useful, rt, cfg.temperature)
+        sums = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0}
+        ent_sum, ent_n, updates = 0.0, 0.0, 0
+        for u in range(cfg.updates_per_batch):
+            epoch, part = divmod(u, M)
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "mb", step, epoch))
+            order = torch.randperm(B, generator=gen) if M > 1 else torch.arange(B)
+            part_rows = order[part::M].to(rt.device)
+            n_seq, n_tok = len(part_rows), rt.all_reduce_mean(mask[part_rows].sum().item())
+            rows, scale = part_rows[useful[part_rows]], 1.0
+            if len(rows) == 0:  # nothing to learn from
+                if rt.world == 1:
+                    continue  # no step: Adam would still move the weights
+                rows, scale = part_rows[:1], 0.0  # every rank must join the all-reduce
+            x, m = trimmed(ids, mask, rows)
+            T1 = m.shape[1]
+            logp, ent = token_logprobs(step_model, x, rt, cfg.temperature, entropy=epoch == 0)
+            loss, st = policy_loss(
+                logp,
+                None if old_logp is None else old_logp[rows, :T1],
+                None if ref_logp is None else ref_logp[rows, :T1],
+                adv[rows],
+                m,
+                loss_cfg.variant,
+                loss_cfg.beta,
+                loss_cfg.epsilon,
+                loss_cfg.epsilon_high,
+                max_len=cfg.max_completion_tokens,
+                normalizer=max(n_tok, 1.0) if cfg.variant == "dapo" else n_seq,
+            )
+            (loss * scale).backward()
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            norm = rt.clip_grads(model, clip)
+            loss_v = rt.all_reduce_mean(loss.item() * scale)
+            if self.guard.ok(step, loss_v, norm):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.engine.refresh_weights()  # the next rollouts see the new weights
+            updates += 1
+            sums["loss"] += loss_v
+            sums["grad_norm"] += norm
+            sums["kl"] += st["kl"].item()
+            sums["clip"] += (st["clip_low"] + st["clip_high"]).item()
+            sums["ratio"] += st["ratio"].item()
+            if ent is not None:
+                ent_sum += (ent * m).sum().item()
+                ent_n += m.sum().item()
+        U = max(updates, 1)
+        return {
+            "loss": sums["loss"] / U,
+            "grad_norm": sums["grad_norm"] / U,
+            "kl": rt.all_reduce_mean(sums["kl"] / U) if ref is not None else None,
+            "clip_frac": rt.all_reduce_mean(sums["clip"] / U),
+            "ratio": rt.all_reduce_mean(sums["ratio"] / U),
+            "entropy": rt.all_reduce_mean(ent_sum / ent_n) if ent_n else None,
+            "updates": updates,
+        }
+
+
+def step_record(
+    state: RunState, roll: Rollouts, upd: dict[str, Any], group_size: int, rt: Runtime
+) -> dict[str, Any]:
+    """One step's metrics line: the rollouts' statistics (mean over ranks) and the updates'."""
+    stats = torch.tensor(
+        [
+            roll.rewards.mean(),
+            roll.correct.mean(),
+            roll.formatted.mean(),
+            roll.lengths.float().mean(),
+            roll.truncated.float().mean(),
+            informative_groups(roll.rewards, group_size).float().mean(),
+        ],
+        dtype=torch.float64,
+    )
+    reward, acc, fmt, length, trunc, informative = rt.all_reduce_mean(stats).tolist()
+    return {
+        "step": state.step,
+        "loss": upd["loss"],
+        "reward": reward,
+        "accuracy": acc,
+        "format_rate": fmt,
+        "response_len": length,
+        "truncated": trunc,
+        "informative_groups": informative,
+        "entropy": upd["entropy"],
+        "updates": upd["updates"],
+        "clip_frac": upd["clip_frac"],
+        "ratio": upd["ratio"],
+        "grad_norm": upd["grad_norm"],
+        **({} if upd["kl"] is None else {"kl": upd["kl"]}),  # beta 0: no reference, no KL
+        "sampled_tokens": state.tokens,
+        "elapsed": state.elapsed,
+    }
+
+
+def load_policy(
+    cfg: RLConfig, found: Path | None, rt: Runtime
+) -> tuple[Transformer, Tokenizer, RunState, Any, Transformer | None]:
+    """-> (policy, tokenizer, run state, saved RNG state or None, frozen reference or None):
+    from the run's checkpoint on --resume, else from cfg.init; the reference (the starting
+    model) only when beta > 0."""
+    rng = None
+    if found:
+        model, state, rng = load_checkpoint(found, rt.device)
+        tokenizer = Tokenizer.load(found)
+        check_resume(state, cfg, tokenizer.hash, found, warn=rt.master)
+    else:
+        model, tokenizer = load_model(cfg.init, rt.device, torch.float32)
+        state = RunState(lr_horizon=cfg.budget(), tokenizer=tokenizer.hash)
+    state.train_config = cfg.to_dict()
+    ref = None
+    if cfg.loss_config().beta > 0:  # the starting model, frozen
+        try:
+            ref, _ = load_model(cfg.init, rt.device, torch.float32)
+        except (ValueError, OSError) as e:
+            raise PostTrainError(
+                f"the reference model (the starting checkpoint {cfg.init}) cannot be loaded: {e}"
+            ) from e
+        ref.requires_grad_(False)
+    return model, tokenizer, state, rng, ref
+
+
 def rl(cfg: RLConfig) -> dict[str, Any]:
     cfg.validate()
     cfg, found = open_run(cfg)  # on --resume: the run's saved settings, and its checkpoint
@@ -383,24 +540,7 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
     with Runtime.start(cfg.device, cfg.dtype, cfg.threads, parallel="ddp") as rt:
         # --- policy, reference, optimizer, engine ---------------------------------------------
         source = found or checkpoint_dir(cfg.init)  # of the tokenizer (fresh: the weights)
-        if found:
-            model, state, rng = load_checkpoint(found, rt.device)
-            tokenizer = Tokenizer.load(found)
-            check_resume(state, cfg, tokenizer.hash, found, warn=rt.master)
-        else:
-            model, tokenizer = load_model(cfg.init, rt.device, torch.float32)
-            state = RunState(lr_horizon=cfg.budget(), tokenizer=tokenizer.hash)
-        state.train_config = cfg.to_dict()
-        ref = None
-        if loss_cfg.beta > 0:  # the starting model, frozen
-            try:
-                ref, _ = load_model(cfg.init, rt.device, torch.float32)
-            except (ValueError, OSError) as e:
-                raise PostTrainError(
-                    f"the reference model (the starting checkpoint {cfg.init}) cannot be "
-                    f"loaded: {e}"
-                ) from e
-            ref.requires_grad_(False)
+        model, tokenizer, state, rng, ref = load_policy(cfg, found, rt)
         # The expert biases stay as they are: moving them would change the policy outside
         # the clipped objective, and RL batches are too small to measure load from.
         model.train()
@@ -453,6 +593,7 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
         stop, horizon = cfg.budget(), state.lr_horizon
         schedule = LRSchedule(cfg.lr, cfg.warmup_steps, "cosine", cfg.min_lr_ratio)
         guard = StepGuard(cfg.max_bad_steps, ckpt_dir, warn=rt.master)
+        update = PolicyUpdate(cfg, model, step_model, ref, optimizer, engine, guard, rt)
         t_start = time.perf_counter() - state.elapsed
         last_eval: dict[str, float] = {}
         progress = Progress(
@@ -482,65 +623,8 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                 if loss_cfg.mask_truncated:
                     mask = mask_truncated(mask, roll.truncated)
                 ids, mask, adv = roll.ids.to(rt.device), mask.to(rt.device), adv.to(rt.device)
-                # 3. updates. A completion whose advantage is 0 adds nothing to the policy
-                # gradient (with beta 0, nothing at all): it is left out of the forward and
-                # backward, while the divisors stay the whole batch's, so the update is the same.
-                B, M = ids.shape[0], cfg.minibatches
-                useful = mask.any(1) & ((adv != 0) | (ref is not None))
-                old_logp = ref_logp = None  # of the sampling policy and the reference
-                with torch.no_grad():
-                    if cfg.updates_per_batch > 1:
-                        old_logp = logprobs_of(model, ids, mask, useful, rt, cfg.temperature)
-                    if ref is not None:
-                        ref_logp = logprobs_of(ref, ids, mask, useful, rt, cfg.temperature)
-                sums = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0}
-                ent_sum, ent_n, updates = 0.0, 0.0, 0
-                for u in range(cfg.updates_per_batch):
-                    epoch, part = divmod(u, M)
-                    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "mb", step, epoch))
-                    order = torch.randperm(B, generator=gen) if M > 1 else torch.arange(B)
-                    part_rows = order[part::M].to(rt.device)
-                    n_seq, n_tok = len(part_rows), rt.all_reduce_mean(mask[part_rows].sum().item())
-                    rows, scale = part_rows[useful[part_rows]], 1.0
-                    if len(rows) == 0:  # nothing to learn from
-                        if rt.world == 1:
-                            continue  # no step: Adam would still move the weights
-                        rows, scale = part_rows[:1], 0.0  # every rank must join the all-reduce
-                    x, m = trimmed(ids, mask, rows)
-                    T1 = m.shape[1]
-                    logp, ent = token_logprobs(
-                        step_model, x, rt, cfg.temperature, entropy=epoch == 0
-                    )
-                    loss, st = policy_loss(
-                        logp,
-                        None if old_logp is None else old_logp[rows, :T1],
-                        None if ref_logp is None else ref_logp[rows, :T1],
-                        adv[rows],
-                        m,
-                        loss_cfg.variant,
-                        loss_cfg.beta,
-                        loss_cfg.epsilon,
-                        loss_cfg.epsilon_high,
-                        max_len=cfg.max_completion_tokens,
-                        normalizer=max(n_tok, 1.0) if cfg.variant == "dapo" else n_seq,
-                    )
-                    (loss * scale).backward()
-                    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-                    norm = rt.clip_grads(model, clip)
-                    loss_v = rt.all_reduce_mean(loss.item() * scale)
-                    if guard.ok(step, loss_v, norm):
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    engine.refresh_weights()  # 4. the next rollouts see the new weights
-                    updates += 1
-                    sums["loss"] += loss_v
-                    sums["grad_norm"] += norm
-                    sums["kl"] += st["kl"].item()
-                    sums["clip"] += (st["clip_low"] + st["clip_high"]).item()
-                    sums["ratio"] += st["ratio"].item()
-                    if ent is not None:
-                        ent_sum += (ent * m).sum().item()
-                        ent_n += m.sum().item()
+                # 3. updates
+                upd = update(step, ids, mask, adv)
                 t_end = time.perf_counter()
                 state.step += 1
                 n_sampled = int(rt.all_reduce_sum(float(roll.lengths.sum())))
@@ -553,45 +637,12 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                 state.train_seconds += t_end - t0
 
                 # --- metrics, evaluation, checkpoints ------------------------------------------
-                U = max(updates, 1)
-                stats = torch.tensor(
-                    [
-                        roll.rewards.mean(),
-                        roll.correct.mean(),
-                        roll.formatted.mean(),
-                        roll.lengths.float().mean(),
-                        roll.truncated.float().mean(),
-                        informative_groups(roll.rewards, cfg.group_size).float().mean(),
-                    ],
-                    dtype=torch.float64,
-                )
-                reward, acc, fmt, length, trunc, informative = rt.all_reduce_mean(stats).tolist()
                 state.elapsed = time.perf_counter() - t_start
                 if stop.minutes or horizon.minutes:  # every rank must see the same time
                     state.elapsed = rt.broadcast(state.elapsed)
                 done = state.progress(stop) >= 1.0
-                rec: dict[str, Any] = {
-                    "step": state.step,
-                    "loss": sums["loss"] / U,
-                    "reward": reward,
-                    "accuracy": acc,
-                    "format_rate": fmt,
-                    "response_len": length,
-                    "truncated": trunc,
-                    "informative_groups": informative,
-                    "entropy": rt.all_reduce_mean(ent_sum / ent_n) if ent_n else None,
-                    "updates": updates,
-                    "clip_frac": rt.all_reduce_mean(sums["clip"] / U),
-                    "ratio": rt.all_reduce_mean(sums["ratio"] / U),
-                    "grad_norm": sums["grad_norm"] / U,
-                    "lr": lr,
-                    "sampled_tokens": state.tokens,
-                    "rollout_s": t_roll - t0,
-                    "update_s": t_end - t_roll,
-                    "elapsed": state.elapsed,
-                }
-                if ref is not None:
-                    rec["kl"] = rt.all_reduce_mean(sums["kl"] / U)
+                rec = step_record(state, roll, upd, cfg.group_size, rt)
+                rec.update(lr=lr, rollout_s=t_roll - t0, update_s=t_end - t_roll)
                 if (cfg.eval_every and state.step % cfg.eval_every == 0) or done:
                     last_eval = held_out()
                     rec.update(last_eval)

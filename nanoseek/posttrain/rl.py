@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,7 +59,14 @@ from nanoseek.train.checkpoint import (
 )
 from nanoseek.train.config import RunConfig
 from nanoseek.train.metrics import Progress, read_metrics
-from nanoseek.train.run import StepGuard, build_optimizer, check_resume, open_run, set_lr
+from nanoseek.train.run import (
+    StepGuard,
+    apply_update,
+    build_optimizer,
+    check_resume,
+    open_run,
+    set_lr,
+)
 from nanoseek.train.runtime import Runtime
 from nanoseek.train.schedule import LRSchedule
 from nanoseek.utils import atomic_path, atomic_write_text, format_table, human
@@ -439,12 +445,8 @@ class PolicyUpdate:
                 normalizer=max(n_tok, 1.0) if cfg.variant == "dapo" else n_seq,
             )
             (loss * scale).backward()
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            norm = rt.clip_grads(model, clip)
             loss_v = rt.all_reduce_mean(loss.item() * scale)
-            if self.guard.ok(step, loss_v, norm):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            norm, _ = apply_update(model, optimizer, self.guard, rt, step, loss_v, cfg.grad_clip)
             self.engine.refresh_weights()  # the next rollouts see the new weights
             updates += 1
             sums["loss"] += loss_v

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.model import Transformer
 from nanoseek.posttrain.errors import PostTrainError
 from nanoseek.posttrain.evaluate import checkpoint_dir, load_model
 from nanoseek.posttrain.sft_data import SFTData, collate, get_batch, load_sft
@@ -42,7 +42,16 @@ from nanoseek.train.checkpoint import (
 )
 from nanoseek.train.config import RunConfig
 from nanoseek.train.metrics import Progress, plot_loss
-from nanoseek.train.run import StepGuard, build_optimizer, check_resume, evaluate, open_run, set_lr
+from nanoseek.train.run import (
+    StepGuard,
+    apply_update,
+    build_optimizer,
+    check_resume,
+    evaluate,
+    open_run,
+    set_lr,
+    tick,
+)
 from nanoseek.train.runtime import Runtime
 from nanoseek.train.schedule import LRSchedule
 from nanoseek.utils import atomic_write_text, format_table, human
@@ -154,6 +163,59 @@ class SFTConfig(RunConfig):
         need(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
 
 
+def load_start(
+    cfg: SFTConfig, found: Path | None, rt: Runtime
+) -> tuple[Transformer, Tokenizer, RunState, Any]:
+    """-> (model, tokenizer, run state, saved RNG state or None): from the run's checkpoint
+    on --resume (refusing a data file that changed since), else from cfg.init."""
+    rng = None
+    if found:
+        model, state, rng = load_checkpoint(found, rt.device)
+        tokenizer = Tokenizer.load(found)
+        check_resume(state, cfg, tokenizer.hash, found, warn=rt.master)
+    else:
+        model, tokenizer = load_model(cfg.init, rt.device, torch.float32)
+        state = RunState(lr_horizon=cfg.budget(), tokenizer=tokenizer.hash)
+    data_hash = file_hash(cfg.data)
+    if found and state.extra.get("data_hash") not in (None, data_hash):
+        raise PostTrainError(
+            f"--resume: {cfg.data} changed since the run in {cfg.out} started; restore it, "
+            "or start afresh with --overwrite"
+        )
+    state.extra["data_hash"] = data_hash
+    return model, tokenizer, state, rng
+
+
+def summarize(
+    cfg: SFTConfig,
+    state: RunState,
+    train_data: SFTData,
+    val_data: SFTData,
+    val_loss: float | None,
+    rt: Runtime,
+    out: Path,
+) -> dict[str, Any]:
+    """summary.json of an SFT run."""
+    return {
+        "init": cfg.init,
+        "data": cfg.data,
+        "examples": len(train_data.examples),
+        "val_examples": len(val_data.examples),
+        "steps": state.step,
+        "trained_tokens": state.tokens,
+        "epochs": state.step * cfg.batch_size * cfg.grad_accum / max(len(train_data.examples), 1),
+        "wall_seconds": state.train_seconds,
+        "elapsed_seconds": state.elapsed,
+        "tokens_per_second": state.tokens / max(state.train_seconds, 1e-9),
+        "final_loss": last_loss(out / "metrics.jsonl"),
+        "final_val_loss": val_loss,
+        "device": str(rt.device),
+        "dtype": str(rt.dtype)[6:],
+        "world_size": rt.world,
+        "checkpoint": str(out / "ckpt"),
+    }
+
+
 def sft(cfg: SFTConfig) -> dict[str, Any]:
     cfg.validate()
     cfg, found = open_run(cfg)  # on --resume: the run's saved settings, and its checkpoint
@@ -166,20 +228,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
             )
         # --- model, tokenizer, data, optimizer: new, or as the checkpoint left them -----------
         source = found or checkpoint_dir(cfg.init)  # of the tokenizer (fresh: the weights)
-        if found:
-            model, state, rng = load_checkpoint(found, rt.device)
-            tokenizer = Tokenizer.load(found)
-            check_resume(state, cfg, tokenizer.hash, found, warn=rt.master)
-        else:
-            model, tokenizer = load_model(cfg.init, rt.device, torch.float32)
-            state = RunState(lr_horizon=cfg.budget(), tokenizer=tokenizer.hash)
-        data_hash = file_hash(cfg.data)
-        if found and state.extra.get("data_hash") not in (None, data_hash):
-            raise PostTrainError(
-                f"--resume: {cfg.data} changed since the run in {cfg.out} started; restore it, "
-                "or start afresh with --overwrite"
-            )
-        state.extra["data_hash"] = data_hash
+        model, tokenizer, state, rng = load_start(cfg, found, rt)
         state.train_config = cfg.to_dict()
         train_data, val_data = split(load_sft(cfg.data, tokenizer, cfg.seq_len), cfg)
         moe_layers = model.moe_layers()
@@ -233,20 +282,12 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
                 rt.all_reduce_sum(counts)
                 rt.all_reduce_sum(stats)
                 loss, total = (stats[0] / stats[1]).item(), (stats[2] / stats[1]).item()
-                clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-                norm = rt.clip_grads(model, clip)
+                norm, taken = apply_update(model, optimizer, guard, rt, step, total, cfg.grad_clip)
                 state.step += 1
                 state.tokens += int(n_step)
-                if guard.ok(step, total, norm):
-                    optimizer.step()
-                    if moe_layers and cfg.gamma > 0:
-                        update_expert_bias(moe_layers, counts, cfg.gamma)
-                optimizer.zero_grad(set_to_none=True)
-                dt = time.perf_counter() - t0
-                state.train_seconds += dt
-                state.elapsed = time.perf_counter() - t_start
-                if stop.minutes or horizon.minutes:  # every rank must see the same time
-                    state.elapsed = rt.broadcast(state.elapsed)
+                if taken and moe_layers and cfg.gamma > 0:
+                    update_expert_bias(moe_layers, counts, cfg.gamma)
+                dt = tick(state, t0, t_start, rt, stop, horizon)
 
                 done = state.progress(stop) >= 1.0
                 rec: dict[str, Any] = {
@@ -274,27 +315,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
             val_loss = validate()
         if not rt.master:
             return {}
-        summary = {
-            "init": cfg.init,
-            "data": cfg.data,
-            "examples": len(train_data.examples),
-            "val_examples": len(val_data.examples),
-            "steps": state.step,
-            "trained_tokens": state.tokens,
-            "epochs": state.step
-            * cfg.batch_size
-            * cfg.grad_accum
-            / max(len(train_data.examples), 1),
-            "wall_seconds": state.train_seconds,
-            "elapsed_seconds": state.elapsed,
-            "tokens_per_second": state.tokens / max(state.train_seconds, 1e-9),
-            "final_loss": last_loss(out / "metrics.jsonl"),
-            "final_val_loss": val_loss,
-            "device": str(rt.device),
-            "dtype": str(rt.dtype)[6:],
-            "world_size": rt.world,
-            "checkpoint": str(ckpt_dir),
-        }
+        summary = summarize(cfg, state, train_data, val_data, val_loss, rt, out)
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_loss(out / "metrics.jsonl", out / "loss.png", f"SFT of {cfg.init} on {cfg.data}")
         print(summary_table(summary), file=sys.stderr)

@@ -39,7 +39,16 @@ from nanoseek.train.checkpoint import (
 )
 from nanoseek.train.config import TrainConfig, TrainError
 from nanoseek.train.metrics import Progress, plot_loss, summary_table, unigram_loss
-from nanoseek.train.run import StepGuard, build_optimizer, check_resume, evaluate, open_run, set_lr
+from nanoseek.train.run import (
+    StepGuard,
+    apply_update,
+    build_optimizer,
+    check_resume,
+    evaluate,
+    open_run,
+    set_lr,
+    tick,
+)
 from nanoseek.train.runtime import Runtime
 from nanoseek.train.schedule import LRSchedule
 from nanoseek.utils import atomic_write_text, human
@@ -120,22 +129,14 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                 )
                 rt.all_reduce_sum(counts)
                 rt.all_reduce_mean(losses)
-                clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
-                norm = rt.clip_grads(model, clip)
                 total, loss, mtp_loss, index_loss = losses.tolist()
+                norm, taken = apply_update(model, optimizer, guard, rt, step, total, tc.grad_clip)
                 state.step += 1
                 state.tokens += tokens_per_step
-                if guard.ok(step, total, norm):  # else skipped: no update, no bias change
-                    optimizer.step()
-                    if moe_layers:
-                        gamma = gamma_at(state.progress(horizon), tc.gamma, tc.gamma_final)
-                        update_expert_bias(moe_layers, counts, gamma)
-                optimizer.zero_grad(set_to_none=True)
-                dt = time.perf_counter() - t0
-                state.train_seconds += dt
-                state.elapsed = time.perf_counter() - t_start
-                if stop.minutes or horizon.minutes:  # every rank must see the same time
-                    state.elapsed = rt.broadcast(state.elapsed)
+                if taken and moe_layers:  # a skipped step moves no bias either
+                    gamma = gamma_at(state.progress(horizon), tc.gamma, tc.gamma_final)
+                    update_expert_bias(moe_layers, counts, gamma)
+                dt = tick(state, t0, t_start, rt, stop, horizon)
 
                 # --- metrics, evaluation, checkpoints ------------------------------------------
                 done = state.progress(stop) >= 1.0

@@ -6,9 +6,11 @@ uses them; SFT and GRPO loops are meant to call the same ones.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -145,3 +147,34 @@ class StepGuard:
                 "--dtype fp32 (with --resume), or a lower --lr (a fresh run: --overwrite)"
             )
         return False
+
+
+def apply_update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    guard: StepGuard,
+    rt: Runtime,
+    step: int,
+    loss: float,
+    grad_clip: float,
+) -> tuple[float, bool]:
+    """The end of every training step (pretrain, SFT, GRPO): clip the gradients (0: off),
+    step the optimizer unless the guard rejects a non-finite loss or norm, clear the
+    gradients. -> (gradient norm, whether the step was taken)."""
+    norm = rt.clip_grads(model, grad_clip if grad_clip > 0 else math.inf)
+    taken = guard.ok(step, loss, norm)
+    if taken:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, taken
+
+
+def tick(state: RunState, t0: float, t_start: float, rt: Runtime, *budgets: Any) -> float:
+    """A step's seconds (since t0) into the run's clocks; the elapsed time broadcast from
+    rank 0 when a budget counts minutes, so every rank stops at the same step. -> seconds."""
+    dt = time.perf_counter() - t0
+    state.train_seconds += dt
+    state.elapsed = time.perf_counter() - t_start
+    if any(b.minutes for b in budgets):
+        state.elapsed = rt.broadcast(state.elapsed)
+    return dt

@@ -49,10 +49,10 @@ from nanoseek.posttrain.grpo import (
     overlong_penalty,
     policy_loss,
 )
+from nanoseek.posttrain.sft import load_start
 from nanoseek.posttrain.tasks import TASKS, Task, get_task
 from nanoseek.train.checkpoint import (
     RunState,
-    load_checkpoint,
     restore_optimizer,
     restore_rng,
     save_checkpoint,
@@ -63,7 +63,6 @@ from nanoseek.train.run import (
     StepGuard,
     apply_update,
     build_optimizer,
-    check_resume,
     open_run,
     set_lr,
 )
@@ -511,14 +510,7 @@ def load_policy(
     """-> (policy, tokenizer, run state, saved RNG state or None, frozen reference or None):
     from the run's checkpoint on --resume, else from cfg.init; the reference (the starting
     model) only when beta > 0."""
-    rng = None
-    if found:
-        model, state, rng = load_checkpoint(found, rt.device)
-        tokenizer = Tokenizer.load(found)
-        check_resume(state, cfg, tokenizer.hash, found, warn=rt.master)
-    else:
-        model, tokenizer = load_model(cfg.init, rt.device, torch.float32)
-        state = RunState(lr_horizon=cfg.budget(), tokenizer=tokenizer.hash)
+    model, tokenizer, state, rng = load_start(cfg, found, rt)
     state.train_config = cfg.to_dict()
     ref = None
     if cfg.loss_config().beta > 0:  # the starting model, frozen

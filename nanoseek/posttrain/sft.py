@@ -164,10 +164,10 @@ class SFTConfig(RunConfig):
 
 
 def load_start(
-    cfg: SFTConfig, found: Path | None, rt: Runtime
+    cfg: RunConfig, found: Path | None, rt: Runtime
 ) -> tuple[Transformer, Tokenizer, RunState, Any]:
-    """-> (model, tokenizer, run state, saved RNG state or None): from the run's checkpoint
-    on --resume (refusing a data file that changed since), else from cfg.init."""
+    """Where a post-training run starts (SFT, GRPO) -> (model, tokenizer, run state, saved
+    RNG state or None): the run's checkpoint on --resume, else the `cfg.init` checkpoint."""
     rng = None
     if found:
         model, state, rng = load_checkpoint(found, rt.device)
@@ -176,14 +176,18 @@ def load_start(
     else:
         model, tokenizer = load_model(cfg.init, rt.device, torch.float32)
         state = RunState(lr_horizon=cfg.budget(), tokenizer=tokenizer.hash)
+    return model, tokenizer, state, rng
+
+
+def check_data_unchanged(cfg: SFTConfig, state: RunState, resumed: bool) -> None:
+    """--resume refuses a chats file that changed since the run started."""
     data_hash = file_hash(cfg.data)
-    if found and state.extra.get("data_hash") not in (None, data_hash):
+    if resumed and state.extra.get("data_hash") not in (None, data_hash):
         raise PostTrainError(
             f"--resume: {cfg.data} changed since the run in {cfg.out} started; restore it, "
             "or start afresh with --overwrite"
         )
     state.extra["data_hash"] = data_hash
-    return model, tokenizer, state, rng
 
 
 def summarize(
@@ -229,6 +233,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
         # --- model, tokenizer, data, optimizer: new, or as the checkpoint left them -----------
         source = found or checkpoint_dir(cfg.init)  # of the tokenizer (fresh: the weights)
         model, tokenizer, state, rng = load_start(cfg, found, rt)
+        check_data_unchanged(cfg, state, found is not None)
         state.train_config = cfg.to_dict()
         train_data, val_data = split(load_sft(cfg.data, tokenizer, cfg.seq_len), cfg)
         moe_layers = model.moe_layers()

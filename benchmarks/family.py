@@ -19,17 +19,17 @@ What is measured, honestly:
   module here), the V3.2 and V4 indexers trained by their KL beside the LM loss (each
   costs an extra forward without gradient), no V3.2 dense warm-up.
 - Forward: one sequence of `context` tokens, logits for every position, no gradient.
-- Decode, batch 1, `context` tokens of prompt, greedy: nanoseek's engine (absorbed MLA over
-  its latent cache; V3.2 with its indexer-key cache) for V3 / V3.2; for V4 nanoseek has no
-  cache, so each new token RECOMPUTES THE WHOLE SEQUENCE (`generate_v4`): its decode
-  column is one full forward per token, timed once, not a cached decode. transformers
-  decodes all three with its cache (`generate(use_cache=True)`).
+- Decode, batch 1, `context` tokens of prompt, greedy, tokens/s after the first: nanoseek's
+  engine for all three (V3 / V3.2: absorbed MLA over the latent cache, V3.2 with its
+  indexer-key cache; V4: its window + compressed-entry cache, infer/cache_v4.py).
+  transformers decodes all three with its cache (`generate(use_cache=True)`).
 - Time: V4's attention (ours and transformers') is dense over window + entries, masked, so
-  one 8K forward of `small-v4` takes ~90 s on one thread (~5 GB); expect several minutes
-  per model at 8K. A measurement that fails (memory) is printed and left out.
-- Cache bytes per token: the accounting (`compute.kv_cache_bytes`, bf16, every layer: V3
-  latent, V3.2 latent + indexer keys, V4 window rows + compressed entries + indexer keys),
-  divided by the context; for V4 it is what a cache would hold, since none is built.
+  one 8K forward (and our V4 prefill, the same computation) of `small-v4` takes ~90 s on
+  one thread (~5 GB); expect several minutes per model at 8K. A measurement that fails
+  (memory) is printed and left out.
+- Cache bytes per token: the engine's cache for one sequence of `context` tokens, bf16,
+  read off its tensors (`bytes_per_token`): V3 latent rows, V3.2 latent + indexer keys, V4
+  window rings + compressed entries + indexer keys + the compressors' pending windows.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from typing import Any
 import torch
 
 from benchmarks import timing
-from nanoseek.compute import kv_cache_bytes
-from nanoseek.config import any_param_counts, get_preset
+from nanoseek.config import V4Config, any_param_counts, get_preset
 from nanoseek.data import BatchLoader, prepare
 from nanoseek.hub import from_pretrained
-from nanoseek.model import Transformer, V4Transformer, generate_v4
+from nanoseek.infer import KVCache, V4Cache
+from nanoseek.model import Transformer, V4Transformer
 from nanoseek.train import make_config, train
 from nanoseek.train.metrics import read_metrics
 from nanoseek.utils import format_table, human
@@ -99,14 +99,7 @@ def with_context(model: Transformer | V4Transformer, n: int) -> None:
 
 @torch.inference_mode()
 def ours_decode(model: Transformer | V4Transformer, ids: torch.Tensor, n: int) -> float:
-    """Decode tokens/s after the first token, batch 1: the engine for V3 / V3.2. For V4
-    every token recomputes the whole sequence (`generate_v4`, no cache), so each costs one
-    forward over the context: timed once (a full forward at 8K takes a minute on CPU)."""
-    if isinstance(model, V4Transformer):
-        generate_v4(model, ids[:, -8:], 1)  # warm-up
-        t0 = time.perf_counter()
-        generate_v4(model, ids, 1)
-        return 1.0 / (time.perf_counter() - t0)
+    """Decode tokens/s after the first token, batch 1: the engine (its V4 cache for V4)."""
     from benchmarks.decode import ns_run
     from nanoseek.infer import Engine
 
@@ -149,11 +142,17 @@ def speed_rows(
         row["fwd_hf"] = attempt(forward_rate, hf, ids, args.repeats)
         row["decode_ours"] = attempt(ours_decode, ours, ids, args.decode_tokens)
         row["decode_hf"] = attempt(hf_decode, hf, ids, args.decode_tokens)
-        row["cache_bytes_per_token"] = kv_cache_bytes(ours.config, ctx, "bf16")["per_token"]
-        row["ours_recomputes"] = isinstance(ours, V4Transformer)
+        row["cache_bytes_per_token"] = cache_bytes_per_token(ours.config, ctx)
         rows.append(row)
         print(f"{preset} @ {ctx}: {row}", flush=True)
     return rows
+
+
+def cache_bytes_per_token(cfg, ctx: int) -> int:
+    """The engine's cache for one sequence of ctx tokens, bf16, on the meta device (sizes
+    only): bytes per token, off its tensors."""
+    cache = V4Cache if isinstance(cfg, V4Config) else KVCache
+    return cache(cfg, 1, ctx, torch.bfloat16, "meta").bytes_per_token()
 
 
 def forward_rate(model, ids: torch.Tensor, repeats: int, **kw: Any) -> float:
@@ -213,7 +212,7 @@ def print_tables(summaries: dict, rows: list[dict], args: argparse.Namespace) ->
             _rate(r["fwd_ours"]),
             _rate(r["fwd_hf"]),
             f"{r['fwd_ours'] / r['fwd_hf']:.2f}x" if r["fwd_ours"] and r["fwd_hf"] else "",
-            _rate(r["decode_ours"], 2) + (" (recompute)" if r["ours_recomputes"] else ""),
+            _rate(r["decode_ours"], 2),
             _rate(r["decode_hf"], 2),
             f"{r['cache_bytes_per_token']:,.0f}",
         )
@@ -232,9 +231,9 @@ def print_tables(summaries: dict, rows: list[dict], args: argparse.Namespace) ->
     print(f"\nBatch 1, fp32, {args.threads} thread(s); decode: {args.decode_tokens} new tokens:")
     print(format_table(ctx_rows, header=header))
     print(
-        "V4 decode in nanoseek recomputes the whole sequence for every token (no V4 cache "
-        "yet); transformers decodes all three from its cache. Cache bytes: the accounting, "
-        "bf16 (for V4 what a cache would hold)."
+        "Decode: each engine from its own cache (V4: window + compressed entries), "
+        "transformers from its cache. Cache bytes: the engine's cache at that context, "
+        "bf16, off its tensors."
     )
 
 
@@ -251,9 +250,8 @@ def plot(summaries: dict, rows: list[dict], args: argparse.Namespace) -> None:
         axes[0].plot(tokens, val, "o-", ms=3, color=color, label=preset)
         mine = [r for r in rows if r["preset"] == preset]
         ctx = [r["context"] for r in mine]
-        ours = "nanoseek (recompute)" if mine and mine[0]["ours_recomputes"] else "nanoseek"
         axes[1].plot(
-            ctx, [r["decode_ours"] for r in mine], "o-", color=color, label=f"{preset} {ours}"
+            ctx, [r["decode_ours"] for r in mine], "o-", color=color, label=f"{preset} nanoseek"
         )
         axes[1].plot(
             ctx, [r["decode_hf"] for r in mine], "s--", color=color, label=f"{preset} transformers"

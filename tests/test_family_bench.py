@@ -25,6 +25,5 @@ def test_family_benchmark_smoke(shards, tmp_path):  # noqa: F811
         ("tiny", 64), ("tiny", 96), ("tiny-v4", 64), ("tiny-v4", 96)
     ]  # fmt: skip
     assert all(r[k] > 0 for r in rows for k in ("fwd_ours", "fwd_hf", "decode_ours", "decode_hf"))
-    assert [r["ours_recomputes"] for r in rows] == [False, False, True, True]
     assert json.loads((out / "family.json").read_text())["contexts"] == rows
     assert (tmp_path / "f.png").stat().st_size > 1000

@@ -358,9 +358,7 @@ class ScriptedEngine:
     def __init__(self, tok, deltas: list[str]):
         self.tokenizer, self.deltas, self.max_len = tok, deltas, 64
         self.model = SimpleNamespace(config=SimpleNamespace(vocab_size=tok.vocab_size))
-        self.cache = SimpleNamespace(
-            slots=4, used=0, latent=torch.zeros(1), mtp_latent=None, bytes_per_token=lambda: 4
-        )
+        self.cache = SimpleNamespace(slots=4, used=0, nbytes=lambda: 4, bytes_per_token=lambda: 4)
         self.scheduler = SimpleNamespace(running=[], waiting=[])
         self.prefix = self.expert_counts = None
         self.spec_stats, self.tokens_generated = SpecStats(), 0

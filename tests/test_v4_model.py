@@ -10,55 +10,17 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from v4_configs import small
 
 from nanoseek.config import CSA, HCA, V4Config, get_preset, v4_param_counts
 from nanoseek.hub import from_pretrained, save_pretrained
+from nanoseek.infer import Engine, SamplingParams
 from nanoseek.model.v4 import V4Transformer, generate_v4
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.models.deepseek_v4")
 
 TOL = dict(rtol=1e-4, atol=1e-4)
-YARN = {
-    "type": "yarn",
-    "factor": 16.0,
-    "original_max_position_embeddings": 16,
-    "beta_fast": 32,
-    "beta_slow": 1,
-}
-
-
-def small(**kw) -> V4Config:
-    # 16 index heads: an index score is exactly 0 (every head's ReLU at 0) with odds 2^-16,
-    # so top-k never breaks ties at 0 (which the two implementations may break differently)
-    base = dict(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        head_dim=16,
-        qk_rope_head_dim=8,
-        q_lora_rank=24,
-        o_groups=2,
-        o_lora_rank=12,
-        sliding_window=8,
-        compress_ratios=(0, 4, 8, 4),
-        compress_rates={CSA: 4, HCA: 8},
-        index_n_heads=16,
-        index_head_dim=16,
-        index_topk=4,
-        hc_mult=4,
-        moe_intermediate_size=24,
-        n_routed_experts=8,
-        num_experts_per_tok=3,
-        num_hash_layers=2,
-        swiglu_limit=3.0,
-        num_nextn_predict_layers=0,
-        max_position_embeddings=256,
-        rope_scaling=dict(YARN),
-    )
-    return V4Config(**{**base, **kw})
-
 
 CONFIGS = {
     # window / CSA / HCA / CSA, 2 hash layers, YaRN on the compress rope, 4 streams
@@ -254,8 +216,9 @@ def test_missing_tensor_is_a_checkpoint_error(tmp_path):
 
 @pytest.mark.parametrize("name", ["mixed-hc4", "hca-first-hc2"])
 def test_greedy_generation_matches_transformers(name):
-    """Our decode recomputes the whole sequence per token; transformers' decodes over its
-    window + compressor cache. Same tokens, past the window and across compressor windows."""
+    """generate_v4 recomputes the whole sequence per token, our engine decodes over its V4
+    cache, transformers' over its window + compressor cache. Same tokens, past the window
+    and across compressor windows."""
     cfg, ours, ref = pair(name)
     prompt = torch.randint(0, cfg.vocab_size, (1, 13), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -265,27 +228,9 @@ def test_greedy_generation_matches_transformers(name):
     got = generate_v4(ours, prompt, max_new_tokens=10)
     assert want.shape == (1, 23)
     torch.testing.assert_close(got, want)
-
-
-def test_generate_cli_routes_v4_checkpoints(tmp_path, cli):
-    """`nanoseek generate` on a V4 checkpoint: greedy, recomputing, with a note saying so;
-    the engine (sample / chat / serve) refuses V4 with a clear error."""
-    from nanoseek.data.tokenizer import Tokenizer
-
-    tok = Tokenizer.train(["the cat sat on the mat", "a dog ran in the park"] * 20, 300)
-    torch.manual_seed(0)
-    model = V4Transformer(get_preset("tiny-v4").replace(vocab_size=tok.vocab_size)).eval()
-    save_pretrained(model, tmp_path / "ckpt")
-    tok.save(tmp_path / "ckpt")
-    r = cli("generate", tmp_path / "ckpt", "the cat", "--max-tokens", 6)
-    assert r.code == 0, r.err
-    assert "recomputes the full forward" in r.err
-    prompt = torch.tensor([[tok.bos_id, *tok.encode("the cat")]])
-    new = generate_v4(model, prompt, 6, eos_token_id=tok.eos_id)[0, prompt.shape[1] :].tolist()
-    new = new[: new.index(tok.eos_id)] if tok.eos_id in new else new
-    assert r.out.strip() == tok.decode(new, skip_special_tokens=True).strip()
-    r = cli("sample", tmp_path / "ckpt", "the cat")
-    assert r.code != 0 and "DeepSeek-V4 has no cached engine" in r.err
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    cached = Engine(ours, max_len=64).generate([prompt[0].tolist()], greedy)[0].token_ids
+    assert cached == want[0, 13:].tolist()
 
 
 # --- training ------------------------------------------------------------------------------

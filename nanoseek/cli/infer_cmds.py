@@ -94,58 +94,7 @@ def _summary(engine, n_tokens: int, seconds: float) -> str:
     return s + "]"
 
 
-def _is_v4(ckpt: str) -> bool:
-    from nanoseek.hub import resolve_checkpoint
-    from nanoseek.utils import read_json
-
-    config = read_json(resolve_checkpoint(ckpt) / "config.json", "a model config")
-    return isinstance(config, dict) and config.get("model_type") == "deepseek_v4"
-
-
-def _generate_v4(args) -> int:
-    """DeepSeek-V4 has no cached engine yet: greedy, and every new token recomputes the
-    whole sequence (generate_v4), so each step costs a full forward."""
-    import torch
-
-    from nanoseek.data.tokenizer import Tokenizer
-    from nanoseek.device import resolve_device
-    from nanoseek.hub import from_pretrained, resolve_checkpoint
-    from nanoseek.infer import EngineError
-    from nanoseek.model.v4 import generate_v4
-
-    torch.set_num_threads(max(args.threads, 1))
-    path = resolve_checkpoint(args.ckpt)
-    if not (path / "tokenizer.json").exists():
-        raise EngineError(
-            "this checkpoint has no tokenizer.json; copy the training tokenizer into it"
-        )
-    print(
-        "[DeepSeek-V4: greedy decoding that recomputes the full forward for every new token "
-        "(no KV cache yet); --temperature, --top-k, --top-p, --speculative are ignored]",
-        file=sys.stderr,
-    )
-    device = resolve_device(args.device)
-    model = from_pretrained(path, dtype=getattr(torch, args.dtype), device=device)
-    tok = Tokenizer.load(path)
-    prompt = [tok.bos_id, *tok.encode(args.prompt)]
-    room = min(args.max_len or model.config.max_position_embeddings, 4096) - len(prompt)
-    if room < 1:
-        raise EngineError(f"the prompt ({len(prompt)} tokens) leaves no room to generate")
-    t0 = time.perf_counter()
-    ids = torch.tensor([prompt], device=device)
-    out = generate_v4(model, ids, min(args.max_tokens, room), eos_token_id=tok.eos_id)
-    new = out[0, len(prompt) :].tolist()
-    if tok.eos_id in new:
-        new = new[: new.index(tok.eos_id)]
-    print(tok.decode(new, skip_special_tokens=True))
-    seconds = max(time.perf_counter() - t0, 1e-9)
-    print(f"[{len(new)} tokens, {len(new) / seconds:.1f} tok/s]", file=sys.stderr)
-    return 0
-
-
 def cmd_generate(args) -> int:
-    if _is_v4(args.ckpt):
-        return _generate_v4(args)
     engine, params = _engine(args)
     _need_tokenizer(engine)
     t0 = time.perf_counter()

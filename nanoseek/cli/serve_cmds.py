@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="reuse the latent cache of prompts that share a prefix with an earlier one (a "
-        "system prompt, a chat's earlier turns); default on, off with --speculative",
+        "system prompt, a chat's earlier turns); default on, off with --speculative and for V4",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N], mps")
     p.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16")
@@ -67,6 +67,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _model_name(ckpt: str) -> str:
     path = Path(ckpt).resolve()
     return path.parent.name if path.name == "ckpt" else path.name
+
+
+def _is_v4(ckpt: str) -> bool:
+    from nanoseek.hub import resolve_checkpoint
+    from nanoseek.utils import read_json
+
+    config = read_json(resolve_checkpoint(ckpt) / "config.json", "a model config")
+    return isinstance(config, dict) and config.get("model_type") == "deepseek_v4"
 
 
 def _is_loopback(host: str) -> bool:
@@ -110,7 +118,9 @@ def cmd_serve(args) -> int:
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    prefix = not args.speculative if args.prefix_cache is None else args.prefix_cache
+    prefix = args.prefix_cache
+    if prefix is None:  # on where the engine has one: not with MTP drafts, not for V4
+        prefix = not args.speculative and not _is_v4(args.ckpt)
     kwargs = dict(
         max_batch=args.max_batch,
         max_len=args.max_len,

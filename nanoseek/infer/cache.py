@@ -15,7 +15,26 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.attention import LayerKV
 
 
-class KVCache:
+class Slots:
+    """Slot bookkeeping shared by the caches: slots 0..used-1 hold running sequences, kept
+    contiguous (a cache's `release` moves the last one into the hole)."""
+
+    def __init__(self, slots: int):
+        self.slots, self.used = slots, 0
+
+    @property
+    def free(self) -> int:
+        return self.slots - self.used
+
+    def allocate(self, n: int) -> int:
+        """Reserve n contiguous slots; returns the first."""
+        if n > self.free:
+            raise RuntimeError(f"KV cache has {self.free} free slots, asked for {n}")
+        start, self.used = self.used, self.used + n
+        return start
+
+
+class KVCache(Slots):
     def __init__(
         self,
         cfg: ModelConfig,
@@ -25,7 +44,8 @@ class KVCache:
         device: torch.device | str,
         mtp_layers: int = 0,
     ):
-        self.slots, self.max_len = slots, max_len
+        super().__init__(slots)
+        self.max_len = max_len
         self.rank, self.rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
         width = self.rank + self.rope
         shape = (slots, self.rows_per_slot, width)
@@ -40,7 +60,6 @@ class KVCache:
             self.index = torch.zeros(cfg.num_hidden_layers, *ishape, dtype=dtype, device=device)
             if mtp_layers:
                 self.mtp_index = torch.zeros(mtp_layers, *ishape, dtype=dtype, device=device)
-        self.used = 0  # slots 0..used-1 hold running sequences
 
     @property
     def rows_per_slot(self) -> int:
@@ -49,17 +68,6 @@ class KVCache:
         return self.max_len + 1
 
     # --- slots -------------------------------------------------------------------------
-    @property
-    def free(self) -> int:
-        return self.slots - self.used
-
-    def allocate(self, n: int) -> int:
-        """Reserve n contiguous slots; returns the first."""
-        if n > self.free:
-            raise RuntimeError(f"KV cache has {self.free} free slots, asked for {n}")
-        start, self.used = self.used, self.used + n
-        return start
-
     def release(self, slot: int, length_of_last: int) -> bool:
         """Free `slot`; the sequence in the last used slot (holding `length_of_last` tokens,
         and maybe a draft's row after them) moves into it. Returns True when a move happened
@@ -106,6 +114,11 @@ class KVCache:
         """V3.2: each layer's indexer keys as rows [slots * rows_per_slot, D] (views)."""
         buf = self.mtp_index if mtp else self.index
         return [] if buf is None else [b.view(-1, b.shape[-1]) for b in buf]
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds, every tensor (MTP rows and indexer keys included)."""
+        bufs = (self.latent, self.mtp_latent, self.index, self.mtp_index)
+        return sum(b.nbytes for b in bufs if b is not None)
 
     def bytes_per_token(self) -> int:
         """Bytes the main model's cache holds per token slot (V3.2: indexer keys included),

@@ -10,6 +10,9 @@ one), and reads each step's outputs; finished sequences leave the batch at once.
 
 With `speculative=True`, MTP module 1 drafts one token per step; the main model checks
 [last token, draft] in one forward, so a step commits one or two tokens.
+
+A DeepSeek-V4 model gets its own cache and runner (V4Cache, V4Runner: the sliding window
+plus compressed entries) behind the same slots and steps; no speculation or prefix cache.
 """
 
 from __future__ import annotations
@@ -22,15 +25,34 @@ import torch
 
 from nanoseek.device import resolve_device
 from nanoseek.infer.cache import KVCache
+from nanoseek.infer.cache_v4 import V4Cache
 from nanoseek.infer.prefix import PrefixCache
 from nanoseek.infer.runner import ModelRunner
+from nanoseek.infer.runner_v4 import V4Runner
 from nanoseek.infer.sampling import SamplingParams, sample, token_logprobs, verify
 from nanoseek.infer.scheduler import Scheduler, Sequence
 from nanoseek.model.transformer import Transformer
+from nanoseek.model.v4 import V4Transformer
 
 
 class EngineError(ValueError):
     """A request the engine cannot serve; the message names the problem and the fix."""
+
+
+def _check_v4(speculative: bool, plain: bool, prefix_cache: bool) -> None:
+    """What the V4 engine does not do, each refused with its reason."""
+    if speculative:
+        raise EngineError(
+            "speculative decoding needs MTP modules, and V4 models here have none; "
+            "run without --speculative"
+        )
+    if plain:
+        raise EngineError("V4 has one cached path (no plain one); generate_v4 recomputes")
+    if prefix_cache:
+        raise EngineError(
+            "the prefix cache keeps V3's latent rows; V4's window and compressor state is "
+            "not built for it: run without --prefix-cache"
+        )
 
 
 @dataclass
@@ -71,7 +93,7 @@ DEFAULT_MAX_LEN = 4096
 class Engine:
     def __init__(
         self,
-        model: Transformer,
+        model: Transformer | V4Transformer,
         tokenizer=None,
         max_batch: int = 8,
         max_len: int | None = None,
@@ -89,9 +111,14 @@ class Engine:
         size and device). `track_expert_load`: keep `expert_counts`, the tokens each expert
         of each MoE layer received from the served traffic. `prefix_cache`: a prompt that
         starts like an earlier one (a system prompt, a chat's earlier turns) reuses its latent
-        rows and prefills only the rest (see infer/prefix.py)."""
+        rows and prefills only the rest (see infer/prefix.py).
+        For a V4Transformer speculative, plain and prefix_cache are refused (EngineError)
+        and dispatch is unused (V4's MoE has one)."""
         cfg = model.config
-        if speculative and len(model.mtp) == 0:
+        v4 = isinstance(model, V4Transformer)
+        if v4:
+            _check_v4(speculative, plain, prefix_cache)
+        elif speculative and len(model.mtp) == 0:
             raise EngineError(
                 "speculative decoding needs the model's MTP modules, and this checkpoint has none "
                 "(checkpoints saved by transformers drop them); run without --speculative"
@@ -112,10 +139,13 @@ class Engine:
         self.prefix = PrefixCache(capacity_tokens=8 * self.max_len) if prefix_cache else None
         p = next(model.parameters())
         self.device = p.device
-        self.cache = KVCache(
-            cfg, max_batch, self.max_len, p.dtype, p.device, mtp_layers=1 if speculative else 0
-        )
-        self.runner = ModelRunner(model, self.cache, dispatch, track_expert_load)
+        if v4:
+            self.cache = V4Cache(cfg, max_batch, self.max_len, p.dtype, p.device)
+            self.runner = V4Runner(model, self.cache, track_expert_load)
+        else:
+            mtp_layers = 1 if speculative else 0
+            self.cache = KVCache(cfg, max_batch, self.max_len, p.dtype, p.device, mtp_layers)
+            self.runner = ModelRunner(model, self.cache, dispatch, track_expert_load)
         self.scheduler = Scheduler(self.cache)
         self.spec_stats = SpecStats()
         eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
@@ -139,11 +169,6 @@ class Engine:
         device = resolve_device(device)  # before the (slower) checkpoint checks
         ckpt_dir = resolve_checkpoint(ckpt_dir)
         model = from_pretrained(ckpt_dir, dtype=dtype, device=device).eval()
-        if not isinstance(model, Transformer):  # V4Transformer: no cache or fold yet
-            raise EngineError(
-                f"{ckpt_dir}: DeepSeek-V4 has no cached engine yet; `nanoseek generate` "
-                "decodes it greedily by recomputing the sequence per token"
-            )
         tokenizer = None
         if (ckpt_dir / "tokenizer.json").exists():
             from nanoseek.data.tokenizer import Tokenizer
@@ -267,12 +292,13 @@ class Engine:
         pos = (torch.tensor(done)[:, None] + torch.arange(T)).clamp_(max=spare).to(self.device)
         start = seqs[0].slot
         S = min(max(done) + T, spare + 1)
-        h = self.runner.forward(ids, pos, start, S=S, plain=self.plain)
+        rows_len = torch.tensor(lens, device=self.device)  # V4: where each row's pads start
+        h = self.runner.forward(ids, pos, start, S=S, plain=self.plain, lens=rows_len)
         if self.prefix is not None:
             for s in seqs:
                 n = len(s.prompt_ids) // self.prefix.block * self.prefix.block
                 self.prefix.insert(s.prompt_ids, self.cache.slot_rows(s.slot, n))
-        rows, last = torch.arange(B, device=self.device), torch.tensor(lens, device=self.device) - 1
+        rows, last = torch.arange(B, device=self.device), rows_len - 1
         logits = self.runner.logits(h[rows, last])
         tok, lp = self._sample(logits, seqs)
         if self.speculative:  # MTP module 1 over the prompt: position i sees h_i and token i+1

@@ -85,9 +85,12 @@ class ModelRunner:
         S: int | None = None,
         plain: bool = False,
         step: DecodeStep | None = None,
+        lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ids, pos [B, T] for cache rows start..start+B -> final-norm hidden [B, T, d].
-        S (optional) = max(pos) + 1; step (optional): prepare(pos, start, S), built by the caller."""
+        S (optional) = max(pos) + 1; step (optional): prepare(pos, start, S), built by the caller.
+        `lens` (a prefill's real tokens per row) is V4Runner's; the latent cache needs none:
+        pads write rows past each sequence, rewritten before any query reads them."""
         B = ids.shape[0]
         if plain:
             S = int(pos.max()) + 1

@@ -1,4 +1,5 @@
-"""DeepSeek-V4 attention, piece by piece (the stateless, full-sequence forms).
+"""DeepSeek-V4 attention, piece by piece: the stateless, full-sequence forms, and beside
+them the cached forms the engine decodes with (`V4LayerKV`, infer/cache_v4.py).
 
 V4 attention is shared-KV multi-query attention: one `head_dim` (512) vector per token is
 both key and value for every head, over a sliding window of recent tokens plus, in most
@@ -29,6 +30,7 @@ scorer.weights_proj}`, `self_attn.o_a_proj`, `self_attn.sinks`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -102,10 +104,57 @@ def causal_bias(position_ids: torch.Tensor, n_entries: int, rate: int) -> torch.
     return bias.masked_fill(blocked, float("-inf")).unsqueeze(1)
 
 
+@dataclass
+class V4Step:
+    """What every layer of one cached step shares (the engine's runner builds it). A step
+    is a prefill of chunks that start at position 0 (`lens` [B]: each row's real tokens;
+    the rest is right padding, whose keys and entries no real query reads and which decode
+    rewrites before any query can) or a decode of one token per row (`lens` None).
+
+    pos [B, T]; S = max(pos) + 1; ring_src / ring_dst [B, K]: the step's tokens (chunk
+    rows) that go to the sliding window's ring, and the ring rows they go to;
+    window_mask [B, 1, 1, W] (decode): additive, 0 on the ring rows inside each query's
+    window (the runner reads the positions the rows hold)."""
+
+    pos: torch.Tensor
+    S: int
+    lens: torch.Tensor | None
+    ring_src: torch.Tensor
+    ring_dst: torch.Tensor
+    window_mask: torch.Tensor | None = None
+
+
+@dataclass
+class CompressorKV:
+    """One compressor's cache for a batch of sequences (views into the engine's cache):
+    `entries` [B, E, d], entry w pooling window w; the window being filled, `kv` / `gate`
+    [B, rate, width] (row = position % rate, gate without the position bias); with
+    overlapping windows (CSA) `prev_kv` / `prev_gate` [B, rate, d], the previous window's
+    Ca half, which the current window's entry pools too."""
+
+    entries: torch.Tensor
+    kv: torch.Tensor
+    gate: torch.Tensor
+    prev_kv: torch.Tensor | None = None
+    prev_gate: torch.Tensor | None = None
+
+
+@dataclass
+class V4LayerKV:
+    """One layer's cache for a batch of sequences: the sliding window's ring [B, W, hd]
+    (row = position % W), the compressor's and (CSA) the indexer's state, and the step."""
+
+    step: V4Step
+    window: torch.Tensor
+    compressor: CompressorKV | None = None
+    indexer: CompressorKV | None = None
+
+
 class Compressor(nn.Module):
     """One compressed KV entry per `rate` tokens (transformers' DeepseekV4HCACompressor
     with `overlap=False`, DeepseekV4CSACompressor's compression with `overlap=True`),
-    stateless: windows after the last complete one are dropped. A CSA compressor owns
+    stateless: windows after the last complete one are dropped (`cached` is the form over
+    a cache, which keeps the window being filled). A CSA compressor owns
     the layer's `V4Indexer` (as transformers' does), which it does not call itself.
 
     forward(x [B, S, D]) -> entries [B, S // rate, head_dim], RoPE'd at each window's
@@ -142,21 +191,85 @@ class Compressor(nn.Module):
 
     def compress(self, x: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
-        n, r, d = S // self.rate, self.rate, self.head_dim
+        n, r = S // self.rate, self.rate
         if n == 0:
-            return x.new_zeros(B, 0, d)
-        kv = self.kv_proj(x[:, : n * r]).view(B, n, r, -1)
-        gate = self.gate_proj(x[:, : n * r]).view(B, n, r, -1) + self.position_bias
+            return x.new_zeros(B, 0, self.head_dim)
+        kv, gate = self.project(x[:, : n * r])
+        windows = torch.arange(n, device=x.device).expand(B, n)
+        return self.pool(kv.view(B, n, r, -1), gate.view(B, n, r, -1), windows, x.dtype)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's proposal and gate logits [B, S, width] (no position bias yet)."""
+        return self.kv_proj(x), self.gate_proj(x)
+
+    def pool(
+        self,
+        kv: torch.Tensor,
+        gate: torch.Tensor,
+        windows: torch.Tensor,
+        dtype: torch.dtype,
+        prev_kv: torch.Tensor | None = None,
+        prev_gate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Whole windows' entries: kv, gate [B, n, rate, width] (row j = the token at j in
+        its window), windows [B, n] their ids -> [B, n, d], RoPE'd at each window's first
+        position (cos / sin in `dtype`). Overlap: window w also pools window w-1's Ca half,
+        `prev_kv` / `prev_gate` [B, n, rate, d] when given (a cache's), else the previous
+        window of the same tensor; window 0 has no predecessor (weight 0)."""
+        d = self.head_dim
+        gate = gate + self.position_bias
         if self.overlap:  # window w pools its own Cb and window w-1's Ca over 2r slots
-            prev_kv = F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))  # window 0: no predecessor
-            prev_gate = F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))
+            if prev_kv is None:
+                prev_kv = F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))  # window 0: none
+                prev_gate = F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))
+            else:
+                first = (windows == 0)[..., None, None]
+                prev_gate = (prev_gate + self.position_bias[:, :d]).masked_fill(
+                    first, float("-inf")
+                )
             kv = torch.cat([prev_kv, kv[..., d:]], dim=2)
             gate = torch.cat([prev_gate, gate[..., d:]], dim=2)
         weights = gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
         entries = self.kv_norm((kv * weights).sum(dim=2))
-        positions = (torch.arange(n, device=x.device) * r).expand(B, n)
-        cos, sin = cos_sin(positions, self.inv_freq)
-        return rope_tail(entries, cos.to(x.dtype), sin.to(x.dtype))
+        cos, sin = cos_sin(windows * self.rate, self.inv_freq)
+        return rope_tail(entries, cos.to(dtype), sin.to(dtype))
+
+    def cached(self, x: torch.Tensor, c: CompressorKV, step: V4Step) -> torch.Tensor:
+        """`compress` over a cache: the step's tokens join their windows in `c`, each entry
+        is pooled once its window is whole (what `compress` gives on the whole sequence),
+        and the entries any query of the step may read come back, [B, S // rate, d] (the
+        causal masks say which of them each query sees)."""
+        B, T, _ = x.shape
+        r, d = self.rate, self.head_dim
+        rows = torch.arange(B, device=x.device)[:, None]
+        kv, gate = self.project(x)
+        if step.lens is None:  # decode: one token per row, at position t
+            t = step.pos
+            c.kv[rows, t % r], c.gate[rows, t % r] = kv, gate
+            prev = (c.prev_kv[:, None], c.prev_gate[:, None]) if self.overlap else ()
+            # pooled every step: while the window is incomplete its entry is invisible (the
+            # queries' masks) and the window's last token rewrites it
+            entry = self.pool(c.kv[:, None], c.gate[:, None], t // r, x.dtype, *prev)
+            c.entries[rows, t // r] = entry
+            if self.overlap:  # a window just completed: its Ca half is the next one's prev
+                done = ((t + 1) % r == 0)[..., None]
+                c.prev_kv.copy_(torch.where(done, c.kv[..., :d], c.prev_kv))
+                c.prev_gate.copy_(torch.where(done, c.gate[..., :d], c.prev_gate))
+        else:  # prefill from position 0: the whole windows, then the window being filled
+            n = T // r
+            if n:
+                windows = torch.arange(n, device=x.device).expand(B, n)
+                whole = (kv[:, : n * r].view(B, n, r, -1), gate[:, : n * r].view(B, n, r, -1))
+                c.entries[:, :n] = self.pool(*whole, windows, x.dtype)
+            cur = (step.lens // r * r)[:, None] + torch.arange(r, device=x.device)  # [B, r]
+            src = cur.clamp(max=T - 1)  # rows past a row's end: rewritten before they count
+            c.kv.copy_(kv[rows, src])
+            c.gate.copy_(gate[rows, src])
+            if self.overlap:  # window 0's prev is masked by `pool`
+                prev = (cur - r).clamp(min=0)
+                c.prev_kv.copy_(kv[rows, prev, :d])
+                c.prev_gate.copy_(gate[rows, prev, :d])
+        return c.entries[:, : step.S // r]
 
 
 class IndexerScorer(nn.Module):
@@ -175,10 +288,11 @@ class IndexerScorer(nn.Module):
 
 
 class V4Indexer(Compressor):
-    """CSA's lightning indexer (transformers' DeepseekV4Indexer), stateless: its own small
-    overlapping compressor (`index_head_dim`) gives index keys; queries come from the
-    attention's normed q-LoRA latent (`q_b_proj`), roped at their positions with the same
-    "compress" rope. forward -> top-k entry ids [B, S, k] per query, -1 where fewer than
+    """CSA's lightning indexer (transformers' DeepseekV4Indexer), stateless unless given a
+    cache (its keys then come from `Compressor.cached`): its own small overlapping
+    compressor (`index_head_dim`) gives index keys; queries come from the attention's
+    normed q-LoRA latent (`q_b_proj`), roped at their positions with the same "compress"
+    rope. forward -> top-k entry ids [B, S, k] per query, -1 where fewer than
     k entries are visible yet."""
 
     def __init__(
@@ -201,10 +315,18 @@ class V4Indexer(Compressor):
         self.q_b_proj = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
         self.scorer = IndexerScorer(hidden_size, n_heads, head_dim)
 
-    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, position_ids: torch.Tensor):
-        """-> (index scores [B, S, T] with -inf on entries not yet visible, visible [B, S])."""
+    def scores(
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        position_ids: torch.Tensor,
+        keys: torch.Tensor | None = None,
+    ):
+        """-> (index scores [B, S, T] with -inf on entries not yet visible, visible [B, S]).
+        `keys` [B, T, d]: the index keys (default: `compress(x)`, the whole sequence's)."""
         B, S, _ = x.shape
-        keys = self.compress(x)
+        if keys is None:
+            keys = self.compress(x)
         q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim)
         cos, sin = cos_sin(position_ids, self.inv_freq)
         q = rope_tail(q, cos.unsqueeze(2).to(q.dtype), sin.unsqueeze(2).to(q.dtype))
@@ -213,8 +335,17 @@ class V4Indexer(Compressor):
         blocked = torch.arange(keys.shape[1], device=x.device) >= visible.unsqueeze(-1)
         return scores.masked_fill(blocked, float("-inf")), visible
 
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, position_ids: torch.Tensor):
-        return self.select(*self.scores(x, q_latent, position_ids))
+    def forward(
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: CompressorKV | None = None,
+        step: V4Step | None = None,
+    ) -> torch.Tensor:
+        """With `cache` (and its `step`), the index keys come from the cache (`cached`)."""
+        keys = None if cache is None else self.cached(x, cache, step)
+        return self.select(*self.scores(x, q_latent, position_ids, keys))
 
     def select(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """The top-k entry ids [B, S, k] of `scores`, -1 past each query's visible entries."""
@@ -241,8 +372,8 @@ def sliding_bias(position_ids: torch.Tensor, window: int) -> torch.Tensor:
 
 
 class V4Attention(nn.Module):
-    """One V4 attention layer, full-sequence and stateless (transformers' DeepseekV4Attention
-    with no cache). `layer_type` is transformers' name: "sliding_attention" (window only),
+    """One V4 attention layer (transformers' DeepseekV4Attention): full-sequence and
+    stateless, or one cached step when given a `V4LayerKV`. `layer_type` is transformers' name: "sliding_attention" (window only),
     "compressed_sparse_attention" (CSA, rate 4, indexer), "heavily_compressed_attention"
     (HCA, rate 128); `compress_rate` overrides the rate.
 
@@ -311,11 +442,14 @@ class V4Attention(nn.Module):
         """CSA's lightning indexer (it lives in the compressor, as in checkpoints)."""
         return getattr(self.compressor, "indexer", None)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """x [B, S, D], position_ids [B, S] (the sequence from its start) -> [B, S, D]."""
+    def forward(
+        self, x: torch.Tensor, position_ids: torch.Tensor, cache: V4LayerKV | None = None
+    ) -> torch.Tensor:
+        """x [B, S, D], position_ids [B, S] (the sequence from its start) -> [B, S, D].
+        With `cache`, x is one step's tokens and the keys come from (and go to) the cache."""
         B, S, _ = x.shape
         q, q_latent, cos, sin = self.queries(x, position_ids)
-        kv, mask = self.keys(x, q_latent, position_ids, cos, sin)
+        kv, mask = self.keys(x, q_latent, position_ids, cos, sin, cache=cache)
         out = sink_attention(q, kv, mask.to(q.dtype), self.sinks, self.scale)  # [B, S, H, hd]
         out = rope_tail(out, cos.transpose(1, 2), -sin.transpose(1, 2))
         out = self.o_a_proj(out.reshape(B, S, self.o_groups, -1)).flatten(2)
@@ -331,23 +465,51 @@ class V4Attention(nn.Module):
         q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         return rope_tail(rms_normalize(q, self.norm_eps), cos, sin), q_latent, cos, sin
 
-    def keys(self, x, q_latent, position_ids, cos, sin, top: torch.Tensor | None = None):
+    def keys(
+        self,
+        x,
+        q_latent,
+        position_ids,
+        cos,
+        sin,
+        top: torch.Tensor | None = None,
+        cache: V4LayerKV | None = None,
+    ):
         """-> (kv [B, 1, S + T, hd]: the sequence's keys then its T compressed entries, the
         additive mask [B, 1, S, S + T]). CSA reads the entries `top` [B, S, k] names
-        (default: the indexer's choice)."""
+        (default: the indexer's choice). With `cache`: the window's keys then the entries
+        the cache holds (`window_keys`, `Compressor.cached`)."""
         kv = rope_tail(self.kv_norm(self.kv_proj(x)).unsqueeze(1), cos, sin)  # [B, 1, S, hd]
-        mask = sliding_bias(position_ids, self.window)
+        if cache is None:
+            mask = sliding_bias(position_ids, self.window)
+        else:
+            kv, mask = self.window_keys(kv, cache)
         if self.compressor is None:
             return kv, mask
-        entries = self.compressor(x)
+        if cache is None:
+            entries = self.compressor(x)
+        else:
+            entries = self.compressor.cached(x, cache.compressor, cache.step)
         if self.indexer is not None:
             if top is None:
-                top = self.indexer(x, q_latent, position_ids)
+                step = None if cache is None else cache.step
+                index = None if cache is None else cache.indexer
+                top = self.indexer(x, q_latent, position_ids, index, step)
             extra = selected_bias(top, entries.shape[1])
         else:
             extra = causal_bias(position_ids, entries.shape[1], self.compressor.rate)
         kv = torch.cat([kv, entries.unsqueeze(1)], dim=2)
         return kv, torch.cat([mask, extra], dim=-1)
+
+    def window_keys(self, kv: torch.Tensor, c: V4LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sliding window over a cache: the step's keys kv [B, 1, T, hd] go into the
+        ring; a prefill (from position 0) then reads its own chunk, a decode the ring."""
+        st = c.step
+        rows = torch.arange(kv.shape[0], device=kv.device)[:, None]
+        c.window[rows, st.ring_dst] = kv[:, 0][rows, st.ring_src]
+        if st.lens is not None:
+            return kv, sliding_bias(st.pos, self.window)
+        return c.window.unsqueeze(1), st.window_mask
 
     def indexer_kl(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
         """CSA's indexer loss (V3.2's, over compressed entries): the mean per query of

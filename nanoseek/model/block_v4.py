@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanoseek.model.attention_v4 import V4Attention
+from nanoseek.model.attention_v4 import V4Attention, V4LayerKV
 from nanoseek.model.hyper import HyperConnection
 from nanoseek.model.moe_v4 import V4MoE
 from nanoseek.model.norm import RMSNorm
@@ -45,10 +45,12 @@ class V4Block(nn.Module):
         position_ids: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         counts: list[torch.Tensor] | None = None,
+        cache: V4LayerKV | None = None,
     ) -> torch.Tensor:
-        """`counts`: see V4MoE.forward (the MoE's tokens per expert, learned routing only)."""
+        """`counts`: see V4MoE.forward (the MoE's tokens per expert, learned routing only).
+        `cache`: this layer's cache, when h is one cached step's tokens (V4Attention)."""
         post, comb, x = self.attn_hc(h)
-        out = self.self_attn(self.input_layernorm(x), position_ids)
+        out = self.self_attn(self.input_layernorm(x), position_ids, cache)
         h = HyperConnection.update(h, out, post, comb)
         post, comb, x = self.ffn_hc(h)
         out = self.mlp(self.post_attention_layernorm(x), input_ids, counts)

@@ -8,8 +8,9 @@ Each layer's attention is window-only, CSA or HCA (`V4Config.compress_ratios`); 
 transformers' DeepseekV4ForCausalLM's (`model.embed_tokens`, `model.layers.N...`,
 `model.hc_head`, `model.norm`, `lm_head`), so its state dict loads one for one.
 
-Stateless: `forward` runs the whole sequence (there is no KV / compressor cache yet), and
-`generate_v4` decodes greedily by recomputing the full forward per new token. No MTP
+`forward` runs the whole sequence, stateless, and `generate_v4` decodes greedily by
+recomputing it per new token: the reference for the engine, which decodes from a V4 cache
+(`V4Model.forward` with one `V4LayerKV` per layer; nanoseek/infer/cache_v4.py). No MTP
 module is built (checkpoints' MTP layers are ignored, as transformers does).
 
 Training (`nanoseek train --preset tiny-v4`): `forward` reports the learned-routing layers'
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import V4Config
-from nanoseek.model.attention_v4 import V4Attention
+from nanoseek.model.attention_v4 import V4Attention, V4LayerKV
 from nanoseek.model.block_v4 import V4Block
 from nanoseek.model.hyper import HyperHead
 from nanoseek.model.loss import linear_cross_entropy
@@ -83,11 +84,14 @@ class V4Model(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         counts: list[torch.Tensor] | None = None,
+        cache: list[V4LayerKV] | None = None,
     ) -> torch.Tensor:
-        """`counts`: gets each learned-routing MoE layer's tokens per expert (V4MoE)."""
+        """`counts`: gets each learned-routing MoE layer's tokens per expert (V4MoE).
+        `cache`: one V4LayerKV per layer when the ids are one step of cached decoding (a
+        prefill from position 0 or one token per sequence; nanoseek/infer/runner_v4.py)."""
         h = self.streams(input_ids)
-        for layer in self.layers:
-            h = layer(h, position_ids, input_ids, counts)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, position_ids, input_ids, counts, None if cache is None else cache[i])
         return self.norm(self.hc_head(h))
 
     def streams(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -96,7 +100,8 @@ class V4Model(nn.Module):
 
 
 class V4Transformer(nn.Module):
-    """DeepSeek-V4 for causal LM (transformers' DeepseekV4ForCausalLM, without a cache).
+    """DeepSeek-V4 for causal LM (transformers' DeepseekV4ForCausalLM; the cache is the
+    engine's, nanoseek/infer/cache_v4.py).
 
     `forward(input_ids, targets)` returns the same `ModelOutput` as `Transformer.forward`
     (lazy logits, the fused head + cross-entropy loss, `expert_counts` of the learned-routing
@@ -208,8 +213,9 @@ def generate_v4(
     eos_token_id: int | None = None,
 ) -> torch.Tensor:
     """Greedy decoding, [B, S] -> [B, S + n]: each new token recomputes the whole forward
-    (O(n) forwards over a growing sequence; V4 has no cache here yet). Stops early when
-    every row has produced `eos_token_id`; rows that finished keep emitting it."""
+    (O(n) forwards over a growing sequence): the reference the cached engine is tested
+    against (`Engine` decodes V4 from its cache). Stops early when every row has
+    produced `eos_token_id`; rows that finished keep emitting it."""
     ids = input_ids
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):

@@ -184,7 +184,6 @@ def _num(v: float) -> str:
 def engine_snapshot(engine: Any) -> dict[str, Any]:
     """Plain numbers from the engine; runs on the worker thread (see EngineWorker.call)."""
     sched, cache, prefix = engine.scheduler, engine.cache, engine.prefix
-    tensors = [t for t in (cache.latent, cache.mtp_latent) if t is not None]
     held = sum(s.num_tokens for s in sched.running)
     spec, experts = engine.spec_stats, engine.expert_counts
     return {
@@ -193,7 +192,7 @@ def engine_snapshot(engine: Any) -> dict[str, Any]:
         "tokens_generated": engine.tokens_generated,
         "slots": cache.slots,
         "slots_used": cache.used,
-        "cache_bytes": sum(t.nbytes for t in tensors),
+        "cache_bytes": cache.nbytes(),
         "cache_bytes_used": held * cache.bytes_per_token(),
         "drafted": spec.drafted,
         "accepted": spec.accepted,

@@ -251,6 +251,32 @@ def test_grpo_step_raises_the_rewarded_completion(sft_run, tok, tmp_path, monkey
         assert u.logprobs != pytest.approx(o.logprobs, abs=1e-3)
 
 
+def test_dynamic_sampling_refills_the_batch_with_informative_groups(sft_run, tok):
+    """G = 2 completions of a model that answers yes half the time: about half of the groups
+    are all-yes or all-no. Dynamic sampling draws new problems for them; the batch keeps
+    P groups, informative ones preferred, and the statistics count everything sampled."""
+    model, _ = load_model(sft_run)
+    P, G = 6, 2
+    plain = rl_config(sft_run, Path("unused"), prompts_per_step=P, group_size=G)
+    dynamic = rl_config(sft_run, Path("unused"), prompts_per_step=P, group_size=G)
+    dynamic.dynamic_sampling = 4
+    engine = Engine(model, tok, max_batch=P * G, max_len=64)
+    task = Yes()
+    base, _ = rl_mod.rollout(engine, tok, task, plain, 0, 0)
+    assert base.batch.tolist() == list(range(P * G)) and len(base.rewards) == P * G
+    roll, _ = rl_mod.rollout(engine, tok, task, dynamic, 0, 0)
+    assert len(roll.batch) == P * G
+    # the first round is the plain rollout itself; refills only add to it
+    assert torch.equal(roll.rewards[: P * G], base.rewards)
+    informative = rl_mod.informative_groups(base.rewards, G)
+    assert not informative.all(), "seed gave no uninformative group: the test needs one"
+    assert len(roll.rewards) > P * G  # new problems were drawn
+    picked = rl_mod.informative_groups(roll.rewards[roll.batch], G)
+    total = int(rl_mod.informative_groups(roll.rewards, G).sum())
+    assert int(picked.sum()) == min(P, total) > int(informative.sum())
+    assert len(set(roll.batch.tolist())) == P * G  # no row twice
+
+
 def test_grpo_exact_resume(sft_run, tmp_path, monkeypatch):
     """grpo with a reference model and two minibatch updates per step: killed mid-run,
     resumed, the same prompts, samples and updates as the uninterrupted run."""

@@ -118,6 +118,11 @@ class RLConfig(RunConfig):
     overlong_cache: int = _h(
         "DAPO's soft overlong penalty over the last N tokens (0: off)", default=0
     )
+    dynamic_sampling: int = _h(
+        "DAPO's dynamic sampling: up to N more rounds of new problems per step to replace "
+        "groups whose rewards are all equal (they carry no signal); 0: off",
+        default=0,
+    )
     updates_per_batch: int = _h(
         "optimizer steps per batch of rollouts (the ratio is to the sampling policy)", default=1
     )
@@ -172,6 +177,7 @@ class RLConfig(RunConfig):
         "epsilon_high",
         "mask_truncated",
         "overlong_cache",
+        "dynamic_sampling",
         "updates_per_batch",
         "minibatches",
         "lr",
@@ -211,6 +217,7 @@ class RLConfig(RunConfig):
             "--updates-per-batch must be a multiple of --minibatches (whole passes over the "
             "batch), and --minibatches at most the completions per step",
         )
+        need(self.dynamic_sampling >= 0, "--dynamic-sampling must be >= 0 (rounds)")
         need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
@@ -251,15 +258,49 @@ def derive_seed(*parts: Any) -> int:
 
 @dataclass
 class Rollouts:
-    """One step's completions as a training batch: B = P * G rows, each prompt's G adjacent."""
+    """One step's completions, each prompt's G adjacent: every one sampled (the statistics)
+    and, as `batch`, the rows the update trains on (all of them unless dynamic sampling
+    replaced groups that carry no signal)."""
 
-    ids: torch.Tensor  # [B, T] prompt + completion (+ the end token when it stopped), padded
-    mask: torch.Tensor  # [B, T - 1] 1 where the target ids[:, t + 1] is a completion token
-    rewards: torch.Tensor  # [B] total reward (with the overlong penalty, if any)
-    correct: torch.Tensor  # [B]
-    formatted: torch.Tensor  # [B]
-    lengths: torch.Tensor  # [B] completion tokens, stop token excluded
-    truncated: torch.Tensor  # [B] bool: cut at max_completion_tokens
+    ids: torch.Tensor  # [N, T] prompt + completion (+ the end token when it stopped), padded
+    mask: torch.Tensor  # [N, T - 1] 1 where the target ids[:, t + 1] is a completion token
+    rewards: torch.Tensor  # [N] total reward (with the overlong penalty, if any)
+    correct: torch.Tensor  # [N]
+    formatted: torch.Tensor  # [N]
+    lengths: torch.Tensor  # [N] completion tokens, stop token excluded
+    truncated: torch.Tensor  # [N] bool: cut at max_completion_tokens
+    batch: torch.Tensor  # [P * G] the training rows: P groups, informative ones preferred
+
+
+def sample_groups(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    task: Task,
+    cfg: RLConfig,
+    n: int,
+    *where: Any,
+) -> tuple[list[list[int]], list[Any], list[Any]]:
+    """n problems drawn from a seed derived from `where` (step, rank, round), G completions
+    each: -> (prompt ids per completion, completions, rewards)."""
+    problems = task.generate(1 + derive_seed(cfg.seed, "prompts", *where), n)
+    prompts = [chat_prompt(tokenizer, p) for p in problems]
+    G = cfg.group_size
+    flat = [p for p in prompts for _ in range(G)]
+    # The turn ends at <|end|> only (<|eos|> is not a chat token): a completion that
+    # stopped ended with exactly that token, which the loss then trains on.
+    params = [
+        SamplingParams(
+            max_tokens=cfg.max_completion_tokens,
+            temperature=cfg.temperature,
+            seed=derive_seed(cfg.seed, "sample", *where, i),
+            stop_token_ids=[tokenizer.end_id],
+            ignore_eos=True,
+        )
+        for i in range(len(flat))
+    ]
+    outs = engine.generate(flat, params)
+    rewards = [task.reward(problems[i // G], c.text) for i, c in enumerate(outs)]
+    return flat, outs, rewards
 
 
 def rollout(
@@ -270,25 +311,21 @@ def rollout(
     step: int,
     rank: int,
 ) -> tuple[Rollouts, list[str]]:
-    """Sample G completions for each of the step's problems and score them."""
-    problems = task.generate(1 + derive_seed(cfg.seed, "prompts", step, rank), cfg.prompts_per_step)
-    prompts = [chat_prompt(tokenizer, p) for p in problems]
-    G = cfg.group_size
-    flat = [p for p in prompts for _ in range(G)]
-    # The turn ends at <|end|> only (<|eos|> is not a chat token): a completion that
-    # stopped ended with exactly that token, which the loss then trains on.
-    params = [
-        SamplingParams(
-            max_tokens=cfg.max_completion_tokens,
-            temperature=cfg.temperature,
-            seed=derive_seed(cfg.seed, "sample", step, rank, i),
-            stop_token_ids=[tokenizer.end_id],
-            ignore_eos=True,
-        )
-        for i in range(len(flat))
-    ]
-    outs = engine.generate(flat, params)
-    rewards = [task.reward(problems[i // G], c.text) for i, c in enumerate(outs)]
+    """Sample G completions for each of the step's problems and score them. With dynamic
+    sampling (DAPO), up to `dynamic_sampling` more rounds draw new problems for the groups
+    whose rewards were all equal; the batch keeps P groups, informative ones preferred."""
+    G, P = cfg.group_size, cfg.prompts_per_step
+    flat, outs, rewards = sample_groups(engine, tokenizer, task, cfg, P, step, rank)
+    informative = informative_groups(torch.tensor([r.total for r in rewards]), G).tolist()
+    for rnd in range(1, 1 + cfg.dynamic_sampling):
+        missing = P - sum(informative)
+        if missing == 0:
+            break
+        more = sample_groups(engine, tokenizer, task, cfg, missing, step, rank, rnd)
+        flat, outs, rewards = flat + more[0], outs + more[1], rewards + more[2]
+        informative += informative_groups(torch.tensor([r.total for r in more[2]]), G).tolist()
+    groups = sorted(range(len(informative)), key=lambda g: not informative[g])[:P]
+    batch = torch.tensor([g * G + j for g in sorted(groups) for j in range(G)])
     seqs = [
         p + c.token_ids + ([tokenizer.end_id] if c.finish_reason == "stop" else [])
         for p, c in zip(flat, outs, strict=True)
@@ -311,6 +348,7 @@ def rollout(
         formatted=torch.tensor([float(r.formatted) for r in rewards]),
         lengths=lengths,
         truncated=torch.tensor([c.finish_reason == "length" for c in outs]),
+        batch=batch,
     )
     return r, [c.text for c in outs]
 
@@ -471,7 +509,8 @@ class PolicyUpdate:
 def step_record(
     state: RunState, roll: Rollouts, upd: dict[str, Any], group_size: int, rt: Runtime
 ) -> dict[str, Any]:
-    """One step's metrics line: the rollouts' statistics (mean over ranks) and the updates'."""
+    """One step's metrics line: the rollouts' statistics (mean over ranks, over everything
+    sampled: the policy's own reward, not the filtered batch's) and the updates'."""
     stats = torch.tensor(
         [
             roll.rewards.mean(),
@@ -493,6 +532,7 @@ def step_record(
         "response_len": length,
         "truncated": trunc,
         "informative_groups": informative,
+        "completions": len(roll.rewards),
         "entropy": upd["entropy"],
         "updates": upd["updates"],
         "clip_frac": upd["clip_frac"],
@@ -612,11 +652,12 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                 roll, _ = rollout(engine, tokenizer, task, cfg, step, rt.rank)
                 t_roll = time.perf_counter()
                 # 2. advantages
-                adv = group_advantages(roll.rewards, cfg.group_size, loss_cfg.scale_std)
-                mask = roll.mask
+                rows = roll.batch
+                adv = group_advantages(roll.rewards[rows], cfg.group_size, loss_cfg.scale_std)
+                mask = roll.mask[rows]
                 if loss_cfg.mask_truncated:
-                    mask = mask_truncated(mask, roll.truncated)
-                ids, mask, adv = roll.ids.to(rt.device), mask.to(rt.device), adv.to(rt.device)
+                    mask = mask_truncated(mask, roll.truncated[rows])
+                ids, mask, adv = roll.ids[rows].to(rt.device), mask.to(rt.device), adv.to(rt.device)
                 # 3. updates
                 upd = update(step, ids, mask, adv)
                 t_end = time.perf_counter()

@@ -23,10 +23,10 @@ What is measured, honestly:
   engine for all three (V3 / V3.2: absorbed MLA over the latent cache, V3.2 with its
   indexer-key cache; V4: its window + compressed-entry cache, infer/cache_v4.py).
   transformers decodes all three with its cache (`generate(use_cache=True)`).
-- Time: V4's attention (ours and transformers') is dense over window + entries, masked, so
-  one 8K forward (and our V4 prefill, the same computation) of `small-v4` takes ~90 s on
-  one thread (~5 GB); expect several minutes per model at 8K. A measurement that fails
-  (memory) is printed and left out.
+- Time: transformers' V4 attention is dense over window + entries, masked: one 8K forward
+  of `small-v4` takes ~90 s on one thread (~5 GB); ours goes by query blocks (~10 s; the
+  prefill is the same computation). Expect several minutes per model at 8K. A measurement
+  that fails (memory) is printed and left out.
 - Cache bytes per token: the engine's cache for one sequence of `context` tokens, bf16,
   read off its tensors (`bytes_per_token`): V3 latent rows, V3.2 latent + indexer keys, V4
   window rings + compressed entries + indexer keys + the compressors' pending windows.

@@ -19,6 +19,13 @@ layers, *compressed* entries that summarise the distant past:
 - **Interleaved partial RoPE on the tail** (`rope_tail`): RoPE rotates pairs of the last
   `rope_dim` channels. Since values are keys, the output's rope channels are rotated back
   by the query's position (`rope_tail(out, cos, -sin)`), leaving relative positions.
+- **Query blocks.** The full-sequence forms (no cache, and a cached prefill) go
+  `QUERY_BLOCK` queries at a time (`V4Attention.blocks`): a block reads its own tokens and
+  the `sliding_window - 1` before them, then the entries -- HCA's all, causally masked;
+  CSA's all, masked to each query's top-k, or past `GATHER_OVER` x k entries each query's
+  k gathered as its own keys (`picked_entries`) -- in the same softmax, sink included, as
+  the dense form: one [S, S + T] masked logits tensor (GBs at 8K tokens; it stays the
+  reference in tests/test_v4_long.py). The indexer scores a block at a time too.
 - **Grouped output projection** (`GroupedLinear`): heads x head_dim is huge (32768 for
   V4-Flash), so heads are split into `o_groups` groups, each projected on its own to
   `o_lora_rank` (`o_a_proj`), then mixed by one linear (`o_b_proj`) to the hidden size.
@@ -30,6 +37,7 @@ scorer.weights_proj}`, `self_attn.o_a_proj`, `self_attn.sinks`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +49,21 @@ from nanoseek.config import V4_LAYER_RATIOS
 from nanoseek.model.hyper import rms_normalize
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import cos_sin, inv_frequencies
+
+# Queries per block in the full-sequence forms: each block reads only the keys its window
+# can reach, so nothing [S, S]- or [S, T]-sized is built (the indexer's [S, T] scores go a
+# block at a time too). small-v4 on one thread, 8K tokens: 128 and 256 alike, 64 and 512
+# 4% and 12% slower (smaller blocks: more calls; larger: more keys outside the window).
+QUERY_BLOCK = 256
+# CSA's queries gather their top-k entries as their own keys once there are more than
+# GATHER_OVER x k entries; up to that, a [Q, T] mask over all of them is faster (small-v4,
+# one CSA layer: gathering 1.4x slower at T = 4k, even at 8k, 2.1x faster at 32k)
+GATHER_OVER = 8
+
+
+def query_blocks(S: int) -> list[slice]:
+    """0..S in consecutive blocks of QUERY_BLOCK queries."""
+    return [slice(lo, min(lo + QUERY_BLOCK, S)) for lo in range(0, S, QUERY_BLOCK)]
 
 
 def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -71,26 +94,49 @@ class GroupedLinear(nn.Module):
 
 
 def sink_attention(
-    q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None, sinks: torch.Tensor, scale
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    mask: torch.Tensor | None,
+    sinks: torch.Tensor,
+    scale: float,
+    picked: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Shared-KV attention with a per-head sink (transformers' eager_attention_forward):
     q [B, H, S, D], kv [B, 1, T, D] (key and value), mask additive, broadcast to
     [B, H, S, T], sinks [H] -> out [B, S, H, D]. The sink is one more softmax column whose
-    probability is dropped, so a head's weights over the keys may sum to less than 1."""
-    probs = sink_probs(q, kv, mask, sinks, scale)
-    return (probs.to(kv.dtype) @ kv).transpose(1, 2)
+    probability is dropped, so a head's weights over the keys may sum to less than 1.
+    `picked` (kv [B, S, k, D], mask [B, 1, S, k]): keys of each query's own after kv's,
+    in the same softmax (CSA's chosen entries, `picked_entries`)."""
+    probs = sink_probs(q, kv, mask, sinks, scale, picked)
+    T = kv.shape[2]
+    out = probs[..., :T].to(kv.dtype) @ kv  # [B, H, S, D]
+    if picked is not None:  # per query: [B, S, H, k] @ [B, S, k, D]
+        own = probs[..., T:].transpose(1, 2).to(kv.dtype) @ picked[0]
+        return out.transpose(1, 2) + own
+    return out.transpose(1, 2)
 
 
 def sink_probs(
-    q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None, sinks: torch.Tensor, scale
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    mask: torch.Tensor | None,
+    sinks: torch.Tensor,
+    scale: float,
+    picked: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """sink_attention's weights over the keys, [B, H, S, T] (the sink's column dropped)."""
+    """sink_attention's weights over the keys, [B, H, S, T (+ k)] (the sink's column
+    dropped; the picked keys' columns after kv's)."""
     logits = (q @ kv.transpose(-1, -2)) * scale
     if mask is not None:
-        logits = logits + mask
+        logits = logits + mask.to(logits.dtype)
     B, H, S, _ = logits.shape
     sink = sinks.to(logits.dtype).view(1, H, 1, 1).expand(B, H, S, 1)
-    logits = torch.cat([logits, sink], dim=-1)
+    if picked is not None:
+        pkv, pmask = picked
+        own = (q.transpose(1, 2) @ pkv.transpose(-1, -2)).transpose(1, 2)  # [B, H, S, k]
+        logits = torch.cat([logits, own * scale + pmask.to(logits.dtype), sink], dim=-1)
+    else:
+        logits = torch.cat([logits, sink], dim=-1)
     return torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
 
 
@@ -281,10 +327,18 @@ class IndexerScorer(nn.Module):
         self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False)
 
     def forward(self, q: torch.Tensor, keys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """q [B, S, H, d], keys [B, T, d], x [B, S, D] -> scores [B, S, T] (fp32)."""
-        scores = F.relu(q.float() @ keys.float().transpose(-1, -2).unsqueeze(1))
-        weights = self.weights_proj(x).float() * self.weights_scaling  # [B, S, H]
-        return (scores * self.softmax_scale * weights.unsqueeze(-1)).sum(dim=2)
+        """q [B, S, H, d], keys [B, T, d] (every query's) or [B, S, T, d] (each query's
+        own), x [B, S, D] -> scores [B, S, T] (fp32)."""
+        B, S, H, _ = q.shape
+        k = keys.float().transpose(-1, -2)
+        if keys.dim() == 3:  # shared keys: one matmul for every query and head
+            scores = (q.float().flatten(1, 2) @ k).view(B, S, H, -1)
+        else:
+            scores = q.float() @ k
+        # both scales on the [B, S, H] weights and ReLU in place: at long context the
+        # passes over [B, S, H, T] are the indexer's cost (relu_: the matmul's own output)
+        weights = self.weights_proj(x).float() * (self.weights_scaling * self.softmax_scale)
+        return torch.einsum("bsht,bsh->bst", scores.relu_(), weights)
 
 
 class V4Indexer(Compressor):
@@ -315,6 +369,13 @@ class V4Indexer(Compressor):
         self.q_b_proj = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
         self.scorer = IndexerScorer(hidden_size, n_heads, head_dim)
 
+    def queries(self, q_latent: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The index queries [B, S, n_heads, d], roped at their positions."""
+        B, S, _ = q_latent.shape
+        q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim)
+        cos, sin = cos_sin(position_ids, self.inv_freq)
+        return rope_tail(q, cos.unsqueeze(2).to(q.dtype), sin.unsqueeze(2).to(q.dtype))
+
     def scores(
         self,
         x: torch.Tensor,
@@ -324,13 +385,9 @@ class V4Indexer(Compressor):
     ):
         """-> (index scores [B, S, T] with -inf on entries not yet visible, visible [B, S]).
         `keys` [B, T, d]: the index keys (default: `compress(x)`, the whole sequence's)."""
-        B, S, _ = x.shape
         if keys is None:
             keys = self.compress(x)
-        q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim)
-        cos, sin = cos_sin(position_ids, self.inv_freq)
-        q = rope_tail(q, cos.unsqueeze(2).to(q.dtype), sin.unsqueeze(2).to(q.dtype))
-        scores = self.scorer(q, keys, x)
+        scores = self.scorer(self.queries(q_latent, position_ids), keys, x)
         visible = (position_ids + 1) // self.rate
         blocked = torch.arange(keys.shape[1], device=x.device) >= visible.unsqueeze(-1)
         return scores.masked_fill(blocked, float("-inf")), visible
@@ -344,8 +401,29 @@ class V4Indexer(Compressor):
         step: V4Step | None = None,
     ) -> torch.Tensor:
         """With `cache` (and its `step`), the index keys come from the cache (`cached`)."""
-        keys = None if cache is None else self.cached(x, cache, step)
-        return self.select(*self.scores(x, q_latent, position_ids, keys))
+        keys = self.compress(x) if cache is None else self.cached(x, cache, step)
+        if step is not None and step.lens is None:  # decode: one query a row, anywhere
+            return self.select(*self.scores(x, q_latent, position_ids, keys))
+        return self.top(x, q_latent, position_ids, keys)
+
+    def top(
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        position_ids: torch.Tensor,
+        keys: torch.Tensor,
+    ) -> torch.Tensor:
+        """`select` over `scores` with index keys [B, T, d], a block of queries at a time:
+        the scores are [S, T] and their ReLU'd heads [S, n_heads, T], too big to hold whole
+        at long context (GBs at 8K tokens) and faster in cache-sized blocks. Every block
+        scores all T entries, not just those before its end: top-k breaks ties (index
+        scores of exactly 0, common with few index heads) by the row's length, so a
+        shorter row could choose other entries than the dense form's."""
+        tops = [
+            self.select(*self.scores(x[:, b], q_latent[:, b], position_ids[:, b], keys))
+            for b in query_blocks(x.shape[1])
+        ]
+        return torch.cat(tops, dim=1)
 
     def select(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """The top-k entry ids [B, S, k] of `scores`, -1 past each query's visible entries."""
@@ -362,10 +440,27 @@ def selected_bias(top_k: torch.Tensor, n_entries: int) -> torch.Tensor:
     return bias.scatter_(-1, ids, 0.0)[..., :n_entries].unsqueeze(1)
 
 
-def sliding_bias(position_ids: torch.Tensor, window: int) -> torch.Tensor:
-    """[B, 1, S, S] additive causal mask over the sequence's own tokens: the query at
-    position t reads keys at t - window < position <= t."""
-    q, k = position_ids.unsqueeze(-1), position_ids.unsqueeze(-2)
+def picked_entries(entries: torch.Tensor, top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's chosen entries as its own keys (sink_attention's `picked`): entries
+    [B, T, d], top_k [B, S, k] -> (kv [B, S, k, d], additive mask [B, 1, S, k], -inf on
+    ids -1). The same attention as `selected_bias` over all T entries, in k columns, not T."""
+    B, T, d = entries.shape
+    rows = torch.arange(B, device=top_k.device)[:, None, None] * T
+    ids = (rows + top_k.clamp(min=0)).flatten()  # rows of entries [B * T, d]
+    # index_select: a row gather, twice as fast as advanced indexing on CPU
+    kv = entries.flatten(0, 1).index_select(0, ids).view(*top_k.shape, d)
+    mask = torch.zeros(top_k.shape, device=top_k.device).masked_fill(top_k < 0, float("-inf"))
+    return kv, mask.unsqueeze(1)
+
+
+def sliding_bias(
+    position_ids: torch.Tensor, window: int, key_positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, 1, S, K] additive causal mask over the sequence's own tokens: the query at
+    position t reads keys at t - window < position <= t. Keys at `key_positions` [B, K]
+    (default: the queries' own)."""
+    q = position_ids.unsqueeze(-1)
+    k = (position_ids if key_positions is None else key_positions).unsqueeze(-2)
     allowed = (k <= q) & (k > q - window)
     bias = torch.zeros(allowed.shape, device=position_ids.device)
     return bias.masked_fill(~allowed, float("-inf")).unsqueeze(1)
@@ -449,8 +544,14 @@ class V4Attention(nn.Module):
         With `cache`, x is one step's tokens and the keys come from (and go to) the cache."""
         B, S, _ = x.shape
         q, q_latent, cos, sin = self.queries(x, position_ids)
-        kv, mask = self.keys(x, q_latent, position_ids, cos, sin, cache=cache)
-        out = sink_attention(q, kv, mask.to(q.dtype), self.sinks, self.scale)  # [B, S, H, hd]
+        kv, window_mask = self.token_keys(x, cos, sin), None
+        if cache is not None:
+            kv, window_mask = self.window_keys(kv, cache)
+        entries, top = self.entries(x, q_latent, position_ids, cache)
+        outs = []
+        for b, kv_b, mask, picked in self.blocks(kv, entries, top, position_ids, window_mask):
+            outs.append(sink_attention(q[:, :, b], kv_b, mask, self.sinks, self.scale, picked))
+        out = torch.cat(outs, dim=1)  # [B, S, H, hd]
         out = rope_tail(out, cos.transpose(1, 2), -sin.transpose(1, 2))
         out = self.o_a_proj(out.reshape(B, S, self.o_groups, -1)).flatten(2)
         return self.o_b_proj(out)
@@ -465,50 +566,86 @@ class V4Attention(nn.Module):
         q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         return rope_tail(rms_normalize(q, self.norm_eps), cos, sin), q_latent, cos, sin
 
-    def keys(
+    def token_keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The one KV head: each token's key (and value) [B, 1, S, hd], normed and roped."""
+        return rope_tail(self.kv_norm(self.kv_proj(x)).unsqueeze(1), cos, sin)
+
+    def entries(
         self,
-        x,
-        q_latent,
-        position_ids,
-        cos,
-        sin,
-        top: torch.Tensor | None = None,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        position_ids: torch.Tensor,
         cache: V4LayerKV | None = None,
-    ):
-        """-> (kv [B, 1, S + T, hd]: the sequence's keys then its T compressed entries, the
-        additive mask [B, 1, S, S + T]). CSA reads the entries `top` [B, S, k] names
-        (default: the indexer's choice). With `cache`: the window's keys then the entries
-        the cache holds (`window_keys`, `Compressor.cached`)."""
-        kv = rope_tail(self.kv_norm(self.kv_proj(x)).unsqueeze(1), cos, sin)  # [B, 1, S, hd]
-        if cache is None:
-            mask = sliding_bias(position_ids, self.window)
-        else:
-            kv, mask = self.window_keys(kv, cache)
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """-> (the compressed entries [B, T, hd], None in window-only layers; CSA's top-k
+        entry ids [B, S, k], the indexer's choice, else None). With `cache`: the entries
+        the cache holds (`Compressor.cached`), the indexer's keys alike."""
         if self.compressor is None:
-            return kv, mask
+            return None, None
         if cache is None:
             entries = self.compressor(x)
         else:
             entries = self.compressor.cached(x, cache.compressor, cache.step)
+        top = None
         if self.indexer is not None:
-            if top is None:
-                step = None if cache is None else cache.step
-                index = None if cache is None else cache.indexer
-                top = self.indexer(x, q_latent, position_ids, index, step)
-            extra = selected_bias(top, entries.shape[1])
-        else:
-            extra = causal_bias(position_ids, entries.shape[1], self.compressor.rate)
-        kv = torch.cat([kv, entries.unsqueeze(1)], dim=2)
-        return kv, torch.cat([mask, extra], dim=-1)
+            step = None if cache is None else cache.step
+            index = None if cache is None else cache.indexer
+            top = self.indexer(x, q_latent, position_ids, index, step)
+        return entries, top
 
-    def window_keys(self, kv: torch.Tensor, c: V4LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
+    def blocks(
+        self,
+        kv: torch.Tensor,
+        entries: torch.Tensor | None,
+        top: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        window_mask: torch.Tensor | None = None,
+        gather: bool | None = None,
+    ) -> Iterator[
+        tuple[slice, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]
+    ]:
+        """What each block of queries (`query_blocks`) reads, as sink_attention's arguments:
+        yields (the block's slice, keys [B, 1, K, hd], additive mask [B, 1, Q, K], picked).
+        The keys: the sequence's that the block's window reaches, then the entries -- all
+        of them, masked (HCA: `causal_bias`; CSA: `selected_bias`), or, with `gather`, each
+        CSA query's top-k as its own keys (`picked_entries`; by default when there are
+        over GATHER_OVER x k entries). kv [B, 1, S, hd]: the sequence's keys, one per
+        position (positions count up by one, as the compressor's windows assume), entries
+        [B, T, hd], top [B, S, k]. A decode step (`window_mask` [B, 1, 1, W]) is one block
+        that reads the window's ring, kv [B, 1, W, hd]."""
+        if gather is None:
+            gather = top is not None and entries.shape[1] > GATHER_OVER * top.shape[-1]
+        S = position_ids.shape[1]
+        for b in query_blocks(S) if window_mask is None else [slice(None)]:
+            pos = position_ids[:, b]
+            if window_mask is None:  # the block's own tokens and the window - 1 before them
+                near = slice(max(b.start - self.window + 1, 0), b.stop)
+                keys, mask = kv[:, :, near], sliding_bias(pos, self.window, position_ids[:, near])
+            else:
+                keys, mask = kv, window_mask
+            picked = None
+            if gather:
+                picked = picked_entries(entries, top[:, b])
+            elif entries is not None:
+                if top is not None:
+                    extra = selected_bias(top[:, b], entries.shape[1])
+                else:
+                    extra = causal_bias(pos, entries.shape[1], self.compressor.rate)
+                keys = torch.cat([keys, entries.unsqueeze(1)], dim=2)
+                mask = torch.cat([mask, extra], dim=-1)
+            yield b, keys, mask, picked
+
+    def window_keys(
+        self, kv: torch.Tensor, c: V4LayerKV
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The sliding window over a cache: the step's keys kv [B, 1, T, hd] go into the
-        ring; a prefill (from position 0) then reads its own chunk, a decode the ring."""
+        ring; a prefill (from position 0) then reads its own chunk as `forward` does (mask
+        None: `blocks` makes the window's), a decode the ring (mask `window_mask`)."""
         st = c.step
         rows = torch.arange(kv.shape[0], device=kv.device)[:, None]
         c.window[rows, st.ring_dst] = kv[:, 0][rows, st.ring_src]
         if st.lens is not None:
-            return kv, sliding_bias(st.pos, self.window)
+            return kv, None
         return c.window.unsqueeze(1), st.window_mask
 
     def indexer_kl(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -518,20 +655,24 @@ class V4Attention(nn.Module):
         detached: the gradient then reaches only the indexer, which the LM loss never
         reaches (top-k only chooses). None when no query sees an entry yet."""
         idx = self.indexer
+        keys = idx.compress(x)  # the index keys, with gradient: the indexer's compressor
         with torch.no_grad():
             q, q_latent, cos, sin = self.queries(x, position_ids)
-        scores, visible = idx.scores(x, q_latent, position_ids)  # [B, S, T], fp32
-        top = idx.select(scores.detach(), visible)
-        with torch.no_grad():
-            kv, mask = self.keys(x, q_latent, position_ids, cos, sin, top)
-            probs = sink_probs(q, kv, mask.to(q.dtype), self.sinks, self.scale)
-            p = probs[..., x.shape[1] :].float().sum(1)  # the entries' columns, heads summed
+            kv, entries = self.token_keys(x, cos, sin), self.compressor(x)
+            top = idx.top(x, q_latent, position_ids, keys)  # [B, S, k]
+            ps = []  # the attention's weights on each query's chosen entries, heads summed
+            for b, kv_b, mask, picked in self.blocks(kv, entries, top, position_ids, gather=True):
+                probs = sink_probs(q[:, :, b], kv_b, mask, self.sinks, self.scale, picked)
+                ps.append(probs[..., kv_b.shape[2] :].float().sum(1))
+            p = torch.cat(ps, dim=1)
             mass = p.sum(-1, keepdim=True)
             p = p / mass.clamp(min=1e-30)
-        keep = selected_bias(top, scores.shape[-1])[:, 0] == 0  # [B, S, T]
+        keep = top >= 0
         rows = keep.any(-1) & (mass[..., 0] > 0)
         if not rows.any():
             return None
+        # the loss reads only the chosen entries' scores: score just those, [B, S, k]
+        scores = idx.scorer(idx.queries(q_latent, position_ids), picked_entries(keys, top)[0], x)
         # finite fill: a row with nothing selected must not put NaN into the backward
         logq = scores.masked_fill(~keep, torch.finfo(scores.dtype).min).log_softmax(-1)
         logq = logq.masked_fill(~keep, 0.0)  # p is 0 there: no term

@@ -7,7 +7,9 @@
 One run, same weights for both (saved with nanoseek, loaded by both): decode tokens/s and
 time to first token at batch 1 and 8, KV-cache bytes per token read off the tensors each
 holds, absorbed vs plain attention at 2K and 8K tokens of context, MTP speculation on a
-trained model, and the machine's memory bandwidth as the physical limit.
+trained model (adaptive: the row says how many steps drafted), the compiled engine
+(`compile=True`; its compilation happens in the warm-up, untimed), and the bytes a token
+reads with the rates they are read at.
 
 Without --ckpt the newest trained checkpoint under runs/ is used (prompts from the stdlib
 corpus); failing that, the tiny preset is trained for --train-seconds on a synthetic
@@ -108,9 +110,9 @@ def ns_run(engine: Engine, prompts: list[list[int]], n: int, tokens: list | None
     """(time to first token, decode tokens/s after it); the greedy ids of each prompt are
     appended to `tokens` when given."""
     sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-    engine.generate(
-        prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    )  # warm-up
+    # warm-up: long enough for a compiled engine to compile both of its step kinds (plain
+    # and verify: the speculation policy tries each) before the clock starts
+    engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     seqs = [engine.add_request(p, sp).id for p in prompts]
     out = {s: [] for s in seqs}
     t0 = time.perf_counter()
@@ -193,11 +195,13 @@ def llama_cpp_compare(
     tmp = Path(tempfile.mkdtemp())
     exe = build_bench(llama, tmp)
     files = {d: export_gguf(ckpt, tmp / f"model-{d}.gguf", d, verbose=False) for d, _ in LLAMA_ROWS}
-    engines = [("nanoseek absorbed", {})]
+    engines = [("nanoseek absorbed", {}), ("nanoseek compiled", {"compile": True})]
     if model.mtp:
         engines.append(("nanoseek absorbed + MTP spec", {"speculative": True}))
+        engines.append(("nanoseek compiled + MTP spec", {"speculative": True, "compile": True}))
     speeds: dict = {}
     agree: dict = {}  # (engine, threads, batch) -> (tokens equal, tokens)
+    built: dict = {}  # engines kept across rounds: a compiled one compiles once
     for _ in range(rounds):
         for T in threads:
             torch.set_num_threads(T)
@@ -206,13 +210,14 @@ def llama_cpp_compare(
                 cell = speeds.setdefault((T, B), {})
                 ref: list = []
                 for name, kw in engines:
-                    eng = Engine(model, max_batch=B, max_len=16 + n + 8, **kw)
+                    key = (name, T, B)
+                    if key not in built:
+                        built[key] = Engine(model, max_batch=B, max_len=16 + n + 8, **kw)
                     got: list = []
-                    cell.setdefault(name, []).append(ns_run(eng, x, n, got)[1])
+                    cell.setdefault(name, []).append(ns_run(built[key], x, n, got)[1])
                     ref = ref or got
                     if got is not ref:
                         _tally(agree, (name, T, B), ref, got)
-                    del eng
                 for d, name in LLAMA_ROWS:
                     _, tps, got = llama_bench(exe, files[d], x, n, T, tmp)
                     cell.setdefault(name, []).append(tps)
@@ -318,12 +323,19 @@ def decode_rows(model, path: Path, prompts, n: int, hf_cls, spec: bool = True) -
             ("nanoseek absorbed", {}),
             ("nanoseek plain (re-expand K/V)", {"plain": True}),
             ("nanoseek absorbed + MTP spec", {"speculative": True}),
+            ("nanoseek compiled", {"compile": True}),
+            ("nanoseek compiled + MTP spec", {"speculative": True, "compile": True}),
         ):
             if kw.get("speculative") and not (spec and model.mtp):
                 continue
             eng = Engine(model, max_batch=B, max_len=16 + n + 8, **kw)
             ttft, tps = ns_run(eng, x.tolist(), n)
-            label = name + (f" (acc {eng.spec_stats.acceptance:.0%})" if eng.speculative else "")
+            st = eng.spec_stats
+            label = name + (
+                f" (acc {st.acceptance:.0%}, {st.steps}/{st.steps + st.plain_steps} steps drafted)"
+                if eng.speculative
+                else ""
+            )
             rows.append((label, B, ttft, tps, eng.cache.bytes_per_token(), tps / base))
     return rows
 

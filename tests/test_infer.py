@@ -111,10 +111,54 @@ def test_speculative_greedy_equals_plain_greedy(plain, dispatch):
     assert eng.spec_stats.drafted > 0 and 0 <= eng.spec_stats.acceptance <= 1
 
 
+def test_adaptive_speculation_catches_up_exactly():
+    """Steps with and without drafting, mixed: the same greedy tokens as plain decoding, and
+    the MTP module's cache rows (written late, by the catch-up pass) equal those of an
+    engine that drafts every step."""
+    m = tiny_model(2)
+    prompt, sp = [3, 4, 5, 6, 7, 8], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    ref = Engine(m).generate([prompt], sp)[0].token_ids
+    always = Engine(m, speculative=True, adaptive=False)
+    assert always.generate([prompt], sp)[0].token_ids == ref
+    mixed = Engine(m, speculative=True)
+    pattern = iter([True, False, False, True, False, False, False, True, True, False, False] * 3)
+    mixed.policy.choose = lambda B: next(pattern)
+    seq = mixed.add_request(prompt, sp)
+    mixed.step()  # prefill
+    while len(seq.output_ids) < 14:
+        mixed.step()
+    mixed.policy.choose = lambda B: True  # one more verify step: it catches up first
+    n = seq.num_tokens
+    mixed.step()
+    assert mixed.spec_stats.plain_steps > 0 and not seq.mtp_lag
+    rows = (mixed.cache.mtp_latent[0, 0, : n - 1], always.cache.mtp_latent[0, 0, : n - 1])
+    assert (rows[0] - rows[1]).abs().max() < 1e-5
+    while mixed.has_unfinished():
+        mixed.step()
+    assert seq.output_ids == ref
+
+
+def test_speculation_policy_prefers_what_pays():
+    """SpecPolicy: drafts while (1 + acceptance) x plain step time beats a verify step's,
+    per batch size, and probes the other mode now and then."""
+    from nanoseek.infer.engine import FIRST_SAMPLES, PROBE_EVERY, SpecPolicy
+
+    pol = SpecPolicy()
+    for B, t_spec in ((1, 1.2), (8, 2.5)):
+        for spec, t, acc in ((True, t_spec, 0.9), (False, 1.0, None)):
+            for i in range(FIRST_SAMPLES + 1):  # the first is not timed
+                assert pol.choose(B) == spec
+                pol.record(spec, B, 9.0 if i == 0 else t, acc)
+    n = 4 * PROBE_EVERY + 1  # far from break-even: one probe in 4 x PROBE_EVERY steps
+    choices = {B: [pol.choose(B) for _ in range(n)] for B in (1, 8)}
+    assert choices[1].count(False) == 1  # 1.9 x 1.0 > 1.2
+    assert choices[8].count(True) == 1  # 1.9 x 1.0 < 2.5: drafting only to probe
+
+
 def test_speculation_bookkeeping():
     """Every verify step commits 1 + accepted tokens: the counts add up to the output."""
     m = tiny_model(3)
-    eng = Engine(m, speculative=True)
+    eng = Engine(m, speculative=True, adaptive=False)
     sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     out = eng.generate([[4, 5, 6]], sp)[0]
     st = eng.spec_stats
@@ -327,3 +371,29 @@ def test_generate_takes_a_run_directory(tmp_path, cli):
     five = SamplingParams(max_tokens=5, temperature=0)
     want = Engine.load(tmp_path / "run" / "ckpt").generate(["the cat"], five)[0]
     assert r.out == want.text + "\n" and "5 tokens" in r.err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dispatch", ["dense", "grouped"])
+def test_compiled_decode_matches_eager(dispatch):
+    """`compile=True`: decode and verify steps through torch.compile give the eager logits
+    (within 1e-4) over a growing context (one graph for every S), and the same greedy
+    tokens, speculation included."""
+    m = tiny_model(1)
+    cfg = m.config
+    runners = [
+        ModelRunner(m, KVCache(cfg, 2, 64, torch.float32, "cpu"), dispatch, compile=c)
+        for c in (False, True)
+    ]
+    ids = torch.randint(0, cfg.vocab_size, (2, 5))
+    tok = [r.logits(r.forward(ids, torch.arange(5).expand(2, 5), 0))[:, -1:] for r in runners]
+    tok = tok[0].argmax(-1)
+    for p in range(5, 25):
+        pos = torch.tensor([[p], [p - 2]])
+        la, lc = (r.logits(r.forward(tok, pos, 0)) for r in runners)
+        assert (la - lc).abs().max() < 1e-4, (la - lc).abs().max()
+        tok = la[:, -1].argmax(-1, keepdim=True)
+    prompts = [[3, 4, 5, 6], [7, 8, 9]]
+    ref = [c.token_ids for c in Engine(m).generate(prompts, GREEDY)]
+    got = Engine(m, compile=True, speculative=True, dispatch=dispatch).generate(prompts, GREEDY)
+    assert [c.token_ids for c in got] == ref

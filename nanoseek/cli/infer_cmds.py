@@ -17,6 +17,12 @@ def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode steps through torch.compile (faster per token; compiles first, tens "
+        "of seconds on a CPU)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--threads",
@@ -74,6 +80,7 @@ def _engine(args, max_batch: int = 1):
         max_batch=max_batch,
         max_len=args.max_len,
         speculative=args.speculative,
+        compile=args.compile,
     )
     return engine, params
 

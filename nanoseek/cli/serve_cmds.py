@@ -47,6 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode steps through torch.compile (faster steps at small batches; each new "
+        "batch shape compiles first, tens of seconds on a CPU)",
+    )
+    p.add_argument(
         "--prefix-cache",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -127,6 +133,7 @@ def cmd_serve(args) -> int:
         speculative=args.speculative,
         track_expert_load=True,  # per-layer expert load on /metrics
         prefix_cache=prefix,
+        compile=args.compile,
     )
     engine = Engine.load(
         args.ckpt, device=device, dtype=resolve_dtype(args.dtype, device), **kwargs

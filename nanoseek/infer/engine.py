@@ -9,7 +9,11 @@ in a loop (each step either prefills newly admitted requests or decodes every ru
 one), and reads each step's outputs; finished sequences leave the batch at once.
 
 With `speculative=True`, MTP module 1 drafts one token per step; the main model checks
-[last token, draft] in one forward, so a step commits one or two tokens.
+[last token, draft] in one forward, so a step commits one or two tokens. Drafting is
+adaptive (SpecPolicy): a verify step runs only while its measured cost per committed
+token beats a plain step's at the current batch size; plain steps keep what the MTP
+module needs, and it catches up in one batched pass when drafting resumes. Either way the
+tokens are distributed as plain decoding's (greedy: identical).
 
 A DeepSeek-V4 model gets its own cache and runner (V4Cache, V4Runner: the sliding window
 plus compressed entries) behind the same slots and steps; no speculation or prefix cache.
@@ -17,8 +21,9 @@ plus compressed entries) behind the same slots and steps; no speculation or pref
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,7 +44,7 @@ class EngineError(ValueError):
     """A request the engine cannot serve; the message names the problem and the fix."""
 
 
-def _check_v4(speculative: bool, plain: bool, prefix_cache: bool) -> None:
+def _check_v4(speculative: bool, plain: bool, prefix_cache: bool, compile: bool) -> None:
     """What the V4 engine does not do, each refused with its reason."""
     if speculative:
         raise EngineError(
@@ -53,6 +58,8 @@ def _check_v4(speculative: bool, plain: bool, prefix_cache: bool) -> None:
             "the prefix cache keeps V3's latent rows; V4's window and compressor state is "
             "not built for it: run without --prefix-cache"
         )
+    if compile:
+        raise EngineError("the compiled decode step is V3's (ModelRunner); run without --compile")
 
 
 @dataclass
@@ -82,9 +89,59 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
 
+    plain_steps: int = 0  # decode steps the policy ran without drafting
+
     @property
     def acceptance(self) -> float:
         return self.accepted / max(self.drafted, 1)
+
+
+PROBE_EVERY = 64  # steps in the preferred mode, then one step of the other to re-measure it
+FIRST_SAMPLES = 3  # timed steps of each mode at a new batch size before choosing
+
+
+@dataclass
+class SpecPolicy:
+    """When drafting pays. A verify step takes t_spec and commits 1 + acceptance tokens per
+    sequence, a plain step t_plain and one: draft iff (1 + acceptance) * t_plain > t_spec.
+    Step times are moving averages per batch size (at batch 1 the verify's second position
+    costs little; at batch 8 it doubles the experts' work), the acceptance a moving average
+    over verify steps. Each starts as a plain mean, so the rarely run mode's few samples
+    correct it quickly. Both modes are timed FIRST_SAMPLES times at each batch size, then
+    every PROBE_EVERY steps (4x that far from break-even) one step of the other mode keeps
+    its numbers current. Each batch
+    size's first step of each mode is not timed (warm-up, compilation)."""
+
+    alpha: float = 0.1
+    acceptance: float | None = None
+    times: dict[tuple[bool, int], float] = field(default_factory=dict)
+    samples: dict[tuple[bool, int], int] = field(default_factory=dict)  # timed steps
+    since: int = 0  # steps since the last probe
+
+    def choose(self, B: int) -> bool:
+        for spec in (True, False):  # measure both first
+            if self.samples.get((spec, B), -1) < FIRST_SAMPLES:
+                return spec
+        gain = (1 + self.acceptance) * self.times[(False, B)] / self.times[(True, B)]
+        self.since += 1
+        # far from the break-even point, probe 4x less often: a probe (and the catch-up
+        # before a verify step) costs what the losing mode costs
+        if self.since > PROBE_EVERY * (1 if 0.8 < gain < 1.25 else 4):
+            self.since = 0
+            return gain <= 1
+        return gain > 1
+
+    def record(self, spec: bool, B: int, seconds: float, accepted: float | None = None) -> None:
+        if accepted is not None:  # the fraction of this step's drafts accepted
+            a = self.acceptance
+            self.acceptance = accepted if a is None else a + self.alpha * (accepted - a)
+        key = (spec, B)
+        n = self.samples[key] = self.samples.get(key, -1) + 1
+        if n < 1:  # the untimed first step
+            return
+        old = self.times.get(key, seconds)
+        # a stray slow step (another process, a recompile) moves the average by at most 2x
+        self.times[key] = old + max(self.alpha, 1 / n) * (min(seconds, 2 * old) - old)
 
 
 DEFAULT_MAX_LEN = 4096
@@ -102,6 +159,8 @@ class Engine:
         dispatch: str = "auto",
         track_expert_load: bool = False,
         prefix_cache: bool = False,
+        compile: bool = False,
+        adaptive: bool = True,
     ):
         """`max_len`: context length, preallocated for `max_batch` sequences (default: the
         config's max_position_embeddings, capped at DEFAULT_MAX_LEN so that a 160K-context
@@ -112,12 +171,15 @@ class Engine:
         of each MoE layer received from the served traffic. `prefix_cache`: a prompt that
         starts like an earlier one (a system prompt, a chat's earlier turns) reuses its latent
         rows and prefills only the rest (see infer/prefix.py).
-        For a V4Transformer speculative, plain and prefix_cache are refused (EngineError)
-        and dispatch is unused (V4's MoE has one)."""
+        `adaptive` (with speculative): draft only while it pays (SpecPolicy); False drafts
+        every step. `compile`: decode and verify steps through torch.compile (ModelRunner; the first
+        steps of each batch shape wait for the compiler: tens of seconds on a CPU).
+        For a V4Transformer speculative, plain, prefix_cache and compile are refused
+        (EngineError) and dispatch is unused (V4's MoE has one)."""
         cfg = model.config
         v4 = isinstance(model, V4Transformer)
         if v4:
-            _check_v4(speculative, plain, prefix_cache)
+            _check_v4(speculative, plain, prefix_cache, compile)
         elif speculative and len(model.mtp) == 0:
             raise EngineError(
                 "speculative decoding needs the model's MTP modules, and this checkpoint has none "
@@ -138,16 +200,17 @@ class Engine:
         self.speculative, self.plain = speculative, plain
         self.prefix = PrefixCache(capacity_tokens=8 * self.max_len) if prefix_cache else None
         p = next(model.parameters())
-        self.device = p.device
+        self.device, self.dtype = p.device, p.dtype
         if v4:
             self.cache = V4Cache(cfg, max_batch, self.max_len, p.dtype, p.device)
             self.runner = V4Runner(model, self.cache, track_expert_load)
         else:
             mtp_layers = 1 if speculative else 0
             self.cache = KVCache(cfg, max_batch, self.max_len, p.dtype, p.device, mtp_layers)
-            self.runner = ModelRunner(model, self.cache, dispatch, track_expert_load)
+            self.runner = ModelRunner(model, self.cache, dispatch, track_expert_load, compile)
         self.scheduler = Scheduler(self.cache)
         self.spec_stats = SpecStats()
+        self.policy = SpecPolicy() if speculative and adaptive else None
         eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
         self.eos_ids = {eos} if eos is not None else set()
         if getattr(tokenizer, "end_id", None) is not None:  # end of a chat turn
@@ -241,8 +304,7 @@ class Engine:
         if new:
             committed = self._prefill(new)
         elif self.scheduler.running:
-            run = self.scheduler.running
-            committed = self._speculate(run) if self.speculative else self._decode(run)
+            committed = self._decode_step(self.scheduler.running)
         else:
             return []
         outputs = []
@@ -321,6 +383,21 @@ class Engine:
         self.cache.put_rows(seq.slot, rows)
         return n
 
+    def _decode_step(self, seqs: list[Sequence]):
+        """A plain or a verify step, as the policy says; each timed for the policy."""
+        if not self.speculative:
+            return self._decode(seqs)
+        B, policy = len(seqs), self.policy
+        spec = policy is None or policy.choose(B)
+        if spec:
+            self._catch_up(seqs)
+        t0 = time.perf_counter()
+        out = self._speculate(seqs) if spec else self._decode(seqs)
+        if policy is not None:
+            accepted = sum(len(toks) - 1 for _, toks, _ in out) / B if spec else None
+            policy.record(spec, B, time.perf_counter() - t0, accepted)
+        return out
+
     def _decode(self, seqs: list[Sequence]):
         positions = [s.num_tokens - 1 for s in seqs]
         ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
@@ -328,7 +405,42 @@ class Engine:
         h = self.runner.forward(ids, pos, 0, S=max(positions) + 1, plain=self.plain)
         tok, lp = self._sample(self.runner.logits(h[:, 0]), seqs)
         lps = lp if lp is not None else [None] * len(seqs)
-        return [(s, [t], [p]) for s, t, p in zip(seqs, tok.tolist(), lps, strict=True)]
+        toks = tok.tolist()
+        if self.speculative:  # not drafting this step: keep what the MTP module will need
+            self.spec_stats.plain_steps += 1
+            for b, (s, t) in enumerate(zip(seqs, toks, strict=True)):
+                s.mtp_lag.append((h[b, 0], t))
+                s.draft = None
+        return [(s, [t], [p]) for s, t, p in zip(seqs, toks, lps, strict=True)]
+
+    def _catch_up(self, seqs: list[Sequence]) -> None:
+        """Before drafting resumes: one MTP pass over the positions decoded without it (its
+        cache must hold every row its attention reads), which also drafts for each of those
+        sequences. Rows are right-padded; a pad writes rows at or past the sequence's last
+        position, which this step's verify (or a later step) rewrites before any query
+        reads them."""
+        G = max(len(s.mtp_lag) for s in seqs)
+        if G == 0:
+            return
+        B, spare = len(seqs), self.cache.rows_per_slot - 1
+        h = torch.zeros(B, G, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
+        nxt = torch.zeros(B, G, dtype=torch.long)
+        first = []
+        for b, s in enumerate(seqs):
+            L = len(s.mtp_lag)
+            first.append(s.num_tokens - 1 - L)
+            if L:
+                h[b, :L] = torch.stack([x for x, _ in s.mtp_lag])
+                nxt[b, :L] = torch.tensor([t for _, t in s.mtp_lag])
+        pos = (torch.tensor(first)[:, None] + torch.arange(G)).clamp_(max=spare).to(self.device)
+        # eager: a compiled engine would compile a graph for each lag length
+        g = self.runner.mtp_forward(h, nxt.to(self.device), pos, 0, plain=self.plain, eager=True)
+        last = torch.tensor([max(len(s.mtp_lag) - 1, 0) for s in seqs], device=self.device)
+        rows = torch.arange(B, device=self.device)
+        drafts = self.runner.logits(g[rows, last]).argmax(-1).tolist()
+        for s, d in zip(seqs, drafts, strict=True):
+            if s.mtp_lag:
+                s.draft, s.mtp_lag = d, []
 
     def _speculate(self, seqs: list[Sequence]):
         """Verify [last, draft] at positions [n-1, n]; commit 1 + accepted tokens; draft again."""

@@ -8,6 +8,11 @@ Two paths over the same cache and weights:
   call `refresh()` after the weights change (RL updates the model the engine samples from).
 - plain: the model's own forward (`Transformer.forward(kv=...)`), which re-expands keys
   and values from the latents: the reference the fast path is tested against.
+
+`compile=True` runs the absorbed decode and verify steps (T <= 2) through torch.compile:
+a step of `small` is ~500 eager op calls at batch 1, inductor makes it a few fused C++
+kernels. The context length S is a dynamic dimension (one graph for every S); prefills
+stay eager (their lengths vary, and they are one call per request).
 """
 
 from __future__ import annotations
@@ -27,11 +32,17 @@ class ModelRunner:
         cache: KVCache,
         dispatch: str = "auto",
         track_expert_load: bool = False,
+        compile: bool = False,
     ):
         """`dispatch`: how MoE layers send tokens to experts when decoding (see
         nanoseek.model.moe: auto, dense, grouped, gathered, sorted). `track_expert_load`:
-        count the tokens each expert receives (`expert_counts`), for a server's metrics."""
+        count the tokens each expert receives (`expert_counts`), for a server's metrics.
+        `compile`: decode and verify steps through torch.compile (see above)."""
         self.model, self.cache, self.dispatch = model, cache, dispatch
+        self._step = self._mtp_step = None
+        if compile:
+            self._step = torch.compile(self._decode, dynamic=None)
+            self._mtp_step = torch.compile(self._mtp_decode, dynamic=None)
         cfg = model.config
         self.heads = cfg.num_attention_heads
         n_moe = sum(isinstance(b.ffn, MoE) for b in model.layers)
@@ -101,7 +112,16 @@ class ModelRunner:
         index = None
         if self.cache.index is not None:  # V3.2: the indexer keys, alike
             index = (self.index_flat, self.cache.index[:, start : start + B, : st.S])
+        if self._step is not None and st.T <= 2:
+            _dynamic_context(st, 2, kvs, index and index[1])
+            return self._step(ids, st, kvs, index)
+        return self._decode(ids, st, kvs, index)
+
+    def _decode(self, ids, st: DecodeStep, kvs, index) -> torch.Tensor:
         return self.model.decode(self.folded, ids, st, self.flat, kvs, self.expert_counts, index)
+
+    def _mtp_decode(self, h, next_ids, st: DecodeStep, kv, index) -> torch.Tensor:
+        return self.model.mtp_decode(self.folded, h, next_ids, st, self.mtp_flat[0], kv, index)
 
     @torch.inference_mode()
     def mtp_forward(
@@ -113,9 +133,11 @@ class ModelRunner:
         S: int | None = None,
         plain: bool = False,
         step: DecodeStep | None = None,
+        eager: bool = False,
     ) -> torch.Tensor:
         """MTP module 1 at positions pos [B, T], reading the main model's final-norm hidden
-        h [B, T, d] and the token after each position: its normed output [B, T, d]."""
+        h [B, T, d] and the token after each position: its normed output [B, T, d].
+        `eager`: not through the compiled step, whatever T."""
         m, B = self.model, h.shape[0]
         if plain:
             mod = m.mtp[0]
@@ -127,8 +149,24 @@ class ModelRunner:
         index = None
         if self.cache.mtp_index is not None:
             index = (self.mtp_index_flat[0], self.cache.mtp_index[0, start : start + B, : st.S])
-        return m.mtp_decode(self.folded, h, next_ids, st, self.mtp_flat[0], kv, index)
+        if self._mtp_step is not None and st.T <= 2 and not eager:
+            _dynamic_context(st, 1, kv, index and index[1])
+            return self._mtp_step(h, next_ids, st, kv, index)
+        return self._mtp_decode(h, next_ids, st, kv, index)
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return h @ self.folded.head
+
+
+def _dynamic_context(st: DecodeStep, dim: int, *caches: torch.Tensor | None) -> None:
+    """Mark the context length S dynamic in every tensor that has it (the cache views, the
+    mask), so that the first compile makes one graph for all S, not one per S and then a
+    second, dynamic one."""
+    from torch._dynamo import maybe_mark_dynamic
+
+    for t in caches:  # S is their dimension `dim`
+        if t is not None:
+            maybe_mark_dynamic(t, dim)
+    if st.mask is not None:
+        maybe_mark_dynamic(st.mask, 2)

@@ -32,6 +32,9 @@ class Sequence:
     slot: int = -1
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     draft: int | None = None  # the MTP draft for the token after `last_token`
+    # speculative engine, steps decoded without drafting: (final-norm hidden, next token)
+    # per position whose MTP cache row is not written yet (Engine._catch_up writes them)
+    mtp_lag: list[tuple[torch.Tensor, int]] = field(default_factory=list)
     generator: torch.Generator | None = None
     text: str = ""  # decoded output (kept up to date only when tracked)
     emitted: int = 0  # characters of `text` already handed out as deltas

@@ -28,6 +28,28 @@ def model() -> nanoseek.Transformer:
     return tiny_model()
 
 
+def test_dense_folded_moe_groups_a_large_batch(model):
+    """Small experts fold to one dense matmul; past GROUPED_FROM_ROWS rows per expert the
+    same folded layer runs the chosen experts in place instead. Both equal the training
+    forward on the normed input (and count the same tokens)."""
+    from nanoseek.model.moe import GROUPED_FROM_ROWS, MoE
+
+    block = next(b for b in model.layers if isinstance(b.ffn, MoE))
+    moe, norm = block.ffn, block.ffn_norm
+    f = moe.fold(norm, "dense")
+    assert f.dispatch == "dense"
+    E, k = moe.n_experts, moe.gate.top_k
+    for n in (GROUPED_FROM_ROWS * E // k - 1, 4 * GROUPED_FROM_ROWS * E // k):  # both sides
+        x = torch.randn(n, model.config.hidden_size, generator=torch.Generator().manual_seed(n))
+        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+        counts = torch.zeros(E, dtype=torch.long)
+        with torch.no_grad():
+            got = moe.decode(f, xn, counts)
+            want = moe(norm(x))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert counts.sum() == n * k
+
+
 @pytest.mark.parametrize(
     "q_lora_rank,dispatch",
     [

@@ -65,6 +65,7 @@ from nanoseek.train.run import (
     build_optimizer,
     open_run,
     set_lr,
+    tick,
 )
 from nanoseek.train.runtime import Runtime
 from nanoseek.train.schedule import LRSchedule
@@ -568,7 +569,6 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
     cfg.validate()
     cfg, found = open_run(cfg)  # on --resume: the run's saved settings, and its checkpoint
     out, ckpt_dir = Path(cfg.out), Path(cfg.out) / "ckpt"
-    loss_cfg = cfg.loss_config()
     task = get_task(cfg.task, **cfg.task_options)
     # DDP: the rollout engine reads the policy's whole tensors
     with Runtime.start(cfg.device, cfg.dtype, cfg.threads, parallel="ddp") as rt:
@@ -585,40 +585,10 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
             restore_rng(rng)
         engine = make_engine(model, tokenizer, task, cfg)
         if rt.master:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "rl_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-            print(
-                f"rl ({cfg.variant}, beta {loss_cfg.beta:g}) {cfg.init} "
-                f"({human(model.num_params())} parameters) on {task.name}: "
-                f"{cfg.prompts_per_step} x {cfg.group_size} completions per step, "
-                f"{cfg.updates_per_batch} update(s), {rt.device} {str(rt.dtype)[6:]}, "
-                f"{rt.world} process(es) -> {out}",
-                file=sys.stderr,
-            )
+            announce(cfg, model, task, rt)
 
         def held_out() -> dict[str, float]:
-            """Greedy accuracy on the task's held-out set (rank 0; the others wait)."""
-            t0 = time.perf_counter()
-            rec = {}
-            if rt.master:
-                r = evaluate_task(
-                    model,
-                    tokenizer,
-                    task,
-                    n=cfg.eval_n,
-                    max_tokens=cfg.max_completion_tokens,
-                    max_batch=min(cfg.eval_n, 64),
-                )
-                rec = {
-                    "val_accuracy": r.accuracy,
-                    "val_format": r.format_rate,
-                    "val_length": r.mean_length,
-                }
-            rt.barrier()
-            state.extra["eval_seconds"] = state.extra.get("eval_seconds", 0.0) + (
-                time.perf_counter() - t0
-            )
-            return rec
+            return held_out_accuracy(model, tokenizer, task, cfg, state, rt)
 
         def save() -> None:
             save_checkpoint(ckpt_dir, model, optimizer, state, source)  # every rank: a collective
@@ -648,33 +618,17 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
             while state.progress(stop) < 1.0:
                 step, t0 = state.step, time.perf_counter()
                 lr = set_lr(optimizer, schedule(step, state.progress(horizon)))
-                # 1. rollouts from the current policy
-                roll, _ = rollout(engine, tokenizer, task, cfg, step, rt.rank)
-                t_roll = time.perf_counter()
-                # 2. advantages
-                rows = roll.batch
-                adv = group_advantages(roll.rewards[rows], cfg.group_size, loss_cfg.scale_std)
-                mask = roll.mask[rows]
-                if loss_cfg.mask_truncated:
-                    mask = mask_truncated(mask, roll.truncated[rows])
-                ids, mask, adv = roll.ids[rows].to(rt.device), mask.to(rt.device), adv.to(rt.device)
-                # 3. updates
-                upd = update(step, ids, mask, adv)
-                t_end = time.perf_counter()
+                roll, upd, t_roll, t_end = grpo_step(cfg, engine, tokenizer, task, update, step, rt)
                 state.step += 1
-                n_sampled = int(rt.all_reduce_sum(float(roll.lengths.sum())))
-                state.tokens += n_sampled
+                state.tokens += int(rt.all_reduce_sum(float(roll.lengths.sum())))
                 for key, secs in (
                     ("rollout_seconds", t_roll - t0),
                     ("update_seconds", t_end - t_roll),
                 ):
                     state.extra[key] = state.extra.get(key, 0.0) + secs
-                state.train_seconds += t_end - t0
+                tick(state, t0, t_start, rt, stop, horizon)
 
                 # --- metrics, evaluation, checkpoints ------------------------------------------
-                state.elapsed = time.perf_counter() - t_start
-                if stop.minutes or horizon.minutes:  # every rank must see the same time
-                    state.elapsed = rt.broadcast(state.elapsed)
                 done = state.progress(stop) >= 1.0
                 rec = step_record(state, roll, upd, cfg.group_size, rt)
                 rec.update(lr=lr, rollout_s=t_roll - t0, update_s=t_end - t_roll)
@@ -688,13 +642,83 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
         # --- summary ---------------------------------------------------------------------------
         if not rt.master:
             return {}
-        summary = summarize(cfg, state, out / "metrics.jsonl", rt)
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        plot_rl(
-            out / "metrics.jsonl", out / "rl.png", f"{cfg.variant} on {task.name} from {cfg.init}"
+        return finish(cfg, state, task, rt)
+
+
+def announce(cfg: RLConfig, model: Transformer, task: Task, rt: Runtime) -> None:
+    """rl_config.json and the run's one-line banner (rank 0)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "rl_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    print(
+        f"rl ({cfg.variant}, beta {cfg.loss_config().beta:g}) {cfg.init} "
+        f"({human(model.num_params())} parameters) on {task.name}: "
+        f"{cfg.prompts_per_step} x {cfg.group_size} completions per step, "
+        f"{cfg.updates_per_batch} update(s), {rt.device} {str(rt.dtype)[6:]}, "
+        f"{rt.world} process(es) -> {out}",
+        file=sys.stderr,
+    )
+
+
+def held_out_accuracy(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    task: Task,
+    cfg: RLConfig,
+    state: RunState,
+    rt: Runtime,
+) -> dict[str, float]:
+    """Greedy accuracy on the task's held-out set (rank 0; the others wait), its seconds
+    added to the run's evaluation time."""
+    t0 = time.perf_counter()
+    rec = {}
+    if rt.master:
+        r = evaluate_task(
+            model,
+            tokenizer,
+            task,
+            n=cfg.eval_n,
+            max_tokens=cfg.max_completion_tokens,
+            max_batch=min(cfg.eval_n, 64),
         )
-        print(summary_table(summary), file=sys.stderr)
-        return summary
+        rec = {"val_accuracy": r.accuracy, "val_format": r.format_rate, "val_length": r.mean_length}
+    rt.barrier()
+    state.extra["eval_seconds"] = state.extra.get("eval_seconds", 0.0) + (time.perf_counter() - t0)
+    return rec
+
+
+def grpo_step(
+    cfg: RLConfig,
+    engine: Engine,
+    tokenizer: Tokenizer,
+    task: Task,
+    update: PolicyUpdate,
+    step: int,
+    rt: Runtime,
+) -> tuple[Rollouts, dict[str, Any], float, float]:
+    """Rollouts from the current policy, advantages, the updates: -> (rollouts, the
+    updates' statistics, clock after the rollouts, clock after the updates)."""
+    loss_cfg = cfg.loss_config()
+    roll, _ = rollout(engine, tokenizer, task, cfg, step, rt.rank)
+    t_roll = time.perf_counter()
+    rows = roll.batch
+    adv = group_advantages(roll.rewards[rows], cfg.group_size, loss_cfg.scale_std)
+    mask = roll.mask[rows]
+    if loss_cfg.mask_truncated:
+        mask = mask_truncated(mask, roll.truncated[rows])
+    upd = update(step, roll.ids[rows].to(rt.device), mask.to(rt.device), adv.to(rt.device))
+    return roll, upd, t_roll, time.perf_counter()
+
+
+def finish(cfg: RLConfig, state: RunState, task: Task, rt: Runtime) -> dict[str, Any]:
+    """summary.json, rl.png and the summary table (rank 0)."""
+    out = Path(cfg.out)
+    summary = summarize(cfg, state, out / "metrics.jsonl", rt)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    title = f"{cfg.variant} on {task.name} from {cfg.init}"
+    plot_rl(out / "metrics.jsonl", out / "rl.png", title)
+    print(summary_table(summary), file=sys.stderr)
+    return summary
 
 
 def summarize(cfg: RLConfig, state: RunState, metrics: Path, rt: Runtime) -> dict[str, Any]:

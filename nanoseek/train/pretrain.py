@@ -67,14 +67,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
             split: BatchLoader(data, split, tc.batch_size, tc.seq_len, tc.seed, rt.rank, rt.world)
             for split in ("train", "val")
         }
-        if found:
-            model, state, rng = load_checkpoint(found, rt.device)
-            check_resume(state, tc, tokenizer["hash"], data, warn=rt.master)
-        else:
-            model = new_model(tc, tokenizer["vocab_size"], rt.device)
-            state = RunState(lr_horizon=tc.budget(), tokenizer=tokenizer["hash"])
-        state.train_config = tc.to_dict()
-        check_v4(model, tc, rt)
+        model, state, rng = start_model(tc, found, rt, tokenizer, data)
         cfg, moe_layers = model.config, model.moe_layers()
         model.train()
         mtp_idle = tc.mtp_weight == 0 and cfg.num_nextn_predict_layers > 0
@@ -140,17 +133,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
 
                 # --- metrics, evaluation, checkpoints ------------------------------------------
                 done = state.progress(stop) >= 1.0
-                rec: dict[str, Any] = {
-                    "step": state.step,
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": norm,
-                    "tokens": state.tokens,
-                    "tok_per_s": tokens_per_step / dt,
-                    "mfu": fpt * tokens_per_step / dt / peak,
-                    "elapsed": state.elapsed,
-                    "train_seconds": state.train_seconds,
-                }
+                rec = step_record(state, loss, lr, norm, tokens_per_step / dt, fpt / peak)
                 if tc.mtp_weight > 0 and cfg.num_nextn_predict_layers > 0:
                     rec["mtp_loss"] = mtp_loss
                 if indexer_weight:
@@ -169,13 +152,63 @@ def train(tc: TrainConfig) -> dict[str, Any]:
             val_loss, val_bpb = validate()
         if not rt.master:
             return {}
-        unigram = unigram_loss(loader["train"].data, cfg.vocab_size)
-        summary = summarize(tc, rt, state, fpt, peak, val_loss, val_bpb, unigram)
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        title = f"{tc.preset} on {meta['source']['data']}"
-        plot_loss(out / "metrics.jsonl", out / "loss.png", title)
-        print(summary_table(summary), file=sys.stderr)
-        return summary
+        val = (val_loss, val_bpb)
+        return finish(tc, rt, state, fpt, peak, val, loader["train"], meta, cfg.vocab_size)
+
+
+def start_model(
+    tc: TrainConfig, found: Path | None, rt: Runtime, tokenizer: dict, data: Path
+) -> tuple[Transformer | V4Transformer, RunState, Any]:
+    """-> (model, run state, saved RNG state or None): from the run's checkpoint on
+    --resume (checked against these settings and data), else a fresh model."""
+    rng = None
+    if found:
+        model, state, rng = load_checkpoint(found, rt.device)
+        check_resume(state, tc, tokenizer["hash"], data, warn=rt.master)
+    else:
+        model = new_model(tc, tokenizer["vocab_size"], rt.device)
+        state = RunState(lr_horizon=tc.budget(), tokenizer=tokenizer["hash"])
+    state.train_config = tc.to_dict()
+    check_v4(model, tc, rt)
+    return model, state, rng
+
+
+def step_record(
+    state: RunState, loss: float, lr: float, norm: float, tok_per_s: float, mfu_per_tok: float
+) -> dict[str, Any]:
+    """The metrics every step logs (the caller adds MTP, indexer and load figures)."""
+    return {
+        "step": state.step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": norm,
+        "tokens": state.tokens,
+        "tok_per_s": tok_per_s,
+        "mfu": mfu_per_tok * tok_per_s,
+        "elapsed": state.elapsed,
+        "train_seconds": state.train_seconds,
+    }
+
+
+def finish(
+    tc: TrainConfig,
+    rt: Runtime,
+    state: RunState,
+    fpt: float,
+    peak: float,
+    val: tuple[float, float],
+    train_loader: BatchLoader,
+    meta: dict,
+    vocab_size: int,
+) -> dict[str, Any]:
+    """summary.json, loss.png and the summary table (rank 0)."""
+    out = Path(tc.out)
+    unigram = unigram_loss(train_loader.data, vocab_size)
+    summary = summarize(tc, rt, state, fpt, peak, *val, unigram)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    plot_loss(out / "metrics.jsonl", out / "loss.png", f"{tc.preset} on {meta['source']['data']}")
+    print(summary_table(summary), file=sys.stderr)
+    return summary
 
 
 def summarize(

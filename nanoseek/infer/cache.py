@@ -33,6 +33,20 @@ class Slots:
         start, self.used = self.used, self.used + n
         return start
 
+    def release(self, slot: int, length_of_last: int) -> bool:
+        """Free `slot`; the sequence in the last used slot (holding `length_of_last` tokens)
+        moves into it. Returns True when a move happened (the caller re-labels that
+        sequence)."""
+        last = self.used - 1
+        self.used -= 1
+        if slot == last:
+            return False
+        self.move(last, slot, length_of_last)
+        return True
+
+    def move(self, last: int, slot: int, length_of_last: int) -> None:
+        raise NotImplementedError
+
 
 class KVCache(Slots):
     def __init__(
@@ -68,19 +82,12 @@ class KVCache(Slots):
         return self.max_len + 1
 
     # --- slots -------------------------------------------------------------------------
-    def release(self, slot: int, length_of_last: int) -> bool:
-        """Free `slot`; the sequence in the last used slot (holding `length_of_last` tokens,
-        and maybe a draft's row after them) moves into it. Returns True when a move happened
-        (the caller re-labels that sequence)."""
-        last = self.used - 1
-        self.used -= 1
-        if slot == last:
-            return False
+    def move(self, last: int, slot: int, length_of_last: int) -> None:
+        """The last slot's sequence (its tokens and maybe a draft's row) into `slot`."""
         n = min(length_of_last + 1, self.rows_per_slot)
         for buf in (self.latent, self.mtp_latent, self.index, self.mtp_index):
             if buf is not None:
                 buf[:, slot, :n] = buf[:, last, :n]
-        return True
 
     # --- views -------------------------------------------------------------------------
     def layer_kv(self, i: int, start: int, B: int, length: int, mtp: bool = False) -> LayerKV:

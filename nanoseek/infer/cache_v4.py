@@ -102,14 +102,8 @@ class V4Cache(Slots):
         return out
 
     # --- slots -------------------------------------------------------------------------
-    def release(self, slot: int, length_of_last: int) -> bool:
-        """Free `slot`; the sequence in the last used slot (holding `length_of_last`
-        tokens) moves into it: its windows, pending state and entries. Returns True when a
-        move happened (the caller re-labels that sequence)."""
-        last = self.used - 1
-        self.used -= 1
-        if slot == last:
-            return False
+    def move(self, last: int, slot: int, length_of_last: int) -> None:
+        """The last slot's sequence into `slot`: its windows, pending state and entries."""
         self.window[:, slot] = self.window[:, last]
         self.window_pos[slot] = self.window_pos[last]
         for c in self.compressor + self.indexer:
@@ -118,7 +112,6 @@ class V4Cache(Slots):
                 c.entries[slot, :n] = c.entries[last, :n]
                 for t in _tensors(c)[1:]:  # the pending window (and CSA's previous one)
                     t[slot] = t[last]
-        return True
 
     # --- views ---------------------------------------------------------------------------
     def layers(self, start: int, B: int, step: V4Step) -> list[V4LayerKV]:

@@ -1,7 +1,8 @@
 """The latent KV cache: per layer and token, only kv_norm(c_kv) and the rotated k_rope.
 
-One preallocated buffer per layer group, [layers, slots, max_len, kv_lora_rank + rope]:
-the cache unit is the latent row (the `c_kv | k_rope` pair side by side, so absorbed
+One preallocated buffer per layer group, [layers, slots, max_len, kv_lora_rank + rope]
+(allocated as rows [layers * slots * max_len, width]: a step writes into that base tensor,
+see attention.CacheRows): the cache unit is the latent row (the `c_kv | k_rope` pair side by side, so absorbed
 attention reads keys and values from one tensor). A running sequence owns a slot. Slots in
 use are kept contiguous (0..n-1): when a sequence leaves, the one in the last slot moves
 into the hole, so a decode step reads `buf[:, :n]` as a view and never gathers rows.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention import LayerKV
+from nanoseek.model.attention import CacheRows, LayerKV
 
 
 class Slots:
@@ -61,19 +62,25 @@ class KVCache(Slots):
         super().__init__(slots)
         self.max_len = max_len
         self.rank, self.rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        L, P = cfg.num_hidden_layers, self.rows_per_slot
+        # (mtp, index) -> CacheRows; latent / mtp_latent / index / mtp_index are 4-D views
+        self._rows: dict[tuple[bool, bool], CacheRows] = {}
+
+        def buffer(layers: int, width: int, mtp: bool, index: bool) -> torch.Tensor | None:
+            if not layers:
+                return None
+            rows = torch.zeros(layers * slots * P, width, dtype=dtype, device=device)
+            self._rows[mtp, index] = CacheRows(rows, slots, P)
+            return rows.view(layers, slots, P, width)
+
         width = self.rank + self.rope
-        shape = (slots, self.rows_per_slot, width)
-        self.latent = torch.zeros(cfg.num_hidden_layers, *shape, dtype=dtype, device=device)
-        self.mtp_latent = (
-            torch.zeros(mtp_layers, *shape, dtype=dtype, device=device) if mtp_layers else None
-        )
+        self.latent = buffer(L, width, False, False)
+        self.mtp_latent = buffer(mtp_layers, width, True, False)
         # V3.2: the lightning indexer's key per layer and token, beside the latent rows
         self.index = self.mtp_index = None
         if cfg.has_indexer:
-            ishape = (slots, self.rows_per_slot, cfg.index_head_dim)
-            self.index = torch.zeros(cfg.num_hidden_layers, *ishape, dtype=dtype, device=device)
-            if mtp_layers:
-                self.mtp_index = torch.zeros(mtp_layers, *ishape, dtype=dtype, device=device)
+            self.index = buffer(L, cfg.index_head_dim, False, True)
+            self.mtp_index = buffer(mtp_layers, cfg.index_head_dim, True, True)
 
     @property
     def rows_per_slot(self) -> int:
@@ -111,16 +118,10 @@ class KVCache(Slots):
         if self.index is not None:
             self.index[:, slot, :n] = rows[..., width:]
 
-    def flat(self, mtp: bool = False) -> list[torch.Tensor]:
-        """Each layer's cache as rows [slots * rows_per_slot, rank + rope] (views): where a
-        step writes new latents."""
-        buf = self.mtp_latent if mtp else self.latent
-        return [] if buf is None else [b.view(-1, self.rank + self.rope) for b in buf]
-
-    def index_flat(self, mtp: bool = False) -> list[torch.Tensor]:
-        """V3.2: each layer's indexer keys as rows [slots * rows_per_slot, D] (views)."""
-        buf = self.mtp_index if mtp else self.index
-        return [] if buf is None else [b.view(-1, b.shape[-1]) for b in buf]
+    def rows(self, mtp: bool = False, index: bool = False) -> CacheRows | None:
+        """The latents (or, `index`, V3.2's indexer keys) of the model's layers (or of the
+        MTP module's) as the CacheRows a decode step writes and reads; None when absent."""
+        return self._rows.get((mtp, index))
 
     def nbytes(self) -> int:
         """Bytes the cache holds, every tensor (MTP rows and indexer keys included)."""

@@ -65,8 +65,8 @@ class ModelRunner:
         dtype = self.folded.head.dtype
         self.neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=dev)
         self.zero = torch.tensor(0.0, dtype=dtype, device=dev)
-        self.flat, self.mtp_flat = cache.flat(), cache.flat(mtp=True)
-        self.index_flat, self.mtp_index_flat = cache.index_flat(), cache.index_flat(mtp=True)
+        self.rows, self.mtp_rows = cache.rows(), cache.rows(mtp=True)
+        self.index_rows, self.mtp_index_rows = cache.rows(index=True), cache.rows(True, True)
 
     def prepare(self, pos: torch.Tensor, start: int = 0, S: int | None = None) -> DecodeStep:
         """The per-step inputs every layer shares, for pos [B, T] in cache rows
@@ -85,7 +85,10 @@ class ModelRunner:
         cs = self.folded.rope[pos]  # [B, T, 2, 1, R]
         ck = cs.view(B * T, 2, -1)
         rows = (self.row_base[start : start + B, None] + pos).view(-1)
-        return DecodeStep(B, T, S, mask, cs[:, :, 0], cs[:, :, 1], ck[:, 0], ck[:, 1], rows, pos)
+        span = self.arange[:S]
+        return DecodeStep(
+            B, T, start, span, mask, cs[:, :, 0], cs[:, :, 1], ck[:, 0], ck[:, 1], rows, pos
+        )
 
     @torch.inference_mode()
     def forward(
@@ -108,20 +111,18 @@ class ModelRunner:
             kv = [self.cache.layer_kv(i, start, B, S) for i in range(len(self.model.layers))]
             return self.model(ids, kv=kv, positions=pos).hidden
         st = step or self.prepare(pos, start, S)
-        kvs = self.cache.latent[:, start : start + B, : st.S]  # this batch's rows, every layer
-        index = None
-        if self.cache.index is not None:  # V3.2: the indexer keys, alike
-            index = (self.index_flat, self.cache.index[:, start : start + B, : st.S])
         if self._step is not None and st.T <= 2:
-            _dynamic_context(st, 2, kvs, index and index[1])
-            return self._step(ids, st, kvs, index)
-        return self._decode(ids, st, kvs, index)
+            _dynamic_context(st)
+            return self._step(ids, st)
+        return self._decode(ids, st)
 
-    def _decode(self, ids, st: DecodeStep, kvs, index) -> torch.Tensor:
-        return self.model.decode(self.folded, ids, st, self.flat, kvs, self.expert_counts, index)
+    def _decode(self, ids, st: DecodeStep) -> torch.Tensor:
+        m = self.model
+        return m.decode(self.folded, ids, st, self.rows, self.expert_counts, self.index_rows)
 
-    def _mtp_decode(self, h, next_ids, st: DecodeStep, kv, index) -> torch.Tensor:
-        return self.model.mtp_decode(self.folded, h, next_ids, st, self.mtp_flat[0], kv, index)
+    def _mtp_decode(self, h, next_ids, st: DecodeStep) -> torch.Tensor:
+        m = self.model
+        return m.mtp_decode(self.folded, h, next_ids, st, self.mtp_rows, self.mtp_index_rows)
 
     @torch.inference_mode()
     def mtp_forward(
@@ -145,28 +146,22 @@ class ModelRunner:
             cos, sin = m.rope(pos)
             return mod.norm(mod(h, m.embed(next_ids), cos, sin, kv=kv, positions=pos))
         st = step or self.prepare(pos, start, S)
-        kv = self.cache.mtp_latent[0, start : start + B, : st.S]
-        index = None
-        if self.cache.mtp_index is not None:
-            index = (self.mtp_index_flat[0], self.cache.mtp_index[0, start : start + B, : st.S])
         if self._mtp_step is not None and st.T <= 2 and not eager:
-            _dynamic_context(st, 1, kv, index and index[1])
-            return self._mtp_step(h, next_ids, st, kv, index)
-        return self._mtp_decode(h, next_ids, st, kv, index)
+            _dynamic_context(st)
+            return self._mtp_step(h, next_ids, st)
+        return self._mtp_decode(h, next_ids, st)
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return h @ self.folded.head
 
 
-def _dynamic_context(st: DecodeStep, dim: int, *caches: torch.Tensor | None) -> None:
-    """Mark the context length S dynamic in every tensor that has it (the cache views, the
+def _dynamic_context(st: DecodeStep) -> None:
+    """Mark the context length S dynamic in every tensor that has it (the step's span, the
     mask), so that the first compile makes one graph for all S, not one per S and then a
     second, dynamic one."""
     from torch._dynamo import maybe_mark_dynamic
 
-    for t in caches:  # S is their dimension `dim`
-        if t is not None:
-            maybe_mark_dynamic(t, dim)
+    maybe_mark_dynamic(st.span, 0)
     if st.mask is not None:
         maybe_mark_dynamic(st.mask, 2)

@@ -53,14 +53,42 @@ class DecodeStep:
 
     B: int
     T: int
-    S: int  # attend over cache positions [0, S)
+    start: int  # the batch is cache slots start..start+B
+    span: torch.Tensor  # arange(S): attend over cache positions [0, S) (S lives in its shape)
     mask: torch.Tensor | None  # [B, H*T or 1, S] additive (0 or -inf); None: all visible
     cos_q: torch.Tensor  # [B, T, 1, R]: [cos | cos] (see rope.rotate_folded)
     sin_q: torch.Tensor  # [B, T, 1, R]: [-sin | sin]
     cos_k: torch.Tensor  # [B*T, R]
     sin_k: torch.Tensor
-    rows: torch.Tensor  # [B*T] row of each new latent in a layer's flat [rows, C + R] cache
+    rows: torch.Tensor  # [B*T] row of each new latent in one layer's [slots * P] rows
     pos: torch.Tensor | None = None  # [B, T] positions (V3.2's indexer selects among s <= p)
+
+    @property
+    def S(self):
+        """The context length: a shape, so torch.compile keeps it symbolic (one graph)."""
+        return self.span.shape[0]
+
+
+@dataclass
+class CacheRows:
+    """A group of layers' cached rows (latents, or V3.2's indexer keys) as ONE tensor
+    [layers * slots * P, W]; layer i, slot s, position p is row (i * slots + s) * P + p.
+    A step writes its new rows into this tensor itself (index_copy_) and reads views made
+    from it. Why one base tensor: under torch.compile, a graph that mutates one of several
+    inputs that share storage (per-layer views of one buffer) copies the whole buffer every
+    step; a mutated base tensor that no other input aliases is updated in place."""
+
+    buf: torch.Tensor
+    slots: int
+    P: int  # rows per slot
+
+    def write(self, layer: int, st: DecodeStep, rows: torch.Tensor) -> None:
+        self.buf.index_copy_(0, st.rows + layer * self.slots * self.P, rows.to(self.buf.dtype))
+
+    def read(self, layer: int, st: DecodeStep) -> torch.Tensor:
+        """This batch's rows of `layer` [B, S, W]: a view."""
+        view = self.buf.view(-1, self.slots, self.P, self.buf.shape[-1])
+        return view[layer, st.start : st.start + st.B, : st.S]
 
 
 @dataclass
@@ -255,25 +283,25 @@ class MLA(nn.Module):
         f: FoldedMLA,
         x: torch.Tensor,
         st: DecodeStep,
-        flat: torch.Tensor,
-        kv: torch.Tensor,
-        index: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: CacheRows,
+        layer: int,
+        index: CacheRows | None = None,
     ) -> torch.Tensor:
         """x [N = B*T, d], normed without its weight (folded) -> [N, d]. Writes this chunk's
-        latents into `flat` (this layer's cache as rows [slots*P, C + R]) at st.rows, then
-        attends over `kv` [B, S, C + R], the rows this batch reads (a view of the same cache).
-        V3.2: `index` = (the indexer keys' flat rows, this batch's [B, S, D] view), likewise."""
+        latents [c_kv | k_rope] into layer `layer` of `cache`, then attends over this batch's
+        rows of it [B, S, C + R]. V3.2: `index` holds the indexer keys, likewise."""
         B, T, H, C, R, K = st.B, st.T, self.n_heads, self.kv_rank, self.rope, f.k_dim
         q, c_kv, c_g, k_rope, k_swap = (x @ f.w_in).split_with_sizes([f.q_dim, C, C, R, R], -1)
         mask = st.mask
         if self.indexer is not None:
-            mask = self._index_mask(f, x, q, st, index)
+            mask = self._index_mask(f, x, q, st, index, layer)
         if f.wq is not None:
             q = rms_unweighted(q, f.q_eps) @ f.wq
         q_k, q_rope, q_swap = q.view(B, T, H, K + 2 * R).split_with_sizes([K, R, R], -1)
         c_kv = c_g * rms_scale(c_kv, f.kv_eps)  # kv_norm(c_kv), its weight already in c_g
         k_rope = rotate_folded(k_rope, k_swap, st.cos_k, st.sin_k)
-        flat.index_copy_(0, st.rows, torch.cat([c_kv, k_rope], -1))
+        cache.write(layer, st, torch.cat([c_kv, k_rope], -1))
+        kv = cache.read(layer, st)
         if f.w_uk is not None:  # q_lat = q_nope W_uk, when W_uk was not folded into wq
             q_k = (q_k.transpose(1, 2) @ f.w_uk).transpose(1, 2)
         q = torch.cat([q_k, rotate_folded(q_rope, q_swap, st.cos_q, st.sin_q)], dim=-1)
@@ -288,20 +316,23 @@ class MLA(nn.Module):
             o = o @ f.w_uv_t  # [B, H, T, v]
         return o.transpose(1, 2).reshape(B * T, -1) @ f.wo
 
-    def _index_mask(self, f: FoldedMLA, x, q_a, st: DecodeStep, index) -> torch.Tensor | None:
+    def _index_mask(
+        self, f: FoldedMLA, x, q_a, st: DecodeStep, index: CacheRows | None, layer: int
+    ) -> torch.Tensor | None:
         """V3.2 over the cache: write this chunk's indexer keys, then the additive mask
         [B, H*T or 1, S] of each query's index_topk best visible keys (st.mask when every
         visible key fits). The indexer reads the unfolded norms: x and q as the plain
         path sees them."""
         if index is None:
             raise ValueError("a V3.2 model decodes with its indexer keys cached (index=...)")
-        idx, (flat, keys), R = self.indexer, index, self.rope
+        idx, R = self.indexer, self.rope
         B, T, S = st.B, st.T, st.S
         attn_w, q_w = f.index_norms
         xw = (x * attn_w).view(B, T, -1)  # attn_norm(h)
         q_lat = (rms_unweighted(q_a, f.q_eps) * q_w).view(B, T, -1)  # q_norm(wq_a(x))
         cos, sin = st.cos_q[:, :, 0, : R // 2], st.sin_q[:, :, 0, R // 2 :]  # [cos|cos], [-sin|sin]
-        flat.index_copy_(0, st.rows, idx.keys(xw, cos, sin).view(B * T, -1).to(flat.dtype))
+        index.write(layer, st, idx.keys(xw, cos, sin).view(B * T, -1))
+        keys = index.read(layer, st)
         if not idx.enabled or S <= idx.topk:
             return st.mask
         visible = torch.arange(S, device=x.device) <= st.pos[:, :, None]  # [B, T, S]

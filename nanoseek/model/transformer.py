@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention import MLA, DecodeStep, FoldedMLA, LayerKV
+from nanoseek.model.attention import MLA, CacheRows, DecodeStep, FoldedMLA, LayerKV
 from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import MLP, FoldedFFN, MoE, RoutingStats
 from nanoseek.model.norm import RMSNorm, rms_unweighted
@@ -53,10 +53,10 @@ class Block(nn.Module):
         )
 
     def decode(
-        self, f: FoldedBlock, x, st: DecodeStep, flat, kv, counts=None, index=None
+        self, f: FoldedBlock, x, st: DecodeStep, cache, layer, counts=None, index=None
     ) -> torch.Tensor:
-        """x [B*T, d] -> [B*T, d] over the latent cache (see MLA.decode)."""
-        x = x + self.attn.decode(f.attn, rms_unweighted(x, f.eps), st, flat, kv, index)
+        """x [B*T, d] -> [B*T, d] over layer `layer` of the latent cache (see MLA.decode)."""
+        x = x + self.attn.decode(f.attn, rms_unweighted(x, f.eps), st, cache, layer, index)
         return x + self.ffn.decode(f.ffn, rms_unweighted(x, f.eps), counts)
 
 
@@ -93,12 +93,12 @@ class MTPModule(nn.Module):
         )
 
     def decode(
-        self, f: FoldedMTP, h, emb_next, st: DecodeStep, flat, kv, index=None
+        self, f: FoldedMTP, h, emb_next, st: DecodeStep, cache, layer, index=None
     ) -> torch.Tensor:
         """h, emb_next [N, d] -> the module's normed output [N, d]."""
         # enorm and hnorm share an eps: normalise [emb, h] as one [N, 2, d] tensor
         both = rms_unweighted(torch.stack([emb_next, h], 1), f.eps)
-        x = self.block.decode(f.block, both.flatten(1) @ f.eh, st, flat, kv, index=index)
+        x = self.block.decode(f.block, both.flatten(1) @ f.eh, st, cache, layer, index=index)
         return rms_unweighted(x, f.norm_eps) * self.norm.weight
 
 
@@ -265,23 +265,20 @@ class Transformer(nn.Module):
         f: FoldedModel,
         ids: torch.Tensor,
         st: DecodeStep,
-        flats,
-        kvs,
+        cache: CacheRows,
         counts=None,
-        index=None,
+        index: CacheRows | None = None,
     ) -> torch.Tensor:
-        """ids [B, T] -> final-norm hidden [B, T, d]. flats[i] / kvs[i]: layer i's cache as
-        rows and this batch's [B, S, C + R] view (see MLA.decode); counts [n_moe, E]
-        optionally accumulates the expert load; index (V3.2): (flats, kvs) of the indexer
-        keys' cache, likewise."""
+        """ids [B, T] -> final-norm hidden [B, T, d]. `cache`: every layer's latent rows
+        (see MLA.decode); counts [n_moe, E] optionally accumulates the expert load; index
+        (V3.2): the indexer keys' rows, likewise."""
         x = F.embedding(ids.view(-1), self.embed.weight)  # activations stay 2-D: [B*T, d]
         moe = 0
         for i, (layer, fl) in enumerate(zip(self.layers, f.layers, strict=True)):
             c = None
             if counts is not None and isinstance(layer.ffn, MoE):
                 c, moe = counts[moe], moe + 1
-            ix = None if index is None else (index[0][i], index[1][i])
-            x = layer.decode(fl, x, st, flats[i], kvs[i], c, ix)
+            x = layer.decode(fl, x, st, cache, i, c, index)
         return (rms_unweighted(x, f.norm_eps) * self.norm.weight).view(*ids.shape, -1)
 
     def mtp_decode(
@@ -290,13 +287,12 @@ class Transformer(nn.Module):
         h: torch.Tensor,
         next_ids: torch.Tensor,
         st: DecodeStep,
-        flat,
-        kv,
-        index=None,
+        cache: CacheRows,
+        index: CacheRows | None = None,
     ) -> torch.Tensor:
         """MTP module 1 over the cache: h [B, T, d] (the main model's final-norm hidden),
         next_ids [B, T] the token after each position -> its normed output [B, T, d] (the
         shared head turns it into logits for the token two ahead)."""
         emb = F.embedding(next_ids.view(-1), self.embed.weight)
-        out = self.mtp[0].decode(f.mtp[0], h.reshape(emb.shape), emb, st, flat, kv, index)
+        out = self.mtp[0].decode(f.mtp[0], h.reshape(emb.shape), emb, st, cache, 0, index)
         return out.view(*next_ids.shape, -1)

@@ -10,6 +10,7 @@ from nanoseek.config import kv_cache_bytes_per_token
 from nanoseek.device import DeviceError
 from nanoseek.infer import Engine, EngineError, KVCache, ModelRunner, SamplingError, SamplingParams
 from nanoseek.infer.sampling import filtered_probs, sample
+from nanoseek.model import moe
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -396,11 +397,13 @@ def test_generate_takes_a_run_directory(tmp_path, cli):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dispatch", ["dense", "grouped"])
-def test_compiled_decode_matches_eager(dispatch):
+@pytest.mark.parametrize("dispatch,gather", [("dense", 2), ("grouped", 2), ("grouped", 0)])
+def test_compiled_decode_matches_eager(dispatch, gather, monkeypatch):
     """`compile=True`: decode and verify steps through torch.compile give the eager logits
     (within 1e-4) over a growing context (one graph for every S), and the same greedy
-    tokens, speculation included."""
+    tokens, speculation included; the routed experts both gathered in place and through
+    grouped_mm (`gather` = 0 pairs per expert: grouped_mm for every batch)."""
+    monkeypatch.setattr(moe, "GATHER_PAIRS_PER_EXPERT", gather)
     m = tiny_model(1)
     cfg = m.config
     runners = [

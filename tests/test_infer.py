@@ -161,6 +161,21 @@ def test_adaptive_speculation_catches_up_exactly():
     assert seq.output_ids == ref
 
 
+def test_adaptive_speculation_pins_seeded_sampling():
+    """A seeded sampled request draws what its seed says whatever the speculation policy
+    would choose (it would choose by timing): its batches decode plainly, so it equals a
+    non-speculative engine's output; greedy requests in the same engine still draft."""
+    m = tiny_model(2)
+    sp = SamplingParams(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+    want = Engine(m).generate([[3, 4, 5]], sp)[0].token_ids
+    eng = Engine(m, speculative=True)
+    eng.policy.choose = lambda B: True  # the timing says: draft
+    assert eng.generate([[3, 4, 5]], sp)[0].token_ids == want
+    assert eng.spec_stats.steps == 0
+    eng.generate([[3, 4, 5]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert eng.spec_stats.steps > 0
+
+
 def test_speculation_policy_prefers_what_pays():
     """SpecPolicy: drafts while (1 + acceptance) x plain step time beats a verify step's,
     per batch size, and probes the other mode now and then."""

@@ -388,7 +388,13 @@ class Engine:
         if not self.speculative:
             return self._decode(seqs)
         B, policy = len(seqs), self.policy
-        spec = policy is None or policy.choose(B)
+        # The adaptive choice depends on timing, and a verify step draws differently from a
+        # plain one: a batch holding a seeded sampled request decodes plainly, so that the
+        # seed alone says what it draws (greedy output is the same in either mode).
+        pinned = policy is not None and any(
+            s.params.seed is not None and not s.params.greedy for s in seqs
+        )
+        spec = policy is None or (not pinned and policy.choose(B))
         if spec:
             self._catch_up(seqs)
         t0 = time.perf_counter()

@@ -63,6 +63,7 @@ from nanoseek.train.run import (
     StepGuard,
     apply_update,
     build_optimizer,
+    end_of_step,
     open_run,
     set_lr,
     tick,
@@ -599,7 +600,6 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
         guard = StepGuard(cfg.max_bad_steps, ckpt_dir, warn=rt.master)
         update = PolicyUpdate(cfg, model, step_model, ref, optimizer, engine, guard, rt)
         t_start = time.perf_counter() - state.elapsed
-        last_eval: dict[str, float] = {}
         progress = Progress(
             out / "metrics.jsonl",
             rt.master,
@@ -611,10 +611,10 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
         )
         with progress:
             if not found:  # where the run starts from
-                last_eval = held_out()
+                first = held_out()
                 state.elapsed = time.perf_counter() - t_start
                 if progress.log is not None:
-                    progress.log.write({"step": 0, **last_eval, "elapsed": state.elapsed})
+                    progress.log.write({"step": 0, **first, "elapsed": state.elapsed})
             while state.progress(stop) < 1.0:
                 step, t0 = state.step, time.perf_counter()
                 lr = set_lr(optimizer, schedule(step, state.progress(horizon)))
@@ -629,15 +629,10 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                 tick(state, t0, t_start, rt, stop, horizon)
 
                 # --- metrics, evaluation, checkpoints ------------------------------------------
-                done = state.progress(stop) >= 1.0
                 rec = step_record(state, roll, upd, cfg.group_size, rt)
                 rec.update(lr=lr, rollout_s=t_roll - t0, update_s=t_end - t_roll)
-                if (cfg.eval_every and state.step % cfg.eval_every == 0) or done:
-                    last_eval = held_out()
-                    rec.update(last_eval)
-                progress.update(rec, state.progress(stop), last=done)
-                if (cfg.save_every and state.step % cfg.save_every == 0 and guard.bad == 0) or done:
-                    save()
+                every = (cfg.eval_every, cfg.save_every)
+                end_of_step(state, stop, rec, progress, guard, every, held_out, save)
 
         # --- summary ---------------------------------------------------------------------------
         if not rt.master:

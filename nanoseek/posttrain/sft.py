@@ -47,6 +47,7 @@ from nanoseek.train.run import (
     apply_update,
     build_optimizer,
     check_resume,
+    end_of_step,
     evaluate,
     open_run,
     set_lr,
@@ -254,8 +255,12 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
                 file=sys.stderr,
             )
 
-        def validate() -> float:
-            return evaluate(model, val_batches(val_data, cfg.batch_size, tokenizer.pad_id), rt)
+        def validate() -> dict[str, float]:
+            batches = val_batches(val_data, cfg.batch_size, tokenizer.pad_id)
+            return {"val_loss": evaluate(model, batches, rt)}
+
+        def save() -> None:
+            save_checkpoint(ckpt_dir, model, optimizer, state, source)  # every rank: a collective
 
         # --- the loop --------------------------------------------------------------------------
         stop, horizon = cfg.budget(), state.lr_horizon
@@ -294,7 +299,6 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
                     update_expert_bias(moe_layers, counts, cfg.gamma)
                 dt = tick(state, t0, t_start, rt, stop, horizon)
 
-                done = state.progress(stop) >= 1.0
                 rec: dict[str, Any] = {
                     "step": state.step,
                     "loss": loss,
@@ -305,19 +309,16 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
                     "elapsed": state.elapsed,
                     "train_seconds": state.train_seconds,
                 }
-                if val_data.examples and (
-                    (cfg.eval_every and state.step % cfg.eval_every == 0) or done
-                ):
-                    val_loss = rec["val_loss"] = validate()
-                progress.update(rec, state.progress(stop), last=done)
-                if (cfg.save_every and state.step % cfg.save_every == 0 and guard.bad == 0) or done:
-                    save_checkpoint(
-                        ckpt_dir, model, optimizer, state, source
-                    )  # every rank: a collective
+                every, val = (
+                    (cfg.eval_every, cfg.save_every),
+                    validate if val_data.examples else None,
+                )
+                end_of_step(state, stop, rec, progress, guard, every, val, save)
+                val_loss = rec.get("val_loss", val_loss)
 
         # --- summary ---------------------------------------------------------------------------
         if val_loss is None and val_data.examples:  # resumed a finished run
-            val_loss = validate()
+            val_loss = validate()["val_loss"]
         if not rt.master:
             return {}
         summary = summarize(cfg, state, train_data, val_data, val_loss, rt, out)

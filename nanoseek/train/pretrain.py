@@ -44,6 +44,7 @@ from nanoseek.train.run import (
     apply_update,
     build_optimizer,
     check_resume,
+    end_of_step,
     evaluate,
     open_run,
     set_lr,
@@ -90,9 +91,9 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         if rt.master:
             start_run_files(tc, rt, model, out, tokens_per_step)
 
-        def validate() -> tuple[float, float]:
+        def validate() -> dict[str, float]:
             loss = evaluate(model, loader["val"].val_batches(tc.eval_batches), rt)
-            return loss, loader["val"].bits_per_byte(loss)
+            return {"val_loss": loss, "val_bpb": loader["val"].bits_per_byte(loss)}
 
         def save() -> None:
             save_checkpoint(ckpt_dir, model, optimizer, state, data)  # every rank: a collective
@@ -132,7 +133,6 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                 dt = tick(state, t0, t_start, rt, stop, horizon)
 
                 # --- metrics, evaluation, checkpoints ------------------------------------------
-                done = state.progress(stop) >= 1.0
                 rec = step_record(state, loss, lr, norm, tokens_per_step / dt, fpt / peak)
                 if tc.mtp_weight > 0 and cfg.num_nextn_predict_layers > 0:
                     rec["mtp_loss"] = mtp_loss
@@ -140,16 +140,14 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                     rec["indexer_kl"] = index_loss
                 if moe_layers:
                     rec["load_max_mean"] = [round(v, 3) for v in load_imbalance(counts)]
-                if (tc.eval_every and state.step % tc.eval_every == 0) or done:
-                    val_loss, val_bpb = validate()
-                    rec.update(val_loss=val_loss, val_bpb=val_bpb)
-                progress.update(rec, state.progress(stop), last=done)
-                if (tc.save_every and state.step % tc.save_every == 0 and guard.bad == 0) or done:
-                    save()
+                every = (tc.eval_every, tc.save_every)
+                end_of_step(state, stop, rec, progress, guard, every, validate, save)
+                if "val_loss" in rec:
+                    val_loss, val_bpb = rec["val_loss"], rec["val_bpb"]
 
         # --- summary ---------------------------------------------------------------------------
         if val_loss is None:  # resumed a finished run: nothing was trained
-            val_loss, val_bpb = validate()
+            val_loss, val_bpb = validate().values()
         if not rt.master:
             return {}
         val = (val_loss, val_bpb)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +178,26 @@ def tick(state: RunState, t0: float, t_start: float, rt: Runtime, *budgets: Any)
     if any(b.minutes for b in budgets):
         state.elapsed = rt.broadcast(state.elapsed)
     return dt
+
+
+def end_of_step(
+    state: RunState,
+    stop: Any,
+    rec: dict[str, Any],
+    progress: Any,
+    guard: StepGuard,
+    every: tuple[int, int],
+    evaluate: Callable[[], dict[str, Any]] | None,
+    save: Callable[[], None],
+) -> None:
+    """How every loop (pretrain, SFT, GRPO) ends a step: evaluate when due and at the end
+    (`evaluate` returns the record's new fields; None: nothing to evaluate), log the record
+    to `progress`, and checkpoint when due (not while steps are being skipped as
+    non-finite) and at the end. every = (eval_every, save_every), 0 = only at the end."""
+    eval_every, save_every = every
+    done = state.progress(stop) >= 1.0
+    if evaluate is not None and ((eval_every and state.step % eval_every == 0) or done):
+        rec.update(evaluate())
+    progress.update(rec, state.progress(stop), last=done)
+    if (save_every and state.step % save_every == 0 and guard.bad == 0) or done:
+        save()

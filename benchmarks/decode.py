@@ -24,7 +24,9 @@ llama.cpp through libllama (gguf_llamacpp.BENCH_C) next to nanoseek's engine: sa
 ids, same number of greedy tokens, same thread counts (1 and 2), batch 1 and 8 and 16
 concurrent sequences, f32 KV cache and no flash attention on both sides, the engines
 alternating within each of --rounds rounds (best and spread printed). Each row gives the
-ratio nanoseek / llama.cpp and whether llama.cpp's greedy tokens equal nanoseek's. Without
+ratio nanoseek / llama.cpp and whether its greedy tokens equal fp32 nanoseek's. Where the
+int8 kernel builds (x86 with AVX2, a C compiler), nanoseek's int8 engines (weight-only,
+`quantize="int8"`) run too, with their own ratio column. Without
 it those rows are skipped with a line saying how to enable them.
 
 No "memory-bandwidth limit" is printed: the bytes a token reads and the rates of DRAM and
@@ -199,6 +201,11 @@ def llama_cpp_compare(
     if model.mtp:
         engines.append(("nanoseek absorbed + MTP spec", {"speculative": True}))
         engines.append(("nanoseek compiled + MTP spec", {"speculative": True, "compile": True}))
+    if int8_available():
+        engines.append(("nanoseek compiled int8", {"compile": True, "quantize": "int8"}))
+        if model.mtp:
+            mtp8 = {"speculative": True, "compile": True, "quantize": "int8"}
+            engines.append(("nanoseek compiled + MTP spec int8", mtp8))
     speeds: dict = {}
     agree: dict = {}  # (engine, threads, batch) -> (tokens equal, tokens)
     built: dict = {}  # engines kept across rounds: a compiled one compiles once
@@ -226,6 +233,17 @@ def llama_cpp_compare(
     return {"speeds": speeds, "agree": agree}
 
 
+def int8_available() -> bool:
+    from nanoseek.kernels import KernelError, q8_library
+
+    try:
+        q8_library()
+        return True
+    except KernelError as e:
+        print(f"(int8 rows skipped: {e})")
+        return False
+
+
 def _tally(agree: dict, key, ref: list[list[int]], got: list[list[int]]) -> None:
     same = sum(a == b for r, g in zip(ref, got, strict=True) for a, b in zip(r, g, strict=True))
     total = sum(len(r) for r in ref)
@@ -243,7 +261,9 @@ def print_llama_cpp(res: dict, n: int, rounds: int) -> None:
     table = []
     for (T, B), cell in sorted(speeds.items()):
         ours = {k: max(v) for k, v in cell.items() if k.startswith("nanoseek")}
-        base, top = ours["nanoseek absorbed"], max(ours.values())
+        base = ours["nanoseek absorbed"]
+        top = max(v for k, v in ours.items() if not k.endswith("int8"))
+        top8 = max((v for k, v in ours.items() if k.endswith("int8")), default=None)
         for name, v in cell.items():
             same, tot = agree.get((name, T, B), (0, 0))
             ident = (
@@ -261,6 +281,7 @@ def print_llama_cpp(res: dict, n: int, rounds: int) -> None:
                     f"{min(v):,.0f}-{max(v):,.0f}",
                     f"{base / max(v):.2f}x" if llama else "",
                     f"{top / max(v):.2f}x" if llama else "",
+                    f"{top8 / max(v):.2f}x" if llama and top8 else "",
                     ident,
                 )
             )
@@ -271,7 +292,8 @@ def print_llama_cpp(res: dict, n: int, rounds: int) -> None:
         "tok/s",
         "spread",
         "nanoseek absorbed / it",
-        "nanoseek best / it",
+        "nanoseek best fp32 / it",
+        "nanoseek best int8 / it",
         "greedy vs nanoseek",
     )
     print(format_table(table, header=header))
@@ -447,7 +469,9 @@ def main() -> None:
         best_threads = threads[0]
         cell = res["speeds"][(best_threads, 1)]
         best = {
-            "nanoseek": max(max(v) for k, v in cell.items() if k.startswith("nanoseek")),
+            "nanoseek fp32": max(
+                max(v) for k, v in cell.items() if k.startswith("nanoseek") and "int8" not in k
+            ),
             "llama.cpp f32": max(cell["llama.cpp f32 GGUF"]),
         }
 

@@ -23,6 +23,13 @@ def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
         help="decode steps through torch.compile (faster per token; compiles first, tens "
         "of seconds on a CPU)",
     )
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8: decode with the weights every token reads in int8 (weight-only, x86 "
+        "CPU with AVX2, fp32 model): a quarter of the bytes, logits within ~1%%",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--threads",
@@ -81,6 +88,7 @@ def _engine(args, max_batch: int = 1):
         max_len=args.max_len,
         speculative=args.speculative,
         compile=args.compile,
+        quantize=args.quantize,
     )
     return engine, params
 

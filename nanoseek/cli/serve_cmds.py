@@ -53,6 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "batch shape compiles first, tens of seconds on a CPU)",
     )
     p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8: decode with the weights every token reads in int8 (weight-only, x86 "
+        "CPU with AVX2, fp32 model)",
+    )
+    p.add_argument(
         "--prefix-cache",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -134,6 +141,7 @@ def cmd_serve(args) -> int:
         track_expert_load=True,  # per-layer expert load on /metrics
         prefix_cache=prefix,
         compile=args.compile,
+        quantize=args.quantize,
     )
     engine = Engine.load(
         args.ckpt, device=device, dtype=resolve_dtype(args.dtype, device), **kwargs

@@ -36,6 +36,7 @@ from nanoseek.infer.runner import ModelRunner
 from nanoseek.infer.runner_v4 import V4Runner
 from nanoseek.infer.sampling import SamplingParams, sample, token_logprobs, verify
 from nanoseek.infer.scheduler import Scheduler, Sequence
+from nanoseek.model.quant import QUANTIZE
 from nanoseek.model.transformer import Transformer
 from nanoseek.model.v4 import V4Transformer
 
@@ -60,6 +61,24 @@ def _check_v4(speculative: bool, plain: bool, prefix_cache: bool, compile: bool)
         )
     if compile:
         raise EngineError("the compiled decode step is V3's (ModelRunner); run without --compile")
+
+
+def _check_quantize(quantize: str, v4: bool, plain: bool, p: torch.Tensor) -> None:
+    from nanoseek.kernels import KernelError, q8_library
+
+    if quantize not in QUANTIZE:
+        raise EngineError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE)}")
+    if v4 or plain:
+        raise EngineError("int8 decoding runs V3's absorbed path; not for V4 or --plain")
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        raise EngineError(
+            "int8 decoding is for a float32 model on the CPU; on a GPU use --dtype bfloat16 "
+            f"(this model: {str(p.dtype)[6:]} on {p.device.type})"
+        )
+    try:
+        q8_library()  # built on first use: fail here, with the reason, not mid-request
+    except KernelError as e:
+        raise EngineError(str(e)) from None
 
 
 @dataclass
@@ -161,6 +180,7 @@ class Engine:
         prefix_cache: bool = False,
         compile: bool = False,
         adaptive: bool = True,
+        quantize: str | None = None,
     ):
         """`max_len`: context length, preallocated for `max_batch` sequences (default: the
         config's max_position_embeddings, capped at DEFAULT_MAX_LEN so that a 160K-context
@@ -174,6 +194,9 @@ class Engine:
         `adaptive` (with speculative): draft only while it pays (SpecPolicy); False drafts
         every step. `compile`: decode and verify steps through torch.compile (ModelRunner; the first
         steps of each batch shape wait for the compiler: tens of seconds on a CPU).
+        `quantize="int8"` (x86 CPU, fp32 model): the weights every token reads in int8,
+        weight-only, in nanoseek's AVX2 kernel (nanoseek.model.quant): a quarter of the
+        bytes; the logits move slightly (the README says how much).
         For a V4Transformer speculative, plain, prefix_cache and compile are refused
         (EngineError) and dispatch is unused (V4's MoE has one)."""
         cfg = model.config
@@ -201,13 +224,17 @@ class Engine:
         self.prefix = PrefixCache(capacity_tokens=8 * self.max_len) if prefix_cache else None
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        if quantize is not None:
+            _check_quantize(quantize, v4, plain, p)
         if v4:
             self.cache = V4Cache(cfg, max_batch, self.max_len, p.dtype, p.device)
             self.runner = V4Runner(model, self.cache, track_expert_load)
         else:
             mtp_layers = 1 if speculative else 0
             self.cache = KVCache(cfg, max_batch, self.max_len, p.dtype, p.device, mtp_layers)
-            self.runner = ModelRunner(model, self.cache, dispatch, track_expert_load, compile)
+            self.runner = ModelRunner(
+                model, self.cache, dispatch, track_expert_load, compile, quantize
+            )
         self.scheduler = Scheduler(self.cache)
         self.spec_stats = SpecStats()
         self.policy = SpecPolicy() if speculative and adaptive else None

@@ -22,6 +22,7 @@ import torch
 from nanoseek.infer.cache import KVCache
 from nanoseek.model.attention import DecodeStep
 from nanoseek.model.moe import MoE
+from nanoseek.model.quant import mm, quantize_folded
 from nanoseek.model.transformer import Transformer
 
 
@@ -33,14 +34,21 @@ class ModelRunner:
         dispatch: str = "auto",
         track_expert_load: bool = False,
         compile: bool = False,
+        quantize: str | None = None,
     ):
         """`dispatch`: how MoE layers send tokens to experts when decoding (see
         nanoseek.model.moe: auto, dense, grouped, gathered, sorted). `track_expert_load`:
         count the tokens each expert receives (`expert_counts`), for a server's metrics.
-        `compile`: decode and verify steps through torch.compile (see above)."""
+        `compile`: decode and verify steps through torch.compile (see above). `quantize`:
+        "int8" runs the weights every token reads in int8 (nanoseek.model.quant)."""
         self.model, self.cache, self.dispatch = model, cache, dispatch
+        self.quantize = quantize
         self._step = self._mtp_step = None
         if compile:
+            # dynamo keeps at most recompile_limit graphs per function, counted across all
+            # runners (one per batch size and step kind each); past it, steps run eagerly
+            cfg = torch._dynamo.config
+            cfg.recompile_limit = max(cfg.recompile_limit, 64)
             self._step = torch.compile(self._decode, dynamic=None)
             self._mtp_step = torch.compile(self._mtp_decode, dynamic=None)
         cfg = model.config
@@ -60,14 +68,19 @@ class ModelRunner:
         cache, dev = self.cache, next(self.model.parameters()).device
         P = cache.rows_per_slot
         self.folded = self.model.fold(P, self.dispatch, mtp=cache.mtp_latent is not None)
+        dtype = self.folded.head.dtype
+        if self.quantize:
+            m = self.model
+            experts = [_experts(b) for b in m.layers]
+            self.folded = quantize_folded(self.folded, experts, [_experts(x.block) for x in m.mtp])
         self.arange = torch.arange(P, device=dev)
         self.row_base = torch.arange(cache.slots, device=dev) * P
-        dtype = self.folded.head.dtype
         self.neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=dev)
         self.zero = torch.tensor(0.0, dtype=dtype, device=dev)
         self.rows, self.mtp_rows = cache.rows(), cache.rows(mtp=True)
         self.index_rows, self.mtp_index_rows = cache.rows(index=True), cache.rows(True, True)
 
+    @torch.inference_mode()  # as forward's: a compiled step sees the same kind of tensors
     def prepare(self, pos: torch.Tensor, start: int = 0, S: int | None = None) -> DecodeStep:
         """The per-step inputs every layer shares, for pos [B, T] in cache rows
         start..start+B; S = max(pos) + 1 (pass it when known, to skip a host read).
@@ -153,7 +166,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.folded.head
+        return mm(h, self.folded.head)
+
+
+def _experts(block) -> torch.nn.Module | None:
+    return block.ffn.experts if isinstance(block.ffn, MoE) else None
 
 
 def _dynamic_context(st: DecodeStep) -> None:

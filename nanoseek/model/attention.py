@@ -31,6 +31,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.indexer import Indexer
 from nanoseek.model.norm import RMSNorm, rms_scale, rms_unweighted
+from nanoseek.model.quant import mm
 from nanoseek.model.rope import apply_rope, rope_permutations, rotate_folded, softmax_scale
 
 
@@ -291,12 +292,12 @@ class MLA(nn.Module):
         latents [c_kv | k_rope] into layer `layer` of `cache`, then attends over this batch's
         rows of it [B, S, C + R]. V3.2: `index` holds the indexer keys, likewise."""
         B, T, H, C, R, K = st.B, st.T, self.n_heads, self.kv_rank, self.rope, f.k_dim
-        q, c_kv, c_g, k_rope, k_swap = (x @ f.w_in).split_with_sizes([f.q_dim, C, C, R, R], -1)
+        q, c_kv, c_g, k_rope, k_swap = mm(x, f.w_in).split_with_sizes([f.q_dim, C, C, R, R], -1)
         mask = st.mask
         if self.indexer is not None:
             mask = self._index_mask(f, x, q, st, index, layer)
         if f.wq is not None:
-            q = rms_unweighted(q, f.q_eps) @ f.wq
+            q = mm(rms_unweighted(q, f.q_eps), f.wq)
         q_k, q_rope, q_swap = q.view(B, T, H, K + 2 * R).split_with_sizes([K, R, R], -1)
         c_kv = c_g * rms_scale(c_kv, f.kv_eps)  # kv_norm(c_kv), its weight already in c_g
         k_rope = rotate_folded(k_rope, k_swap, st.cos_k, st.sin_k)
@@ -314,7 +315,7 @@ class MLA(nn.Module):
         o = (probs @ kv[..., :C]).view(B, H, T, C)  # o_lat: attention output in latent space
         if f.w_uv_t is not None:  # o = o_lat W_uv, when W_uv was not folded into wo
             o = o @ f.w_uv_t  # [B, H, T, v]
-        return o.transpose(1, 2).reshape(B * T, -1) @ f.wo
+        return mm(o.transpose(1, 2).reshape(B * T, -1), f.wo)
 
     def _index_mask(
         self, f: FoldedMLA, x, q_a, st: DecodeStep, index: CacheRows | None, layer: int

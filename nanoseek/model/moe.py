@@ -33,6 +33,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.norm import RMSNorm
+from nanoseek.model.quant import mm
 
 PAD = 64  # rows: expert slices are padded to a multiple of this (see Experts.forward)
 DENSE_EXPERTS_MAX_BYTES = 1 << 20  # "auto": experts this small run as one dense matmul
@@ -66,6 +67,7 @@ class FoldedFFN:
     gate: torch.Tensor | None = None  # [d, E] fp32
     norm: torch.Tensor | None = None  # ffn_norm weight, when not folded
     n_shared: int = 0  # dense: shared experts, as experts E..E+n_shared-1
+    experts_q8: tuple | None = None  # int8 routed experts (w13 rows, w2 rows): quant.py
 
 
 class MLP(nn.Module):
@@ -87,8 +89,8 @@ class MLP(nn.Module):
 
     def decode(self, f: FoldedFFN, x: torch.Tensor, counts: torch.Tensor | None = None):
         """x [N, d] normed without its weight (folded into w13)."""
-        g, u = (x @ f.w13).chunk(2, dim=-1)
-        return (F.silu(g) * u) @ f.w2
+        g, u = mm(x, f.w13).chunk(2, dim=-1)
+        return mm(F.silu(g) * u, f.w2)
 
 
 class Gate(nn.Module):
@@ -396,7 +398,11 @@ class MoE(nn.Module):
         else:
             x = x * f.norm
             weights, idx, _ = self.gate.route(x.float() @ f.gate)
-            if f.dispatch != "sorted" and torch.compiler.is_compiling():
+            few = idx.numel() <= GATHER_PAIRS_PER_EXPERT * self.n_experts
+            if f.experts_q8 is not None and few:  # int8 experts, read in place
+                (w13, w2), wts = f.experts_q8, weights.to(x.dtype)
+                out = torch.ops.nanoseek.moe_q8(x, wts, idx, w13.q, w13.scale, w2.q, w2.scale)
+            elif f.dispatch != "sorted" and torch.compiler.is_compiling():
                 out = self._compiled(x, weights, idx)
             elif f.dispatch == "grouped":
                 out = self._grouped(x, weights, idx)
@@ -405,8 +411,8 @@ class MoE(nn.Module):
             else:
                 out = self.experts(x, weights, idx)
             if f.w13 is not None:
-                g, u = (x @ f.w13).chunk(2, dim=-1)
-                out = out + (F.silu(g) * u) @ f.w2
+                g, u = mm(x, f.w13).chunk(2, dim=-1)
+                out = out + mm(F.silu(g) * u, f.w2)
         if counts is not None:
             counts += count_tokens(idx, self.n_experts)
         return out

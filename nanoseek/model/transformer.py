@@ -19,6 +19,7 @@ from nanoseek.model.attention import MLA, CacheRows, DecodeStep, FoldedMLA, Laye
 from nanoseek.model.loss import linear_cross_entropy
 from nanoseek.model.moe import MLP, FoldedFFN, MoE, RoutingStats
 from nanoseek.model.norm import RMSNorm, rms_unweighted
+from nanoseek.model.quant import mm
 from nanoseek.model.rope import attention_factor, cos_sin, inv_frequencies, rope_table
 
 
@@ -98,7 +99,7 @@ class MTPModule(nn.Module):
         """h, emb_next [N, d] -> the module's normed output [N, d]."""
         # enorm and hnorm share an eps: normalise [emb, h] as one [N, 2, d] tensor
         both = rms_unweighted(torch.stack([emb_next, h], 1), f.eps)
-        x = self.block.decode(f.block, both.flatten(1) @ f.eh, st, cache, layer, index=index)
+        x = self.block.decode(f.block, mm(both.flatten(1), f.eh), st, cache, layer, index=index)
         return rms_unweighted(x, f.norm_eps) * self.norm.weight
 
 

@@ -21,7 +21,7 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 def grouped_model(seed: int = 0, **changes) -> nanoseek.Transformer:
     """`tiny` with experts too large for the dense fold, so that they are quantized too."""
     torch.manual_seed(seed)
-    cfg = nanoseek.get_preset("tiny").replace(moe_intermediate_size=256, **changes)
+    cfg = nanoseek.get_preset("tiny").replace(**{"moe_intermediate_size": 256, **changes})
     model = nanoseek.Transformer(cfg).eval()
     with torch.no_grad():
         for moe in model.moe_layers():
@@ -96,6 +96,17 @@ def test_int8_speculation_and_refresh():
     eng.refresh_weights()
     want = Engine(m, quantize="int8").generate([[5, 6, 7]], GREEDY)[0].token_ids
     assert eng.generate([[5, 6, 7]], GREEDY)[0].token_ids == want != plain
+
+
+def test_int8_leaves_widths_the_kernel_cannot_read_in_fp32():
+    """The kernel reads rows in steps of 8: experts 252 wide stay fp32 (routed, and the
+    shared expert's down projection), the rest is int8, and decoding runs."""
+    m = grouped_model(moe_intermediate_size=252)
+    eng = Engine(m, quantize="int8")
+    f = eng.runner.folded.layers[1].ffn
+    assert f.experts_q8 is None and isinstance(f.w13, Int8Weight) and f.w2.dtype == torch.float32
+    out = eng.generate([[3, 4, 5]], GREEDY)[0].token_ids
+    assert len(out) == GREEDY.max_tokens
 
 
 def test_int8_refuses_what_it_does_not_run():

@@ -64,28 +64,31 @@ def quantize_folded(folded, experts: list, mtp_experts: list):
     left as it was). `experts` / `mtp_experts`: the routed Experts module of each layer / of
     each MTP module's block (None where there is none)."""
 
+    def q(w):  # the kernel reads rows in steps of 8: other widths stay fp32
+        return Int8Weight.folded(w) if w is not None and w.dim() == 2 and fits(w.shape[0]) else w
+
     def ffn(f, ex):
         if f.dispatch == "dense":  # the gate is inside w13, and the experts with it
             return f
-        shared = {}
-        if f.w13 is not None:
-            shared = dict(w13=Int8Weight.folded(f.w13), w2=Int8Weight.folded(f.w2))
         routed = None
-        if ex is not None:  # w13 [E, 2I, d] -> rows [E*2I, d]; w2 [E, d, I] -> [E*d, I]
+        if ex is not None and fits(ex.w13.shape[2]) and fits(ex.inter):
+            # w13 [E, 2I, d] -> rows [E*2I, d]; w2 [E, d, I] -> rows [E*d, I]
             routed = (Int8Weight.rows(ex.w13.flatten(0, 1)), Int8Weight.rows(ex.w2.flatten(0, 1)))
-        return dataclasses.replace(f, experts_q8=routed, **shared)
+        return dataclasses.replace(f, experts_q8=routed, w13=q(f.w13), w2=q(f.w2))
 
     def attn(a):
-        wq = None if a.wq is None else Int8Weight.folded(a.wq)
-        wo = Int8Weight.folded(a.wo) if a.wo.dim() == 2 else a.wo
-        return dataclasses.replace(a, w_in=Int8Weight.folded(a.w_in), wq=wq, wo=wo)
+        return dataclasses.replace(a, w_in=q(a.w_in), wq=q(a.wq), wo=q(a.wo))
 
     def block(b, ex):
         return dataclasses.replace(b, attn=attn(b.attn), ffn=ffn(b.ffn, ex))
 
     layers = [block(b, ex) for b, ex in zip(folded.layers, experts, strict=True)]
     mtp = [  # folded only when the engine drafts
-        dataclasses.replace(m, eh=Int8Weight.folded(m.eh), block=block(m.block, ex))
+        dataclasses.replace(m, eh=q(m.eh), block=block(m.block, ex))
         for m, ex in zip(folded.mtp, mtp_experts[: len(folded.mtp)], strict=True)
     ]
-    return dataclasses.replace(folded, layers=layers, mtp=mtp, head=Int8Weight.folded(folded.head))
+    return dataclasses.replace(folded, layers=layers, mtp=mtp, head=q(folded.head))
+
+
+def fits(k: int) -> bool:
+    return k % 8 == 0

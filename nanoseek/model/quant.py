@@ -9,7 +9,8 @@ than KERNEL_ROWS rows (a long prompt's prefill) the weight is dequantized and MK
 `quantize_folded` converts what every token reads: attention projections, dense MLPs,
 shared experts, the MTP module's projection and the head; and a MoE's routed experts
 (`moe_q8`: each chosen expert read in place; larger batches keep the fp32 experts). The
-gate stays fp32, and so does a "dense"-folded MoE, whose matrix holds the gate.
+gate stays fp32, and so does a "dense"-folded MoE, whose matrix holds the gate, and any
+weight whose rows are not a multiple of 8 wide (the kernel reads them 8 at a time).
 """
 
 from __future__ import annotations

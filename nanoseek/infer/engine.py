@@ -36,6 +36,7 @@ from nanoseek.infer.runner import ModelRunner
 from nanoseek.infer.runner_v4 import V4Runner
 from nanoseek.infer.sampling import SamplingParams, sample, token_logprobs, verify
 from nanoseek.infer.scheduler import Scheduler, Sequence
+from nanoseek.kernels import KernelError, q8_library
 from nanoseek.model.quant import QUANTIZE
 from nanoseek.model.transformer import Transformer
 from nanoseek.model.v4 import V4Transformer
@@ -64,8 +65,6 @@ def _check_v4(speculative: bool, plain: bool, prefix_cache: bool, compile: bool)
 
 
 def _check_quantize(quantize: str, v4: bool, plain: bool, p: torch.Tensor) -> None:
-    from nanoseek.kernels import KernelError, q8_library
-
     if quantize not in QUANTIZE:
         raise EngineError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE)}")
     if v4 or plain:

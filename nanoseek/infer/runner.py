@@ -47,8 +47,8 @@ class ModelRunner:
         if compile:
             # dynamo keeps at most recompile_limit graphs per function, counted across all
             # runners (one per batch size and step kind each); past it, steps run eagerly
-            cfg = torch._dynamo.config
-            cfg.recompile_limit = max(cfg.recompile_limit, 64)
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
             self._step = torch.compile(self._decode, dynamic=None)
             self._mtp_step = torch.compile(self._mtp_decode, dynamic=None)
         cfg = model.config

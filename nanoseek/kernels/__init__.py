@@ -62,9 +62,11 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
 
 def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
     if x.dtype != torch.float32 or q.dtype != torch.int8 or scale.dtype != torch.float32:
-        raise TypeError(f"gemm_q8 takes fp32 x, int8 q, fp32 scale; got {x.dtype}, {q.dtype}")
+        raise TypeError(
+            f"the int8 kernels take fp32 x, int8 weights, fp32 scales; got {x.dtype}, {q.dtype}"
+        )
     if x.device.type != "cpu" or q.shape[1] % 8:
-        raise ValueError("gemm_q8 runs on the CPU, for K a multiple of 8")
+        raise ValueError("the int8 kernels run on the CPU, for rows a multiple of 8 wide")
 
 
 @torch.library.custom_op("nanoseek::gemm_q8", mutates_args=())

@@ -609,6 +609,7 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
             cfg.log_every,
             show={"reward": ".2f", "accuracy": ".0%", "val_accuracy": ".0%", "response_len": ".0f"},
         )
+        every = (cfg.eval_every, cfg.save_every)  # evaluate / checkpoint cadence
         with progress:
             if not found:  # where the run starts from
                 first = held_out()
@@ -631,7 +632,6 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
                 # --- metrics, evaluation, checkpoints ------------------------------------------
                 rec = step_record(state, roll, upd, cfg.group_size, rt)
                 rec.update(lr=lr, rollout_s=t_roll - t0, update_s=t_end - t_roll)
-                every = (cfg.eval_every, cfg.save_every)
                 end_of_step(state, stop, rec, progress, guard, every, held_out, save)
 
         # --- summary ---------------------------------------------------------------------------

@@ -282,6 +282,8 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
             cfg.log_every,
             show={"loss": ".3f", "val_loss": ".3f", "tok_per_s": ",.0f"},
         )
+        every = (cfg.eval_every, cfg.save_every)  # evaluate / checkpoint cadence
+        val = validate if val_data.examples else None
         with progress:
             while state.progress(stop) < 1.0:
                 step, t0 = state.step, time.perf_counter()
@@ -309,10 +311,6 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
                     "elapsed": state.elapsed,
                     "train_seconds": state.train_seconds,
                 }
-                every, val = (
-                    (cfg.eval_every, cfg.save_every),
-                    validate if val_data.examples else None,
-                )
                 end_of_step(state, stop, rec, progress, guard, every, val, save)
                 val_loss = rec.get("val_loss", val_loss)
 

@@ -114,6 +114,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         progress = Progress(
             out / "metrics.jsonl", rt.master, tc.progress, tc.steps, resume_step, tc.log_every
         )
+        every = (tc.eval_every, tc.save_every)  # evaluate / checkpoint cadence
         with progress:
             while state.progress(stop) < 1.0:
                 step, t0 = state.step, time.perf_counter()
@@ -140,14 +141,14 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                     rec["indexer_kl"] = index_loss
                 if moe_layers:
                     rec["load_max_mean"] = [round(v, 3) for v in load_imbalance(counts)]
-                every = (tc.eval_every, tc.save_every)
                 end_of_step(state, stop, rec, progress, guard, every, validate, save)
                 if "val_loss" in rec:
                     val_loss, val_bpb = rec["val_loss"], rec["val_bpb"]
 
         # --- summary ---------------------------------------------------------------------------
         if val_loss is None:  # resumed a finished run: nothing was trained
-            val_loss, val_bpb = validate().values()
+            last = validate()
+            val_loss, val_bpb = last["val_loss"], last["val_bpb"]
         if not rt.master:
             return {}
         val = (val_loss, val_bpb)

@@ -110,9 +110,39 @@ def test_grouped_experts_equal_sorted_experts_with_gradients():
         return y, xg.grad, wg.grad, ex.w13.grad.clone(), ex.w2.grad.clone()
 
     grouped, eager = run("grouped"), run("sorted")
-    assert grouped[3][5].abs().max() == 0 and grouped[3].abs().max() > 0
+    for grads in (grouped, eager):
+        assert grads[3][5].abs().max() == 0 and grads[3].abs().max() > 0
+        assert grads[4][5].abs().max() == 0
     for got, want in zip(grouped, eager, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sorted_experts_pad_their_blocks_in_bf16():
+    """Under bf16 autocast each expert's block is padded to a multiple of PAD rows (rows that
+    read token 0 with weight 0): outputs and gradients stay fp32's within bf16's precision,
+    and the padding adds nothing to any gradient."""
+    torch.manual_seed(5)
+    moe = MoE(gate_config(moe_intermediate_size=8))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    moe.gate.bias[5] = -100.0
+    x = torch.randn(40, 32)
+    w, idx, _ = moe.gate(x)
+    probe = torch.randn(40, 32)
+
+    def run(bf16: bool):
+        xg, wg = x.clone().requires_grad_(), w.detach().clone().requires_grad_()
+        ex = moe.experts
+        ex.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = ex.sorted(xg, wg, idx)
+        (y.float() * probe).sum().backward()
+        return y.float(), xg.grad, wg.grad, ex.w13.grad.clone(), ex.w2.grad.clone()
+
+    bf16, fp32 = run(True), run(False)
+    assert bf16[3][5].abs().max() == 0 and bf16[4][5].abs().max() == 0
+    for got, want in zip(bf16, fp32, strict=True):
+        assert (got - want).abs().max() <= 0.02 * want.abs().max()
 
 
 def test_rope_matches_complex_rotation_of_interleaved_pairs():

@@ -24,10 +24,11 @@ llama.cpp through libllama (gguf_llamacpp.BENCH_C) next to nanoseek's engine: sa
 ids, same number of greedy tokens, same thread counts (1 and 2), batch 1 and 8 and 16
 concurrent sequences, f32 KV cache and no flash attention on both sides, the engines
 alternating within each of --rounds rounds (best and spread printed). Each row gives the
-ratio nanoseek / llama.cpp and whether its greedy tokens equal fp32 nanoseek's. Where the
-int8 kernel builds (x86 with AVX2, a C compiler), nanoseek's int8 engines (weight-only,
-`quantize="int8"`) run too, with their own ratio column. Without
-it those rows are skipped with a line saying how to enable them.
+ratio nanoseek / llama.cpp and whether its greedy tokens equal fp32 nanoseek's. Where
+nanoseek's decode kernels build (x86 with AVX2, a C compiler), the fp32 engines run their
+small matmuls in them (the default), a "MKL matmuls" row runs the compiled engine without
+them, and the int8 engines (weight-only, `quantize="int8"`) run too, with their own ratio
+column. Without them those rows are skipped with a line saying why.
 
 No "memory-bandwidth limit" is printed: the bytes a token reads and the rates of DRAM and
 of the last-level cache are, but once the cache holds the part of the weights every token
@@ -198,10 +199,13 @@ def llama_cpp_compare(
     exe = build_bench(llama, tmp)
     files = {d: export_gguf(ckpt, tmp / f"model-{d}.gguf", d, verbose=False) for d, _ in LLAMA_ROWS}
     engines = [("nanoseek absorbed", {}), ("nanoseek compiled", {"compile": True})]
+    kernels = kernels_available()
+    if kernels:  # the same engine with MKL's matmuls instead of nanoseek's fp32 kernel
+        engines.append(("nanoseek compiled, MKL matmuls", {"compile": True, "kernels": False}))
     if model.mtp:
         engines.append(("nanoseek absorbed + MTP spec", {"speculative": True}))
         engines.append(("nanoseek compiled + MTP spec", {"speculative": True, "compile": True}))
-    if int8_available():
+    if kernels:
         engines.append(("nanoseek compiled int8", {"compile": True, "quantize": "int8"}))
         if model.mtp:
             mtp8 = {"speculative": True, "compile": True, "quantize": "int8"}
@@ -233,14 +237,14 @@ def llama_cpp_compare(
     return {"speeds": speeds, "agree": agree}
 
 
-def int8_available() -> bool:
-    from nanoseek.kernels import KernelError, q8_library
+def kernels_available() -> bool:
+    from nanoseek.kernels import KernelError, decode_library
 
     try:
-        q8_library()
+        decode_library()
         return True
     except KernelError as e:
-        print(f"(int8 rows skipped: {e})")
+        print(f"(rows of nanoseek's own kernels skipped, fp32 rows run MKL: {e})")
         return False
 
 
@@ -346,6 +350,7 @@ def decode_rows(model, path: Path, prompts, n: int, hf_cls, spec: bool = True) -
             ("nanoseek plain (re-expand K/V)", {"plain": True}),
             ("nanoseek absorbed + MTP spec", {"speculative": True}),
             ("nanoseek compiled", {"compile": True}),
+            ("nanoseek compiled, MKL matmuls", {"compile": True, "kernels": False}),
             ("nanoseek compiled + MTP spec", {"speculative": True, "compile": True}),
         ):
             if kw.get("speculative") and not (spec and model.mtp):

@@ -36,7 +36,7 @@ from nanoseek.infer.runner import ModelRunner
 from nanoseek.infer.runner_v4 import V4Runner
 from nanoseek.infer.sampling import SamplingParams, sample, token_logprobs, verify
 from nanoseek.infer.scheduler import Scheduler, Sequence
-from nanoseek.kernels import KernelError, q8_library
+from nanoseek.kernels import KernelError, decode_library
 from nanoseek.model.quant import QUANTIZE
 from nanoseek.model.transformer import Transformer
 from nanoseek.model.v4 import V4Transformer
@@ -67,15 +67,19 @@ def _check_v4(speculative: bool, plain: bool, prefix_cache: bool, compile: bool)
 def _check_quantize(quantize: str, v4: bool, plain: bool, p: torch.Tensor) -> None:
     if quantize not in QUANTIZE:
         raise EngineError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE)}")
+    _check_kernels("int8 decoding", v4, plain, p)
+
+
+def _check_kernels(what: str, v4: bool, plain: bool, p: torch.Tensor) -> None:
     if v4 or plain:
-        raise EngineError("int8 decoding runs V3's absorbed path; not for V4 or --plain")
+        raise EngineError(f"{what} runs V3's absorbed path; not for V4 or --plain")
     if p.device.type != "cpu" or p.dtype != torch.float32:
         raise EngineError(
-            "int8 decoding is for a float32 model on the CPU; on a GPU use --dtype bfloat16 "
+            f"{what} is for a float32 model on the CPU; on a GPU use --dtype bfloat16 "
             f"(this model: {str(p.dtype)[6:]} on {p.device.type})"
         )
     try:
-        q8_library()  # built on first use: fail here, with the reason, not mid-request
+        decode_library()  # built on first use: fail here, with the reason, not mid-request
     except KernelError as e:
         raise EngineError(str(e)) from None
 
@@ -180,6 +184,7 @@ class Engine:
         compile: bool = False,
         adaptive: bool = True,
         quantize: str | None = None,
+        kernels: bool | None = None,
     ):
         """`max_len`: context length, preallocated for `max_batch` sequences (default: the
         config's max_position_embeddings, capped at DEFAULT_MAX_LEN so that a 160K-context
@@ -195,7 +200,12 @@ class Engine:
         steps of each batch shape wait for the compiler: tens of seconds on a CPU).
         `quantize="int8"` (x86 CPU, fp32 model): the weights every token reads in int8,
         weight-only, in nanoseek's AVX2 kernel (nanoseek.model.quant): a quarter of the
-        bytes; the logits move slightly (the README says how much).
+        bytes; the logits move slightly (the README says how much). `kernels`: a float32 model
+        on the CPU can run its decode matmuls of up to 8 rows in nanoseek's own AVX2 kernel
+        (1.2-3x MKL's speed there for weights read from memory; x86 with AVX2 and a C
+        compiler): None (default) does where it builds and the model has 16 MB of weights
+        or more (smaller ones decode from cache, where MKL's calls cost less), True always
+        (EngineError where it cannot), False never.
         For a V4Transformer speculative, plain, prefix_cache and compile are refused
         (EngineError) and dispatch is unused (V4's MoE has one)."""
         cfg = model.config
@@ -225,6 +235,8 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         if quantize is not None:
             _check_quantize(quantize, v4, plain, p)
+        if kernels:
+            _check_kernels("the fp32 decode kernel (kernels=True)", v4, plain, p)
         if v4:
             self.cache = V4Cache(cfg, max_batch, self.max_len, p.dtype, p.device)
             self.runner = V4Runner(model, self.cache, track_expert_load)
@@ -232,7 +244,7 @@ class Engine:
             mtp_layers = 1 if speculative else 0
             self.cache = KVCache(cfg, max_batch, self.max_len, p.dtype, p.device, mtp_layers)
             self.runner = ModelRunner(
-                model, self.cache, dispatch, track_expert_load, compile, quantize
+                model, self.cache, dispatch, track_expert_load, compile, quantize, kernels
             )
         self.scheduler = Scheduler(self.cache)
         self.spec_stats = SpecStats()

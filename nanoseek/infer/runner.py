@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 
 from nanoseek.infer.cache import KVCache
+from nanoseek.kernels import available as kernels_available
 from nanoseek.model.attention import DecodeStep
 from nanoseek.model.moe import MoE
-from nanoseek.model.quant import mm, quantize_folded
+from nanoseek.model.quant import F32_KERNEL_MIN_BYTES, kernel_folded, mm
 from nanoseek.model.transformer import Transformer
 
 
@@ -35,14 +36,24 @@ class ModelRunner:
         track_expert_load: bool = False,
         compile: bool = False,
         quantize: str | None = None,
+        kernels: bool | None = None,
     ):
         """`dispatch`: how MoE layers send tokens to experts when decoding (see
         nanoseek.model.moe: auto, dense, grouped, gathered, sorted). `track_expert_load`:
         count the tokens each expert receives (`expert_counts`), for a server's metrics.
         `compile`: decode and verify steps through torch.compile (see above). `quantize`:
-        "int8" runs the weights every token reads in int8 (nanoseek.model.quant)."""
+        "int8" runs the weights every token reads in int8 (nanoseek.model.quant). `kernels`
+        (fp32 models on the CPU): True runs the small matmuls in nanoseek's fp32 kernel
+        (the caller checked that it builds), False in MKL, None (auto) in the kernel where it
+        builds and the model has at least F32_KERNEL_MIN_BYTES of weights."""
         self.model, self.cache, self.dispatch = model, cache, dispatch
         self.quantize = quantize
+        if kernels is None:
+            p = list(model.parameters())
+            fp32_cpu = p[0].device.type == "cpu" and p[0].dtype == torch.float32
+            large = sum(t.nbytes for t in p) >= F32_KERNEL_MIN_BYTES
+            kernels = fp32_cpu and large and kernels_available()
+        self.kernels = quantize is not None or kernels
         self._step = self._mtp_step = None
         if compile:
             # dynamo keeps at most recompile_limit graphs per function, counted across all
@@ -69,10 +80,11 @@ class ModelRunner:
         P = cache.rows_per_slot
         self.folded = self.model.fold(P, self.dispatch, mtp=cache.mtp_latent is not None)
         dtype = self.folded.head.dtype
-        if self.quantize:
+        if self.kernels:
             m = self.model
             experts = [_experts(b) for b in m.layers]
-            self.folded = quantize_folded(self.folded, experts, [_experts(x.block) for x in m.mtp])
+            mtp_experts = [_experts(x.block) for x in m.mtp]
+            self.folded = kernel_folded(self.folded, experts, mtp_experts, self.quantize)
         self.arange = torch.arange(P, device=dev)
         self.row_base = torch.arange(cache.slots, device=dev) * P
         self.neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=dev)

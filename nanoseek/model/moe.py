@@ -33,7 +33,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.norm import RMSNorm
-from nanoseek.model.quant import mm
+from nanoseek.model.quant import experts_mm, kernel_rows, mm
 
 PAD = 64  # rows: expert slices are padded to a multiple of this (see Experts.forward)
 DENSE_EXPERTS_MAX_BYTES = 1 << 20  # "auto": experts this small run as one dense matmul
@@ -67,7 +67,7 @@ class FoldedFFN:
     gate: torch.Tensor | None = None  # [d, E] fp32
     norm: torch.Tensor | None = None  # ffn_norm weight, when not folded
     n_shared: int = 0  # dense: shared experts, as experts E..E+n_shared-1
-    experts_q8: tuple | None = None  # int8 routed experts (w13 rows, w2 rows): quant.py
+    experts_kernel: tuple | None = None  # routed experts for the kernels: quant.py
 
 
 class MLP(nn.Module):
@@ -460,9 +460,10 @@ class MoE(nn.Module):
             x = x * f.norm
             weights, idx, _ = self.gate.route(x.float() @ f.gate)
             few = idx.numel() <= GATHER_PAIRS_PER_EXPERT * self.n_experts
-            if f.experts_q8 is not None and few:  # int8 experts, read in place
-                (w13, w2), wts = f.experts_q8, weights.to(x.dtype)
-                out = torch.ops.nanoseek.moe_q8(x, wts, idx, w13.q, w13.scale, w2.q, w2.scale)
+            kernel = f.experts_kernel
+            if kernel is not None and few and N <= kernel_rows(kernel[0]):
+                # the kernels read each chosen expert in place
+                out = experts_mm(x, weights.to(x.dtype), idx, kernel)
             elif f.dispatch != "sorted" and torch.compiler.is_compiling():
                 out = self._compiled(x, weights, idx)
             elif f.dispatch == "grouped":

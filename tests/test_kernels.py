@@ -1,6 +1,7 @@
-"""Int8 decoding (`Engine(quantize="int8")`): the C kernels against torch on the same int8
-weights, and the engine against fp32 decoding (logits within a stated tolerance, greedy
-text, compiled == eager)."""
+"""nanoseek's decode kernels (nanoseek.kernels): fp32 (the CPU engine's default for models of
+16 MB and more) and int8 (`Engine(quantize="int8")`). The C kernels against torch on the
+same weights, the fp32 engine against MKL's (`kernels=False`), and int8 against fp32
+decoding (logits within a stated tolerance, greedy text, compiled == eager)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import torch.nn.functional as F
 
 import nanoseek
 from nanoseek.infer import Engine, EngineError, SamplingParams
-from nanoseek.model.quant import Int8Weight, mm
+from nanoseek.model.quant import F32Weight, Int8Weight, mm
 
 if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):  # the kernel's ISA
-    pytest.skip("int8 decoding needs an x86 CPU with AVX2", allow_module_level=True)
+    pytest.skip("the decode kernels need an x86 CPU with AVX2", allow_module_level=True)
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -27,6 +28,56 @@ def grouped_model(seed: int = 0, **changes) -> nanoseek.Transformer:
         for moe in model.moe_layers():
             moe.gate.bias.normal_(0, 0.1)
     return model
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 256, 100), (2, 64, 37), (8, 96, 5), (3, 8, 1)])
+def test_gemm_f32_equals_torch(M, K, N):
+    torch.manual_seed(M)
+    x, w = torch.randn(M, K), torch.randn(N, K)
+    got = torch.ops.nanoseek.gemm_f32(x, w)
+    assert (got - x @ w.t()).abs().max() < 1e-5 * K
+    # mm with a folded [in, out] weight: the kernel up to 8 rows, MKL past them
+    wf = F32Weight.folded(w.t())
+    assert wf.rows.data_ptr() == w.data_ptr()  # the transposed view is read in place
+    assert torch.equal(mm(x, wf), got)
+    xl = torch.randn(9, K)
+    assert torch.equal(mm(xl, wf), xl @ w.t())
+
+
+def test_moe_f32_equals_a_per_token_reference():
+    torch.manual_seed(1)
+    E, I, d, T, k = 6, 32, 64, 3, 2
+    W13, W2 = torch.randn(E, 2 * I, d), torch.randn(E, d, I)
+    x, weights = torch.randn(T, d), torch.rand(T, k)
+    idx = torch.tensor([[0, 5], [2, 2], [4, 1]])  # an expert chosen twice by one token
+    got = torch.ops.nanoseek.moe_f32(x, weights, idx, W13.flatten(0, 1), W2.flatten(0, 1))
+    want = torch.zeros(T, d)
+    for t in range(T):
+        for j in range(k):
+            g, u = (W13[idx[t, j]] @ x[t]).chunk(2)
+            want[t] += weights[t, j] * (W2[idx[t, j]] @ (F.silu(g) * u))
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+
+
+def test_fp32_kernels_decode_what_mkl_decodes():
+    """With kernels=True (the default for models of 16 MB and more) the engine runs its small
+    matmuls and routed experts in the fp32 kernel: the same greedy text as with MKL
+    (`kernels=False`), logits within float32 rounding, at batch 1 and 3, plain and
+    speculative (whose verify steps run 2 rows a sequence)."""
+    m = grouped_model()
+    assert Engine(m).runner.kernels is False  # auto: a model this small decodes from cache
+    for mtp in (False, True):
+        mkl = Engine(m, max_batch=3, kernels=False, speculative=mtp, adaptive=False)
+        ours = Engine(m, max_batch=3, kernels=True, speculative=mtp, adaptive=False)
+        assert isinstance(ours.runner.folded.head, F32Weight)
+        assert ours.runner.folded.layers[1].ffn.experts_kernel is not None
+        assert isinstance(mkl.runner.folded.head, torch.Tensor)
+        for prompts in ([[3, 4, 5]], [[3, 4, 5], [9, 8], [1, 2, 3, 4, 5, 6]]):
+            want = [o.token_ids for o in mkl.generate(prompts, GREEDY)]
+            assert [o.token_ids for o in ours.generate(prompts, GREEDY)] == want
+    ids, pos = torch.randint(0, m.config.vocab_size, (2, 1)), torch.tensor([[0], [0]])
+    la, lb = (e.runner.logits(e.runner.forward(ids, pos, 0)) for e in (mkl, ours))
+    assert (la - lb).abs().max() < 1e-4 * la.abs().max()
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 256, 100), (3, 64, 37), (8, 96, 5), (20, 256, 64)])
@@ -71,7 +122,7 @@ def test_int8_decoding_stays_close_to_fp32():
     m = grouped_model()
     ref = Engine(m, max_batch=2)
     q8 = Engine(m, max_batch=2, quantize="int8")
-    assert q8.runner.folded.layers[1].ffn.experts_q8 is not None  # routed experts quantized
+    assert q8.runner.folded.layers[1].ffn.experts_kernel is not None  # routed experts quantized
     ids = torch.randint(0, m.config.vocab_size, (2, 6))
     pos = torch.arange(6).expand(2, 6)
     agree, steps, worst = 0, 0, 0.0
@@ -104,7 +155,9 @@ def test_int8_leaves_widths_the_kernel_cannot_read_in_fp32():
     m = grouped_model(moe_intermediate_size=252)
     eng = Engine(m, quantize="int8")
     f = eng.runner.folded.layers[1].ffn
-    assert f.experts_q8 is None and isinstance(f.w13, Int8Weight) and f.w2.dtype == torch.float32
+    assert (
+        f.experts_kernel is None and isinstance(f.w13, Int8Weight) and f.w2.dtype == torch.float32
+    )
     out = eng.generate([[3, 4, 5]], GREEDY)[0].token_ids
     assert len(out) == GREEDY.max_tokens
 
@@ -117,14 +170,17 @@ def test_int8_refuses_what_it_does_not_run():
         Engine(m, quantize="int8", plain=True)
     with pytest.raises(EngineError, match="float32 model"):
         Engine(grouped_model().to(torch.bfloat16), quantize="int8")
+    with pytest.raises(EngineError, match="float32 model"):
+        Engine(grouped_model().to(torch.bfloat16), kernels=True)
 
 
 @pytest.mark.slow
-def test_compiled_int8_equals_eager_int8():
+@pytest.mark.parametrize("kw", [{"quantize": "int8"}, {"kernels": True}])
+def test_compiled_kernels_equal_eager_kernels(kw):
     m = grouped_model(2)
     prompts = [[3, 4, 5, 6], [7, 8, 9]]
-    ref = [c.token_ids for c in Engine(m, quantize="int8").generate(prompts, GREEDY)]
-    got = Engine(m, quantize="int8", compile=True).generate(prompts, GREEDY)
+    ref = [c.token_ids for c in Engine(m, **kw).generate(prompts, GREEDY)]
+    got = Engine(m, compile=True, **kw).generate(prompts, GREEDY)
     assert [c.token_ids for c in got] == ref
 
 

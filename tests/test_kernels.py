@@ -200,3 +200,31 @@ def test_cli_generate_quantize_int8(tmp_path, cli):
     assert r.out == want.text + "\n"
     r = cli(*args, "--quantize", "int8", "--dtype", "bfloat16")
     assert r.code != 0 and "float32 model" in r.err and "Traceback" not in r.err
+
+
+def test_kernels_that_cannot_build_fall_back_or_say_why(tmp_path, monkeypatch):
+    """Without a compiler, or with a cache directory it cannot write, the automatic choice
+    decodes with MKL, and what asks for the kernels gets a one-line reason."""
+    import nanoseek.infer.runner as runner
+    from nanoseek.kernels import available, decode_library
+
+    monkeypatch.setattr(runner, "F32_KERNEL_MIN_BYTES", 0)  # auto would take the kernel
+    m = grouped_model()
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    decode_library.cache_clear()
+    try:
+        assert not available()
+        assert Engine(m).runner.kernels is False
+        for kw in ({"quantize": "int8"}, {"kernels": True}):
+            with pytest.raises(EngineError, match="install a C compiler"):
+                Engine(m, **kw)
+        (tmp_path / "file").write_text("not a directory")
+        monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "file"))
+        monkeypatch.delenv("CC")
+        decode_library.cache_clear()
+        with pytest.raises(EngineError, match="could not be built or loaded"):
+            Engine(m, kernels=True)
+        assert Engine(m).runner.kernels is False
+    finally:
+        decode_library.cache_clear()  # the next test builds or loads the real one

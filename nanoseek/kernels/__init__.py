@@ -34,31 +34,36 @@ def cache_dir() -> Path:
 @cache
 def decode_library() -> ctypes.CDLL:
     """The compiled decode.c (built on first use; KernelError with the reason when it cannot
-    be)."""
+    be: no AVX2, no compiler, a cache directory it cannot write, a library it cannot load)."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         raise KernelError("nanoseek's decode kernels need an x86 CPU with AVX2")
     src = SOURCE.read_bytes()
     lib = cache_dir() / f"decode-{hashlib.sha256(src).hexdigest()[:16]}.so"
-    if not lib.exists():
-        cc = shutil.which(os.environ.get("CC", "cc"))
-        if cc is None:
-            raise KernelError(
-                "the decode kernels are C, built on first use: install a C compiler (cc)"
-            )
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=lib.parent, suffix=".so", delete=False) as tmp:
-            cmd = [cc, "-O3", "-mavx2", "-mfma", "-shared", "-fPIC", str(SOURCE), "-o", tmp.name]
-            r = subprocess.run(cmd + ["-lm"], capture_output=True, text=True)
-            if r.returncode != 0:
-                os.unlink(tmp.name)
-                raise KernelError(f"building {SOURCE.name} failed: {r.stderr.strip()[:500]}")
-            os.replace(tmp.name, lib)  # atomic: a concurrent build never loads half a file
-    so = ctypes.CDLL(str(lib))
+    try:
+        if not lib.exists():
+            _build(lib)
+        so = ctypes.CDLL(str(lib))
+    except OSError as e:
+        raise KernelError(f"the decode kernels could not be built or loaded ({lib}): {e}") from e
     p, i = ctypes.c_void_p, ctypes.c_int
     for kind in ("f32", "q8"):
         getattr(so, f"gemm_{kind}").argtypes = [p, i, i, p, p, i, p]
         getattr(so, f"moe_{kind}").argtypes = [p, i, i, p, p, i, i, p, p, p, p, p, p]
     return so
+
+
+def _build(lib: Path) -> None:
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        raise KernelError("the decode kernels are C, built on first use: install a C compiler (cc)")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=lib.parent, suffix=".so", delete=False) as tmp:
+        cmd = [cc, "-O3", "-mavx2", "-mfma", "-shared", "-fPIC", str(SOURCE), "-o", tmp.name]
+        r = subprocess.run(cmd + ["-lm"], capture_output=True, text=True)
+        if r.returncode != 0:
+            os.unlink(tmp.name)
+            raise KernelError(f"building {SOURCE.name} failed: {r.stderr.strip()[:500]}")
+        os.replace(tmp.name, lib)  # atomic: a concurrent build never loads half a file
 
 
 def available() -> bool:

@@ -238,14 +238,12 @@ def llama_cpp_compare(
 
 
 def kernels_available() -> bool:
-    from nanoseek.kernels import KernelError, decode_library
+    from nanoseek.kernels import unavailable_reason
 
-    try:
-        decode_library()
-        return True
-    except KernelError as e:
-        print(f"(rows of nanoseek's own kernels skipped, fp32 rows run MKL: {e})")
-        return False
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"(rows of nanoseek's own kernels skipped, fp32 rows run MKL: {reason})")
+    return reason is None
 
 
 def _tally(agree: dict, key, ref: list[list[int]], got: list[list[int]]) -> None:

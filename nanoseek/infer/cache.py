@@ -3,9 +3,10 @@
 One preallocated buffer per layer group, [layers, slots, max_len, kv_lora_rank + rope]
 (allocated as rows [layers * slots * max_len, width]: a step writes into that base tensor,
 see attention.CacheRows): the cache unit is the latent row (the `c_kv | k_rope` pair side
-by side, so absorbed attention reads keys and values from one tensor). A running sequence owns a slot. Slots in
-use are kept contiguous (0..n-1): when a sequence leaves, the one in the last slot moves
-into the hole, so a decode step reads `buf[:, :n]` as a view and never gathers rows.
+by side, so absorbed attention reads keys and values from one tensor). A running sequence
+owns a slot. Slots in use are kept contiguous (0..n-1): when a sequence leaves, the one in
+the last slot moves into the hole, so a decode step reads `buf[:, :n]` as a view and never
+gathers rows.
 """
 
 from __future__ import annotations

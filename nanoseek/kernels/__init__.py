@@ -66,13 +66,18 @@ def _build(lib: Path) -> None:
         os.replace(tmp.name, lib)  # atomic: a concurrent build never loads half a file
 
 
-def available() -> bool:
-    """Whether the decode kernels build and load here."""
+def unavailable_reason() -> str | None:
+    """Why the decode kernels cannot build or load here, or None when they can."""
     try:
         decode_library()
-    except KernelError:
-        return False
-    return True
+    except KernelError as e:
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    """Whether the decode kernels build and load here."""
+    return unavailable_reason() is None
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -2,24 +2,34 @@
 model's (`dense-small`: same activated parameters) final validation loss with less compute?
 
     python -m benchmarks.moe_vs_dense [--tokens 8e5] [--data data/stdlib-8k] [--out runs/moe_vs_dense]
-                                      [--compile]
+                                      [--compile] [--sequential] [--moe KEY=VALUE ...]
 
 Both train on the same shards, batches and token budget with the same recipe; validation
-loss is measured every --eval-every steps on the same windows. Prints a table and saves
-docs/moe_vs_dense.png (validation loss against training FLOPs and against wall time).
+loss is measured every --eval-every steps on the same windows. By default the two trainings
+run side by side, at the same time, each on half the cores: a shared machine's drift (other
+jobs, clock and cache state) then falls on both alike, which two 15-minute runs one after the
+other did not give (their tokens/s ratio moved by 0.1 between sessions). --sequential runs
+them one after the other on all the cores. --moe KEY=VALUE overrides a field of the MoE's
+model config (e.g. --moe routed_scaling_factor=1.0) to try a recipe. Prints a table and
+saves docs/moe_vs_dense.png (validation loss against training FLOPs and against wall time).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from nanoseek.config import get_preset, param_counts
 from nanoseek.data import prepare
-from nanoseek.train import make_config, train
+from nanoseek.train import TrainConfig, make_config, train
 from nanoseek.train.metrics import read_metrics
 from nanoseek.utils import format_table, human
 
@@ -48,6 +58,28 @@ def first_reach(c: dict[str, np.ndarray], target: float, key: str) -> float | No
     return None
 
 
+def parse_override(item: str) -> tuple[str, Any]:
+    """'key=value' -> (key, value as JSON where it parses: numbers, true, null; else text)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--moe takes KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def run_both(configs: dict[str, TrainConfig], side_by_side: bool) -> dict[str, dict]:
+    """Train every config -> {name: summary}: at the same time, one process each (spawned,
+    so each sets its own thread count), or one after the other in this process."""
+    if not side_by_side:
+        return {name: train(tc) for name, tc in configs.items()}
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(configs), mp_context=ctx) as pool:
+        futures = {name: pool.submit(train, tc) for name, tc in configs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -61,39 +93,64 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--png", default="docs/moe_vs_dense.png")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="train both under torch.compile")
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="train one model after the other on all cores (default: side by side, half each)",
+    )
+    ap.add_argument(
+        "--moe",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the MoE's model config (repeatable)",
+    )
     args = ap.parse_args(argv)
+    moe_model = dict(parse_override(item) for item in args.moe)
+    cores = os.cpu_count() or 1
+    side_by_side = not args.sequential and cores >= 2
+    threads = cores // 2 if side_by_side else None
 
     shards = (
         prepare("stdlib", args.data)
         if not (Path(args.data) / "meta.json").exists()
         else Path(args.data)
     )
-    runs, summaries = {}, {}
-    for preset in ("small", "dense-small"):
-        out = Path(args.out) / preset
-        print(f"\n== {preset}: {human(args.tokens)} tokens", flush=True)
-        tc = make_config(
+    configs = {
+        preset: make_config(
             preset=preset,
             data=str(shards),
-            out=str(out),
+            out=str(Path(args.out) / preset),
             tokens=args.tokens,
             eval_every=args.eval_every,
             overwrite=True,
             seed=args.seed,
             compile=args.compile,
+            threads=threads,
+            progress=not side_by_side,  # two bars on one terminal garble each other
+            model=moe_model if preset == "small" and moe_model else None,
         )
-        summaries[preset] = train(tc)
-        runs[preset] = curve(out)
+        for preset in ("small", "dense-small")
+    }
+    how = f"side by side, {threads} thread(s) each" if side_by_side else "one after the other"
+    print(f"training small and dense-small on {human(args.tokens)} tokens, {how}", flush=True)
+    summaries = run_both(configs, side_by_side)
+    runs = {preset: curve(Path(tc.out)) for preset, tc in configs.items()}
 
     moe, dense = runs["small"], runs["dense-small"]
     target = dense["val"][-1]
     print(
         f"\nMoE vs dense, same data, batches and {human(args.tokens)}-token budget "
-        f"({summaries['small']['dtype']}, {summaries['small']['device']})"
+        f"({summaries['small']['dtype']}, {summaries['small']['device']}, {how})"
     )
+    if moe_model:
+        print(f"MoE model overrides: {moe_model}")
     table = []
     for preset in ("small", "dense-small"):
-        s, pc = summaries[preset], param_counts(get_preset(preset))
+        cfg = get_preset(preset)
+        if preset == "small":
+            cfg = dataclasses.replace(cfg, **moe_model)
+        s, pc = summaries[preset], param_counts(cfg)
         table.append(
             (
                 preset,
@@ -119,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         "bits/byte",
     )
     print(format_table(table, header=header))
+    ratio = summaries["small"]["tokens_per_second"] / summaries["dense-small"]["tokens_per_second"]
+    print(f"MoE tokens/s = {ratio:.2f}x the dense model's")
     f_reach, t_reach = first_reach(moe, target, "flops"), first_reach(moe, target, "seconds")
     if f_reach is None:
         print(

@@ -186,7 +186,7 @@ def test_compiled_kernels_equal_eager_kernels(kw):
 
 def test_cli_generate_quantize_int8(tmp_path, cli):
     """`nanoseek generate --quantize int8` prints what Engine.load(quantize="int8") makes;
-    a bf16 model is refused in one line."""
+    a bf16 model is refused in one line; `--kernels on|off` reach the engine."""
     from nanoseek.data.tokenizer import Tokenizer
 
     tok = Tokenizer.train(["the cat sat on the mat. " * 50], vocab_size=300)
@@ -199,6 +199,11 @@ def test_cli_generate_quantize_int8(tmp_path, cli):
     want = Engine.load(tmp_path / "ckpt", quantize="int8").generate(["the cat"], five)[0]
     assert r.out == want.text + "\n"
     r = cli(*args, "--quantize", "int8", "--dtype", "bfloat16")
+    assert r.code != 0 and "float32 model" in r.err and "Traceback" not in r.err
+    on, off = cli(*args, "--kernels", "on"), cli(*args, "--kernels", "off")
+    assert on.code == 0 and off.code == 0, on.err + off.err
+    assert on.out == off.out  # fp32 kernel and MKL: the same greedy text
+    r = cli(*args, "--kernels", "on", "--dtype", "bfloat16")
     assert r.code != 0 and "float32 model" in r.err and "Traceback" not in r.err
 
 

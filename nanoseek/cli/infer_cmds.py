@@ -7,6 +7,41 @@ import sys
 import time
 
 
+def engine_flags(p: argparse.ArgumentParser) -> None:
+    """How the engine decodes: the flags `generate`, `sample`, `chat` and `serve` share."""
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode steps through torch.compile (faster steps at small batches; each new "
+        "batch shape compiles first, tens of seconds on a CPU)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8: decode with the weights every token reads in int8 (weight-only, x86 "
+        "CPU with AVX2, fp32 model): a quarter of the bytes, logits within ~1%%",
+    )
+    p.add_argument(
+        "--kernels",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="nanoseek's fp32 decode kernel for the one-row matmuls (auto: on a CPU with "
+        "AVX2 and a C compiler, for models of 16 MB and more); off: MKL",
+    )
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The Engine.load arguments `engine_flags` set."""
+    return dict(
+        speculative=args.speculative,
+        compile=args.compile,
+        quantize=args.quantize,
+        kernels={"auto": None, "on": True, "off": False}[args.kernels],
+    )
+
+
 def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
     p.add_argument(
         "ckpt", help="checkpoint directory (config.json + safetensors [+ tokenizer.json])"
@@ -16,20 +51,7 @@ def _sampling_flags(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="decode steps through torch.compile (faster per token; compiles first, tens "
-        "of seconds on a CPU)",
-    )
-    p.add_argument(
-        "--quantize",
-        choices=["int8"],
-        default=None,
-        help="int8: decode with the weights every token reads in int8 (weight-only, x86 "
-        "CPU with AVX2, fp32 model): a quarter of the bytes, logits within ~1%%",
-    )
+    engine_flags(p)
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--threads",
@@ -86,9 +108,7 @@ def _engine(args, max_batch: int = 1):
         dtype=getattr(torch, args.dtype),
         max_batch=max_batch,
         max_len=args.max_len,
-        speculative=args.speculative,
-        compile=args.compile,
-        quantize=args.quantize,
+        **engine_kwargs(args),
     )
     return engine, params
 

@@ -9,6 +9,8 @@ import socket
 import sys
 from pathlib import Path
 
+from nanoseek.cli.infer_cmds import engine_flags, engine_kwargs
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -45,20 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="chat replies open in thinking mode (on), non-thinking (off), or as the model "
         "chooses (auto); a request's `thinking` field overrides",
     )
-    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="decode steps through torch.compile (faster steps at small batches; each new "
-        "batch shape compiles first, tens of seconds on a CPU)",
-    )
-    p.add_argument(
-        "--quantize",
-        choices=["int8"],
-        default=None,
-        help="int8: decode with the weights every token reads in int8 (weight-only, x86 "
-        "CPU with AVX2, fp32 model)",
-    )
+    engine_flags(p)
     p.add_argument(
         "--prefix-cache",
         action=argparse.BooleanOptionalAction,
@@ -137,11 +126,9 @@ def cmd_serve(args) -> int:
     kwargs = dict(
         max_batch=args.max_batch,
         max_len=args.max_len,
-        speculative=args.speculative,
         track_expert_load=True,  # per-layer expert load on /metrics
         prefix_cache=prefix,
-        compile=args.compile,
-        quantize=args.quantize,
+        **engine_kwargs(args),
     )
     engine = Engine.load(
         args.ckpt, device=device, dtype=resolve_dtype(args.dtype, device), **kwargs

@@ -34,7 +34,7 @@ from nanoseek.train import (
 )
 from nanoseek.train import pretrain as pretrain_mod
 from nanoseek.train.metrics import MetricsLog, unigram_loss
-from nanoseek.train.run import build_optimizer
+from nanoseek.train.run import build_optimizer, set_lr
 
 SNIPPET = '''def add(a, b):
     """Return the sum of a and b."""
@@ -106,6 +106,27 @@ def test_bias_is_not_trained_by_gradients():
     opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     assert all(id(m.gate.bias) not in trained for m in model.moe_layers())
+
+
+def test_routers_train_at_router_lr():
+    """The routers' weights (and only they) step at router_lr x the learning rate; at 1.0
+    the groups are those of runs saved before router_lr existed (their optimizer state
+    loads)."""
+    model = Transformer(get_preset("tiny"))
+    routers = {id(m.gate.weight) for m in model.moe_layers()}
+    assert routers
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.0, router_lr=0.1)
+    set_lr(opt, 2e-3)
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # Adam's first step moves every weight by the lr
+    for p in model.parameters():
+        if p.requires_grad:
+            want = 2e-4 if id(p) in routers else 2e-3
+            assert (before[id(p)] - p.detach()).abs().max().item() == pytest.approx(want, rel=1e-3)
+    plain = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    assert all("lr_scale" not in g for g in plain.param_groups) and len(plain.param_groups) == 2
 
 
 # --- runtime, budget, run state ------------------------------------------------------------
@@ -253,6 +274,21 @@ def test_resume_refuses_a_different_run_and_keeps_the_lr_schedule(shards, tmp_pa
     with pytest.warns(UserWarning, match="original horizon"):  # still the step-4 horizon
         train(make_config(out=str(out), resume=True, steps=7))
     assert losses(out, "lr")[6] == pytest.approx(3e-4)
+
+
+def test_resume_of_a_run_saved_before_router_lr(shards, tmp_path):
+    """A checkpoint whose saved settings have no router_lr trained its routers at the full
+    learning rate: it resumes so (its optimizer state fits), not at the newer default."""
+    out = tmp_path / "r"
+    train(tiny_run(shards, out, steps=3, eval_every=0, router_lr=1.0))
+    state = out / "ckpt" / "train_state" / "state.json"
+    saved = json.loads(state.read_text())
+    del saved["train_config"]["router_lr"]
+    state.write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match="original horizon"):  # the budget grew: 3 -> 5
+        train(make_config(out=str(out), resume=True, steps=5))
+    assert json.loads((out / "train_config.json").read_text())["router_lr"] == 1.0
+    assert len(losses(out)) == 5
 
 
 def test_unused_mtp_costs_no_flops(shards, tmp_path):

@@ -121,6 +121,11 @@ class TrainConfig(RunConfig):
         "expert-bias update speed at the end (decays with progress)", default=0.001
     )
     alpha: float = _h("sequence-wise balance loss weight (0: off)", default=0.0)
+    router_lr: float = _h(
+        "the MoE routers' learning rate as a fraction of --lr (their weights move the choice of "
+        "experts for every token: at the full rate they outrun the balancing bias early on)",
+        default=0.1,
+    )
     indexer_warmup_steps: int = _h(
         "V3.2 models: before training, this many steps train only the lightning indexers, by "
         "KL to the dense attention (one process)",
@@ -179,6 +184,7 @@ class TrainConfig(RunConfig):
         for name in ("batch_size", "seq_len", "grad_accum"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(self.router_lr >= 0, f"router_lr must be >= 0, got {self.router_lr}")
         need(
             self.parallel in ("fsdp", "ddp"), f"parallel must be fsdp or ddp, got {self.parallel!r}"
         )
@@ -232,10 +238,14 @@ IDENTITY = (
     "gamma",
     "gamma_final",
     "alpha",
+    "router_lr",
     "indexer_warmup_steps",
     "indexer_loss_weight",
 )
 TrainConfig.IDENTITY = IDENTITY
+# Settings added after runs were saved without them, with the value those runs trained with
+# (a resumed run must go on computing what it started with, not a newer default).
+LEGACY = {"router_lr": 1.0}
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -290,8 +300,9 @@ def resume_config(tc: Config, saved: dict[str, Any] | None) -> Config:
     updated with what was given now (`tc.given_fields()`) where that may change."""
     cls = type(tc)
     fields = config_fields(cls)
+    saved = {**LEGACY, **saved} if saved else {}
     saved = {  # not keys of other versions, nor the last launch's layout
-        k: v for k, v in (saved or {}).items() if k in fields and k not in cls.LAYOUT
+        k: v for k, v in saved.items() if k in fields and k not in cls.LAYOUT
     }
     given = tc.given_fields()
     differ = [k for k in cls.IDENTITY if k in given and k in saved and getattr(tc, k) != saved[k]]

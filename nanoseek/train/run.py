@@ -66,11 +66,13 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.95),
     kind: str = "adamw",
+    router_lr: float = 1.0,
 ) -> torch.optim.Optimizer:
     """AdamW (`kind` "adamw"), or Muon for the blocks' weight matrices and AdamW for the rest
-    ("muon", train/muon.py). Weight decay on matrices only, not on norms (nor biases). Under
-    FSDP2 / EP the parameters sharded alike share a group (one fused kernel cannot mix whole
-    and sharded tensors, or two meshes)."""
+    ("muon", train/muon.py). Weight decay on matrices only, not on norms (nor biases). The
+    MoE routers' weights train at `router_lr` x the learning rate (their group's `lr_scale`,
+    applied by set_lr). Under FSDP2 / EP the parameters sharded alike share a group (one
+    fused kernel cannot mix whole and sharded tensors, or two meshes)."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {kind!r}; use one of {', '.join(OPTIMIZERS)}")
     muon = set()
@@ -78,14 +80,18 @@ def build_optimizer(
         from nanoseek.train.muon import muon_parameters
 
         muon = {id(p) for p in muon_parameters(model)[0]}
-    groups: dict[tuple[bool, bool, int], list[nn.Parameter]] = {}
-    for p in model.parameters():
-        key = (id(p) in muon, p.dim() >= 2, id(getattr(p, "device_mesh", None)))
+    groups: dict[tuple[bool, bool, bool, int], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        router = router_lr != 1.0 and is_router(name)
+        key = (id(p) in muon, p.dim() >= 2, router, id(getattr(p, "device_mesh", None)))
         groups.setdefault(key, []).append(p)
     param_groups = [
         {"params": params, "weight_decay": weight_decay if decay else 0.0}
         | ({"muon": True} if is_muon else {})
-        for (is_muon, decay, _), params in sorted(groups.items(), key=lambda kv: not kv[0][1])
+        | ({"lr_scale": router_lr} if router else {})
+        for (is_muon, decay, router, _), params in sorted(
+            groups.items(), key=lambda kv: not kv[0][1]
+        )
     ]
     if kind == "muon":
         from nanoseek.train.muon import MuonAdamW
@@ -95,9 +101,15 @@ def build_optimizer(
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=1e-8, fused=True)
 
 
+def is_router(name: str) -> bool:
+    """An MoE router's weight (V3's `gate`, V4's routers), by parameter name."""
+    return ".gate." in name and name.endswith("weight")
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Every group to `lr` (times its `lr_scale`, the routers'); -> lr."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 

@@ -2,15 +2,17 @@
 model's (`dense-small`: same activated parameters) final validation loss with less compute?
 
     python -m benchmarks.moe_vs_dense [--tokens 8e5] [--data data/stdlib-8k] [--out runs/moe_vs_dense]
-                                      [--compile] [--sequential] [--moe KEY=VALUE ...]
+                                      [--compile] [--sequential] [--moe-lr LR]
+                                      [--moe KEY=VALUE ...]
 
-Both train on the same shards, batches and token budget with the same recipe; validation
-loss is measured every --eval-every steps on the same windows. By default the two trainings
+Both train on the same shards, batches and token budget with the same recipe (but --moe-lr);
+validation loss is measured every --eval-every steps on the same windows. By default the two trainings
 run side by side, at the same time, each on half the cores: a shared machine's drift (other
 jobs, clock and cache state) then falls on both alike, which two 15-minute runs one after the
 other did not give (their tokens/s ratio moved by 0.1 between sessions). --sequential runs
 them one after the other on all the cores. --moe KEY=VALUE overrides a field of the MoE's
-model config (e.g. --moe routed_scaling_factor=1.0) to try a recipe. Prints a table and
+model config (e.g. --moe routed_scaling_factor=1.0) to try a recipe, --moe-lr its peak
+learning rate (the two models need not want the same). Prints a table and
 saves docs/moe_vs_dense.png (validation loss against training FLOPs and against wall time).
 """
 
@@ -110,6 +112,12 @@ def main(argv: list[str] | None = None) -> None:
         help="train one model after the other on all cores (default: side by side, half each)",
     )
     ap.add_argument(
+        "--moe-lr",
+        type=float,
+        default=None,
+        help="the MoE's peak learning rate (default: the training default, as the dense's)",
+    )
+    ap.add_argument(
         "--moe",
         action="append",
         default=[],
@@ -140,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             threads=threads,
             progress=not side_by_side,  # two bars on one terminal garble each other
             model=moe_model if preset == "small" and moe_model else None,
+            lr=args.moe_lr if preset == "small" else None,
         )
         for preset in ("small", "dense-small")
     }
@@ -156,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if moe_model:
         print(f"MoE model overrides: {moe_model}")
+    if args.moe_lr:
+        print(f"MoE peak LR {args.moe_lr:g}, dense {configs['dense-small'].lr:g}")
     table = []
     for preset in ("small", "dense-small"):
         cfg = get_preset(preset)

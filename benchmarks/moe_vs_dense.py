@@ -48,15 +48,11 @@ def curve(run: Path) -> dict[str, np.ndarray]:
     }
 
 
-def last_record(tc: TrainConfig) -> dict[str, Any]:
-    return read_metrics(Path(tc.out) / "metrics.jsonl")[-1]
-
-
-def rate_until(tc: TrainConfig, elapsed: float) -> float:
-    """Training tokens per training second over the steps that ended within `elapsed`
-    seconds of the run's start."""
-    recs = [r for r in read_metrics(Path(tc.out) / "metrics.jsonl") if r["elapsed"] <= elapsed]
-    return recs[-1]["tokens"] / recs[-1]["train_seconds"]
+def rate_until(recs: list[dict[str, Any]], elapsed: float) -> float:
+    """Training tokens per training second over a run's steps (its metrics records) that
+    ended within `elapsed` seconds of its start."""
+    last = [r for r in recs if r["elapsed"] <= elapsed][-1]
+    return last["tokens"] / last["train_seconds"]
 
 
 def first_reach(c: dict[str, np.ndarray], target: float, key: str) -> float | None:
@@ -201,9 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     ratio = summaries["small"]["tokens_per_second"] / summaries["dense-small"]["tokens_per_second"]
     print(f"MoE tokens/s = {ratio:.2f}x the dense model's")
     if side_by_side:  # the faster run ends first; the other then has the machine to itself
-        first = min(configs, key=lambda p: last_record(configs[p])["elapsed"])
-        end = last_record(configs[first])["elapsed"]
-        both = {p: rate_until(configs[p], end) for p in configs}
+        recs = {p: read_metrics(Path(tc.out) / "metrics.jsonl") for p, tc in configs.items()}
+        end = min(r[-1]["elapsed"] for r in recs.values())
+        both = {p: rate_until(r, end) for p, r in recs.items()}
         print(
             f"while both trained (the first {end:.0f} s): MoE {both['small']:,.0f} tokens/s, "
             f"dense {both['dense-small']:,.0f}: {both['small'] / both['dense-small']:.2f}x"

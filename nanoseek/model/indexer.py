@@ -135,7 +135,8 @@ def indexer_kl(model: nn.Module, input_ids: torch.Tensor, sparse: bool = False) 
             if sparse and T > idx.topk:
                 keep = idx.select(scores.detach(), causal)
             p = attn.attention_probs(x, cos, sin, keep)
-            logq = scores.masked_fill(~keep, float("-inf")).log_softmax(-1)
+            # fp32: p is fp32, and a bf16 log-softmax (autocast) made the KL negative
+            logq = scores.float().masked_fill(~keep, float("-inf")).log_softmax(-1)
             logq = logq.masked_fill(~keep, 0.0)  # p is 0 there: no term
             losses.append((torch.xlogy(p, p) - p * logq).sum(-1).mean())
             with torch.no_grad():

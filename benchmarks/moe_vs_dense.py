@@ -2,7 +2,7 @@
 model's (`dense-small`: same activated parameters) final validation loss with less compute?
 
     python -m benchmarks.moe_vs_dense [--tokens 8e5] [--data data/stdlib-8k] [--out runs/moe_vs_dense]
-                                      [--compile] [--sequential] [--moe-lr LR]
+                                      [--compile] [--dtype fp32] [--sequential] [--moe-lr LR]
                                       [--moe KEY=VALUE ...]
 
 Both train on the same shards, batches and token budget with the same recipe (but --moe-lr);
@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="train both under torch.compile")
     ap.add_argument(
+        "--dtype", default="auto", help="auto (bf16 where the CPU has it), bf16 or fp32"
+    )
+    ap.add_argument(
         "--sequential",
         action="store_true",
         help="train one model after the other on all cores (default: side by side, half each)",
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             overwrite=True,
             seed=args.seed,
             compile=args.compile,
+            dtype=args.dtype,
             threads=threads,
             progress=not side_by_side,  # two bars on one terminal garble each other
             model=moe_model if preset == "small" and moe_model else None,

@@ -19,7 +19,7 @@ export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 run: .venv/.installed
 	$(PY) -m nanoseek.quickstart
 
-# SFT then GRPO on arithmetic, from nothing to a reasoning model: ~20 minutes on 2 cores
+# SFT then GRPO on arithmetic, from nothing to a reasoning model: ~28 minutes on 2 cores
 r1: .venv/.installed
 	$(PY) -m nanoseek.r1
 

@@ -673,9 +673,8 @@ class V4Attention(nn.Module):
             return None
         # the loss reads only the chosen entries' scores: score just those, [B, S, k]
         scores = idx.scorer(idx.queries(q_latent, position_ids), picked_entries(keys, top)[0], x)
+        scores = scores.float()  # as p (a bf16 log-softmax under autocast: KL < 0)
         # finite fill: a row with nothing selected must not put NaN into the backward
-        # fp32, as p (under bf16 autocast a bf16 log-softmax made the KL negative)
-        scores = scores.float()
         logq = scores.masked_fill(~keep, torch.finfo(scores.dtype).min).log_softmax(-1)
         logq = logq.masked_fill(~keep, 0.0)  # p is 0 there: no term
         kl = (torch.xlogy(p, p) - p * logq).sum(-1)

@@ -47,6 +47,7 @@ from torch import nn
 
 from nanoseek.config import V4_LAYER_RATIOS
 from nanoseek.model.hyper import rms_normalize
+from nanoseek.model.indexer import kl_to_scores
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import cos_sin, inv_frequencies
 
@@ -673,9 +674,4 @@ class V4Attention(nn.Module):
             return None
         # the loss reads only the chosen entries' scores: score just those, [B, S, k]
         scores = idx.scorer(idx.queries(q_latent, position_ids), picked_entries(keys, top)[0], x)
-        scores = scores.float()  # as p (a bf16 log-softmax under autocast: KL < 0)
-        # finite fill: a row with nothing selected must not put NaN into the backward
-        logq = scores.masked_fill(~keep, torch.finfo(scores.dtype).min).log_softmax(-1)
-        logq = logq.masked_fill(~keep, 0.0)  # p is 0 there: no term
-        kl = (torch.xlogy(p, p) - p * logq).sum(-1)
-        return kl[rows].mean()
+        return kl_to_scores(p, scores, keep)[rows].mean()

@@ -105,6 +105,16 @@ def indexer_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, Indexer) for p in m.parameters()]
 
 
+def kl_to_scores(p: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """KL(p || softmax(scores over keep)) per query (the last dimension is the keys), the
+    indexers' loss in V3.2 and V4. In fp32: under bf16 autocast a bf16 log-softmax against
+    an fp32 p made the KL negative. A row with nothing kept gives 0, not NaN (finite fill)."""
+    scores = scores.float()
+    logq = scores.masked_fill(~keep, torch.finfo(scores.dtype).min).log_softmax(-1)
+    logq = logq.masked_fill(~keep, 0.0)  # p is 0 there: no term
+    return (torch.xlogy(p, p) - p * logq).sum(-1)
+
+
 def indexer_kl(model: nn.Module, input_ids: torch.Tensor, sparse: bool = False) -> torch.Tensor:
     """The V3.2 report's indexer loss: over the main layers, the mean per query of
     KL(p || softmax(I)), p the main attention's distribution (summed over heads,
@@ -135,10 +145,7 @@ def indexer_kl(model: nn.Module, input_ids: torch.Tensor, sparse: bool = False) 
             if sparse and T > idx.topk:
                 keep = idx.select(scores.detach(), causal)
             p = attn.attention_probs(x, cos, sin, keep)
-            # fp32: p is fp32, and a bf16 log-softmax (autocast) made the KL negative
-            logq = scores.float().masked_fill(~keep, float("-inf")).log_softmax(-1)
-            logq = logq.masked_fill(~keep, 0.0)  # p is 0 there: no term
-            losses.append((torch.xlogy(p, p) - p * logq).sum(-1).mean())
+            losses.append(kl_to_scores(p, scores, keep).mean())
             with torch.no_grad():
                 h = layer(h, cos, sin)
     return torch.stack(losses).mean()

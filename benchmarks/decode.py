@@ -25,7 +25,7 @@ ids, same number of greedy tokens, same thread counts (1 and 2), batch 1 and 8 a
 concurrent sequences, f32 KV cache and no flash attention on both sides, the engines
 alternating within each of --rounds rounds (best and spread printed). Each row gives the
 ratio nanoseek / llama.cpp and whether its greedy tokens equal fp32 nanoseek's. Where
-nanoseek's decode kernels build (x86 with AVX2, a C compiler), the fp32 engines run their
+nanoseek's decode kernels build (x86 with AVX2, a C++ compiler), the fp32 engines run their
 small matmuls in them (the default), a "MKL matmuls" row runs the compiled engine without
 them, and the int8 engines (weight-only, `quantize="int8"`) run too, with their own ratio
 column. Without them those rows are skipped with a line saying why.

@@ -1,5 +1,5 @@
 """nanoseek's decode kernels (nanoseek.kernels): fp32 (the CPU engine's default for models of
-16 MB and more) and int8 (`Engine(quantize="int8")`). The C kernels against torch on the
+16 MB and more) and int8 (`Engine(quantize="int8")`). The C++ kernels against torch on the
 same weights, the fp32 engine against MKL's (`kernels=False`), and int8 against fp32
 decoding (logits within a stated tolerance, greedy text, compiled == eager)."""
 
@@ -11,10 +11,12 @@ import torch.nn.functional as F
 
 import nanoseek
 from nanoseek.infer import Engine, EngineError, SamplingParams
+from nanoseek.kernels import decode_library
 from nanoseek.model.quant import F32Weight, Int8Weight, mm
 
 if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):  # the kernel's ISA
     pytest.skip("the decode kernels need an x86 CPU with AVX2", allow_module_level=True)
+decode_library()  # builds (once per machine) and loads the torch.ops.nanoseek kernels
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -211,25 +213,52 @@ def test_kernels_that_cannot_build_fall_back_or_say_why(tmp_path, monkeypatch):
     """Without a compiler, or with a cache directory it cannot write, the automatic choice
     decodes with MKL, and what asks for the kernels gets a one-line reason."""
     import nanoseek.infer.runner as runner
-    from nanoseek.kernels import available, decode_library
+    from nanoseek.kernels import available
 
     monkeypatch.setattr(runner, "F32_KERNEL_MIN_BYTES", 0)  # auto would take the kernel
     m = grouped_model()
     monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("CXX", "no-such-compiler")
     decode_library.cache_clear()
     try:
         assert not available()
         assert Engine(m).runner.kernels is False
         for kw in ({"quantize": "int8"}, {"kernels": True}):
-            with pytest.raises(EngineError, match="install a C compiler"):
+            with pytest.raises(EngineError, match="install a C\\+\\+ compiler"):
                 Engine(m, **kw)
         (tmp_path / "file").write_text("not a directory")
         monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "file"))
-        monkeypatch.delenv("CC")
+        monkeypatch.delenv("CXX")
         decode_library.cache_clear()
         with pytest.raises(EngineError, match="could not be built or loaded"):
             Engine(m, kernels=True)
         assert Engine(m).runner.kernels is False
     finally:
         decode_library.cache_clear()  # the next test builds or loads the real one
+
+
+def test_kernels_give_the_same_bits_on_any_number_of_threads():
+    """The kernels split their work over torch's threads (by output row, by (token, expert)
+    pair); every output is computed the same way whatever the split."""
+    torch.manual_seed(3)
+    x, w = torch.randn(3, 256), torch.randn(1000, 256)
+    q = Int8Weight.folded(w.t())
+    E, I, d, T, k = 8, 64, 128, 5, 3
+    W13, W2 = torch.randn(E * 2 * I, d), torch.randn(E * d, I)
+    xt, weights, idx = torch.randn(T, d), torch.rand(T, k), torch.randint(0, E, (T, k))
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(
+                (
+                    torch.ops.nanoseek.gemm_f32(x, w),
+                    torch.ops.nanoseek.gemm_q8(x, q.q, q.scale),
+                    torch.ops.nanoseek.moe_f32(xt, weights, idx, W13, W2),
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other, strict=True))

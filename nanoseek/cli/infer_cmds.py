@@ -28,7 +28,7 @@ def engine_flags(p: argparse.ArgumentParser) -> None:
         choices=["auto", "on", "off"],
         default="auto",
         help="nanoseek's fp32 decode kernel for the one-row matmuls (auto: on a CPU with "
-        "AVX2 and a C compiler, for models of 16 MB and more); off: MKL",
+        "AVX2 and a C++ compiler, for models of 16 MB and more); off: MKL",
     )
 
 

@@ -11,8 +11,8 @@ Two paths over the same cache and weights:
 
 `compile=True` runs the absorbed decode and verify steps (T <= 2) through torch.compile:
 a step of `small` is ~500 eager op calls at batch 1, inductor makes it a few fused C++
-kernels. The context length S is a dynamic dimension (one graph for every S); prefills
-stay eager (their lengths vary, and they are one call per request).
+kernels, called from a C++ wrapper on CPU. The context length S is a dynamic dimension
+(one graph for every S); prefills stay eager (their lengths vary, and they are one call per request).
 """
 
 from __future__ import annotations
@@ -60,8 +60,12 @@ class ModelRunner:
             # runners (one per batch size and step kind each); past it, steps run eagerly
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
-            self._step = torch.compile(self._decode, dynamic=None)
-            self._mtp_step = torch.compile(self._mtp_decode, dynamic=None)
+            # CPU: inductor's C++ wrapper calls the step's ~80 kernels and ~30 extern ops
+            # from C++ instead of Python (1.03-1.12x at batch 1-8; benchmarks/decode.py)
+            cpu = next(model.parameters()).device.type == "cpu"
+            opts = {"cpp_wrapper": True} if cpu else None
+            self._step = torch.compile(self._decode, dynamic=None, options=opts)
+            self._mtp_step = torch.compile(self._mtp_decode, dynamic=None, options=opts)
         cfg = model.config
         self.heads = cfg.num_attention_heads
         n_moe = sum(isinstance(b.ffn, MoE) for b in model.layers)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-import nanoseek.kernels  # noqa: F401  (registers the torch.ops.nanoseek kernels)
+import nanoseek.kernels  # noqa: F401  (its decode_library() loads the torch.ops.nanoseek kernels)
 
 QUANTIZE = ("int8",)
 KERNEL_ROWS = 64  # up to this many rows: the int8 kernel; more: dequantize, one fp32 matmul

@@ -12,7 +12,8 @@ Two paths over the same cache and weights:
 `compile=True` runs the absorbed decode and verify steps (T <= 2) through torch.compile:
 a step of `small` is ~500 eager op calls at batch 1, inductor makes it a few fused C++
 kernels, called from a C++ wrapper on CPU. The context length S is a dynamic dimension
-(one graph for every S); prefills stay eager (their lengths vary, and they are one call per request).
+(one graph for every S); prefills stay eager (their lengths vary, and they are one call
+per request).
 """
 
 from __future__ import annotations

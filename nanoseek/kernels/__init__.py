@@ -24,7 +24,6 @@ import torch
 SOURCE = Path(__file__).with_name("decode.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 _LIB = torch.library.Library("nanoseek", "FRAGMENT")  # holds the fake registrations
-_registered: list[bool] = []  # the ops are loaded once per process
 
 
 class KernelError(RuntimeError):
@@ -47,7 +46,7 @@ def decode_library() -> Path:
     try:
         if not lib.exists():
             _build(lib)
-        if not _registered:
+        if not hasattr(torch.ops.nanoseek, "gemm_f32"):  # once per process, across cache_clear
             torch.ops.load_library(str(lib))
             _register_fakes()
     except OSError as e:
@@ -86,7 +85,6 @@ def _register_fakes() -> None:
         ("moe_q8", lambda x, *_: torch.empty_like(x)),
     ):
         torch.library.register_fake(f"nanoseek::{name}", fake, lib=_LIB)
-    _registered.append(True)
 
 
 def unavailable_reason() -> str | None:

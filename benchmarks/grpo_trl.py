@@ -27,7 +27,11 @@ Held-out accuracy: every --eval-seconds of training time the policy is written w
 `save_pretrained` and scored by nanoseek's own `evaluate_task` (greedy, the same 200
 held-out problems as nanoseek's rl), so both sides are measured identically. The clock
 counts training only: evaluation time is subtracted (nanoseek's side is read the same way,
-from the rollout + update seconds of its steps).
+from its steps' own clock, `train_s`).
+
+With --async-rollouts nanoseek samples in a process of its own on one of the --threads
+cores while the trainer updates on the rest (`nanoseek rl --async-rollouts`): the same
+cores as TRL's, the rollouts one update stale.
 
 nanoseek side: `nanoseek.r1.rl_stage` for the same minutes and threads (its defaults are the
 settings above; its budget counts its evaluations, ~2 s each, so it trains a little less), or
@@ -559,13 +563,15 @@ def profile(init: Path, repeats: int = 5) -> None:
 def curve(run: Path, trl_side: bool) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """(held-out evals as [training seconds, accuracy, step], rollout rewards as [seconds,
     reward], the step rows). nanoseek's `elapsed` includes its evaluations; its training seconds are
-    the running sum of each step's rollout + update seconds."""
+    its steps' clock `train_s` (older runs: the running sum of rollout + update seconds)."""
     recs = read_metrics(run / "metrics.jsonl")
     ev, rw, rows, t = [], [], [], 0.0
     for r in recs:
         if trl_side:
             t = r["elapsed"]
-        elif r.get("rollout_s") is not None:
+        elif r.get("train_s") is not None:  # the run's own clock of its steps
+            t = r["train_s"]
+        elif r.get("rollout_s") is not None:  # runs from before train_s was logged
             t += r["rollout_s"] + r["update_s"]
         if r.get("rollout_s") is not None:
             rows.append({**r, "train_s": t})
@@ -603,11 +609,29 @@ def side_row(
         f"{gain:+.1f}",
         f"{gain / max(secs / 60, 1e-9):+.2f}",
         f"{slope:+.2f}",
-        f"{(roll + upd):.2f}",
+        f"{secs / n:.2f}",  # the clock's: async rollouts overlap the updates
         gen,
         f"{roll:.2f}",
         f"{upd:.2f}",
     )
+
+
+def time_to_reach(trl_ev: np.ndarray, our_ev: np.ndarray, window: int = 3) -> str:
+    """Gain per CPU-minute on a curve that saturates: the training minutes nanoseek took to
+    reach TRL's final held-out accuracy, read where the mean of `window` consecutive
+    evaluations first reaches it (one evaluation alone is +-3.5 points at n = 200)."""
+    target, trl_min = trl_ev[-1, 1], trl_ev[-1, 0] / 60
+    acc = our_ev[:, 1]
+    for i in range(len(acc) - window + 1):
+        if acc[i : i + window].mean() >= target - 1e-9:
+            mins = our_ev[i + window - 1, 0] / 60  # once the window's last one is in
+            return (
+                f"TRL's final accuracy ({target:.1%}, after {trl_min:.1f} training minutes) "
+                f"reached by nanoseek after {mins:.1f} (the mean of {window} evaluations "
+                f"in a row, steps {int(our_ev[i, 2])}-{int(our_ev[i + window - 1, 2])}): "
+                f"{trl_min / max(mins, 1e-9):.2f}x TRL's gain per CPU-minute"
+            )
+    return f"nanoseek never held TRL's final accuracy ({target:.1%}) over {window} evaluations"
 
 
 def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], png: str, title: str) -> None:
@@ -661,7 +685,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-steps", type=int, default=2000, help="TRL: steps at most (dataset)")
     ap.add_argument("--check-steps", type=int, default=200, help="steps whose prompts are checked")
     ap.add_argument("--png", default="docs/grpo_trl.png")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (cores) per side")
+    ap.add_argument(
+        "--async-rollouts",
+        action="store_true",
+        help="nanoseek: rollouts in their own process on one of the --threads cores (>= 2)",
+    )
     ap.add_argument(
         "--profile",
         action="store_true",
@@ -697,7 +726,18 @@ def main(argv: list[str] | None = None) -> None:
 
         ours = out / "nanoseek"
         print(f"\n== nanoseek rl, {args.minutes:g} minutes from {init}", flush=True)
-        r1.rl_stage(init, ours, args.minutes, args.threads, eval_n=args.eval_n, progress=False)
+        if args.async_rollouts and args.threads < 2:
+            sys.exit("--async-rollouts needs --threads 2 or more (one core samples)")
+        r1.rl_stage(
+            init,
+            ours,
+            args.minutes,
+            args.threads,
+            args.async_rollouts,
+            dtype="fp32",  # as TRL's side (nanoseek's auto picks bf16 where the CPU has it)
+            eval_n=args.eval_n,
+            progress=False,
+        )
     ours_summary = (
         json.loads((ours / "summary.json").read_text()) if (ours / "summary.json").is_file() else {}
     )
@@ -740,9 +780,10 @@ def main(argv: list[str] | None = None) -> None:
         format_table(
             rows,
             f"\nheld-out accuracy (n={trl_summary['held_out_n']}, greedy, nanoseek's evaluate_task), "
-            "1 thread; minutes of training, evaluation excluded; fit: least-squares slope of "
-            "every evaluation against minutes; per-step seconds: rollout = generate + rewards + "
-            "advantages, update = forward + backward + optimizer",
+            f"{args.threads} thread(s) a side; minutes of training, evaluation excluded; fit: least-squares slope of "
+            "every evaluation against minutes; s/step: training minutes / steps; per-step "
+            "seconds: rollout = generate + rewards + advantages (async: in the sampler's "
+            "process, overlapping the updates), update = forward + backward + optimizer",
             header,
         )
     )
@@ -766,6 +807,7 @@ def main(argv: list[str] | None = None) -> None:
             ("", "nanoseek", "TRL"),
         )
     )
+    print(time_to_reach(trl_ev, our_ev))
     print(
         f"TRL prompts: {trl_summary['prompt_mismatches']} of {trl_summary['prompts_checked']:,} "
         "tokenize differently from nanoseek's chat_prompt; "
@@ -774,13 +816,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     title = (
         f"GRPO (dr_grpo, beta 0) on arithmetic from {args.init}: nanoseek vs TRL "
-        f"{trl_summary['trl_version']} (1 CPU thread)"
+        f"{trl_summary['trl_version']} ({args.threads} CPU thread(s) a side"
+        f"{', nanoseek async' if ours_summary.get('async_rollouts') else ''})"
     )
     plot({"nanoseek": (our_ev, our_rw), "TRL GRPOTrainer": (trl_ev, trl_rw)}, args.png, title)
     print(f"plot: {args.png}")
     print(
         "regenerate this table: python -m benchmarks.grpo_trl "
-        f"--init {args.init} --trl-run {trl_dir} --ours {ours} --png {args.png}"
+        f"--init {args.init} --trl-run {trl_dir} --ours {ours} --png {args.png} "
+        f"--threads {args.threads}"
     )
 
 

@@ -4,6 +4,7 @@ that rollouts come from the updated weights, exact resume, and the CLI's errors.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.posttrain import rl as rl_mod
 from nanoseek.posttrain import sft as sft_mod
+from nanoseek.posttrain.errors import PostTrainError
 from nanoseek.posttrain.evaluate import chat_prompt, load_model
 from nanoseek.posttrain.rl import RLConfig, rl
 from nanoseek.posttrain.sft import SFTConfig, sft
@@ -279,6 +281,32 @@ def test_dynamic_sampling_refills_the_batch_with_informative_groups(sft_run, tok
     assert len(set(roll.batch.tolist())) == P * G  # no row twice
 
 
+def killed_and_resumed(sft_run: Path, tmp_path: Path, monkeypatch, kw: dict) -> dict:
+    """An rl run of 4 steps into tmp_path/full; the same into tmp_path/part killed in step 4
+    (after the step-2 checkpoint) and resumed. -> the full run's summary."""
+    summary = rl(rl_config(sft_run, tmp_path / "full", **kw))
+    real, calls = rl_mod.group_advantages, {"n": 0}
+
+    def crash(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rl_mod, "group_advantages", crash)
+    with pytest.raises(KeyboardInterrupt):
+        rl(rl_config(sft_run, tmp_path / "part", **kw))
+    monkeypatch.setattr(rl_mod, "group_advantages", real)
+    rl(RLConfig(out=str(tmp_path / "part"), resume=True, progress=False, threads=1))
+    return summary
+
+
+def untimed(out: Path) -> list[dict]:
+    """The run's metrics without the clocks (which differ between runs)."""
+    timing = ("elapsed", "rollout_s", "update_s", "train_s", "rollout_wait_s")
+    return [{k: v for k, v in r.items() if k not in timing} for r in records(out)]
+
+
 def test_grpo_exact_resume(sft_run, tmp_path, monkeypatch):
     """grpo with a reference model and two minibatch updates per step: killed mid-run,
     resumed, the same prompts, samples and updates as the uninterrupted run."""
@@ -292,30 +320,73 @@ def test_grpo_exact_resume(sft_run, tmp_path, monkeypatch):
         prompts_per_step=2,
         group_size=4,
     )
-    rl(rl_config(sft_run, tmp_path / "full", **kw))
-    real, calls = rl_mod.group_advantages, {"n": 0}
-
-    def crash(*args, **kwargs):  # killed in step 4, after the step-2 checkpoint
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rl_mod, "group_advantages", crash)
-    with pytest.raises(KeyboardInterrupt):
-        rl(rl_config(sft_run, tmp_path / "part", **kw))
-    monkeypatch.setattr(rl_mod, "group_advantages", real)
-    rl(RLConfig(out=str(tmp_path / "part"), resume=True, progress=False, threads=1))
-    timing = ("elapsed", "rollout_s", "update_s")
-
-    def strip(out):
-        return [{k: v for k, v in r.items() if k not in timing} for r in records(out)]
-
-    full = strip(tmp_path / "full")
-    assert strip(tmp_path / "part") == full
+    killed_and_resumed(sft_run, tmp_path, monkeypatch, kw)
+    full = untimed(tmp_path / "full")
+    assert untimed(tmp_path / "part") == full
     assert [r["step"] for r in full if "val_accuracy" in r] == [0, 2, 4]
     assert all(r["kl"] >= 0 and r["ratio"] > 0 for r in full if "kl" in r)
     assert json.loads((tmp_path / "part" / "summary.json").read_text())["steps"] == 4
+
+
+def test_behaviour_logprobs_are_the_sampling_distributions(sft_run, tok):
+    """What async GRPO's ratio divides by: each completion token's (and the stop token's)
+    log-probability under the distribution it was drawn from (temperature included), placed
+    where the loss mask is, computed by the engine over its latent cache: checked against
+    the plain forward of the sampled sequences."""
+    model, _ = load_model(sft_run)
+    cfg = rl_config(sft_run, Path("unused"), async_rollouts=True, temperature=0.7)
+    engine = Engine(model, tok, max_batch=32, max_len=64)
+    roll, _ = rl_mod.rollout(engine, tok, Yes(), cfg, 0, 0)
+    with torch.no_grad():
+        logits = model(roll.ids[:, :-1]).logits
+    plain = (logits / 0.7).log_softmax(-1).gather(-1, roll.ids[:, 1:, None])[..., 0]
+    m = roll.mask.bool()
+    assert (~roll.truncated).any()  # some stopped: their stop token is in the mask
+    assert torch.allclose(roll.behaviour_logp[m], plain[m], atol=1e-4)
+    assert (roll.behaviour_logp[~m] == 0).all()
+    raw = logits.log_softmax(-1).gather(-1, roll.ids[:, 1:, None])[..., 0]
+    assert not torch.allclose(roll.behaviour_logp[m], raw[m], atol=1e-2)  # not the T = 1 ones
+
+
+def test_async_rollouts_lag_one_update_and_resume_exactly(sft_run, tmp_path, monkeypatch):
+    """--async-rollouts: the rollouts of step t sample the weights from before step t - 1's
+    update (step 0's and 1's both the starting weights), in a process of their own; the
+    ratio is to what they were sampled with. Killed mid-run and resumed (the weights of
+    the rollouts in flight come back from the checkpoint), the run repeats the
+    uninterrupted one."""
+    kw = dict(steps=4, save_every=2, eval_every=2, async_rollouts=True, dtype="fp32")
+    kw.update(prompts_per_step=2, group_size=4)
+    summary = killed_and_resumed(sft_run, tmp_path, monkeypatch, kw)
+    full = records(tmp_path / "full")
+    assert untimed(tmp_path / "part") == untimed(tmp_path / "full")
+    steps = [r for r in full if "reward" in r]
+    assert all("rollout_wait_s" in r and r["train_s"] > 0 for r in steps)
+    # step 1 (the first): sampled from the weights it trains, so the ratio is 1 (fp32);
+    # step 2: sampled from the same starting weights, trained one update later
+    assert steps[0]["ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(steps[1]["ratio"] - 1.0) > 1e-4
+    assert summary["async_rollouts"] and summary["steps"] == 4
+
+
+@dataclass
+class Boom(Yes):
+    """Its verifier fails in the rollout process only (the trainer's evaluation works)."""
+
+    name = "boom"
+
+    def reward(self, problem, completion, *args, **kwargs):
+        if multiprocessing.parent_process() is not None:
+            raise ValueError("the verifier exploded")
+        return super().reward(problem, completion, *args, **kwargs)
+
+
+def test_async_rollout_errors_reach_the_trainer(sft_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(TASKS, "boom", Boom)
+    cfg = rl_config(sft_run, tmp_path / "boom", task="boom", async_rollouts=True)
+    with pytest.raises(PostTrainError, match="the verifier exploded"):
+        rl(cfg)
+    with pytest.raises(PostTrainError, match="GPU"):
+        rl_config(sft_run, tmp_path / "gpu", async_rollouts=True, device="cuda").validate()
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -34,7 +34,13 @@ from nanoseek.infer.cache_v4 import V4Cache
 from nanoseek.infer.prefix import PrefixCache
 from nanoseek.infer.runner import ModelRunner
 from nanoseek.infer.runner_v4 import V4Runner
-from nanoseek.infer.sampling import SamplingParams, sample, token_logprobs, verify
+from nanoseek.infer.sampling import (
+    SamplingParams,
+    filtered_probs,
+    sample,
+    token_logprobs,
+    verify,
+)
 from nanoseek.infer.scheduler import Scheduler, Sequence
 from nanoseek.kernels import KernelError, decode_library
 from nanoseek.model.quant import QUANTIZE
@@ -91,6 +97,8 @@ class Completion:
     logprobs: list[float] | None
     finish_reason: str  # "stop" (EOS, stop token or stop string) | "length" | "abort"
     prompt_tokens: int = 0
+    # with logprobs: that of the stop token which ended it (not in token_ids; RL trains on it)
+    stop_logprob: float | None = None
 
 
 @dataclass
@@ -376,7 +384,15 @@ class Engine:
         """Per row: (log p(chosen), top alternatives), or None when no row asked."""
         if not any(p.logprobs for p in params):
             return None
-        return token_logprobs(logits, tok, max(p.top_logprobs for p in params))
+        lsm = logits.float().log_softmax(-1)
+        sampled = [p.logprobs_mode == "sampled" for p in params]
+        if any(sampled):  # log of what each row drew from (-inf where top-k/top-p cut)
+            K = logits.shape[1] if logits.dim() == 3 else 1  # speculative: [B, 2, V]
+            per_pos = [p for p in params for _ in range(K)]
+            probs = filtered_probs(logits.reshape(-1, logits.shape[-1]), per_pos).view_as(lsm)
+            rows = torch.tensor(sampled, device=logits.device).view(-1, *[1] * (lsm.dim() - 1))
+            lsm = torch.where(rows, probs.log(), lsm)
+        return token_logprobs(logits, tok, max(p.top_logprobs for p in params), lsm)
 
     def _prefill(self, seqs: list[Sequence]):
         B = len(seqs)
@@ -519,6 +535,7 @@ class Engine:
         p = seq.params
         if tok in seq.stop_ids:
             seq.finish_reason = "stop"
+            seq.stop_logprob = lp
             return
         seq.output_ids.append(tok)
         self.tokens_generated += 1
@@ -559,7 +576,12 @@ class Engine:
             )
         lps = seq.logprobs if seq.params.logprobs else None
         return Completion(
-            text, list(seq.output_ids), lps, seq.finish_reason or "abort", len(seq.prompt_ids)
+            text,
+            list(seq.output_ids),
+            lps,
+            seq.finish_reason or "abort",
+            len(seq.prompt_ids),
+            seq.stop_logprob if seq.params.logprobs else None,
         )
 
     # --- convenience ---------------------------------------------------------------------

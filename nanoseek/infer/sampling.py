@@ -28,7 +28,11 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
-    logprobs: bool = False  # log-probability of each chosen token (raw model distribution)
+    logprobs: bool = False  # log-probability of each chosen token
+    # "raw": under the model's distribution (OpenAI's); "sampled": under the distribution
+    # the token was drawn from (after temperature, top-k, top-p), the behaviour policy that
+    # off-policy RL corrects for
+    logprobs_mode: str = "raw"
     top_logprobs: int = 0  # with logprobs: also the N most likely tokens' at each position
     stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's EOS
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
@@ -46,6 +50,10 @@ class SamplingParams:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise SamplingError("stop strings must be non-empty")
+        if self.logprobs_mode not in ("raw", "sampled"):
+            raise SamplingError(
+                f"logprobs_mode must be 'raw' or 'sampled', got {self.logprobs_mode!r}"
+            )
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise SamplingError(
                 f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}"
@@ -105,12 +113,14 @@ def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, n_top: int
+    logits: torch.Tensor, tokens: torch.Tensor, n_top: int, lsm: torch.Tensor | None = None
 ) -> list[tuple[float, list[tuple[int, float]]]] | list:
     """logits [B, V] (or [B, K, V]), tokens [B] (or [B, K]) -> per row (per token):
-    (log p(token), [(id, log p)] of the n_top most likely), under the raw model distribution,
-    fetched to the host in one transfer (ids travel as floats: exact below 2**24)."""
-    lsm = logits.float().log_softmax(-1)
+    (log p(token), [(id, log p)] of the n_top most likely), under the raw model distribution
+    (or the given log-probs `lsm`), fetched to the host in one transfer (ids travel as
+    floats: exact below 2**24)."""
+    if lsm is None:
+        lsm = logits.float().log_softmax(-1)
     chosen = lsm.gather(-1, tokens[..., None])
     vals, ids = lsm.topk(n_top, -1) if n_top else (chosen[..., :0], chosen[..., :0])
     host = torch.cat([chosen, vals, ids.float()], -1).tolist()

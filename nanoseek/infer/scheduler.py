@@ -29,6 +29,7 @@ class Sequence:
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    stop_logprob: float | None = None  # of the stop token that ended it (not in output_ids)
     slot: int = -1
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     draft: int | None = None  # the MTP draft for the token after `last_token`

@@ -14,6 +14,11 @@ One step:
 4. after each optimizer step, `engine.refresh_weights()`: the next rollouts sample from the
    updated weights, in memory (no reload from disk).
 
+With `async_rollouts` step 1 runs in a process of its own (`rollout_worker.py`), one step
+ahead: while the trainer does steps 2-3 on step t's rollouts, the sampler draws step
+t + 1's from the weights published before (one update stale), and the ratio is to the
+log-probs it drew them with.
+
 Everything else is shared with pretraining and SFT: the Runtime, the budget, checkpoints
 with exact resume (a resumed run draws the same prompts and samples, so its metrics repeat
 the uninterrupted run's), metrics.jsonl and the progress bar. Held-out accuracy is measured
@@ -25,6 +30,7 @@ against steps and seconds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -49,10 +55,12 @@ from nanoseek.posttrain.grpo import (
     overlong_penalty,
     policy_loss,
 )
+from nanoseek.posttrain.rollout_worker import RolloutWorker
 from nanoseek.posttrain.sft import load_start
 from nanoseek.posttrain.tasks import TASKS, Task, get_task
 from nanoseek.train.checkpoint import (
     RunState,
+    read_extra_tensors,
     restore_optimizer,
     restore_rng,
     save_checkpoint,
@@ -133,6 +141,13 @@ class RLConfig(RunConfig):
         "PPO-style epochs",
         default=1,
     )
+    async_rollouts: bool = _h(
+        "sample the next step's rollouts in a process of their own (one CPU thread) while "
+        "this one updates on the current step's: rollouts one update stale, the ratio taken "
+        "to the sampler's log-probs (CPU, one process; --threads then counts the trainer's, "
+        "by default all cores but the sampler's)",
+        default=False,
+    )
     # optimizer
     lr: float = _h(
         "learning rate (3e-5 measured best for the ~1M-parameter r1 model; 3e-4 wrecked it "
@@ -182,6 +197,7 @@ class RLConfig(RunConfig):
         "dynamic_sampling",
         "updates_per_batch",
         "minibatches",
+        "async_rollouts",
         "lr",
         "warmup_steps",
         "min_lr_ratio",
@@ -220,6 +236,10 @@ class RLConfig(RunConfig):
             "batch), and --minibatches at most the completions per step",
         )
         need(self.dynamic_sampling >= 0, "--dynamic-sampling must be >= 0 (rounds)")
+        need(
+            not self.async_rollouts or self.device in ("auto", "cpu"),
+            "--async-rollouts runs the sampler on a CPU core of its own; on a GPU leave it off",
+        )
         need(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         need(self.lr > 0, f"--lr must be positive, got {self.lr}")
         need(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
@@ -272,6 +292,8 @@ class Rollouts:
     lengths: torch.Tensor  # [N] completion tokens, stop token excluded
     truncated: torch.Tensor  # [N] bool: cut at max_completion_tokens
     batch: torch.Tensor  # [P * G] the training rows: P groups, informative ones preferred
+    # [N, T - 1] log-probs the sampler drew the completion tokens with (async rollouts)
+    behaviour_logp: torch.Tensor | None = None
 
 
 def sample_groups(
@@ -297,6 +319,9 @@ def sample_groups(
             seed=derive_seed(cfg.seed, "sample", *where, i),
             stop_token_ids=[tokenizer.end_id],
             ignore_eos=True,
+            # async: the behaviour policy's log-probs for the importance ratio
+            logprobs=cfg.async_rollouts,
+            logprobs_mode="sampled",
         )
         for i in range(len(flat))
     ]
@@ -338,6 +363,12 @@ def rollout(
     for b, (s, p) in enumerate(zip(seqs, flat, strict=True)):
         ids[b, : len(s)] = torch.tensor(s)
         mask[b, len(p) - 1 : len(s) - 1] = 1  # targets at t + 1 in [len(p), len(s))
+    behaviour = None
+    if cfg.async_rollouts:  # aligned with mask: the stop token's last, when it stopped
+        behaviour = torch.zeros(mask.shape)
+        for b, (p, c) in enumerate(zip(flat, outs, strict=True)):
+            lps = c.logprobs + ([c.stop_logprob] if c.finish_reason == "stop" else [])
+            behaviour[b, len(p) - 1 : len(p) - 1 + len(lps)] = torch.tensor(lps)
     lengths = torch.tensor([len(c.token_ids) for c in outs])
     total = torch.tensor([r.total for r in rewards])
     g = cfg.loss_config()
@@ -351,6 +382,7 @@ def rollout(
         lengths=lengths,
         truncated=torch.tensor([c.finish_reason == "length" for c in outs]),
         batch=batch,
+        behaviour_logp=behaviour,
     )
     return r, [c.text for c in outs]
 
@@ -420,7 +452,9 @@ def make_engine(model: Transformer, tokenizer: Tokenizer, task: Task, cfg: RLCon
 # --- the loop -----------------------------------------------------------------------------------
 class PolicyUpdate:
     """Step 3 of a GRPO step: `updates_per_batch` minibatch updates of the policy on one
-    batch of rollouts (ids, completion mask, advantages), the engine refreshed after each.
+    batch of rollouts (ids, completion mask, advantages), the engine (if it samples from
+    this model) refreshed after each. The ratio is to the sampler's log-probs when given
+    (async rollouts), else to the policy's own before the first update.
     -> the updates' mean loss, grad norm, KL, clip fraction and ratio; entropy; count."""
 
     def __init__(
@@ -430,7 +464,7 @@ class PolicyUpdate:
         step_model: torch.nn.Module,
         ref: Transformer | None,
         optimizer: torch.optim.Optimizer,
-        engine: Engine,
+        engine: Engine | None,
         guard: StepGuard,
         rt: Runtime,
     ):
@@ -439,7 +473,12 @@ class PolicyUpdate:
         self.optimizer, self.engine, self.guard, self.rt = optimizer, engine, guard, rt
 
     def __call__(
-        self, step: int, ids: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor
+        self,
+        step: int,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        adv: torch.Tensor,
+        behaviour_logp: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         cfg, loss_cfg, rt, ref = self.cfg, self.loss_cfg, self.rt, self.ref
         model, step_model, optimizer = self.model, self.step_model, self.optimizer
@@ -448,9 +487,9 @@ class PolicyUpdate:
         # backward, while the divisors stay the whole batch's, so the update is the same.
         B, M = ids.shape[0], cfg.minibatches
         useful = mask.any(1) & ((adv != 0) | (ref is not None))
-        old_logp = ref_logp = None  # of the sampling policy and the reference
+        old_logp, ref_logp = behaviour_logp, None  # of the sampling policy, the reference
         with torch.no_grad():
-            if cfg.updates_per_batch > 1:
+            if old_logp is None and cfg.updates_per_batch > 1:
                 old_logp = logprobs_of(model, ids, mask, useful, rt, cfg.temperature)
             if ref is not None:
                 ref_logp = logprobs_of(ref, ids, mask, useful, rt, cfg.temperature)
@@ -486,7 +525,8 @@ class PolicyUpdate:
             (loss * scale).backward()
             loss_v = rt.all_reduce_mean(loss.item() * scale)
             norm, _ = apply_update(model, optimizer, self.guard, rt, step, loss_v, cfg.grad_clip)
-            self.engine.refresh_weights()  # the next rollouts see the new weights
+            if self.engine is not None:
+                self.engine.refresh_weights()  # the next rollouts see the new weights
             updates += 1
             sums["loss"] += loss_v
             sums["grad_norm"] += norm
@@ -572,7 +612,13 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
     out, ckpt_dir = Path(cfg.out), Path(cfg.out) / "ckpt"
     task = get_task(cfg.task, **cfg.task_options)
     # DDP: the rollout engine reads the policy's whole tensors
-    with Runtime.start(cfg.device, cfg.dtype, cfg.threads, parallel="ddp") as rt:
+    threads = cfg.threads
+    if cfg.async_rollouts and threads is None:  # one core samples, the others train
+        threads = max(1, torch.get_num_threads() - 1)
+    with (
+        Runtime.start(cfg.device, cfg.dtype, threads, parallel="ddp") as rt,
+        contextlib.ExitStack() as stack,
+    ):
         # --- policy, reference, optimizer, engine ---------------------------------------------
         source = found or checkpoint_dir(cfg.init)  # of the tokenizer (fresh: the weights)
         model, tokenizer, state, rng, ref = load_policy(cfg, found, rt)
@@ -584,15 +630,25 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
         if found:
             restore_optimizer(found, model, optimizer)
             restore_rng(rng)
-        engine = make_engine(model, tokenizer, task, cfg)
+        engine = worker = None
+        if cfg.async_rollouts:  # the sampler in its own process, one step ahead
+            if rt.world > 1:
+                raise PostTrainError("rl: --async-rollouts runs on one process, not torchrun")
+            sampler = read_extra_tensors(found, "sampler") if found else None
+            worker = stack.enter_context(RolloutWorker(model, tokenizer, task, cfg, 1, sampler))
+            worker.submit(state.step)
+        else:
+            engine = make_engine(model, tokenizer, task, cfg)
         if rt.master:
             announce(cfg, model, task, rt)
 
         def held_out() -> dict[str, float]:
             return held_out_accuracy(model, tokenizer, task, cfg, state, rt)
 
-        def save() -> None:
-            save_checkpoint(ckpt_dir, model, optimizer, state, source)  # every rank: a collective
+        def save() -> None:  # every rank: a collective
+            # async: the weights the rollouts in flight sample from, so a resume repeats them
+            extra = {"sampler": worker.state()} if worker else None
+            save_checkpoint(ckpt_dir, model, optimizer, state, source, extra)
 
         # --- the loop --------------------------------------------------------------------------
         stop, horizon = cfg.budget(), state.lr_horizon
@@ -619,11 +675,22 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
             while state.progress(stop) < 1.0:
                 step, t0 = state.step, time.perf_counter()
                 lr = set_lr(optimizer, schedule(step, state.progress(horizon)))
-                roll, upd, t_roll, t_end = grpo_step(cfg, engine, tokenizer, task, update, step, rt)
+                if worker is None:
+                    roll = rollout(engine, tokenizer, task, cfg, step, rt.rank)[0]
+                    t_roll = time.perf_counter()
+                    sampled_s = t_roll - t0
+                else:  # this step's rollouts; then the next step's start from these weights
+                    roll, sampled_s = worker.result()
+                    t_roll = time.perf_counter()
+                    worker.publish(model)
+                    worker.submit(step + 1)
+                upd = learn(cfg, roll, update, step, rt)
+                t_end = time.perf_counter()
                 state.step += 1
                 state.tokens += int(rt.all_reduce_sum(float(roll.lengths.sum())))
                 for key, secs in (
-                    ("rollout_seconds", t_roll - t0),
+                    ("rollout_seconds", sampled_s),
+                    ("rollout_wait_seconds", t_roll - t0),
                     ("update_seconds", t_end - t_roll),
                 ):
                     state.extra[key] = state.extra.get(key, 0.0) + secs
@@ -631,7 +698,11 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
 
                 # --- metrics, evaluation, checkpoints ------------------------------------------
                 rec = step_record(state, roll, upd, cfg.group_size, rt)
-                rec.update(lr=lr, rollout_s=t_roll - t0, update_s=t_end - t_roll)
+                rec.update(
+                    lr=lr, rollout_s=sampled_s, update_s=t_end - t_roll, train_s=state.train_seconds
+                )
+                if worker is not None:
+                    rec["rollout_wait_s"] = t_roll - t0
                 end_of_step(state, stop, rec, progress, guard, every, held_out, save)
 
         # --- summary ---------------------------------------------------------------------------
@@ -682,27 +753,21 @@ def held_out_accuracy(
     return rec
 
 
-def grpo_step(
-    cfg: RLConfig,
-    engine: Engine,
-    tokenizer: Tokenizer,
-    task: Task,
-    update: PolicyUpdate,
-    step: int,
-    rt: Runtime,
-) -> tuple[Rollouts, dict[str, Any], float, float]:
-    """Rollouts from the current policy, advantages, the updates: -> (rollouts, the
-    updates' statistics, clock after the rollouts, clock after the updates)."""
+def learn(
+    cfg: RLConfig, roll: Rollouts, update: PolicyUpdate, step: int, rt: Runtime
+) -> dict[str, Any]:
+    """Advantages within each group, then the updates on the batch's rows -> the updates'
+    statistics."""
     loss_cfg = cfg.loss_config()
-    roll, _ = rollout(engine, tokenizer, task, cfg, step, rt.rank)
-    t_roll = time.perf_counter()
     rows = roll.batch
     adv = group_advantages(roll.rewards[rows], cfg.group_size, loss_cfg.scale_std)
     mask = roll.mask[rows]
     if loss_cfg.mask_truncated:
         mask = mask_truncated(mask, roll.truncated[rows])
-    upd = update(step, roll.ids[rows].to(rt.device), mask.to(rt.device), adv.to(rt.device))
-    return roll, upd, t_roll, time.perf_counter()
+    behaviour = None if roll.behaviour_logp is None else roll.behaviour_logp[rows].to(rt.device)
+    return update(
+        step, roll.ids[rows].to(rt.device), mask.to(rt.device), adv.to(rt.device), behaviour
+    )
 
 
 def finish(cfg: RLConfig, state: RunState, task: Task, rt: Runtime) -> dict[str, Any]:
@@ -741,7 +806,9 @@ def summarize(cfg: RLConfig, state: RunState, metrics: Path, rt: Runtime) -> dic
         "held_out_format_end": evals[-1].get("val_format") if evals else None,
         "reward_start": mean("reward", steps[:window]),
         "reward_end": mean("reward", steps[-window:]),
+        "async_rollouts": cfg.async_rollouts,
         "rollout_seconds": ex.get("rollout_seconds", 0.0),
+        "rollout_wait_seconds": ex.get("rollout_wait_seconds", ex.get("rollout_seconds", 0.0)),
         "update_seconds": ex.get("update_seconds", 0.0),
         "eval_seconds": ex.get("eval_seconds", 0.0),
         "elapsed_seconds": state.elapsed,
@@ -759,6 +826,12 @@ def summary_table(s: dict[str, Any]) -> str:
         return "-" if v is None else f"{v:.3f}"
 
     busy = max(s["rollout_seconds"] + s["update_seconds"], 1e-9)
+    rollouts = f"rollouts {s['rollout_seconds']:.0f} s ({s['rollout_seconds'] / busy:.0%})"
+    if s.get("async_rollouts"):  # sampled meanwhile, in their own process
+        rollouts = (
+            f"rollouts {s['rollout_seconds']:.0f} s in their own process (the trainer "
+            f"waited {s['rollout_wait_seconds']:.0f} s for them)"
+        )
     rows = [
         ("run", f"{s['variant']} (beta {s['beta']:g}) on {s['task']} from {s['init']}"),
         (
@@ -774,8 +847,7 @@ def summary_table(s: dict[str, Any]) -> str:
         ("mean reward", f"{num(s['reward_start'])} -> {num(s['reward_end'])}"),
         (
             "time",
-            f"rollouts {s['rollout_seconds']:.0f} s "
-            f"({s['rollout_seconds'] / busy:.0%}), updates {s['update_seconds']:.0f} s, "
+            f"{rollouts}, updates {s['update_seconds']:.0f} s, "
             f"evaluation {s['eval_seconds']:.0f} s; {s['elapsed_seconds']:.0f} s in all",
         ),
         ("checkpoint", s["checkpoint"]),

@@ -8,6 +8,8 @@ all read.
       train_state/state.json               RunState: step, tokens, times, LR horizon, config
       train_state/optimizer/               AdamW moments, a torch.distributed.checkpoint
       train_state/rng.pt                   torch RNG states (rank 0's)
+      train_state/<name>.safetensors       tensors a loop keeps besides the model's (async
+                                           GRPO: the weights its rollouts in flight sample)
 
 Under torchrun every rank calls `save_checkpoint`: the weights are gathered whole and written
 by rank 0; the optimizer state is written by DCP, each rank its own shard, with the global
@@ -35,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nanoseek.hub import CheckpointError, from_pretrained, write_pretrained
@@ -82,9 +85,11 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: RunState,
     tokenizer_dir: str | Path | None = None,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write the checkpoint (a collective under torchrun: call it on every rank). `model` is
-    the one whose parameters the optimizer holds (not a DDP wrapper)."""
+    the one whose parameters the optimizer holds (not a DDP wrapper); `extra_tensors` (rank
+    0's) are written as train_state/<name>.safetensors, read back by `read_extra_tensors`."""
     import torch.distributed.checkpoint as dcp  # ~1 s to import: only when saving
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -117,6 +122,10 @@ def save_checkpoint(
                 if torch.cuda.is_available():
                     rng["cuda"] = torch.cuda.get_rng_state_all()
                 torch.save(rng, ts / "rng.pt")
+                for name, tensors in (extra_tensors or {}).items():
+                    save_file(
+                        {k: v.contiguous() for k, v in tensors.items()}, ts / f"{name}.safetensors"
+                    )
                 (ts / "state.json").write_text(json.dumps(state.to_dict(), indent=2) + "\n")
     finally:
         if rank0:
@@ -190,6 +199,15 @@ def load_checkpoint(
         ) from e
     model = from_pretrained(path, dtype=torch.float32, device=device)
     return model, state, rng
+
+
+def read_extra_tensors(path: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """What `save_checkpoint(..., extra_tensors={name: ...})` wrote."""
+    f = Path(path) / "train_state" / f"{name}.safetensors"
+    try:
+        return load_file(f)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable ({e}); start afresh with --overwrite") from e
 
 
 def restore_optimizer(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

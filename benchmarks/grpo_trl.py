@@ -21,7 +21,7 @@ nanoseek's rl scores it. Settings (TRL 1.16 defaults in brackets where they diff
     batch (num_iterations 1, steps_per_generation 1), lr 3e-5 constant [1e-6, linear decay],
     AdamW betas (0.9, 0.99) [0.999], weight decay 0, grad clip 1.0, temperature 1.0, top_p 1,
     top_k off, max_completion_length 64 (r1.MAX_TOKENS) [512], fp32 [bf16],
-    gradient checkpointing off [on], no vLLM, CPU, one thread.
+    gradient checkpointing off [on], no vLLM, CPU, --threads threads.
 
 Held-out accuracy: every --eval-seconds of training time the policy is written with
 `save_pretrained` and scored by nanoseek's own `evaluate_task` (greedy, the same 200

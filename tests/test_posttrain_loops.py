@@ -484,3 +484,19 @@ def test_cli_runs_and_errors_are_one_line(sft_run, base, chats, tmp_path, cli):
         r = cli(*argv)
         assert r.code == 2, argv
         assert message in r.err and len(r.err.strip().splitlines()) == 1, (argv, r.err)
+
+
+def test_trl_benchmark_compares_the_time_to_the_same_accuracy():
+    """benchmarks.grpo_trl's gain per CPU-minute: the minutes nanoseek needs to hold TRL's
+    final accuracy over three evaluations in a row (one lucky evaluation does not count)."""
+    import numpy as np
+
+    from benchmarks.grpo_trl import time_to_reach
+
+    trl = np.array([[0, 0.54, 0], [450, 0.60, 300], [900, 0.68, 600]])  # [seconds, acc, step]
+    acc = [0.54, 0.66, 0.70, 0.64, 0.69, 0.70, 0.72]
+    ours = np.array([[60 * i, a, 100 * i] for i, a in enumerate(acc)])
+    line = time_to_reach(trl, ours)  # 70% at 2 min alone; 0.69-0.72 averages 70.3% at 6 min
+    assert "after 6.0" in line and "2.50x" in line and "steps 400-600" in line
+    trl[-1, 1] = 0.80
+    assert "never held" in time_to_reach(trl, ours)

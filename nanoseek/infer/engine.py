@@ -384,14 +384,15 @@ class Engine:
         """Per row: (log p(chosen), top alternatives), or None when no row asked."""
         if not any(p.logprobs for p in params):
             return None
-        lsm = logits.float().log_softmax(-1)
         sampled = [p.logprobs_mode == "sampled" for p in params]
+        lsm = None if all(sampled) else logits.float().log_softmax(-1)  # raw
         if any(sampled):  # log of what each row drew from (-inf where top-k/top-p cut)
             K = logits.shape[1] if logits.dim() == 3 else 1  # speculative: [B, 2, V]
             per_pos = [p for p in params for _ in range(K)]
-            probs = filtered_probs(logits.reshape(-1, logits.shape[-1]), per_pos).view_as(lsm)
-            rows = torch.tensor(sampled, device=logits.device).view(-1, *[1] * (lsm.dim() - 1))
-            lsm = torch.where(rows, probs.log(), lsm)
+            drawn = filtered_probs(logits.reshape(-1, logits.shape[-1]), per_pos).log()
+            drawn = drawn.view(logits.shape)
+            rows = torch.tensor(sampled, device=logits.device).view(-1, *[1] * (logits.dim() - 1))
+            lsm = drawn if lsm is None else torch.where(rows, drawn, lsm)
         return token_logprobs(logits, tok, max(p.top_logprobs for p in params), lsm)
 
     def _prefill(self, seqs: list[Sequence]):

@@ -78,9 +78,7 @@ class RolloutWorker:
         """The model's current weights become what the next job samples from. Only while no
         job is in flight: the worker reads them when a job starts."""
         assert self.pending is None, "publish() while a job is in flight"
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                self.weights[k].copy_(v)
+        self.load_state(model.state_dict())
 
     def submit(self, step: int) -> None:
         assert self.pending is None, "one job at a time"
@@ -106,18 +104,21 @@ class RolloutWorker:
         return payload, seconds
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The published weights (what the job in flight samples from), for the checkpoint."""
-        return {k: v.clone() for k, v in self.weights.items()}
+        """The published weights (what the job in flight samples from), for the checkpoint:
+        the shared tensors themselves, unchanged until the next publish()."""
+        return self.weights
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy `state` (a checkpoint's, or the model's) into the published weights."""
         missing = set(self.weights) ^ set(state)
         if missing:
             raise PostTrainError(
                 f"the checkpoint's rollout weights do not match the model ({len(missing)} "
                 "tensors differ); start afresh with --overwrite"
             )
-        for k, v in state.items():
-            self.weights[k].copy_(v)
+        with torch.no_grad():
+            for k, v in state.items():
+                self.weights[k].copy_(v)
 
     def close(self) -> None:
         if self.proc.is_alive() and self.pending is None:  # idle: let it exit

@@ -12,6 +12,12 @@ side's own matmul FLOPs per token over this machine's measured matmul peak for t
 --compile adds nanoseek under torch.compile (the warm-up steps absorb the compilation);
 --twin PRESET adds nanoseek's step for a second preset (MoE against its dense twin, in the
 same run).
+
+Allocator: `nanoseek train` tells glibc to keep freed memory (`keep_freed_memory`: no fresh
+pages for each step's gradients). The first row is `transformers` as a plain loop runs it
+(glibc's defaults); then the allocator is set as nanoseek sets it, and every later row,
+`transformers` again among them, runs under it: the like-for-like ratio is against that
+second `transformers` row. --default-malloc leaves glibc's defaults for all rows.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 from benchmarks.timing import median_seconds
 from nanoseek.compute import flops_per_token, measure_matmul_peak
 from nanoseek.config import get_preset
-from nanoseek.device import resolve_dtype
+from nanoseek.device import keep_freed_memory, resolve_dtype
 from nanoseek.model import Transformer
 from nanoseek.train.balance import update_expert_bias
 from nanoseek.train.run import build_optimizer
@@ -87,6 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="add nanoseek under torch.compile")
     ap.add_argument("--twin", help="add nanoseek's step for this preset too (e.g. dense-small)")
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's allocator defaults for every row (no keep_freed_memory)",
+    )
     args = ap.parse_args(argv)
 
     cfg = get_preset(args.preset)
@@ -101,10 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     peak = measure_matmul_peak(dtype, "cpu")
     fpt = flops_per_token(cfg.replace(num_nextn_predict_layers=0), args.seq_len)
 
-    specs = [
-        ("transformers DeepseekV3ForCausalLM", lambda: transformers_step(cfg, x, autocast), fpt),
-        ("nanoseek (MTP off: same work)", lambda: nanoseek_step(cfg, x, y, autocast, 0.0), fpt),
-    ]
+    hf = functools.partial(transformers_step, cfg, x, autocast)
+    specs = [("transformers DeepseekV3ForCausalLM", hf, fpt)]
+    tuned = not args.default_malloc
+    if tuned:  # the rows below run with the allocator as `nanoseek train` sets it
+        specs.append(("  ... with nanoseek's allocator setting", keep_freed_memory, None))
+        specs.append(("transformers, the same allocator", hf, fpt))
+    specs.append(
+        ("nanoseek (MTP off: same work)", lambda: nanoseek_step(cfg, x, y, autocast, 0.0), fpt)
+    )
     for preset in [args.preset] + ([args.twin] if args.twin else []):
         c = get_preset(preset)
         for compiled in [False] + ([True] if args.compile else []):
@@ -117,11 +133,15 @@ def main(argv: list[str] | None = None) -> None:
         dynamo.config.cache_size_limit = 64  # two models compiled in one process
     rows = []
     for name, make, f in specs:
+        if f is None:  # a setting, not a row
+            if not make():
+                print("  (keep_freed_memory does not apply here: not Linux glibc)")
+            continue
         sec = time_steps(make(), args.warmup, args.steps)
         rows.append((name, sec, tokens / sec, f * tokens / sec / peak))
         print(f"  measured {name}: {sec * 1e3:.0f} ms/step", flush=True)
 
-    base = rows[0][2]
+    base = rows[1 if tuned else 0][2]  # like for like: the same allocator setting
     print(
         f"\ntraining throughput: preset {args.preset}, batch {args.batch_size} x {args.seq_len}, "
         f"{str(dtype)[6:]}, {torch.get_num_threads()} threads, AdamW + clip; median of "
@@ -132,7 +152,17 @@ def main(argv: list[str] | None = None) -> None:
         (name, f"{sec * 1e3:.0f}", f"{tps:,.0f}", f"{mfu:.1%}", f"{tps / base:.2f}x")
         for name, sec, tps, mfu in rows
     ]
+    if tuned:
+        print(
+            "the first row runs with glibc's allocator defaults, every other row with "
+            "nanoseek's (keep_freed_memory); ratios are to the second row"
+        )
     print(format_table(table, header=("", "ms/step", "tokens/s", "MFU", "vs transformers")))
+    if tuned:
+        print(
+            f"nanoseek (MTP off) against transformers with glibc's defaults, as a plain loop "
+            f"runs it: {rows[2][2] / rows[0][2]:.2f}x"
+        )
 
 
 if __name__ == "__main__":

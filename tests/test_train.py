@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -147,6 +150,38 @@ def test_runtime_in_one_process(monkeypatch):
         assert rt.broadcast(1.5) == 1.5
         assert rt.full_state_dict(model).keys() == model.state_dict().keys()
     assert torch.get_num_threads() == before  # the setting ends with the runtime
+
+
+_FAULTS = """
+import resource, sys, torch
+from nanoseek.device import keep_freed_memory
+print(keep_freed_memory())
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):  # the heap grows to the step's peak first
+    torch.empty(12 << 20).fill_(1.0)
+before = faults()
+for _ in range(10):  # a 48 MB buffer made and freed, like each step's gradients
+    torch.empty(12 << 20).fill_(1.0)
+print(faults() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_keep_freed_memory_reuses_pages(setting):
+    # glibc maps each buffer over 32 MB afresh (12,288 page faults for 48 MB, each time;
+    # smaller ones too, as its heap trimming and mmap threshold decide); kept, the later
+    # ones reuse the heap's pages. A subprocess: the setting is process-wide.
+    env = {**os.environ, "NANOSEEK_KEEP_FREED_MEMORY": setting}
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    applied, faults = out[0] == "True", int(out[1])
+    if setting == "1":
+        assert applied and faults < 500
+    else:
+        assert not applied and faults > 10 * 12000
 
 
 def test_budget_and_run_state():

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nanoseek.device import resolve_device, resolve_dtype
+from nanoseek.device import keep_freed_memory, resolve_device, resolve_dtype
 
 PARALLEL = ("fsdp", "ddp")
 
@@ -71,6 +71,7 @@ class Runtime:
                 f"`torchrun --nproc-per-node {max(ep, 2)}` for expert parallelism"
             )
         dev = resolve_device(device)
+        keep_freed_memory()  # no fresh pages for every step's gradients (see its docstring)
         if world > 1 and dev.type == "cuda":  # one GPU per process
             dev = torch.device("cuda", local_rank)
             torch.cuda.set_device(dev)

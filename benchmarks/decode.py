@@ -7,7 +7,8 @@
 One run, same weights for both (saved with nanoseek, loaded by both): decode tokens/s and
 time to first token at batch 1 and 8, KV-cache bytes per token read off the tensors each
 holds, absorbed vs plain attention at 2K and 8K tokens of context, MTP speculation on a
-trained model (adaptive: the row says how many steps drafted), the compiled engine
+trained model (adaptive: the row says how many steps drafted; with and without the lookup
+draft after the MTP one), the compiled engine
 (`compile=True`; its compilation happens in the warm-up, untimed), and the bytes a token
 reads with the rates they are read at.
 
@@ -113,9 +114,9 @@ def ns_run(engine: Engine, prompts: list[list[int]], n: int, tokens: list | None
     """(time to first token, decode tokens/s after it); the greedy ids of each prompt are
     appended to `tokens` when given."""
     sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-    # warm-up: long enough for a compiled engine to compile both of its step kinds (plain
-    # and verify: the speculation policy tries each) before the clock starts
-    engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    # warm-up: the same run, so that a compiled engine has compiled every step shape the
+    # timed run takes (plain, verify, and each batch size) before the clock starts
+    engine.generate(prompts, sp)
     seqs = [engine.add_request(p, sp).id for p in prompts]
     out = {s: [] for s in seqs}
     t0 = time.perf_counter()
@@ -205,6 +206,9 @@ def llama_cpp_compare(
     if model.mtp:
         engines.append(("nanoseek absorbed + MTP spec", {"speculative": True}))
         engines.append(("nanoseek compiled + MTP spec", {"speculative": True, "compile": True}))
+        mtp_only = {"speculative": True, "compile": True, "lookup_drafts": 0}
+        engines.append(("nanoseek compiled + MTP spec, no lookup", mtp_only))
+    engines.append(("nanoseek compiled + lookup drafts", {"compile": True, "lookup_drafts": 1}))
     if kernels:
         engines.append(("nanoseek compiled int8", {"compile": True, "quantize": "int8"}))
         if model.mtp:
@@ -350,6 +354,11 @@ def decode_rows(model, path: Path, prompts, n: int, hf_cls, spec: bool = True) -
             ("nanoseek compiled", {"compile": True}),
             ("nanoseek compiled, MKL matmuls", {"compile": True, "kernels": False}),
             ("nanoseek compiled + MTP spec", {"speculative": True, "compile": True}),
+            (
+                "nanoseek compiled + MTP spec, no lookup",
+                {"speculative": True, "compile": True, "lookup_drafts": 0},
+            ),
+            ("nanoseek compiled + lookup drafts", {"compile": True, "lookup_drafts": 1}),
         ):
             if kw.get("speculative") and not (spec and model.mtp):
                 continue
@@ -358,7 +367,7 @@ def decode_rows(model, path: Path, prompts, n: int, hf_cls, spec: bool = True) -
             st = eng.spec_stats
             label = name + (
                 f" (acc {st.acceptance:.0%}, {st.steps}/{st.steps + st.plain_steps} steps drafted)"
-                if eng.speculative
+                if eng.drafting
                 else ""
             )
             rows.append((label, B, ttft, tps, eng.cache.bytes_per_token(), tps / base))

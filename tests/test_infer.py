@@ -205,6 +205,105 @@ def test_speculation_bookkeeping():
     assert st.steps + st.accepted in (len(out.token_ids) - 1, len(out.token_ids))
 
 
+def test_verify_accepts_the_leading_run_of_right_drafts():
+    from nanoseek.infer.sampling import verify
+
+    V = 10
+    target = torch.tensor([[4, 7, 2, 9], [4, 7, 2, 9], [4, 7, 2, 9], [4, 7, 2, 9]])
+    logits = torch.nn.functional.one_hot(target, V).float() * 5  # argmax = target at each position
+    drafts = torch.tensor([[4, 7, 2], [4, 1, 2], [3, 7, 2], [4, 7, 2]])
+    valid = torch.tensor([[True] * 3, [True] * 3, [True] * 3, [True, True, False]])
+    toks, acc = verify(logits, drafts, [GREEDY] * 4, [None] * 4, valid)
+    assert torch.equal(toks, target)
+    assert acc.tolist() == [3, 1, 0, 2]  # a wrong or padding draft ends the run
+
+
+def test_lookup_drafts_repeat_the_sequence():
+    """The lookup proposes what followed the latest earlier occurrence of a token pair (the
+    last two tokens, or the last token and the MTP draft); its index grows with the
+    sequence."""
+    from nanoseek.infer.scheduler import Sequence
+
+    seq = Sequence(prompt_ids=[5, 6, 7, 8, 5, 6, 9], params=GREEDY)
+    assert seq.last_pair == (6, 9) and Engine._lookup(seq, seq.last_pair, 2) == []
+    assert Engine._lookup(seq, (9, 6), 2) == []  # (last token, a draft): never occurred
+    seq.output_ids = [5, 6]  # (5, 6) last followed by 9 at index 6; (6, 9) once, by 5
+    assert Engine._lookup(seq, (5, 6), 1) == [9] and Engine._lookup(seq, (5, 6), 3) == [9, 5, 6]
+    assert Engine._lookup(seq, (6, 9), 1) == [5]
+    assert Engine._lookup(seq, seq.last_pair, 4) == [9, 5, 6]  # up to the end
+    assert seq.indexed == 9
+    assert Sequence(prompt_ids=[4], params=GREEDY).last_pair == (4, 4)
+
+
+def cycle_model(cycle: list[int]) -> nanoseek.Transformer:
+    """A tiny model whose greedy text follows `cycle` (after token cycle[i], cycle[i + 1]) and
+    whose MTP module drafts the token after that: every block adds nothing to the residual
+    stream (zero output projections), embeddings are one-hot, and the head maps token x's
+    embedding to the token after x. Drafts of both kinds are then known to be right."""
+    m = tiny_model(2)
+    d = m.config.hidden_size
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("attn.wo.weight", "w2.weight", "experts.w2")):
+                p.zero_()
+        m.embed.weight.zero_()
+        m.head.weight.zero_()
+        for i, x in enumerate(cycle):
+            m.embed.weight[x, i] = 1.0
+            m.head.weight[cycle[(i + 1) % len(cycle)], i] = 1.0
+        m.mtp[0].eh_proj.weight.zero_()
+        m.mtp[0].eh_proj.weight[:, :d] = torch.eye(d)  # the next token's embedding only
+    return m
+
+
+@pytest.mark.parametrize("lookup", [0, 1, 2])
+def test_lookup_speculation_commits_more_and_equals_plain_greedy(lookup):
+    """On text that repeats itself the lookup drafts are right: a verify step commits 2 +
+    lookup tokens; batched with a short prompt (no lookup draft until its own output
+    repeats: padding drafts instead), every output is plain greedy decoding's."""
+    cycle = [3, 9, 4, 17, 5, 30, 6]
+    m = cycle_model(cycle)
+    sp = SamplingParams(max_tokens=25, temperature=0, ignore_eos=True)
+    repeat, once = cycle * 2 + [3], [9, 4]
+    ref = Engine(m).generate([repeat, once], sp)
+    assert ref[0].token_ids[:7] == cycle[1:] + cycle[:1]  # the model follows the cycle
+    eng = Engine(m, speculative=True, adaptive=False, lookup_drafts=lookup)
+    assert [c.token_ids for c in eng.generate([repeat], sp)] == [ref[0].token_ids]
+    st = eng.spec_stats
+    assert st.accepted == st.drafted  # every draft right
+    assert st.steps == -(-24 // (2 + lookup))  # 1 prefill token, then 2 + lookup a step
+    eng = Engine(m, speculative=True, adaptive=False, lookup_drafts=lookup)
+    assert [c.token_ids for c in eng.generate([repeat, once], sp)] == [c.token_ids for c in ref]
+    with pytest.raises(EngineError, match="lookup_drafts"):
+        Engine(m, speculative=True, lookup_drafts=-1)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_lookup_drafts_alone_need_no_mtp(plain):
+    """Prompt lookup decoding without the MTP module (a model without one): on repeating text
+    each verify step commits 1 + lookup tokens; greedy output equals plain decoding's, a
+    seeded sampled request in the batch draws what its seed says, and a batch with no
+    lookup draft decodes plainly."""
+    cycle = [3, 9, 4, 17, 5, 30, 6]
+    m = cycle_model(cycle)
+    m.mtp = torch.nn.ModuleList()  # as a transformers checkpoint: no MTP module
+    sp = SamplingParams(max_tokens=25, temperature=0, ignore_eos=True)
+    repeat = cycle * 2 + [3]
+    ref = Engine(m).generate([repeat], sp)[0].token_ids
+    eng = Engine(m, lookup_drafts=3, adaptive=False, plain=plain)
+    assert eng.generate([repeat], sp)[0].token_ids == ref
+    st = eng.spec_stats
+    assert st.accepted == st.drafted and st.steps == 24 // 4  # 4 tokens a step
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, seed=3, ignore_eos=True)
+    want = Engine(m).generate([[3, 4, 5]], seeded)[0].token_ids
+    mixed = Engine(m, lookup_drafts=3)  # adaptive: a seeded sampled row pins its batch
+    got = mixed.generate([repeat, [3, 4, 5]], [sp, seeded])
+    assert got[0].token_ids == ref and got[1].token_ids == want
+    fresh = Engine(m, lookup_drafts=2, adaptive=False)
+    fresh.generate([[11, 12]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert fresh.spec_stats.steps == 0 and fresh.spec_stats.plain_steps == 2  # nothing to look up
+
+
 def test_speculation_unavailable_without_mtp():
     with pytest.raises(EngineError, match="MTP"):
         Engine(tiny_model(0, num_nextn_predict_layers=0), speculative=True)
@@ -349,14 +448,14 @@ def test_speculative_sampling_keeps_the_target_distribution():
     logits = torch.randn(1, 2, V).expand(B, 2, V).contiguous()
     params = [SamplingParams(temperature=0.9, top_k=5)] * B
     want = filtered_probs(logits[:1, 0], params[:1])[0]
-    draft = torch.full((B,), int(want.argmax()))  # a draft the target likes: often accepted
+    draft = torch.full((B, 1), int(want.argmax()))  # a draft the target likes: often accepted
     gens = [torch.Generator().manual_seed(i) for i in range(B)]
     tokens, accepted = verify(logits, draft, params, gens)
     got = torch.bincount(tokens[:, 0], minlength=V).float() / B
     assert (got - want).abs().max().item() < 0.03
-    assert torch.equal(accepted.bool(), tokens[:, 0] == draft)
+    assert torch.equal(accepted.bool(), tokens[:, 0] == draft[:, 0])
     assert 0.2 < accepted.float().mean().item() < 1.0  # accepts with probability p(draft)
-    assert abs(accepted.float().mean().item() - want[draft[0]].item()) < 0.03
+    assert abs(accepted.float().mean().item() - want[draft[0, 0]].item()) < 0.03
 
 
 # --- prefix cache ---------------------------------------------------------------------------

@@ -11,6 +11,15 @@ def engine_flags(p: argparse.ArgumentParser) -> None:
     """How the engine decodes: the flags `generate`, `sample`, `chat` and `serve` share."""
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument(
+        "--lookup-drafts",
+        type=int,
+        default=None,
+        metavar="K",
+        help="draft K tokens a step from the text itself (what followed the last time the "
+        "same two tokens appeared; greedy requests; no MTP module needed). Default: 1 after "
+        "the MTP draft with --speculative, else 0",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="decode steps through torch.compile (faster steps at small batches; each new "
@@ -36,6 +45,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     """The Engine.load arguments `engine_flags` set."""
     return dict(
         speculative=args.speculative,
+        lookup_drafts=args.lookup_drafts,
         compile=args.compile,
         quantize=args.quantize,
         kernels={"auto": None, "on": True, "off": False}[args.kernels],
@@ -124,8 +134,8 @@ def _need_tokenizer(engine) -> None:
 
 def _summary(engine, n_tokens: int, seconds: float) -> str:
     s = f"[{n_tokens} tokens, {n_tokens / max(seconds, 1e-9):.1f} tok/s"
-    if engine.speculative:
-        s += f", MTP acceptance {engine.spec_stats.acceptance:.0%}"
+    if engine.drafting:
+        s += f", draft acceptance {engine.spec_stats.acceptance:.0%}"
     return s + "]"
 
 

@@ -8,8 +8,11 @@ A server drives the same loop itself: `add_request` whenever a request arrives, 
 in a loop (each step either prefills newly admitted requests or decodes every running
 one), and reads each step's outputs; finished sequences leave the batch at once.
 
-With `speculative=True`, MTP module 1 drafts one token per step; the main model checks
-[last token, draft] in one forward, so a step commits one or two tokens. Drafting is
+With `speculative=True`, MTP module 1 drafts one token per step and a lookup in the
+sequence's own text drafts the next (the token that followed the last time the same two
+tokens appeared: free, and often right where text repeats itself, as code does); the main
+model checks [last token, MTP draft, lookup draft] in one forward, so a step commits one to
+three tokens. Drafting is
 adaptive (SpecPolicy): a verify step runs only while its measured cost per committed
 token beats a plain step's at the current batch size; plain steps keep what the MTP
 module needs, and it catches up in one batched pass when drafting resumes. Either way the
@@ -162,7 +165,7 @@ class SpecPolicy:
         return gain > 1
 
     def record(self, spec: bool, B: int, seconds: float, accepted: float | None = None) -> None:
-        if accepted is not None:  # the fraction of this step's drafts accepted
+        if accepted is not None:  # drafts accepted per sequence this step
             a = self.acceptance
             self.acceptance = accepted if a is None else a + self.alpha * (accepted - a)
         key = (spec, B)
@@ -193,6 +196,7 @@ class Engine:
         adaptive: bool = True,
         quantize: str | None = None,
         kernels: bool | None = None,
+        lookup_drafts: int | None = None,
     ):
         """`max_len`: context length, preallocated for `max_batch` sequences (default: the
         config's max_position_embeddings, capped at DEFAULT_MAX_LEN so that a 160K-context
@@ -204,7 +208,11 @@ class Engine:
         starts like an earlier one (a system prompt, a chat's earlier turns) reuses its latent
         rows and prefills only the rest (see infer/prefix.py).
         `adaptive` (with speculative): draft only while it pays (SpecPolicy); False drafts
-        every step. `compile`: decode and verify steps through torch.compile (ModelRunner; the first
+        every step. `lookup_drafts`: tokens drafted by looking up the sequence's own text
+        (what followed the last time the same two tokens appeared; greedy requests only).
+        None (default): 1 with speculative, after the MTP draft (0: the MTP draft alone),
+        else 0. K > 0 without speculative: prompt lookup decoding alone, K drafts a step, no
+        MTP module needed (README: speculative decoding). `compile`: decode and verify steps through torch.compile (ModelRunner; the first
         steps of each batch shape wait for the compiler: tens of seconds on a CPU).
         `quantize="int8"` (x86 CPU, fp32 model): the weights every token reads in int8,
         weight-only, in nanoseek's AVX2 kernel (nanoseek.model.quant): a quarter of the
@@ -238,6 +246,14 @@ class Engine:
             # the MTP module's cached rows depend on the token after each position
             raise EngineError("prefix_cache and speculative decoding do not combine; pick one")
         self.speculative, self.plain = speculative, plain
+        if lookup_drafts is None:
+            lookup_drafts = 1 if speculative else 0
+        if lookup_drafts < 0:
+            raise EngineError(f"lookup_drafts must be 0 or more, got {lookup_drafts}")
+        if v4 and lookup_drafts:
+            raise EngineError("lookup drafts need the latent cache's verify steps; not for V4")
+        self.lookup_drafts = lookup_drafts
+        self.drafting = speculative or lookup_drafts > 0  # verify steps happen
         self.prefix = PrefixCache(capacity_tokens=8 * self.max_len) if prefix_cache else None
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -256,7 +272,7 @@ class Engine:
             )
         self.scheduler = Scheduler(self.cache)
         self.spec_stats = SpecStats()
-        self.policy = SpecPolicy() if speculative and adaptive else None
+        self.policy = SpecPolicy() if self.drafting and adaptive else None
         eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
         self.eos_ids = {eos} if eos is not None else set()
         if getattr(tokenizer, "end_id", None) is not None:  # end of a chat turn
@@ -440,7 +456,7 @@ class Engine:
 
     def _decode_step(self, seqs: list[Sequence]):
         """A plain or a verify step, as the policy says; each timed for the policy."""
-        if not self.speculative:
+        if not self.drafting:
             return self._decode(seqs)
         B, policy = len(seqs), self.policy
         # The adaptive choice depends on timing, and a verify step draws differently from a
@@ -450,10 +466,12 @@ class Engine:
             s.params.seed is not None and not s.params.greedy for s in seqs
         )
         spec = policy is None or (not pinned and policy.choose(B))
-        if spec:
+        if spec and self.speculative:
             self._catch_up(seqs)
         t0 = time.perf_counter()
-        out = self._speculate(seqs) if spec else self._decode(seqs)
+        out = self._speculate(seqs) if spec else None
+        if out is None:  # no drafts to check (lookup alone found none): a plain step
+            spec, out = False, self._decode(seqs)
         if policy is not None:
             accepted = sum(len(toks) - 1 for _, toks, _ in out) / B if spec else None
             policy.record(spec, B, time.perf_counter() - t0, accepted)
@@ -467,8 +485,9 @@ class Engine:
         tok, lp = self._sample(self.runner.logits(h[:, 0]), seqs)
         lps = lp if lp is not None else [None] * len(seqs)
         toks = tok.tolist()
-        if self.speculative:  # not drafting this step: keep what the MTP module will need
+        if self.drafting:
             self.spec_stats.plain_steps += 1
+        if self.speculative:  # not drafting this step: keep what the MTP module will need
             for b, (s, t) in enumerate(zip(seqs, toks, strict=True)):
                 s.mtp_lag.append((h[b, 0], t))
                 s.draft = None
@@ -504,32 +523,73 @@ class Engine:
                 s.draft, s.mtp_lag = d, []
 
     def _speculate(self, seqs: list[Sequence]):
-        """Verify [last, draft] at positions [n-1, n]; commit 1 + accepted tokens; draft again."""
-        B = len(seqs)
+        """Verify [last, drafts...] at positions [n-1, n, ...]: the MTP draft (speculative)
+        then lookup drafts; commit 1 + accepted tokens; with MTP, draft again. None when
+        there is nothing to verify (lookup drafts alone, and none found)."""
+        B, mtp, E = len(seqs), self.speculative, self.lookup_drafts
         n = [s.num_tokens for s in seqs]
-        ids = torch.tensor([[s.last_token, s.draft] for s in seqs], device=self.device)
-        pos = torch.tensor([[k - 1, k] for k in n], device=self.device)
-        S = max(n) + 1
+        if max(n) + mtp + E > self.cache.rows_per_slot:  # no rows for them at a slot's end
+            if not mtp:
+                return None
+            E = 0
+        K = mtp + E  # drafts a row: every row verifies as many (one compiled shape)
+        ids, valid = [], []
+        for s in seqs:
+            if mtp:
+                look = self._lookup(s, (s.last_token, s.draft), E) if E and s.params.greedy else []
+                drafts = [s.draft, *look]
+            else:
+                drafts = self._lookup(s, s.last_pair, E) if s.params.greedy else []
+            pad = [s.last_token] * (K - len(drafts))  # never accepted (valid False)
+            ids.append([s.last_token, *drafts, *pad])
+            valid.append([True] * len(drafts) + [False] * len(pad))
+        if not any(map(any, valid)):
+            return None
+        ids = torch.tensor(ids, device=self.device)
+        valid = torch.tensor(valid, device=self.device)
+        pos = torch.tensor(n, device=self.device)[:, None] - 1 + torch.arange(1 + K)
+        S = max(n) + K
         st = None if self.plain else self.runner.prepare(pos, 0, S)  # shared with the MTP pass
         h = self.runner.forward(ids, pos, 0, S=S, plain=self.plain, step=st)
-        logits = self.runner.logits(h)  # [B, 2, V]
+        logits = self.runner.logits(h)  # [B, 1 + K, V]
         params, gens = [s.params for s in seqs], [s.generator for s in seqs]
-        toks, acc = verify(logits, ids[:, 1], params, gens)
-        # MTP at n-1 and n sees (h, the token after): the draft comes from the last valid one
-        g = self.runner.mtp_forward(h, toks, pos, 0, S=S, plain=self.plain, step=st)
-        rows = torch.arange(B, device=self.device)
-        drafts = self.runner.logits(g[rows, acc]).argmax(-1)
+        toks, acc = verify(logits, ids[:, 1:], params, gens, valid)
+        host = [toks, acc[:, None]]
+        if mtp:  # MTP at each position sees (h, the token after): draft from the last accepted
+            g = self.runner.mtp_forward(h, toks, pos, 0, S=S, plain=self.plain, step=st)
+            rows = torch.arange(B, device=self.device)
+            host.append(self.runner.logits(g[rows, acc]).argmax(-1)[:, None])
         lp = self._logprobs(logits, toks, params)
-        host = torch.cat([toks, acc[:, None], drafts[:, None]], 1).tolist()  # one sync
-        lps = lp if lp is not None else [[None, None]] * B
+        host = torch.cat(host, 1).tolist()  # one sync
+        lps = lp if lp is not None else [[None] * (1 + K)] * B
         self.spec_stats.steps += 1
-        self.spec_stats.drafted += B
+        self.spec_stats.drafted += int(valid.sum())
         out = []
-        for s, (t0, t1, a, d), lp_row in zip(seqs, host, lps, strict=True):
+        for s, row, lp_row in zip(seqs, host, lps, strict=True):
+            a = row[1 + K]
             self.spec_stats.accepted += a
-            s.draft = d
-            out.append((s, [t0, t1][: 1 + a], lp_row[: 1 + a]))
+            if mtp:
+                s.draft = row[-1]
+            out.append((s, row[: 1 + a], lp_row[: 1 + a]))
         return out
+
+    @staticmethod
+    def _lookup(seq: Sequence, key: tuple[int, int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest occurrence of the token pair `key` in the
+        sequence (prompt lookup decoding). The pair index grows with the sequence, so a
+        step costs O(new tokens), not O(length)."""
+        P, out = seq.prompt_ids, seq.output_ids
+        n = len(P) + len(out)
+
+        def tok(j: int) -> int:
+            return P[j] if j < len(P) else out[j - len(P)]
+
+        # the last pair itself is indexed only once a token follows it: a match is earlier
+        for j in range(max(seq.indexed, 2), n):
+            seq.follows[(tok(j - 2), tok(j - 1))] = j
+        seq.indexed = n
+        j = seq.follows.get(key)
+        return [] if j is None else [tok(i) for i in range(j, min(j + k, n))]
 
     # --- bookkeeping ---------------------------------------------------------------------
     def _append(self, seq: Sequence, tok: int, lp: float | None) -> None:

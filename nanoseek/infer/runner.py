@@ -9,7 +9,7 @@ Two paths over the same cache and weights:
 - plain: the model's own forward (`Transformer.forward(kv=...)`), which re-expands keys
   and values from the latents: the reference the fast path is tested against.
 
-`compile=True` runs the absorbed decode and verify steps (T <= 2) through torch.compile:
+`compile=True` runs the absorbed decode and verify steps (T <= MAX_COMPILED_T) through torch.compile:
 a step of `small` is ~500 eager op calls at batch 1, inductor makes it a few fused C++
 kernels, called from a C++ wrapper on CPU. The context length S is a dynamic dimension
 (one graph for every S); prefills stay eager (their lengths vary, and they are one call
@@ -26,6 +26,8 @@ from nanoseek.model.attention import DecodeStep
 from nanoseek.model.moe import MoE
 from nanoseek.model.quant import F32_KERNEL_MIN_BYTES, kernel_folded, mm
 from nanoseek.model.transformer import Transformer
+
+MAX_COMPILED_T = 4  # positions per row in a compiled step: a decode step 1, a verify step 2-4
 
 
 class ModelRunner:
@@ -141,7 +143,7 @@ class ModelRunner:
             kv = [self.cache.layer_kv(i, start, B, S) for i in range(len(self.model.layers))]
             return self.model(ids, kv=kv, positions=pos).hidden
         st = step or self.prepare(pos, start, S)
-        if self._step is not None and st.T <= 2:
+        if self._step is not None and st.T <= MAX_COMPILED_T:
             _dynamic_context(st)
             return self._step(ids, st)
         return self._decode(ids, st)
@@ -176,7 +178,7 @@ class ModelRunner:
             cos, sin = m.rope(pos)
             return mod.norm(mod(h, m.embed(next_ids), cos, sin, kv=kv, positions=pos))
         st = step or self.prepare(pos, start, S)
-        if self._mtp_step is not None and st.T <= 2 and not eager:
+        if self._mtp_step is not None and st.T <= MAX_COMPILED_T and not eager:
             _dynamic_context(st)
             return self._mtp_step(h, next_ids, st)
         return self._mtp_decode(h, next_ids, st)

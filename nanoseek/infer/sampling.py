@@ -133,21 +133,30 @@ def token_logprobs(
 
 def verify(
     logits: torch.Tensor,
-    draft: torch.Tensor,
+    drafts: torch.Tensor,
     params: list[SamplingParams],
     gens: list[torch.Generator | None],
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative acceptance for one drafted token per row.
+    """Speculative acceptance of up to K drafted tokens per row.
 
-    logits [B, 2, V]: the target's distributions for the drafted position and the one after.
-    Returns tokens [B, 2] and accepted [B] (0 or 1): the row commits tokens[:, :1 + accepted].
-    Greedy rows accept iff the draft is the argmax (output identical to greedy decoding).
-    Sampling rows use the draft as a point mass q: accept with probability p(draft), else
-    sample from p with the draft removed; the committed tokens are then distributed exactly
-    as plain sampling's (the standard rejection rule with residual max(0, p - q))."""
-    greedy = logits.argmax(-1)  # [B, 2]
+    logits [B, K + 1, V]: the target's distributions at the K drafted positions and the one
+    after; drafts [B, K]; valid [B, K] (optional): False marks a padding draft, never
+    accepted. Returns tokens [B, K + 1] and accepted [B]: the row commits
+    tokens[:, :1 + accepted]. Greedy rows accept the longest run of drafts that are the
+    argmax (output identical to greedy decoding). Sampling rows check the first draft only
+    (the others count as rejected; a padding one commits just the first token), as a point
+    mass q: accept with probability p(draft),
+    else sample from p with the draft removed; the committed tokens are then distributed
+    exactly as plain sampling's (the standard rejection rule with residual max(0, p - q))."""
+    greedy = logits.argmax(-1)  # [B, K + 1]
+    hit = greedy[:, :-1] == drafts
+    if valid is not None:
+        hit &= valid
+    run = hit.long().cumprod(1).sum(1)  # leading drafts that equal the argmax
     if all(p.greedy for p in params):
-        return greedy, (greedy[:, 0] == draft).long()
+        return greedy, run
+    draft = drafts[:, 0]
     p0 = filtered_probs(logits[:, 0], params)
     p_draft = p0.gather(1, draft[:, None])[:, 0]
     u = torch.stack([torch.rand((), generator=g, device=logits.device) for g in gens])
@@ -159,4 +168,6 @@ def verify(
     is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     tok0 = torch.where(is_greedy, greedy[:, 0], sampled0)
     tok1 = torch.where(is_greedy, greedy[:, 1], bonus)
-    return torch.stack([tok0, tok1], 1), (tok0 == draft).long()
+    toks = torch.cat([torch.stack([tok0, tok1], 1), greedy[:, 2:]], 1)
+    first = hit[:, 0] if valid is None else valid[:, 0]
+    return toks, torch.where(is_greedy, run, ((tok0 == draft) & first).long())

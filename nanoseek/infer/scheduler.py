@@ -36,6 +36,10 @@ class Sequence:
     # speculative engine, steps decoded without drafting: (final-norm hidden, next token)
     # per position whose MTP cache row is not written yet (Engine._catch_up writes them)
     mtp_lag: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+    # lookup drafts: token pair -> index of the token after its latest occurrence, for the
+    # first `indexed` tokens (Engine._lookup)
+    follows: dict[tuple[int, int], int] = field(default_factory=dict)
+    indexed: int = 0
     generator: torch.Generator | None = None
     text: str = ""  # decoded output (kept up to date only when tracked)
     emitted: int = 0  # characters of `text` already handed out as deltas
@@ -47,6 +51,14 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def last_pair(self) -> tuple[int, int]:
+        """The last two tokens (the first repeated when there is only one)."""
+        tail = self.output_ids[-2:]
+        if len(tail) < 2:
+            tail = self.prompt_ids[len(tail) - 2 :] + tail
+        return tail[0], tail[-1]
 
     @property
     def finished(self) -> bool:

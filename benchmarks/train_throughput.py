@@ -2,7 +2,7 @@
 DeepseekV3ForCausalLM with the same config, batch, dtype and optimizer settings.
 
     python -m benchmarks.train_throughput [--preset small] [--batch-size 8] [--seq-len 256]
-                                          [--dtype auto|bf16|fp32] [--steps 6] [--warmup 3]
+                                          [--dtype auto|bf16|fp32] [--steps 10] [--warmup 3]
                                           [--compile] [--twin dense-small]
 
 Both sides: random tokens, AdamW, gradient clipping, bf16 autocast where the hardware has
@@ -13,11 +13,15 @@ side's own matmul FLOPs per token over this machine's measured matmul peak for t
 --twin PRESET adds nanoseek's step for a second preset (MoE against its dense twin, in the
 same run).
 
+The rows' steps run interleaved (round after round, one step of each), after --warmup
+untimed steps of each, so a shared machine's drift falls on all alike.
+
 Allocator: `nanoseek train` tells glibc to keep freed memory (`keep_freed_memory`: no fresh
 pages for each step's gradients). The first row is `transformers` as a plain loop runs it
-(glibc's defaults); then the allocator is set as nanoseek sets it, and every later row,
-`transformers` again among them, runs under it: the like-for-like ratio is against that
-second `transformers` row. --default-malloc leaves glibc's defaults for all rows.
+(glibc's defaults), timed alone first; then the allocator is set as nanoseek sets it, and
+every later row, `transformers` again among them, runs under it: the like-for-like ratio is
+against that second `transformers` row. --default-malloc leaves glibc's defaults for all
+rows.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from contextlib import nullcontext
 
 import torch
 
-from benchmarks.timing import median_seconds
+from benchmarks.timing import interleaved_medians, median_seconds
 from nanoseek.compute import flops_per_token, measure_matmul_peak
 from nanoseek.config import get_preset
 from nanoseek.device import keep_freed_memory, resolve_dtype
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="add nanoseek under torch.compile")
     ap.add_argument("--twin", help="add nanoseek's step for this preset too (e.g. dense-small)")
@@ -115,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     hf = functools.partial(transformers_step, cfg, x, autocast)
     specs = [("transformers DeepseekV3ForCausalLM", hf, fpt)]
     tuned = not args.default_malloc
-    if tuned:  # the rows below run with the allocator as `nanoseek train` sets it
-        specs.append(("  ... with nanoseek's allocator setting", keep_freed_memory, None))
+    if tuned:  # the rows after the first run with the allocator as `nanoseek train` sets it
         specs.append(("transformers, the same allocator", hf, fpt))
     specs.append(
         ("nanoseek (MTP off: same work)", lambda: nanoseek_step(cfg, x, y, autocast, 0.0), fpt)
@@ -131,21 +134,23 @@ def main(argv: list[str] | None = None) -> None:
         import torch._dynamo as dynamo
 
         dynamo.config.cache_size_limit = 64  # two models compiled in one process
+    seconds = []
+    if tuned:  # glibc's defaults first, alone (the setting cannot be undone)
+        seconds.append(time_steps(hf(), args.warmup, args.steps))
+        print(f"  measured {specs[0][0]}: {seconds[0] * 1e3:.0f} ms/step", flush=True)
+        if not keep_freed_memory():
+            print("  (keep_freed_memory does not apply here: not Linux glibc)")
+    steps = [make() for _, make, _ in specs[len(seconds) :]]
+    seconds += interleaved_medians(steps, args.steps, args.warmup)
     rows = []
-    for name, make, f in specs:
-        if f is None:  # a setting, not a row
-            if not make():
-                print("  (keep_freed_memory does not apply here: not Linux glibc)")
-            continue
-        sec = time_steps(make(), args.warmup, args.steps)
+    for (name, _, f), sec in zip(specs, seconds, strict=True):
         rows.append((name, sec, tokens / sec, f * tokens / sec / peak))
-        print(f"  measured {name}: {sec * 1e3:.0f} ms/step", flush=True)
 
     base = rows[1 if tuned else 0][2]  # like for like: the same allocator setting
     print(
         f"\ntraining throughput: preset {args.preset}, batch {args.batch_size} x {args.seq_len}, "
         f"{str(dtype)[6:]}, {torch.get_num_threads()} threads, AdamW + clip; median of "
-        f"{args.steps} steps"
+        f"{args.steps} steps, the rows' steps interleaved"
     )
     print(f"matmul peak ({str(dtype)[6:]}, measured): {peak / 1e12:.2f} TFLOP/s")
     table = [

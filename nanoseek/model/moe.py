@@ -313,9 +313,13 @@ class Experts(nn.Module):
     ) -> torch.Tensor:
         """x [N, d]; each token goes to its k experts (`indices` [N, k], gate `weights`
         [N, k]), `counts` [E] tokens per expert -> [N, d]. Eager: `sorted`. Under
-        torch.compile on CPU: `grouped`, which the compiler traces whole (no host sync, no
+        torch.compile on CPU in fp32: `grouped`, which the compiler traces whole (no host sync, no
         shape that changes per step) and fuses the elementwise work around."""
-        if x.device.type == "cpu" and torch.compiler.is_compiling():
+        # bf16 stays on `sorted` (a graph break per layer): CPU grouped_mm runs one oneDNN
+        # matmul per expert, and oneDNN builds a kernel for every new bf16 shape (16 ms a
+        # call on `small`; the whole compiled step 1.45x slower than eager; now even)
+        compiling = x.device.type == "cpu" and torch.compiler.is_compiling()
+        if compiling and _compute_dtype(x) == torch.float32:
             return self.grouped(x, weights, indices, counts)
         return self.sorted(x, weights, indices, counts)
 

@@ -35,6 +35,7 @@ bench: .venv/.installed
 	$(PY) -m benchmarks.forward
 	$(PY) -m benchmarks.train_throughput
 	$(PY) -m benchmarks.decode
+	$(PY) -m benchmarks.speculation
 	$(PY) -m benchmarks.moe_vs_dense
 	$(PY) -m benchmarks.serve_load
 

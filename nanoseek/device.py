@@ -65,8 +65,9 @@ def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed memory for reuse instead of returning it to the
     kernel. By default every allocation over 128 KB-32 MB is a fresh mmap and a freed heap
     top is trimmed, so each training step's gradients, autocast copies and logits chunks
-    arrive as new pages: ~40K page faults a step for `small` (a quarter of its CPU time in
-    bf16 on 2 cores). With this the process keeps its peak step's memory and reuses it.
+    arrive as new pages: up to ~40K page faults a step for `small`, how many depending on
+    what the process ran before (up to a quarter of a bf16 step on 2 cores). With this the
+    process keeps its peak step's memory and reuses it.
     Returns False where it does not apply (not Linux glibc) or NANOSEEK_KEEP_FREED_MEMORY=0
     turns it off. Idempotent."""
     import ctypes

@@ -207,12 +207,13 @@ class Engine:
         of each MoE layer received from the served traffic. `prefix_cache`: a prompt that
         starts like an earlier one (a system prompt, a chat's earlier turns) reuses its latent
         rows and prefills only the rest (see infer/prefix.py).
-        `adaptive` (with speculative): draft only while it pays (SpecPolicy); False drafts
+        `adaptive` (with drafts): draft only while it pays (SpecPolicy); False drafts
         every step. `lookup_drafts`: tokens drafted by looking up the sequence's own text
         (what followed the last time the same two tokens appeared; greedy requests only).
         None (default): 1 with speculative, after the MTP draft (0: the MTP draft alone),
         else 0. K > 0 without speculative: prompt lookup decoding alone, K drafts a step, no
-        MTP module needed (README: speculative decoding). `compile`: decode and verify steps through torch.compile (ModelRunner; the first
+        MTP module needed (README: lookup drafts).
+        `compile`: decode and verify steps through torch.compile (ModelRunner; the first
         steps of each batch shape wait for the compiler: tens of seconds on a CPU).
         `quantize="int8"` (x86 CPU, fp32 model): the weights every token reads in int8,
         weight-only, in nanoseek's AVX2 kernel (nanoseek.model.quant): a quarter of the
@@ -547,7 +548,11 @@ class Engine:
             return None
         ids = torch.tensor(ids, device=self.device)
         valid = torch.tensor(valid, device=self.device)
-        pos = torch.tensor(n, device=self.device)[:, None] - 1 + torch.arange(1 + K)
+        pos = (
+            torch.tensor(n, device=self.device)[:, None]
+            - 1
+            + torch.arange(1 + K, device=self.device)
+        )
         S = max(n) + K
         st = None if self.plain else self.runner.prepare(pos, 0, S)  # shared with the MTP pass
         h = self.runner.forward(ids, pos, 0, S=S, plain=self.plain, step=st)

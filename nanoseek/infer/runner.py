@@ -9,8 +9,9 @@ Two paths over the same cache and weights:
 - plain: the model's own forward (`Transformer.forward(kv=...)`), which re-expands keys
   and values from the latents: the reference the fast path is tested against.
 
-`compile=True` runs the absorbed decode and verify steps (T <= MAX_COMPILED_T) through torch.compile:
-a step of `small` is ~500 eager op calls at batch 1, inductor makes it a few fused C++
+`compile=True` runs the absorbed decode and verify steps (T <= MAX_COMPILED_T positions)
+through torch.compile: a step of `small` is ~500 eager op calls at batch 1, inductor makes
+it a few fused C++
 kernels, called from a C++ wrapper on CPU. The context length S is a dynamic dimension
 (one graph for every S); prefills stay eager (their lengths vary, and they are one call
 per request).

@@ -146,9 +146,9 @@ def verify(
     tokens[:, :1 + accepted]. Greedy rows accept the longest run of drafts that are the
     argmax (output identical to greedy decoding). Sampling rows check the first draft only
     (the others count as rejected; a padding one commits just the first token), as a point
-    mass q: accept with probability p(draft),
-    else sample from p with the draft removed; the committed tokens are then distributed
-    exactly as plain sampling's (the standard rejection rule with residual max(0, p - q))."""
+    mass q: accept with probability p(draft), else sample from p with the draft removed;
+    the committed tokens are then distributed exactly as plain sampling's (the standard
+    rejection rule with residual max(0, p - q))."""
     greedy = logits.argmax(-1)  # [B, K + 1]
     hit = greedy[:, :-1] == drafts
     if valid is not None:
@@ -169,5 +169,7 @@ def verify(
     tok0 = torch.where(is_greedy, greedy[:, 0], sampled0)
     tok1 = torch.where(is_greedy, greedy[:, 1], bonus)
     toks = torch.cat([torch.stack([tok0, tok1], 1), greedy[:, 2:]], 1)
-    first = hit[:, 0] if valid is None else valid[:, 0]
-    return toks, torch.where(is_greedy, run, ((tok0 == draft) & first).long())
+    accepted = tok0 == draft
+    if valid is not None:
+        accepted &= valid[:, 0]
+    return toks, torch.where(is_greedy, run, accepted.long())

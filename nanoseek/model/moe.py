@@ -313,8 +313,8 @@ class Experts(nn.Module):
     ) -> torch.Tensor:
         """x [N, d]; each token goes to its k experts (`indices` [N, k], gate `weights`
         [N, k]), `counts` [E] tokens per expert -> [N, d]. Eager: `sorted`. Under
-        torch.compile on CPU in fp32: `grouped`, which the compiler traces whole (no host sync, no
-        shape that changes per step) and fuses the elementwise work around."""
+        torch.compile on CPU in fp32: `grouped`, which the compiler traces whole (no host
+        sync, no shape that changes per step) and fuses the elementwise work around."""
         # bf16 stays on `sorted` (a graph break per layer): CPU grouped_mm runs one oneDNN
         # matmul per expert, and oneDNN builds a kernel for every new bf16 shape (16 ms a
         # call on `small`; the whole compiled step 1.45x slower than eager; now even)

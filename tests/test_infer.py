@@ -263,12 +263,14 @@ def test_lookup_speculation_commits_more_and_equals_plain_greedy(lookup):
     repeats: padding drafts instead), every output is plain greedy decoding's."""
     cycle = [3, 9, 4, 17, 5, 30, 6]
     m = cycle_model(cycle)
-    sp = SamplingParams(max_tokens=25, temperature=0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=25, temperature=0, ignore_eos=True, logprobs=True)
     repeat, once = cycle * 2 + [3], [9, 4]
     ref = Engine(m).generate([repeat, once], sp)
     assert ref[0].token_ids[:7] == cycle[1:] + cycle[:1]  # the model follows the cycle
     eng = Engine(m, speculative=True, adaptive=False, lookup_drafts=lookup)
-    assert [c.token_ids for c in eng.generate([repeat], sp)] == [ref[0].token_ids]
+    got = eng.generate([repeat], sp)[0]
+    assert got.token_ids == ref[0].token_ids
+    assert got.logprobs == pytest.approx(ref[0].logprobs, abs=1e-5)  # each verified position's
     st = eng.spec_stats
     assert st.accepted == st.drafted  # every draft right
     assert st.steps == -(-24 // (2 + lookup))  # 1 prefill token, then 2 + lookup a step

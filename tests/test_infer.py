@@ -225,12 +225,12 @@ def test_lookup_drafts_repeat_the_sequence():
     from nanoseek.infer.scheduler import Sequence
 
     seq = Sequence(prompt_ids=[5, 6, 7, 8, 5, 6, 9], params=GREEDY)
-    assert seq.last_pair == (6, 9) and Engine._lookup(seq, seq.last_pair, 2) == []
-    assert Engine._lookup(seq, (9, 6), 2) == []  # (last token, a draft): never occurred
+    assert seq.last_pair == (6, 9) and seq.lookup(seq.last_pair, 2) == []
+    assert seq.lookup((9, 6), 2) == []  # (last token, a draft): never occurred
     seq.output_ids = [5, 6]  # (5, 6) last followed by 9 at index 6; (6, 9) once, by 5
-    assert Engine._lookup(seq, (5, 6), 1) == [9] and Engine._lookup(seq, (5, 6), 3) == [9, 5, 6]
-    assert Engine._lookup(seq, (6, 9), 1) == [5]
-    assert Engine._lookup(seq, seq.last_pair, 4) == [9, 5, 6]  # up to the end
+    assert seq.lookup((5, 6), 1) == [9] and seq.lookup((5, 6), 3) == [9, 5, 6]
+    assert seq.lookup((6, 9), 1) == [5]
+    assert seq.lookup(seq.last_pair, 4) == [9, 5, 6]  # up to the end
     assert seq.indexed == 9
     assert Sequence(prompt_ids=[4], params=GREEDY).last_pair == (4, 4)
 

@@ -537,10 +537,10 @@ class Engine:
         ids, valid = [], []
         for s in seqs:
             if mtp:
-                look = self._lookup(s, (s.last_token, s.draft), E) if E and s.params.greedy else []
+                look = s.lookup((s.last_token, s.draft), E) if E and s.params.greedy else []
                 drafts = [s.draft, *look]
             else:
-                drafts = self._lookup(s, s.last_pair, E) if s.params.greedy else []
+                drafts = s.lookup(s.last_pair, E) if s.params.greedy else []
             pad = [s.last_token] * (K - len(drafts))  # never accepted (valid False)
             ids.append([s.last_token, *drafts, *pad])
             valid.append([True] * len(drafts) + [False] * len(pad))
@@ -577,24 +577,6 @@ class Engine:
                 s.draft = row[-1]
             out.append((s, row[: 1 + a], lp_row[: 1 + a]))
         return out
-
-    @staticmethod
-    def _lookup(seq: Sequence, key: tuple[int, int], k: int) -> list[int]:
-        """Up to k tokens that followed the latest occurrence of the token pair `key` in the
-        sequence (prompt lookup decoding). The pair index grows with the sequence, so a
-        step costs O(new tokens), not O(length)."""
-        P, out = seq.prompt_ids, seq.output_ids
-        n = len(P) + len(out)
-
-        def tok(j: int) -> int:
-            return P[j] if j < len(P) else out[j - len(P)]
-
-        # the last pair itself is indexed only once a token follows it: a match is earlier
-        for j in range(max(seq.indexed, 2), n):
-            seq.follows[(tok(j - 2), tok(j - 1))] = j
-        seq.indexed = n
-        j = seq.follows.get(key)
-        return [] if j is None else [tok(i) for i in range(j, min(j + k, n))]
 
     # --- bookkeeping ---------------------------------------------------------------------
     def _append(self, seq: Sequence, tok: int, lp: float | None) -> None:

@@ -37,7 +37,7 @@ class Sequence:
     # per position whose MTP cache row is not written yet (Engine._catch_up writes them)
     mtp_lag: list[tuple[torch.Tensor, int]] = field(default_factory=list)
     # lookup drafts: token pair -> index of the token after its latest occurrence, for the
-    # first `indexed` tokens (Engine._lookup)
+    # first `indexed` tokens (lookup)
     follows: dict[tuple[int, int], int] = field(default_factory=dict)
     indexed: int = 0
     generator: torch.Generator | None = None
@@ -59,6 +59,23 @@ class Sequence:
         if len(tail) < 2:
             tail = self.prompt_ids[len(tail) - 2 :] + tail
         return tail[0], tail[-1]
+
+    def lookup(self, key: tuple[int, int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest occurrence of the token pair `key` in the
+        sequence (prompt lookup decoding: the engine's lookup drafts). The pair index grows
+        with the sequence, so a call costs O(new tokens), not O(length)."""
+        P, out = self.prompt_ids, self.output_ids
+        n = len(P) + len(out)
+
+        def tok(j: int) -> int:
+            return P[j] if j < len(P) else out[j - len(P)]
+
+        # the last pair itself is indexed only once a token follows it: a match is earlier
+        for j in range(max(self.indexed, 2), n):
+            self.follows[(tok(j - 2), tok(j - 1))] = j
+        self.indexed = n
+        j = self.follows.get(key)
+        return [] if j is None else [tok(i) for i in range(j, min(j + k, n))]
 
     @property
     def finished(self) -> bool:

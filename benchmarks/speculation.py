@@ -4,6 +4,7 @@ turn), medians over rounds x prompts.
 
     python -m benchmarks.speculation [--ckpt runs/quickstart/ckpt] [--rounds 6]
                                      [--prompts 4] [--tokens 64] [--threads 1,2] [--eager]
+                                     [--quantize int8]
 
 Modes: plain; one and two lookup drafts (`lookup_drafts`: what followed the last time the
 same two tokens appeared); with an MTP module, its draft alone and its draft then one
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--eager", action="store_true", help="eager engines (default: compiled)")
+    ap.add_argument("--quantize", choices=["int8"], help="every engine with int8 weights")
     args = ap.parse_args(argv)
     ckpt = Path(args.ckpt)
     if not (ckpt / "config.json").exists():
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     model = Engine.load(ckpt).model
     prompts = prompt_maker(ckpt, model.config.vocab_size)(args.prompts).tolist()
     n, threads = args.tokens, [int(t) for t in args.threads.split(",")]
-    kind = {"compile": not args.eager}
+    kind = {"compile": not args.eager, "quantize": args.quantize}
     engines = {
         name: Engine(model, max_batch=1, max_len=16 + n + 8, adaptive=True, **kind, **kw)
         for name, kw in modes(bool(model.mtp)).items()
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     print(
         f"\nspeculative decoding at batch 1, {ckpt}, {'eager' if args.eager else 'compiled'}, "
-        f"greedy, prompt 16, {n} new tokens; medians of {args.rounds} rounds x "
+        f"{args.quantize or 'fp32'}, greedy, prompt 16, {n} new tokens; medians of {args.rounds} rounds x "
         f"{len(prompts)} prompts, modes interleaved"
     )
     header = (

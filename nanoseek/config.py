@@ -649,7 +649,11 @@ def _tiny_v32() -> ModelConfig:
 
 
 def _small() -> ModelConfig:
-    # 38.8M total / 9.2M activated: a 5-minute CPU run learns visible Python structure.
+    # 44.5M total / 9.4M activated: a 5-minute CPU run learns visible Python structure.
+    # Every layer MoE and no group-limited routing: against `dense-small` at 800K tokens
+    # (benchmarks/moe_vs_dense.py, two seeds) that ended 0.09-0.11 lower in validation loss
+    # than a dense first layer with 4 groups (DeepSeek-V3's layout, which limits routing to
+    # spread a token over few nodes; one device has nothing to save), which ended level.
     return ModelConfig(
         vocab_size=8192,
         hidden_size=256,
@@ -661,14 +665,14 @@ def _small() -> ModelConfig:
         qk_nope_head_dim=32,
         qk_rope_head_dim=32,
         v_head_dim=64,
-        first_k_dense_replace=1,
-        intermediate_size=1024,
+        first_k_dense_replace=0,
+        intermediate_size=1024,  # unused: no dense layer (the MTP module's block is MoE too)
         moe_intermediate_size=256,
         n_routed_experts=32,
         n_shared_experts=1,
         num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
+        n_group=1,
+        topk_group=1,
         routed_scaling_factor=2.5,
         num_nextn_predict_layers=1,
     )
@@ -676,7 +680,7 @@ def _small() -> ModelConfig:
 
 def _small_v32() -> ModelConfig:
     # `small` with V3.2's lightning indexer (sparse past 256 tokens): compressed queries
-    # (the indexer reads them) narrowed to 96 so the activated count stays ~`small`'s (9.2M)
+    # (the indexer reads them) narrowed to 96 so the activated count stays ~`small`'s (9.4M)
     return _small().replace(
         model_type="deepseek_v32",
         q_lora_rank=96,
@@ -687,7 +691,7 @@ def _small_v32() -> ModelConfig:
 
 
 def _small_v4() -> V4Config:
-    # DeepSeek-V4 at `small`'s scale and activated parameters (~9.2M; benchmarks/family.py):
+    # DeepSeek-V4 at `small`'s scale and activated parameters (~9.25M; benchmarks/family.py):
     # V4-Flash's layout shrunk -- a window-only layer, then CSA / HCA alternating (rates 4
     # and 128, a 128-token window), 4 residual streams, the first layer hash-routed, every
     # layer MoE (32 experts, top 4 + 1 shared); index_topk 64 entries = 256 tokens, as

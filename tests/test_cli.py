@@ -24,7 +24,7 @@ def test_help_lists_the_commands():
 def test_info_small(capsys):
     assert main(["info", "--preset", "small"]) == 0
     out = capsys.readouterr().out
-    assert "parameters, total" in out and "38.8M" in out
+    assert "parameters, total" in out and "44.5M" in out
     assert "1,920 B" in out  # latent: 6 layers x (128 + 32) x 2 bytes
     assert "6,144 B" in out  # full K+V: 6 x 4 heads x (64 + 64) x 2 bytes
     assert "FLOPs / token, training" in out

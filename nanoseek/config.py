@@ -650,10 +650,10 @@ def _tiny_v32() -> ModelConfig:
 
 def _small() -> ModelConfig:
     # 44.5M total / 9.4M activated: a 5-minute CPU run learns visible Python structure.
-    # Every layer MoE and no group-limited routing: against `dense-small` at 800K tokens
-    # (benchmarks/moe_vs_dense.py, two seeds) that ended 0.09-0.11 lower in validation loss
-    # than a dense first layer with 4 groups (DeepSeek-V3's layout, which limits routing to
-    # spread a token over few nodes; one device has nothing to save), which ended level.
+    # Every layer MoE, routing over all 32 experts: at 800K tokens this ends 0.09-0.11 below
+    # `dense-small`'s validation loss (benchmarks/moe_vs_dense.py, two seeds), where
+    # DeepSeek-V3's layout -- a dense first layer, the top 4 from 2 of 4 groups (groups
+    # bound a token's nodes: nothing to save on one device) -- ended level.
     return ModelConfig(
         vocab_size=8192,
         hidden_size=256,

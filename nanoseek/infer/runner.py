@@ -11,10 +11,9 @@ Two paths over the same cache and weights:
 
 `compile=True` runs the absorbed decode and verify steps (T <= MAX_COMPILED_T positions)
 through torch.compile: a step of `small` is ~500 eager op calls at batch 1, inductor makes
-it a few fused C++
-kernels, called from a C++ wrapper on CPU. The context length S is a dynamic dimension
-(one graph for every S); prefills stay eager (their lengths vary, and they are one call
-per request).
+it a few fused C++ kernels, called from a C++ wrapper on CPU. The context length S is a
+dynamic dimension (one graph for every S); prefills stay eager (their lengths vary, and
+they are one call per request).
 """
 
 from __future__ import annotations

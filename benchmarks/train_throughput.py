@@ -3,7 +3,7 @@ DeepseekV3ForCausalLM with the same config, batch, dtype and optimizer settings.
 
     python -m benchmarks.train_throughput [--preset small] [--batch-size 8] [--seq-len 256]
                                           [--dtype auto|bf16|fp32] [--steps 10] [--warmup 3]
-                                          [--compile] [--twin dense-small]
+                                          [--compile] [--twin dense-small] [--python-experts]
 
 Both sides: random tokens, AdamW, gradient clipping, bf16 autocast where the hardware has
 native bf16 matmul (else fp32). `transformers` has no MTP, so nanoseek is timed twice: with
@@ -11,7 +11,8 @@ MTP off (the same model work) and with MTP on (what `nanoseek train` runs). MFU 
 side's own matmul FLOPs per token over this machine's measured matmul peak for the dtype.
 --compile adds nanoseek under torch.compile (the warm-up steps absorb the compilation);
 --twin PRESET adds nanoseek's step for a second preset (MoE against its dense twin, in the
-same run).
+same run). --python-experts adds the preset's step with its experts in the Python loop
+(`moe._ExpertLoop`): in fp32 on CPU nanoseek runs them in C++ (`moe._FusedExpertLoop`).
 
 The rows' steps run interleaved (round after round, one step of each), after --warmup
 untimed steps of each, so a shared machine's drift falls on all alike.
@@ -36,7 +37,7 @@ from benchmarks.timing import interleaved_medians, median_seconds
 from nanoseek.compute import flops_per_token, measure_matmul_peak
 from nanoseek.config import get_preset
 from nanoseek.device import keep_freed_memory, resolve_dtype
-from nanoseek.model import Transformer
+from nanoseek.model import Transformer, moe
 from nanoseek.train.balance import update_expert_bias
 from nanoseek.train.run import build_optimizer
 from nanoseek.utils import format_table
@@ -46,7 +47,10 @@ def time_steps(step, warmup: int, steps: int) -> float:
     return median_seconds(step, steps, warmups=warmup)
 
 
-def nanoseek_step(cfg, x, y, autocast, mtp_weight: float, compile: bool = False):
+def nanoseek_step(
+    cfg, x, y, autocast, mtp_weight: float, compile: bool = False, expert_kernel: bool = True
+):
+    """expert_kernel=False: the Python expert loop where fp32 would run the C++ one."""
     torch.manual_seed(0)
     model = Transformer(cfg).train()
     opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
@@ -54,6 +58,7 @@ def nanoseek_step(cfg, x, y, autocast, mtp_weight: float, compile: bool = False)
     forward = torch.compile(model) if compile else model
 
     def step():
+        moe.EXPERT_KERNEL = expert_kernel  # the rows' steps interleave: set it every step
         with autocast():
             out = forward(x, targets=y, mtp_weight=mtp_weight)
         out.loss.backward()
@@ -98,6 +103,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", action="store_true", help="add nanoseek under torch.compile")
     ap.add_argument("--twin", help="add nanoseek's step for this preset too (e.g. dense-small)")
     ap.add_argument(
+        "--python-experts",
+        action="store_true",
+        help="add the preset's step with the Python expert loop (fp32 runs the C++ one)",
+    )
+    ap.add_argument(
         "--default-malloc",
         action="store_true",
         help="keep glibc's allocator defaults for every row (no keep_freed_memory)",
@@ -129,6 +139,10 @@ def main(argv: list[str] | None = None) -> None:
         for compiled in [False] + ([True] if args.compile else []):
             label = f"nanoseek {preset} (MTP on{', compiled' if compiled else ''})"
             make = functools.partial(nanoseek_step, c, x, y, autocast, 0.3, compiled)
+            specs.append((label, make, flops_per_token(c, args.seq_len)))
+        if preset == args.preset and args.python_experts:
+            label = f"nanoseek {preset} (MTP on, Python expert loop)"
+            make = functools.partial(nanoseek_step, c, x, y, autocast, 0.3, expert_kernel=False)
             specs.append((label, make, flops_per_token(c, args.seq_len)))
     if args.twin and args.compile:
         import torch._dynamo as dynamo
@@ -163,6 +177,10 @@ def main(argv: list[str] | None = None) -> None:
             "nanoseek's (keep_freed_memory); ratios are to the second row"
         )
     print(format_table(table, header=("", "ms/step", "tokens/s", "MFU", "vs transformers")))
+    if args.twin:
+        moe_tps = next(r[2] for r in rows if r[0] == f"nanoseek {args.preset} (MTP on)")
+        twin_tps = next(r[2] for r in rows if r[0] == f"nanoseek {args.twin} (MTP on)")
+        print(f"{args.preset} / {args.twin} tokens/s (MTP on, eager): {moe_tps / twin_tps:.2f}x")
     if tuned:
         print(
             f"nanoseek (MTP off) against transformers with glibc's defaults, as a plain loop "

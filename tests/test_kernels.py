@@ -262,3 +262,90 @@ def test_kernels_give_the_same_bits_on_any_number_of_threads():
         torch.set_num_threads(threads)
     for other in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other, strict=True))
+
+
+def _experts_step(moe, x, probe, bf16=False):
+    """One MoE layer's forward and backward: [output, dx, every parameter's gradient]."""
+    moe.zero_grad()
+    xg = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = moe(xg)
+    (out.float() * probe).sum().backward()
+    return [out.detach().float(), xg.grad] + [p.grad for p in moe.parameters()]
+
+
+@pytest.mark.parametrize("inter", [32, 12])  # 12: the kernel's tail past 8 lanes
+def test_fused_expert_loop_equals_the_python_loop(monkeypatch, inter):
+    """Training on CPU runs the experts in C++ (experts.cpp): the output and every gradient
+    (the gate's through the gate weights) equal the Python loop's, to ~1e-6 in fp32 and
+    within bf16's rounding under bf16 autocast (padded blocks there), an expert that gets no
+    rows included (its gradient exactly zero)."""
+    from nanoseek.model import moe as M
+
+    torch.manual_seed(7)
+    cfg = nanoseek.get_preset("tiny").replace(moe_intermediate_size=inter)
+    moe = M.MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    moe.gate.bias[3] = -100.0  # expert 3 is never chosen
+    x, probe = torch.randn(2, 50, cfg.hidden_size), torch.randn(2, 50, cfg.hidden_size)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert M._expert_loop(x, dtype) is M._FusedExpertLoop
+    fused = {bf16: _experts_step(moe, x, probe, bf16) for bf16 in (False, True)}
+    monkeypatch.setattr(M, "EXPERT_KERNEL", False)
+    assert M._expert_loop(x, torch.float32) is M._ExpertLoop
+    loop = {bf16: _experts_step(moe, x, probe, bf16) for bf16 in (False, True)}
+    for bf16, tol in ((False, 2e-6), (True, 0.02)):
+        w13_grad, w2_grad = fused[bf16][3], fused[bf16][4]
+        assert w13_grad[3].abs().max() == 0 and w2_grad[3].abs().max() == 0
+        for got, want, fp32 in zip(fused[bf16], loop[bf16], loop[False], strict=True):
+            assert (got - want).abs().max() <= tol * want.abs().max()
+            assert (got - fp32).abs().max() <= tol * fp32.abs().max()
+    assert not torch.equal(fused[False][0], torch.zeros_like(fused[False][0]))
+
+
+def test_fused_expert_loop_trains_as_the_python_loop(monkeypatch):
+    """Ten fp32 training steps of `tiny` with each loop: the same losses, to ~1e-5 over the
+    first steps; the loops differ by rounding only, which a flipped routing choice then
+    amplifies (~4e-4 by step 10), as it would between two thread counts."""
+    from nanoseek.model import moe as M
+    from nanoseek.train.run import build_optimizer
+
+    def losses():
+        torch.manual_seed(0)
+        model = nanoseek.Transformer(nanoseek.get_preset("tiny")).train()
+        opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randint(0, 256, (4, 64), generator=g)
+        out = []
+        for _ in range(10):
+            loss = model(x[:, :-1], targets=x[:, 1:]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            out.append(loss.item())
+        return torch.tensor(out)
+
+    assert M._expert_loop(torch.zeros(1), torch.float32) is M._FusedExpertLoop
+    fused = losses()
+    monkeypatch.setattr(M, "EXPERT_KERNEL", False)
+    loop = losses()
+    assert fused[-1] < fused[0] - 0.5  # it learns
+    assert (fused[:3] - loop[:3]).abs().max() < 2e-5
+    assert (fused - loop).abs().max() < 5e-3
+
+
+def test_expert_kernel_that_cannot_build_falls_back_with_a_warning(tmp_path, monkeypatch):
+    from nanoseek.kernels import experts_library
+    from nanoseek.model import moe as M
+
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    experts_library.cache_clear()
+    M._expert_kernel_builds.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="install a C\\+\\+ compiler.*Python loop"):
+            assert M._expert_loop(torch.zeros(1), torch.float32) is M._ExpertLoop
+    finally:
+        experts_library.cache_clear()
+        M._expert_kernel_builds.cache_clear()  # the next test builds or loads the real one

@@ -2,11 +2,15 @@
 
 `decode.cpp`: the matmuls of CPU decoding, for fp32 weights and int8 weight-only ones
 (`nanoseek.model.quant`): a few activation rows against weights read once, split over
-torch's threads. It needs an x86 CPU with AVX2 and a C++ compiler (`c++`, or $CXX); the
-library is built against the installed torch once per source and torch version into
-~/.cache/nanoseek (or $NANOSEEK_CACHE) and loaded with `torch.ops.load_library`, which
-registers the ops nanoseek::gemm_f32, gemm_q8, moe_f32 and moe_q8: called from C++, they
-cost no Python, eagerly or from a compiled decode step's C++ wrapper.
+torch's threads; ops nanoseek::gemm_f32, gemm_q8, moe_f32 and moe_q8.
+`experts.cpp`: the routed experts' fp32 training step on CPU (`moe._FusedExpertLoop`): the
+per-expert matmuls with the SwiGLU and gate weight fused between them; ops
+nanoseek::experts_fwd and experts_bwd.
+
+Each needs an x86 CPU with AVX2 and a C++ compiler (`c++`, or $CXX); a library is built
+against the installed torch once per source and torch version into ~/.cache/nanoseek (or
+$NANOSEEK_CACHE) and loaded with `torch.ops.load_library`, which registers its ops: called
+from C++, they cost no Python, eagerly or from a compiled decode step's C++ wrapper.
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 _LIB = torch.library.Library("nanoseek", "FRAGMENT")  # holds the fake registrations
 
@@ -39,44 +43,58 @@ def decode_library() -> Path:
     """Build (on first use) and load decode.cpp: its path. KernelError with the reason when
     it cannot be: no AVX2, no compiler, a cache directory it cannot write, a library it
     cannot load."""
+    return _load("decode", probe="gemm_f32", fakes=_register_decode_fakes)
+
+
+@cache
+def experts_library() -> Path:
+    """Build (on first use) and load experts.cpp: its path, or KernelError as decode_library.
+    (Its ops run eagerly only: `Experts.sorted` is not traced by torch.compile.)"""
+    return _load("experts", probe="experts_fwd")
+
+
+def _load(name: str, probe: str, fakes=None) -> Path:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        raise KernelError("nanoseek's decode kernels need an x86 CPU with AVX2")
-    key = SOURCE.read_bytes() + " ".join([torch.__version__, *FLAGS]).encode()
-    lib = cache_dir() / f"decode-{hashlib.sha256(key).hexdigest()[:16]}.so"
+        raise KernelError(f"nanoseek's {name} kernels need an x86 CPU with AVX2")
+    source = Path(__file__).with_name(f"{name}.cpp")
+    key = source.read_bytes() + " ".join([torch.__version__, *FLAGS]).encode()
+    lib = cache_dir() / f"{name}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     try:
         if not lib.exists():
-            _build(lib)
-        if not hasattr(torch.ops.nanoseek, "gemm_f32"):  # once per process, across cache_clear
+            _build(source, lib)
+        if not hasattr(torch.ops.nanoseek, probe):  # once per process, across cache_clear
             torch.ops.load_library(str(lib))
-            _register_fakes()
+            if fakes is not None:
+                fakes()
     except OSError as e:
-        raise KernelError(f"the decode kernels could not be built or loaded ({lib}): {e}") from e
+        raise KernelError(f"the {name} kernels could not be built or loaded ({lib}): {e}") from e
     return lib
 
 
-def _build(lib: Path) -> None:
+def _build(source: Path, lib: Path) -> None:
     cxx = shutil.which(os.environ.get("CXX", "c++"))
     if cxx is None:
         raise KernelError(
-            "the decode kernels are C++, built on first use: install a C++ compiler (c++)"
+            f"the {source.stem} kernels are C++, built on first use: install a C++ compiler (c++)"
         )
     from torch.utils import cpp_extension  # its imports take ~1 s: only when building
 
+    print(f"nanoseek: building {source.name} into {lib.parent} (once, ~20 s)", file=sys.stderr)
     lib.parent.mkdir(parents=True, exist_ok=True)
     torch_lib = Path(torch.__file__).parent / "lib"
     abi = int(torch.compiled_with_cxx11_abi())
     with tempfile.NamedTemporaryFile(dir=lib.parent, suffix=".so", delete=False) as tmp:
         cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
         cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
-        cmd += [str(SOURCE), "-o", tmp.name, f"-L{torch_lib}", "-lc10", "-ltorch_cpu"]
+        cmd += [str(source), "-o", tmp.name, f"-L{torch_lib}", "-lc10", "-ltorch_cpu"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             os.unlink(tmp.name)
-            raise KernelError(f"building {SOURCE.name} failed: {r.stderr.strip()[:500]}")
+            raise KernelError(f"building {source.name} failed: {r.stderr.strip()[:500]}")
         os.replace(tmp.name, lib)  # atomic: a concurrent build never loads half a file
 
 
-def _register_fakes() -> None:
+def _register_decode_fakes() -> None:
     """Shapes for torch.compile, which traces the ops without running them."""
     for name, fake in (
         ("gemm_f32", lambda x, w: x.new_empty(x.shape[0], w.shape[0])),

@@ -12,7 +12,7 @@ side's own matmul FLOPs per token over this machine's measured matmul peak for t
 --compile adds nanoseek under torch.compile (the warm-up steps absorb the compilation);
 --twin PRESET adds nanoseek's step for a second preset (MoE against its dense twin, in the
 same run). --python-experts adds the preset's step with its experts in the Python loop
-(`moe._ExpertLoop`): in fp32 on CPU nanoseek runs them in C++ (`moe._FusedExpertLoop`).
+(`moe._ExpertLoop`): on CPU nanoseek runs them in C++ (`moe._FusedExpertLoop`).
 
 The rows' steps run interleaved (round after round, one step of each), after --warmup
 untimed steps of each, so a shared machine's drift falls on all alike.
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--python-experts",
         action="store_true",
-        help="add the preset's step with the Python expert loop (fp32 runs the C++ one)",
+        help="add the preset's step with the Python expert loop (CPU runs the C++ one)",
     )
     ap.add_argument(
         "--default-malloc",

@@ -3,9 +3,9 @@
 `decode.cpp`: the matmuls of CPU decoding, for fp32 weights and int8 weight-only ones
 (`nanoseek.model.quant`): a few activation rows against weights read once, split over
 torch's threads; ops nanoseek::gemm_f32, gemm_q8, moe_f32 and moe_q8.
-`experts.cpp`: the routed experts' fp32 training step on CPU (`moe._FusedExpertLoop`): the
-per-expert matmuls with the SwiGLU and gate weight fused between them; ops
-nanoseek::experts_fwd and experts_bwd.
+`experts.cpp`: the routed experts' training step on CPU, fp32 or bf16
+(`moe._FusedExpertLoop`): the per-expert matmuls with the SwiGLU and gate weight fused
+between them; ops nanoseek::experts_fwd and experts_bwd.
 
 Each needs an x86 CPU with AVX2 and a C++ compiler (`c++`, or $CXX); a library is built
 against the installed torch once per source and torch version into ~/.cache/nanoseek (or

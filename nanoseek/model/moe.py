@@ -20,8 +20,8 @@ dispatching tokens to experts in the way that is fastest for the experts' size:
 Under torch.compile (the engine's `compile=True`) "grouped" and "gathered" run
 `MoE._compiled`: few tokens read their experts in place in one fused kernel per projection.
 
-Training runs the experts as one autograd node looping over them (`_ExpertLoop`); in fp32 on
-CPU the loop is C++ (`_FusedExpertLoop`, nanoseek/kernels/experts.cpp) where it builds.
+Training runs the experts as one autograd node looping over them (`_ExpertLoop`); on CPU
+the loop is C++ (`_FusedExpertLoop`, nanoseek/kernels/experts.cpp) where it builds.
 """
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ class _FusedExpertLoop(torch.autograd.Function):
         return dx, drw, dw13, dw2, None, None
 
 
-# NANOSEEK_EXPERT_KERNEL=0 keeps fp32 CPU training on the Python loop (benchmarks flip this)
+# NANOSEEK_EXPERT_KERNEL=0 keeps CPU training on the Python loop (benchmarks flip this)
 EXPERT_KERNEL = os.environ.get("NANOSEEK_EXPERT_KERNEL", "1") != "0"
 
 

@@ -1,7 +1,8 @@
-"""nanoseek's decode kernels (nanoseek.kernels): fp32 (the CPU engine's default for models of
-16 MB and more) and int8 (`Engine(quantize="int8")`). The C++ kernels against torch on the
-same weights, the fp32 engine against MKL's (`kernels=False`), and int8 against fp32
-decoding (logits within a stated tolerance, greedy text, compiled == eager)."""
+"""nanoseek's C++ kernels (nanoseek.kernels). Decode: fp32 (the CPU engine's default for
+models of 16 MB and more) and int8 (`Engine(quantize="int8")`): the kernels against torch on
+the same weights, the fp32 engine against MKL's (`kernels=False`), and int8 against fp32
+decoding (logits within a stated tolerance, greedy text, compiled == eager). Training: the
+C++ expert loop against the Python one (outputs, gradients, losses), and its fallback."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from nanoseek.kernels import decode_library
 from nanoseek.model.quant import F32Weight, Int8Weight, mm
 
 if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):  # the kernel's ISA
-    pytest.skip("the decode kernels need an x86 CPU with AVX2", allow_module_level=True)
+    pytest.skip("nanoseek's C++ kernels need an x86 CPU with AVX2", allow_module_level=True)
 decode_library()  # builds (once per machine) and loads the torch.ops.nanoseek kernels
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -336,6 +337,7 @@ def test_fused_expert_loop_trains_as_the_python_loop(monkeypatch):
 
 
 def test_expert_kernel_that_cannot_build_falls_back_with_a_warning(tmp_path, monkeypatch):
+    """Without a compiler, training says why once and runs the experts in Python."""
     from nanoseek.kernels import experts_library
     from nanoseek.model import moe as M
 

@@ -231,7 +231,7 @@ class _FusedExpertLoop(torch.autograd.Function):
     """`_ExpertLoop`'s math in C++ (nanoseek/kernels/experts.cpp; fp32 or bf16 on CPU): the
     same per-expert matmuls, with the SwiGLU and the gate weight fused into one pass between
     them in the forward and one in the backward, and no Python per expert. fp32: ~12% off a
-    `small` MoE layer's forward + backward, 3-9% off the step; bf16: 1-3% off the step.
+    `small` MoE layer's forward + backward, 3-9% off the step; bf16: 1-5% off the step.
     Equal to `_ExpertLoop` to ~1e-6 in fp32, within rounding in bf16 (tests/test_kernels.py)."""
 
     @staticmethod
@@ -260,6 +260,10 @@ EXPERT_KERNEL = os.environ.get("NANOSEEK_EXPERT_KERNEL", "1") != "0"
 
 @functools.cache
 def _expert_kernel_builds() -> bool:
+    """Whether experts.cpp builds and loads here; a warning says why not, unless it is the
+    CPU (no AVX2: nothing to install)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
     try:
         experts_library()
         return True

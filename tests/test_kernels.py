@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 import nanoseek
 from nanoseek.infer import Engine, EngineError, SamplingParams
-from nanoseek.kernels import decode_library
+from nanoseek.kernels import cpu_supported, decode_library
 from nanoseek.model.quant import F32Weight, Int8Weight, mm
 
-if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):  # the kernel's ISA
+if not cpu_supported():  # the kernels' ISA
     pytest.skip("nanoseek's C++ kernels need an x86 CPU with AVX2", allow_module_level=True)
 decode_library()  # builds (once per machine) and loads the torch.ops.nanoseek kernels
 

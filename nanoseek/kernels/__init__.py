@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -32,6 +33,11 @@ _LIB = torch.library.Library("nanoseek", "FRAGMENT")  # holds the fake registrat
 
 class KernelError(RuntimeError):
     pass
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU runs the kernels (x86 with AVX2): without it nothing can be installed."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def cache_dir() -> Path:
@@ -53,8 +59,8 @@ def experts_library() -> Path:
     return _load("experts", probe="experts_fwd")
 
 
-def _load(name: str, probe: str, fakes=None) -> Path:
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+def _load(name: str, probe: str, fakes: Callable[[], None] | None = None) -> Path:
+    if not cpu_supported():
         raise KernelError(f"nanoseek's {name} kernels need an x86 CPU with AVX2")
     source = Path(__file__).with_name(f"{name}.cpp")
     key = source.read_bytes() + " ".join([torch.__version__, *FLAGS]).encode()

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from nanoseek.config import ModelConfig
-from nanoseek.kernels import KernelError, experts_library
+from nanoseek.kernels import KernelError, cpu_supported, experts_library
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.quant import experts_mm, kernel_rows, mm
 
@@ -236,9 +236,10 @@ class _FusedExpertLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, row_weights, w13, w2, src, sizes: list[int]):
+        row_weights = row_weights.contiguous()  # the kernel reads it as a flat array
         with torch.autocast(x.device.type, enabled=False):  # the caller cast everything
             out, xs, h, a = torch.ops.nanoseek.experts_fwd(
-                x.contiguous(), row_weights.contiguous(), w13, w2, src, sizes
+                x.contiguous(), row_weights, w13, w2, src, sizes
             )
         ctx.save_for_backward(xs, h, a, row_weights, w13, w2, src)
         ctx.sizes = sizes
@@ -249,7 +250,7 @@ class _FusedExpertLoop(torch.autograd.Function):
         xs, h, a, row_weights, w13, w2, src = ctx.saved_tensors
         with torch.autocast(dout.device.type, enabled=False):
             dx, drw, dw13, dw2 = torch.ops.nanoseek.experts_bwd(
-                dout, xs, h, a, row_weights.contiguous(), w13, w2, src, ctx.sizes
+                dout, xs, h, a, row_weights, w13, w2, src, ctx.sizes
             )
         return dx, drw, dw13, dw2, None, None
 
@@ -262,7 +263,7 @@ EXPERT_KERNEL = os.environ.get("NANOSEEK_EXPERT_KERNEL", "1") != "0"
 def _expert_kernel_builds() -> bool:
     """Whether experts.cpp builds and loads here; a warning says why not, unless it is the
     CPU (no AVX2: nothing to install)."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if not cpu_supported():
         return False
     try:
         experts_library()

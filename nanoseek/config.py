@@ -650,10 +650,12 @@ def _tiny_v32() -> ModelConfig:
 
 def _small() -> ModelConfig:
     # 44.5M total / 9.4M activated: a 5-minute CPU run learns visible Python structure.
-    # Every layer MoE, routing over all 32 experts: at 800K tokens this ends 0.09-0.11 below
-    # `dense-small`'s validation loss (benchmarks/moe_vs_dense.py, two seeds), where
-    # DeepSeek-V3's layout -- a dense first layer, the top 4 from 2 of 4 groups (groups
-    # bound a token's nodes: nothing to save on one device) -- ended level.
+    # Every layer MoE, routing over all 32 experts: at 800K tokens this ended 0.09-0.11 below
+    # `dense-small`'s validation loss with a cosine LR schedule (0.06 with wsd, which lowers
+    # both; benchmarks/moe_vs_dense.py, two seeds), where DeepSeek-V3's layout -- a dense
+    # first layer, the top 4 from 2 of 4 groups (groups bound a token's nodes: nothing to
+    # save on one device) -- ended level. routed_scaling_factor 4 or 64 experts gained
+    # 0.01-0.05 (within a run's noise), 8 lost 0.03: 2.5 stays.
     return ModelConfig(
         vocab_size=8192,
         hidden_size=256,

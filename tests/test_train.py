@@ -327,6 +327,21 @@ def test_resume_of_a_run_saved_before_router_lr(shards, tmp_path):
     assert len(losses(out)) == 5
 
 
+def test_default_schedule_is_wsd_and_a_cosine_run_resumes_with_cosine(shards, tmp_path):
+    out = tmp_path / "w"
+    train(tiny_run(shards, out, steps=10, eval_every=0, warmup_steps=0))
+    lrs = losses(out, "lr")
+    assert lrs[:8] == [pytest.approx(3e-3)] * 8  # stable at the peak for 80% of the run
+    assert 3e-4 <= lrs[-1] < 0.9 * 3e-3  # then decaying towards the 0.1x floor
+    cos = tmp_path / "c"  # started before wsd was the default: it keeps its schedule
+    train(tiny_run(shards, cos, steps=3, eval_every=0, warmup_steps=0, schedule="cosine"))
+    with pytest.warns(UserWarning, match="original horizon"):
+        train(make_config(out=str(cos), resume=True, steps=4))
+    assert json.loads((cos / "train_config.json").read_text())["schedule"] == "cosine"
+    cos_lrs = losses(cos, "lr")
+    assert cos_lrs[1] < cos_lrs[0] and cos_lrs[3] == pytest.approx(3e-4)
+
+
 def test_unused_mtp_costs_no_flops(shards, tmp_path):
     from nanoseek.compute import flops_per_token
 

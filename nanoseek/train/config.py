@@ -109,7 +109,7 @@ class TrainConfig(RunConfig):
     warmup_steps: int = _h("linear warm-up steps", default=20)
     schedule: str = _h(
         "wsd (warmup-stable-decay: the peak LR until the last --decay-frac, then linear to the "
-        "floor) or cosine. wsd ended 0.12-0.15 lower for `small` and `dense-small` at 800K "
+        "floor) or cosine. wsd ended 0.11-0.15 lower for `small` and `dense-small` at 800K "
         "tokens: cosine's long low-LR tail slows a run that is still learning fast",
         default="wsd",
     )

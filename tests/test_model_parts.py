@@ -300,3 +300,94 @@ def test_expert_counts_leave_out_the_tokens_not_counted():
     assert part[:n_main].tolist() == [19 * k] * n_main
     # MTP depth 1 sees positions 0..10, counted when token i+1 is: 11 + 6
     assert part[n_main:].tolist() == [17 * k] * cfg.num_nextn_predict_layers
+
+
+def _attention_and_grads(fn, q, k, v, g):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(g)
+    return [t.float() for t in (out.detach(), q.grad, k.grad, v.grad)]
+
+
+def test_bmm_attention_matches_sdpa_within_bf16_rounding():
+    from nanoseek.model.attention import causal_attention_bmm
+
+    torch.manual_seed(0)
+    B, T, H, D = 2, 96, 3, 16
+    q, k, v, g = (torch.randn(B, T, H, D).bfloat16() for _ in range(4))
+    scale = D**-0.5
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)), is_causal=True, scale=scale
+        ).transpose(1, 2)
+
+    exact = _attention_and_grads(sdpa, *(t.float() for t in (q, k, v, g)))
+    flash = _attention_and_grads(sdpa, q, k, v, g)
+    bmm = _attention_and_grads(lambda q, k, v: causal_attention_bmm(q, k, v, scale), q, k, v, g)
+    for ref, f, b in zip(exact, flash, bmm, strict=True):
+        assert b.dtype == torch.float32 and b.shape == ref.shape
+        # bf16 scores: within a few times the flash kernel's own bf16 error
+        assert (b - ref).abs().max() <= 4 * (f - ref).abs().max() + 1e-3
+        assert (b - ref).abs().max() < 0.05 * ref.abs().max()
+    # causal: a change to the last key leaves every earlier query's output alone
+    k2 = k.clone()
+    k2[:, -1] += 1
+    out2 = causal_attention_bmm(q, k2, v, scale).float()
+    assert torch.equal(out2[:, :-1], bmm[0][:, :-1]) and not torch.equal(out2, bmm[0])
+
+
+def test_training_under_bf16_autocast_takes_the_bmm_attention(monkeypatch):
+    from nanoseek.model import attention
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    model = Transformer(cfg)
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    x = torch.randint(0, 256, (2, 24))
+    calls = []
+    real = attention.causal_attention_bmm
+    monkeypatch.setattr(attention, "causal_attention_bmm", lambda *a: calls.append(1) or real(*a))
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, targets=x).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    bmm_loss, bmm_grads = loss_and_grads()
+    assert len(calls) == layers
+    monkeypatch.setattr(attention, "BMM_ATTENTION_MAX_LEN", 0)  # back to torch's SDPA
+    sdpa_loss, sdpa_grads = loss_and_grads()
+    assert len(calls) == layers
+    assert abs(bmm_loss - sdpa_loss) < 2e-3
+    for a, b in zip(bmm_grads, sdpa_grads, strict=True):
+        assert (a - b).abs().max() <= 0.05 * b.abs().max() + 1e-4
+    with torch.no_grad():  # fp32 keeps torch's SDPA: the path checked against transformers
+        model(x, targets=x)
+    assert len(calls) == layers
+
+
+def test_linear_cross_entropy_equals_cross_entropy_with_gradients():
+    from nanoseek.model.loss import CHUNK, linear_cross_entropy
+
+    torch.manual_seed(0)
+    N, d, V = 2 * CHUNK + 37, 16, 300  # a last chunk shorter than the rest (also in bf16)
+    h0, w0 = torch.randn(N, d), torch.randn(V, d) * 0.3
+    targets = torch.randint(0, V, (N,))
+    targets[::7] = -100  # ignored rows count in neither the loss nor the gradients
+    results = []
+    for fn in (linear_cross_entropy, lambda h, w, t: F.cross_entropy(h @ w.t(), t)):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = fn(h, w, targets)
+        (loss * 3).backward()  # a gradient other than 1 reaches the backward
+        results.append((loss.detach(), h.grad, w.grad))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert results[0][1][::7].abs().max() == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = linear_cross_entropy(h0, w0, targets)
+    assert bf16.dtype == torch.float32 and abs(bf16 - results[1][0]) < 0.02
+    with torch.no_grad():
+        assert linear_cross_entropy(h0, w0, torch.full((N,), -100)).isnan()

@@ -189,6 +189,13 @@ void backward_loop(const at::Tensor& dys, const at::Tensor& xs, const at::Tensor
     // one expert's da and dh at a time: written and read again while in cache
     at::Tensor daw_buf = at::empty({most, I}, xs.options());
     at::Tensor dh_buf = at::empty({most, 2 * I}, xs.options());
+    // weight gradients wanted in another dtype (bf16 compute, fp32 parameters): each expert's
+    // goes through a buffer and is converted while in cache, not in one cold pass afterwards
+    at::Tensor dw13_buf, dw2_buf;
+    if (dw13.scalar_type() != xs.scalar_type()) {
+        dw13_buf = at::empty(w13.sizes().slice(1), xs.options());
+        dw2_buf = at::empty(w2.sizes().slice(1), xs.options());
+    }
     int64_t start = 0;
     for (int64_t e = 0; e < (int64_t)sizes.size(); e++) {
         const int64_t n = sizes[e];
@@ -200,26 +207,29 @@ void backward_loop(const at::Tensor& dys, const at::Tensor& xs, const at::Tensor
         at::Tensor dy = dys.narrow(0, start, n), xr = xs.narrow(0, start, n);
         at::Tensor daw = daw_buf.narrow(0, 0, n), dh = dh_buf.narrow(0, 0, n);
         at::Tensor dw13e = dw13[e], dw2e = dw2[e], dxr = dxs.narrow(0, start, n);
-        at::mm_out(dw2e, dy.t(), a.narrow(0, start, n));
+        at::mm_out(dw2_buf.defined() ? dw2_buf : dw2e, dy.t(), a.narrow(0, start, n));
+        if (dw2_buf.defined()) dw2e.copy_(dw2_buf);
         at::mm_out(daw, dy, w2[e]);
         swiglu_backward<T>(daw.data_ptr<T>(), h.data_ptr<T>() + start * 2 * I,
                            rw.data_ptr<T>() + start, dh.data_ptr<T>(),
                            drw.data_ptr<T>() + start, n, I);
-        at::mm_out(dw13e, dh.t(), xr);
+        at::mm_out(dw13_buf.defined() ? dw13_buf : dw13e, dh.t(), xr);
+        if (dw13_buf.defined()) dw13e.copy_(dw13_buf);
         at::mm_out(dxr, dh, w13[e]);
         start += n;
     }
 }
 
-// -> (dx [N, d], drw [R], dw13 [E, 2I, d], dw2 [E, d, I])
+// -> (dx [N, d], drw [R], dw13 [E, 2I, d], dw2 [E, d, I]); dw13, dw2 in weight_grad_dtype
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_bwd(
     const at::Tensor& dout, const at::Tensor& xs, const at::Tensor& h, const at::Tensor& a,
     const at::Tensor& rw, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& src,
-    at::IntArrayRef sizes) {
+    at::IntArrayRef sizes, at::ScalarType weight_grad_dtype) {
     const int64_t R = src.size(0), d = xs.size(1);
     at::Tensor dys = dout.to(xs.scalar_type()).contiguous().index_select(0, src);
     at::Tensor drw = at::empty({R}, rw.options());
-    at::Tensor dw13 = at::empty_like(w13), dw2 = at::empty_like(w2);
+    at::Tensor dw13 = at::empty_like(w13, w13.options().dtype(weight_grad_dtype));
+    at::Tensor dw2 = at::empty_like(w2, w2.options().dtype(weight_grad_dtype));
     at::Tensor dxs = at::empty({R, d}, xs.options());
     if (xs.scalar_type() == at::kFloat)
         backward_loop<float>(dys, xs, h, a, rw, w13, w2, sizes, drw, dw13, dw2, dxs);
@@ -235,7 +245,8 @@ TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
     m.def("experts_fwd(Tensor x, Tensor rw, Tensor w13, Tensor w2, Tensor src, int[] sizes) "
           "-> (Tensor, Tensor, Tensor, Tensor)");
     m.def("experts_bwd(Tensor dout, Tensor xs, Tensor h, Tensor a, Tensor rw, Tensor w13, "
-          "Tensor w2, Tensor src, int[] sizes) -> (Tensor, Tensor, Tensor, Tensor)");
+          "Tensor w2, Tensor src, int[] sizes, ScalarType weight_grad_dtype) "
+          "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {

@@ -276,11 +276,13 @@ def _experts_step(moe, x, probe, bf16=False):
 
 
 @pytest.mark.parametrize("inter", [32, 12])  # 12: the kernel's tail past 8 lanes
-def test_fused_expert_loop_equals_the_python_loop(monkeypatch, inter):
+@pytest.mark.parametrize("threads", [1, 2])  # 2: the experts shared out between the threads
+def test_fused_expert_loop_equals_the_python_loop(monkeypatch, inter, threads):
     """Training on CPU runs the experts in C++ (experts.cpp): the output and every gradient
     (the gate's through the gate weights) equal the Python loop's, to ~1e-6 in fp32 and
     within bf16's rounding under bf16 autocast (padded blocks there), an expert that gets no
-    rows included (its gradient exactly zero)."""
+    rows included (its gradient exactly zero), on one thread and with the experts run two
+    threads at a time."""
     from nanoseek.model import moe as M
 
     torch.manual_seed(7)
@@ -292,7 +294,12 @@ def test_fused_expert_loop_equals_the_python_loop(monkeypatch, inter):
     x, probe = torch.randn(2, 50, cfg.hidden_size), torch.randn(2, 50, cfg.hidden_size)
     for dtype in (torch.float32, torch.bfloat16):
         assert M._expert_loop(x, dtype) is M._FusedExpertLoop
-    fused = {bf16: _experts_step(moe, x, probe, bf16) for bf16 in (False, True)}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = {bf16: _experts_step(moe, x, probe, bf16) for bf16 in (False, True)}
+    finally:
+        torch.set_num_threads(before)
     monkeypatch.setattr(M, "EXPERT_KERNEL", False)
     assert M._expert_loop(x, torch.float32) is M._ExpertLoop
     loop = {bf16: _experts_step(moe, x, probe, bf16) for bf16 in (False, True)}

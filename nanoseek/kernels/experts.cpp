@@ -14,7 +14,8 @@
  * five of its seven elementwise passes; the matmuls are the same at::mm calls (MKL in fp32,
  * oneDNN in bf16). The elementwise math runs in fp32 (bf16 rounded once, on store); silu is
  * torch's formula (g / (1 + exp(-g)), Sleef's exp from libtorch), so fp32 results differ
- * from the Python loop's only in where rw is multiplied in: ~1 ulp.
+ * from the Python loop's only in where rw is multiplied in: ~1 ulp. With several threads the
+ * experts are shared out between them, each expert's matmuls on one thread (for_each_expert).
  */
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,6 +23,7 @@
 #include <sleef.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -142,22 +144,48 @@ void check(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
     TORCH_CHECK(rows == src.size(0) && rows == rw.size(0), "experts kernels: sizes != rows");
 }
 
+// How many threads for_each_expert runs on: the slots a caller needs per-thread buffers for.
+int64_t expert_threads(at::IntArrayRef sizes) {
+    if (at::in_parallel_region()) return 1;
+    return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), sizes.size()));
+}
+
+// Runs body(e, start, n, slot) for every expert e (its block of n rows from `start`; slot: the
+// running thread's index < expert_threads). With several threads each takes a contiguous
+// range of experts holding about an equal share of the rows and runs their matmuls on its
+// own (at::mm nested in at::parallel_for is single-threaded): for per-expert matmuls of a few
+// hundred rows that beats splitting each one over the threads.
+template <typename F>
+void for_each_expert(at::IntArrayRef sizes, F&& body) {
+    const int64_t E = sizes.size(), T = expert_threads(sizes);
+    std::vector<int64_t> starts(E + 1, 0);
+    for (int64_t e = 0; e < E; e++) starts[e + 1] = starts[e] + sizes[e];
+    const int64_t R = starts[E];
+    if (T == 1 || R == 0) {
+        for (int64_t e = 0; e < E; e++) body(e, starts[e], sizes[e], 0);
+        return;
+    }
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        at::NoGradGuard no_grad;  // a worker thread does not inherit the caller's grad mode
+        for (int64_t t = t0; t < t1; t++)
+            for (int64_t e = 0; e < E; e++)
+                if (std::min(T - 1, starts[e] * T / R) == t) body(e, starts[e], sizes[e], t);
+    });
+}
+
 template <typename T>
 void forward_loop(const at::Tensor& xs, const at::Tensor& rw, const at::Tensor& w13,
                   const at::Tensor& w2, at::IntArrayRef sizes, at::Tensor& h, at::Tensor& a,
                   at::Tensor& ys) {
     const int64_t I = w2.size(2);
-    int64_t start = 0;
-    for (int64_t e = 0; e < (int64_t)sizes.size(); e++) {
-        const int64_t n = sizes[e];
-        if (n == 0) continue;
+    for_each_expert(sizes, [&](int64_t e, int64_t start, int64_t n, int64_t) {
+        if (n == 0) return;
         at::Tensor hr = h.narrow(0, start, n), ar = a.narrow(0, start, n);
         at::Tensor yr = ys.narrow(0, start, n);
         at::mm_out(hr, xs.narrow(0, start, n), w13[e].t());
         swiglu_forward<T>(hr.data_ptr<T>(), rw.data_ptr<T>() + start, ar.data_ptr<T>(), n, I);
         at::mm_out(yr, ar, w2[e].t());
-        start += n;
-    }
+    });
 }
 
 // -> (out [N, d], xs [R, d], h [R, 2I], a [R, I]); the last three for the backward
@@ -186,38 +214,39 @@ void backward_loop(const at::Tensor& dys, const at::Tensor& xs, const at::Tensor
     const int64_t I = w2.size(2);
     int64_t most = 0;
     for (int64_t n : sizes) most = std::max(most, n);
-    // one expert's da and dh at a time: written and read again while in cache
-    at::Tensor daw_buf = at::empty({most, I}, xs.options());
-    at::Tensor dh_buf = at::empty({most, 2 * I}, xs.options());
-    // weight gradients wanted in another dtype (bf16 compute, fp32 parameters): each expert's
-    // goes through a buffer and is converted while in cache, not in one cold pass afterwards
-    at::Tensor dw13_buf, dw2_buf;
-    if (dw13.scalar_type() != xs.scalar_type()) {
-        dw13_buf = at::empty(w13.sizes().slice(1), xs.options());
-        dw2_buf = at::empty(w2.sizes().slice(1), xs.options());
+    // per thread, one expert's da and dh at a time: written and read again while in cache;
+    // weight gradients wanted in another dtype (bf16 compute, fp32 parameters) go through a
+    // buffer too and are converted while in cache, not in one cold pass afterwards
+    const bool convert = dw13.scalar_type() != xs.scalar_type();
+    std::vector<at::Tensor> daw_buf, dh_buf, dw13_buf, dw2_buf;
+    for (int64_t t = 0; t < expert_threads(sizes); t++) {
+        daw_buf.push_back(at::empty({most, I}, xs.options()));
+        dh_buf.push_back(at::empty({most, 2 * I}, xs.options()));
+        if (convert) {
+            dw13_buf.push_back(at::empty(w13.sizes().slice(1), xs.options()));
+            dw2_buf.push_back(at::empty(w2.sizes().slice(1), xs.options()));
+        }
     }
-    int64_t start = 0;
-    for (int64_t e = 0; e < (int64_t)sizes.size(); e++) {
-        const int64_t n = sizes[e];
+    for_each_expert(sizes, [&](int64_t e, int64_t start, int64_t n, int64_t t) {
+        at::Tensor dw13e = dw13[e], dw2e = dw2[e];
         if (n == 0) {  // an expert without rows: zero gradient
-            dw13[e].zero_();
-            dw2[e].zero_();
-            continue;
+            dw13e.zero_();
+            dw2e.zero_();
+            return;
         }
         at::Tensor dy = dys.narrow(0, start, n), xr = xs.narrow(0, start, n);
-        at::Tensor daw = daw_buf.narrow(0, 0, n), dh = dh_buf.narrow(0, 0, n);
-        at::Tensor dw13e = dw13[e], dw2e = dw2[e], dxr = dxs.narrow(0, start, n);
-        at::mm_out(dw2_buf.defined() ? dw2_buf : dw2e, dy.t(), a.narrow(0, start, n));
-        if (dw2_buf.defined()) dw2e.copy_(dw2_buf);
+        at::Tensor daw = daw_buf[t].narrow(0, 0, n), dh = dh_buf[t].narrow(0, 0, n);
+        at::Tensor dxr = dxs.narrow(0, start, n);
+        at::mm_out(convert ? dw2_buf[t] : dw2e, dy.t(), a.narrow(0, start, n));
+        if (convert) dw2e.copy_(dw2_buf[t]);
         at::mm_out(daw, dy, w2[e]);
         swiglu_backward<T>(daw.data_ptr<T>(), h.data_ptr<T>() + start * 2 * I,
                            rw.data_ptr<T>() + start, dh.data_ptr<T>(),
                            drw.data_ptr<T>() + start, n, I);
-        at::mm_out(dw13_buf.defined() ? dw13_buf : dw13e, dh.t(), xr);
-        if (dw13_buf.defined()) dw13e.copy_(dw13_buf);
+        at::mm_out(convert ? dw13_buf[t] : dw13e, dh.t(), xr);
+        if (convert) dw13e.copy_(dw13_buf[t]);
         at::mm_out(dxr, dh, w13[e]);
-        start += n;
-    }
+    });
 }
 
 // -> (dx [N, d], drw [R], dw13 [E, 2I, d], dw2 [E, d, I]); dw13, dw2 in weight_grad_dtype

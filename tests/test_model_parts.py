@@ -367,6 +367,9 @@ def test_training_under_bf16_autocast_takes_the_bmm_attention(monkeypatch):
     with torch.no_grad():  # fp32 keeps torch's SDPA: the path checked against transformers
         model(x, targets=x)
     assert len(calls) == layers
+    monkeypatch.setattr(attention, "BMM_ATTENTION_MAX_LEN", 512)
+    monkeypatch.setattr(attention, "BMM_ATTENTION_MAX_SCORES", 2 * 4 * 23 * 23 - 1)  # MTP: 23 rows
+    assert abs(loss_and_grads()[0] - sdpa_loss) < 1e-6 and len(calls) == layers
 
 
 def test_linear_cross_entropy_equals_cross_entropy_with_gradients():

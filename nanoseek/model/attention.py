@@ -38,10 +38,14 @@ from nanoseek.model.rope import apply_rope, rope_permutations, rotate_folded, so
 # torch's flash kernel (forward + backward, small's 4 heads of 64: 2.4x at 128 tokens, 1.8x
 # at 256, 1.4x at 512; slower from ~1024, where the T x T scores also start to weigh).
 BMM_ATTENTION_MAX_LEN = 512
+# ... and while a layer's bf16 scores [B, H, T, T] (kept for the backward) stay under 128 MB
+BMM_ATTENTION_MAX_SCORES = 1 << 26
 
 
 def _bmm_attention_wins(q: torch.Tensor, T: int) -> bool:
     if q.device.type != "cpu" or not 1 < T <= BMM_ATTENTION_MAX_LEN:
+        return False
+    if q.shape[0] * q.shape[2] * T * T > BMM_ATTENTION_MAX_SCORES:
         return False
     if torch.is_autocast_enabled("cpu"):
         return torch.get_autocast_dtype("cpu") == torch.bfloat16

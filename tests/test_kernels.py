@@ -358,3 +358,26 @@ def test_expert_kernel_that_cannot_build_falls_back_with_a_warning(tmp_path, mon
     finally:
         experts_library.cache_clear()
         M._expert_kernel_builds.cache_clear()  # the next test builds or loads the real one
+
+
+def test_fused_expert_loop_runs_in_inference_mode_on_two_threads():
+    """The engine's prefill runs the model in inference mode: the threads the experts are
+    shared out to must run in it too (in-place writes to inference tensors fail outside)."""
+    from nanoseek.model import moe as M
+
+    torch.manual_seed(3)
+    layer = M.MoE(nanoseek.get_preset("tiny"))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(64, layer.gate.weight.shape[1])
+    assert M._expert_loop(x, torch.float32) is M._FusedExpertLoop
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                outs.append(layer(x))
+    finally:
+        torch.set_num_threads(before)
+    assert (outs[0] - outs[1]).abs().max() <= 1e-6 * outs[0].abs().max()

@@ -19,6 +19,7 @@
  */
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <immintrin.h>
 #include <sleef.h>
 #include <torch/library.h>
@@ -169,8 +170,11 @@ void for_each_expert(at::IntArrayRef sizes, F&& body) {
         for (int64_t e = 0; e < E; e++) body(e, starts[e], sizes[e], 0);
         return;
     }
+    // a worker thread does not inherit the caller's thread-local state (grad mode, inference
+    // mode: in-place writes to inference tensors fail outside it): hand it over
+    const at::ThreadLocalState caller;
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-        at::NoGradGuard no_grad;  // a worker thread does not inherit the caller's grad mode
+        at::ThreadLocalStateGuard guard(caller);
         for (int64_t t = t0; t < t1; t++)
             for (int64_t e = 0; e < E; e++)
                 if (std::min(T - 1, starts[e] * T / R) == t) body(e, starts[e], sizes[e], t);

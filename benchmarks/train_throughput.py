@@ -9,7 +9,8 @@ Both sides: random tokens, AdamW, gradient clipping, bf16 autocast where the har
 native bf16 matmul (else fp32). `transformers` has no MTP, so nanoseek is timed twice: with
 MTP off (the same model work) and with MTP on (what `nanoseek train` runs). MFU uses each
 side's own matmul FLOPs per token over this machine's measured matmul peak for the dtype.
---compile adds nanoseek under torch.compile (the warm-up steps absorb the compilation);
+--compile adds nanoseek under torch.compile, MTP off and on (the warm-up steps absorb the
+compilation);
 --twin PRESET adds nanoseek's step for a second preset (MoE against its dense twin, in the
 same run). --python-experts adds the preset's step with its experts in the Python loop
 (`moe._ExpertLoop`): on CPU nanoseek runs them in C++ (`moe._FusedExpertLoop`).
@@ -134,6 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     specs.append(
         ("nanoseek (MTP off: same work)", lambda: nanoseek_step(cfg, x, y, autocast, 0.0), fpt)
     )
+    if args.compile:
+        specs.append(
+            (
+                "nanoseek (MTP off, compiled)",
+                lambda: nanoseek_step(cfg, x, y, autocast, 0.0, compile=True),
+                fpt,
+            )
+        )
     for preset in [args.preset] + ([args.twin] if args.twin else []):
         c = get_preset(preset)
         for compiled in [False] + ([True] if args.compile else []):
@@ -144,10 +153,10 @@ def main(argv: list[str] | None = None) -> None:
             label = f"nanoseek {preset} (MTP on, Python expert loop)"
             make = functools.partial(nanoseek_step, c, x, y, autocast, 0.3, expert_kernel=False)
             specs.append((label, make, flops_per_token(c, args.seq_len)))
-    if args.twin and args.compile:
+    if args.compile:
         import torch._dynamo as dynamo
 
-        dynamo.config.cache_size_limit = 64  # two models compiled in one process
+        dynamo.config.cache_size_limit = 64  # several models compiled in one process
     seconds = []
     if tuned:  # glibc's defaults first, alone (the setting cannot be undone)
         seconds.append(time_steps(hf(), args.warmup, args.steps))

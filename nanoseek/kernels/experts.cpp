@@ -227,7 +227,7 @@ void backward_loop(const at::Tensor& dys, const at::Tensor& xs, const at::Tensor
     // buffer too and are converted while in cache, not in one cold pass afterwards
     const bool convert = dw13.scalar_type() != xs.scalar_type();
     std::vector<at::Tensor> daw_buf, dh_buf, dw13_buf, dw2_buf;
-    for (int64_t t = 0; t < expert_threads(sizes); t++) {
+    for (int64_t t = 0, threads = expert_threads(sizes); t < threads; t++) {
         daw_buf.push_back(at::empty({most, I}, xs.options()));
         dh_buf.push_back(at::empty({most, 2 * I}, xs.options()));
         if (convert) {

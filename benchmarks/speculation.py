@@ -6,9 +6,9 @@ turn), medians over rounds x prompts.
                                      [--prompts 4] [--tokens 64] [--threads 1,2] [--eager]
                                      [--quantize int8]
 
-Modes: plain; one and two lookup drafts (`lookup_drafts`: what followed the last time the
-same two tokens appeared); with an MTP module, its draft alone and its draft then one
-lookup draft (`speculative=True`). Greedy; every mode's tokens are checked against plain
+Modes: plain; 1, 2, 4 and 8 lookup drafts (`lookup_drafts`: what followed the last time the
+same two tokens appeared, copied on as a loop); with an MTP module, its draft alone and its
+draft then 1 or 3 lookup drafts (`speculative=True`). Greedy; every mode's tokens are checked against plain
 decoding's. Prompts are 16 tokens of the stdlib corpus (as benchmarks/decode.py's).
 """
 
@@ -26,14 +26,12 @@ from nanoseek.utils import format_table
 
 
 def modes(has_mtp: bool) -> dict[str, dict]:
-    out = {
-        "plain": {},
-        "1 lookup draft": {"lookup_drafts": 1},
-        "2 lookup drafts": {"lookup_drafts": 2},
-    }
+    out = {"plain": {}, "1 lookup draft": {"lookup_drafts": 1}}
+    out |= {f"{k} lookup drafts": {"lookup_drafts": k} for k in (2, 4, 8)}
     if has_mtp:
         out["MTP draft"] = {"speculative": True, "lookup_drafts": 0}
-        out["MTP draft + 1 lookup"] = {"speculative": True}
+        out["MTP draft + 1 lookup"] = {"speculative": True, "lookup_drafts": 1}
+        out["MTP draft + 3 lookups"] = {"speculative": True, "lookup_drafts": 3}
     return out
 
 
@@ -46,6 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument(
+        "--batch",
+        default="1",
+        help="batch sizes, e.g. 1,8,16: each mode with B prompts at once, a fresh engine per B",
+    )
     ap.add_argument("--eager", action="store_true", help="eager engines (default: compiled)")
     ap.add_argument("--quantize", choices=["int8"], help="every engine with int8 weights")
     args = ap.parse_args(argv)
@@ -53,48 +56,73 @@ def main(argv: list[str] | None = None) -> None:
     if not (ckpt / "config.json").exists():
         raise SystemExit(f"no checkpoint at {ckpt}: run `make run` first, or pass --ckpt")
     model = Engine.load(ckpt).model
-    prompts = prompt_maker(ckpt, model.config.vocab_size)(args.prompts).tolist()
     n, threads = args.tokens, [int(t) for t in args.threads.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
+    prompts = prompt_maker(ckpt, model.config.vocab_size)(max(args.prompts, *batches)).tolist()
     kind = {"compile": not args.eager, "quantize": args.quantize}
     engines = {
-        name: Engine(model, max_batch=1, max_len=16 + n + 8, adaptive=True, **kind, **kw)
+        (B, name): Engine(model, max_batch=B, max_len=16 + n + 16, adaptive=True, **kind, **kw)
+        for B in batches
         for name, kw in modes(bool(model.mtp)).items()
     }
+    # batch 1: each of --prompts prompts alone; batch B: the first B prompts together
+    runs = {B: [[i] for i in range(args.prompts)] if B == 1 else [list(range(B))] for B in batches}
     speeds: dict = {}
     tokens: dict = {}
     for r in range(args.rounds):
         for T in threads:
             torch.set_num_threads(T)
-            for name, eng in engines.items():
-                for i, p in enumerate(prompts):
+            for (B, name), eng in engines.items():
+                for run in runs[B]:
                     got: list = []
-                    speeds.setdefault((T, name), []).append(ns_run(eng, [p], n, got)[1])
-                    tokens.setdefault((name, i), got[0])
+                    tps = ns_run(eng, [prompts[i] for i in run], n, got)[1]
+                    speeds.setdefault((T, B, name), []).append(tps)
+                    for i, ids in zip(run, got, strict=True):
+                        tokens.setdefault((B, name, i), ids)
             print(f"  round {r + 1}/{args.rounds} done", flush=True)
     rows = []
-    for T in threads:
-        base = statistics.median(speeds[(T, "plain")])
-        for name, eng in engines.items():
-            tps = statistics.median(speeds[(T, name)])
-            same = all(tokens[(name, i)] == tokens[("plain", i)] for i in range(len(prompts)))
-            st = eng.spec_stats
-            acc = f"{st.acceptance:.0%}" if eng.drafting else ""
-            per = f"{(st.steps + st.accepted) / st.steps:.2f}" if st.steps else ""
-            rows.append(
-                (T, name, f"{tps:,.0f}", f"{tps / base:.2f}x", acc, per, "yes" if same else "NO")
-            )
+    for B in batches:
+        for T in threads:
+            base = statistics.median(speeds[(T, B, "plain")])
+            for (b, name), eng in engines.items():
+                if b != B:
+                    continue
+                tps = statistics.median(speeds[(T, B, name)])
+                same = all(
+                    tokens[(B, name, i)] == tokens[(B, "plain", i)] for run in runs[B] for i in run
+                )
+                st = eng.spec_stats  # over all rounds and thread counts
+                acc = f"{st.acceptance:.0%}" if eng.drafting else ""
+                # per sequence: exact at batch 1; at B, as if every step held all B
+                per = f"{1 + st.accepted / B / st.steps:.2f}" if st.steps else ""
+                drafted = f"{st.steps}/{st.steps + st.plain_steps}" if eng.drafting else ""
+                rows.append(
+                    (
+                        B,
+                        T,
+                        name,
+                        f"{tps:,.0f}",
+                        f"{tps / base:.2f}x",
+                        acc,
+                        per,
+                        drafted,
+                        "yes" if same else "NO",
+                    )
+                )
     print(
-        f"\nspeculative decoding at batch 1, {ckpt}, {'eager' if args.eager else 'compiled'}, "
-        f"{args.quantize or 'fp32'}, greedy, prompt 16, {n} new tokens; medians of {args.rounds} rounds x "
-        f"{len(prompts)} prompts, modes interleaved"
+        f"\nspeculative decoding, {ckpt}, {'eager' if args.eager else 'compiled'}, "
+        f"{args.quantize or 'fp32'}, greedy, prompt 16, {n} new tokens; medians of {args.rounds} "
+        f"rounds (x {args.prompts} prompts at batch 1), modes interleaved; adaptive drafting"
     )
     header = (
+        "batch",
         "threads",
         "drafts",
         "tok/s",
         "vs plain",
         "acceptance",
         "tokens a verify step",
+        "steps drafted",
         "tokens = plain",
     )
     print(format_table(rows, header=header))

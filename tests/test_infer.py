@@ -220,19 +220,25 @@ def test_verify_accepts_the_leading_run_of_right_drafts():
 
 def test_lookup_drafts_repeat_the_sequence():
     """The lookup proposes what followed the latest earlier occurrence of a token pair (the
-    last two tokens, or the last token and the MTP draft); its index grows with the
-    sequence."""
+    last two tokens, or the last token and the MTP draft), copied on past the end of the text
+    as a loop; its index grows with the sequence."""
     from nanoseek.infer.scheduler import Sequence
 
     seq = Sequence(prompt_ids=[5, 6, 7, 8, 5, 6, 9], params=GREEDY)
-    assert seq.last_pair == (6, 9) and seq.lookup(seq.last_pair, 2) == []
-    assert seq.lookup((9, 6), 2) == []  # (last token, a draft): never occurred
-    seq.output_ids = [5, 6]  # (5, 6) last followed by 9 at index 6; (6, 9) once, by 5
-    assert seq.lookup((5, 6), 1) == [9] and seq.lookup((5, 6), 3) == [9, 5, 6]
-    assert seq.lookup((6, 9), 1) == [5]
-    assert seq.lookup(seq.last_pair, 4) == [9, 5, 6]  # up to the end
-    assert seq.indexed == 9
+    assert seq.last_pair == (6, 9) and seq.lookup(2) == []
+    assert seq.lookup(2, draft=6) == []  # (last token, a draft) = (9, 6): never occurred
+    seq.output_ids = [1, 5, 6]  # (5, 6) last followed by 9 at index 6
+    assert seq.lookup(1) == [9] and seq.lookup(3) == [9, 1, 5]
+    # past the end the copy repeats the loop since the match: 9 1 5 6 | 9 1 5 6 | 9
+    assert seq.lookup(9) == [9, 1, 5, 6, 9, 1, 5, 6, 9]
+    # with the MTP draft 9 after the last token 6: (6, 9) followed by 1; the loop 1 5 6 9
+    assert seq.lookup(1, draft=9) == [1] and seq.lookup(6, draft=9) == [1, 5, 6, 9, 1, 5]
+    assert seq.lookup(3, draft=7) == [8, 5, 6]  # (6, 7) at the start: no loop, no copying on
+    assert seq.indexed == 10
     assert Sequence(prompt_ids=[4], params=GREEDY).last_pair == (4, 4)
+    loop = Sequence(prompt_ids=[3, 3], params=GREEDY)  # (3, 3) followed by 3 nowhere yet
+    loop.output_ids = [3]
+    assert loop.lookup(4) == [3, 3, 3, 3]  # a loop of one token
 
 
 def cycle_model(cycle: list[int]) -> nanoseek.Transformer:
@@ -301,6 +307,13 @@ def test_lookup_drafts_alone_need_no_mtp(plain):
     mixed = Engine(m, lookup_drafts=3)  # adaptive: a seeded sampled row pins its batch
     got = mixed.generate([repeat, [3, 4, 5]], [sp, seeded])
     assert got[0].token_ids == ref and got[1].token_ids == want
+    short = cycle_model([3, 9, 4])  # a loop of 3: the lookup copies it on for all 6 drafts
+    short.mtp = torch.nn.ModuleList()
+    loop = Engine(short, lookup_drafts=6, adaptive=False, plain=plain)
+    want = Engine(short).generate([[3, 9, 4, 3]], sp)[0].token_ids
+    assert loop.generate([[3, 9, 4, 3]], sp)[0].token_ids == want
+    st = loop.spec_stats
+    assert st.accepted == st.drafted and st.steps == -(-24 // 7)  # 7 tokens a step
     fresh = Engine(m, lookup_drafts=2, adaptive=False)
     fresh.generate([[11, 12]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert fresh.spec_stats.steps == 0 and fresh.spec_stats.plain_steps == 2  # nothing to look up
@@ -535,6 +548,11 @@ def test_compiled_decode_matches_eager(dispatch, gather, monkeypatch):
         la, lc = (r.logits(r.forward(tok, pos, 0)) for r in runners)
         assert (la - lc).abs().max() < 1e-4, (la - lc).abs().max()
         tok = la[:, -1].argmax(-1, keepdim=True)
+    # a verify step of 8 drafts (9 positions a row) is compiled too
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    pos = torch.arange(25, 34).expand(2, 9)
+    la, lc = (r.logits(r.forward(ids, pos, 0)) for r in runners)
+    assert (la - lc).abs().max() < 1e-4, (la - lc).abs().max()
     prompts = [[3, 4, 5, 6], [7, 8, 9]]
     ref = [c.token_ids for c in Engine(m).generate(prompts, GREEDY)]
     got = Engine(m, compile=True, speculative=True, dispatch=dispatch).generate(prompts, GREEDY)

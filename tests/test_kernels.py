@@ -47,12 +47,19 @@ def test_gemm_f32_equals_torch(M, K, N):
     assert torch.equal(mm(xl, wf), xl @ w.t())
 
 
-def test_moe_f32_equals_a_per_token_reference():
+@pytest.mark.parametrize("T", [3, 13])
+def test_moe_f32_equals_a_per_token_reference(T):
+    """The kernel groups the (token, expert) pairs by expert, up to 8 rows a pass over its
+    weights: with 13 tokens expert 0 has 11 pairs (a pass of 8 rows, then 3) and expert 3
+    has 9 (8, then 1); an index past the experts is refused."""
     torch.manual_seed(1)
-    E, I, d, T, k = 6, 32, 64, 3, 2
+    E, I, d, k = 6, 32, 64, 2
     W13, W2 = torch.randn(E, 2 * I, d), torch.randn(E, d, I)
     x, weights = torch.randn(T, d), torch.rand(T, k)
     idx = torch.tensor([[0, 5], [2, 2], [4, 1]])  # an expert chosen twice by one token
+    if T > 3:
+        idx = torch.cat([idx, torch.tensor([[0, 3]] * 10)])  # expert 0: 11 pairs, 3: 10
+        idx[-1, 1] = 5
     got = torch.ops.nanoseek.moe_f32(x, weights, idx, W13.flatten(0, 1), W2.flatten(0, 1))
     want = torch.zeros(T, d)
     for t in range(T):
@@ -60,6 +67,8 @@ def test_moe_f32_equals_a_per_token_reference():
             g, u = (W13[idx[t, j]] @ x[t]).chunk(2)
             want[t] += weights[t, j] * (W2[idx[t, j]] @ (F.silu(g) * u))
     assert (got - want).abs().max() < 1e-5 * want.abs().max()
+    with pytest.raises(IndexError, match="out of range"):
+        torch.ops.nanoseek.moe_f32(x, weights, idx + E, W13.flatten(0, 1), W2.flatten(0, 1))
 
 
 def test_fp32_kernels_decode_what_mkl_decodes():

@@ -209,7 +209,8 @@ class Engine:
         rows and prefills only the rest (see infer/prefix.py).
         `adaptive` (with drafts): draft only while it pays (SpecPolicy); False drafts
         every step. `lookup_drafts`: tokens drafted by looking up the sequence's own text
-        (what followed the last time the same two tokens appeared; greedy requests only).
+        (what followed the last time the same two tokens appeared, copied on as a loop past
+        the end of the text; greedy requests only).
         None (default): 1 with speculative, after the MTP draft (0: the MTP draft alone),
         else 0. K > 0 without speculative: prompt lookup decoding alone, K drafts a step, no
         MTP module needed (README: lookup drafts).
@@ -537,10 +538,10 @@ class Engine:
         ids, valid = [], []
         for s in seqs:
             if mtp:
-                look = s.lookup((s.last_token, s.draft), E) if E and s.params.greedy else []
+                look = s.lookup(E, s.draft) if E and s.params.greedy else []
                 drafts = [s.draft, *look]
             else:
-                drafts = s.lookup(s.last_pair, E) if s.params.greedy else []
+                drafts = s.lookup(E) if s.params.greedy else []
             pad = [s.last_token] * (K - len(drafts))  # never accepted (valid False)
             ids.append([s.last_token, *drafts, *pad])
             valid.append([True] * len(drafts) + [False] * len(pad))

@@ -27,7 +27,7 @@ from nanoseek.model.moe import MoE
 from nanoseek.model.quant import F32_KERNEL_MIN_BYTES, kernel_folded, mm
 from nanoseek.model.transformer import Transformer
 
-MAX_COMPILED_T = 4  # positions per row in a compiled step: a decode step 1, a verify step 2-4
+MAX_COMPILED_T = 16  # positions per row in a compiled step: a decode step 1, a verify step 2-16
 
 
 class ModelRunner:

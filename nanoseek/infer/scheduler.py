@@ -60,10 +60,13 @@ class Sequence:
             tail = self.prompt_ids[len(tail) - 2 :] + tail
         return tail[0], tail[-1]
 
-    def lookup(self, key: tuple[int, int], k: int) -> list[int]:
-        """Up to k tokens that followed the latest occurrence of the token pair `key` in the
-        sequence (prompt lookup decoding: the engine's lookup drafts). The pair index grows
-        with the sequence, so a call costs O(new tokens), not O(length)."""
+    def lookup(self, k: int, draft: int | None = None) -> list[int]:
+        """k tokens drafted by prompt lookup: what followed the latest earlier occurrence of
+        the last token pair (the last token and the MTP `draft` for the token after it, when
+        given), copied on past the end of the text as a repeat of what came since: in a loop
+        of p tokens the match lies p back, and the loop's own continuation drafts all k
+        (an overlapping copy, as LZ77's). Empty when the pair has not occurred. The pair
+        index grows with the sequence, so a call costs O(new tokens + k), not O(length)."""
         P, out = self.prompt_ids, self.output_ids
         n = len(P) + len(out)
 
@@ -74,8 +77,13 @@ class Sequence:
         for j in range(max(self.indexed, 2), n):
             self.follows[(tok(j - 2), tok(j - 1))] = j
         self.indexed = n
-        j = self.follows.get(key)
-        return [] if j is None else [tok(i) for i in range(j, min(j + k, n))]
+        j = self.follows.get(self.last_pair if draft is None else (self.last_token, draft))
+        if j is None:
+            return []
+        past = [] if draft is None else [draft]  # the text from index n on, as drafted
+        for i in range(j, j + k):  # j < n, so past[i - n] is always written already
+            past.append(tok(i) if i < n else past[i - n])
+        return past[len(past) - k :]
 
     @property
     def finished(self) -> bool:

@@ -9,7 +9,7 @@
  * bytes; MKL's fp32 matmuls run these one-row shapes at about half the bandwidth. One-row
  * products keep four accumulators (an FMA's latency would otherwise bound the loop); K must
  * be a multiple of 8. The work is split over torch's intra-op threads (at::parallel_for)
- * by output rows (gemm) or by (token, expert) pair (moe); every output is computed the same
+ * by output rows (gemm) or by groups of pairs with one expert (moe); every output is computed the same
  * way whatever the split, so results do not depend on the thread count. Registered from
  * C++, a call costs no Python: a compiled decode step calls them from its C++ wrapper.
  */
@@ -57,30 +57,53 @@ float dot1(const float* x, const W* w, int64_t K) {
     return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
+// y[0:MB, n0:n1] for MB rows of x, NB weight rows at a time: MB * NB independent
+// accumulators, all in registers (the counts are compile-time), so the FMAs' latency is
+// hidden and each x load serves NB weight rows (a loop over a runtime row count kept its
+// accumulators in memory: 2-3 rows ran at about one row's speed)
+template <int MB, int NB, typename W>
+void gemm_block(const float* x, int64_t ldx, int64_t K, const W* w, const float* scale,
+                int64_t n0, int64_t n1, float* y, int64_t ldy) {
+    int64_t n = n0;
+    for (; n + NB <= n1; n += NB) {
+        __m256 acc[NB][MB];
+        for (int j = 0; j < NB; j++)
+            for (int m = 0; m < MB; m++) acc[j][m] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k += 8) {
+            __m256 xv[MB];
+            for (int m = 0; m < MB; m++) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
+            for (int j = 0; j < NB; j++) {
+                __m256 wv = load8(w + (n + j) * K + k);
+                for (int m = 0; m < MB; m++) acc[j][m] = _mm256_fmadd_ps(wv, xv[m], acc[j][m]);
+            }
+        }
+        for (int j = 0; j < NB; j++) {
+            float s = scale ? scale[n + j] : 1.0f;
+            for (int m = 0; m < MB; m++) y[m * ldy + n + j] = hsum(acc[j][m]) * s;
+        }
+    }
+    if (n < n1) gemm_block<MB, 1>(x, ldx, K, w, scale, n, n1, y, ldy);
+}
+
 // y [M, n0:n1] (row stride ldy) = x [M, K] (row stride ldx) times w[n0:n1]^T
 template <typename W>
 void gemm_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const W* w,
                const float* scale, int64_t n0, int64_t n1, float* y, int64_t ldy) {
     for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
-        int64_t mb = std::min<int64_t>(M - m0, MAX_ROWS);
         const float* xb = x + m0 * ldx;
         float* yb = y + m0 * ldy;
-        if (mb == 1) {
-            for (int64_t n = n0; n < n1; n++)
-                yb[n] = dot1(xb, w + n * K, K) * (scale ? scale[n] : 1.0f);
-            continue;
-        }
-        for (int64_t n = n0; n < n1; n++) {
-            const W* row = w + n * K;
-            __m256 acc[MAX_ROWS];
-            for (int64_t m = 0; m < mb; m++) acc[m] = _mm256_setzero_ps();
-            for (int64_t k = 0; k < K; k += 8) {
-                __m256 wv = load8(row + k);
-                for (int64_t m = 0; m < mb; m++)
-                    acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xb + m * ldx + k), acc[m]);
-            }
-            float s = scale ? scale[n] : 1.0f;
-            for (int64_t m = 0; m < mb; m++) yb[m * ldy + n] = hsum(acc[m]) * s;
+        switch (std::min<int64_t>(M - m0, MAX_ROWS)) {
+            case 1:
+                for (int64_t n = n0; n < n1; n++)
+                    yb[n] = dot1(xb, w + n * K, K) * (scale ? scale[n] : 1.0f);
+                break;
+            case 2: gemm_block<2, 4>(xb, ldx, K, w, scale, n0, n1, yb, ldy); break;
+            case 3: gemm_block<3, 3>(xb, ldx, K, w, scale, n0, n1, yb, ldy); break;
+            case 4: gemm_block<4, 2>(xb, ldx, K, w, scale, n0, n1, yb, ldy); break;
+            case 5: gemm_block<5, 2>(xb, ldx, K, w, scale, n0, n1, yb, ldy); break;
+            case 6: gemm_block<6, 1>(xb, ldx, K, w, scale, n0, n1, yb, ldy); break;
+            case 7: gemm_block<7, 1>(xb, ldx, K, w, scale, n0, n1, yb, ldy); break;
+            default: gemm_block<8, 1>(xb, ldx, K, w, scale, n0, n1, yb, ldy); break;
         }
     }
 }
@@ -115,10 +138,14 @@ at::Tensor gemm(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor* sc
     return y;
 }
 
-// Routed experts for a few tokens, each (token, expert) pair read in place:
+// Routed experts for a few tokens:
 //   out[t] = sum_j weight[t, j] * W2_e (silu(W1_e x_t) * (W3_e x_t)), e = idx[t, j]
-// w13: [E * 2I, d] (per expert I rows of w1 then I rows of w3), w2: [E * d, I]. Each pair
-// writes its own row of `part`; the pairs of a token are then summed in order.
+// w13: [E * 2I, d] (per expert I rows of w1 then I rows of w3), w2: [E * d, I]. The (token,
+// expert) pairs are grouped by expert, in order, and each group of up to MAX_ROWS pairs reads
+// its expert's weights in place once for all its rows: a verify step's positions, or a
+// batch's tokens, that share an expert share the read (9 positions of `small` hold ~20
+// distinct experts among their 36 pairs). Each pair writes its own row of `part`; the pairs
+// of a token are then summed in order. The groups do not depend on the thread count.
 template <typename W>
 at::Tensor moe(const at::Tensor& x_, const at::Tensor& weights_, const at::Tensor& idx_,
                const at::Tensor& w13_, const at::Tensor* s13_, const at::Tensor& w2_,
@@ -129,8 +156,9 @@ at::Tensor moe(const at::Tensor& x_, const at::Tensor& weights_, const at::Tenso
     at::Tensor w13 = w13_.contiguous(), w2 = w2_.contiguous();
     at::Tensor s13 = s13_ ? s13_->contiguous() : at::Tensor();
     at::Tensor s2 = s2_ ? s2_->contiguous() : at::Tensor();
-    int64_t T = x.size(0), d = x.size(1), k = idx.size(1), I = w2.size(1);
-    at::Tensor part = at::empty({T * k, d}, x.options());
+    int64_t T = x.size(0), d = x.size(1), k = idx.size(1), I = w2.size(1), P = T * k;
+    int64_t E = w13.size(0) / (2 * I);
+    at::Tensor part = at::empty({P, d}, x.options());
     const float* xp = x.data_ptr<float>();
     const int64_t* ip = idx.data_ptr<int64_t>();
     const float* wtp = weights.data_ptr<float>();
@@ -139,22 +167,41 @@ at::Tensor moe(const at::Tensor& x_, const at::Tensor& weights_, const at::Tenso
     const float* s13p = s13_ ? s13.data_ptr<float>() : nullptr;
     const float* s2p = s2_ ? s2.data_ptr<float>() : nullptr;
     float* pp = part.data_ptr<float>();
-    at::parallel_for(0, T * k, 1, [&](int64_t p0, int64_t p1) {
-        std::vector<float> h(3 * I);
-        float* a = h.data() + 2 * I;
-        for (int64_t p = p0; p < p1; p++) {
-            int64_t t = p / k, e = ip[p];
-            float wt = wtp[p];
-            gemm_rows(xp + t * d, d, 1, d, w13p + e * 2 * I * d, s13p ? s13p + e * 2 * I : nullptr,
+    // the pairs sorted by expert (a counting sort, stable), cut into groups of <= MAX_ROWS
+    std::vector<int64_t> starts(E + 1, 0), order(P);
+    for (int64_t p = 0; p < P; p++) {
+        TORCH_CHECK_INDEX(ip[p] >= 0 && ip[p] < E, "expert index ", ip[p], " out of range");
+        starts[ip[p] + 1]++;
+    }
+    for (int64_t e = 0; e < E; e++) starts[e + 1] += starts[e];
+    std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
+    for (int64_t p = 0; p < P; p++) order[fill[ip[p]]++] = p;
+    std::vector<int64_t> groups;  // the first sorted pair of each group, then P
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t g = starts[e]; g < starts[e + 1]; g += MAX_ROWS) groups.push_back(g);
+    const int64_t G = groups.size();
+    groups.push_back(P);
+    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+        std::vector<float> xb(MAX_ROWS * d), h(MAX_ROWS * 2 * I), a(MAX_ROWS * I), y(MAX_ROWS * d);
+        for (int64_t g = g0; g < g1; g++) {
+            const int64_t first = groups[g], n = groups[g + 1] - first, e = ip[order[first]];
+            for (int64_t r = 0; r < n; r++)
+                std::copy_n(xp + order[first + r] / k * d, d, xb.data() + r * d);
+            gemm_rows(xb.data(), d, n, d, w13p + e * 2 * I * d, s13p ? s13p + e * 2 * I : nullptr,
                       0, 2 * I, h.data(), 2 * I);
-            for (int64_t i = 0; i < I; i++) {
-                float g = h[i];
-                a[i] = g / (1.0f + expf(-g)) * h[I + i];
+            for (int64_t r = 0; r < n; r++)
+                for (int64_t i = 0; i < I; i++) {
+                    float gt = h[r * 2 * I + i];
+                    a[r * I + i] = gt / (1.0f + expf(-gt)) * h[r * 2 * I + I + i];
+                }
+            gemm_rows(a.data(), I, n, I, w2p + e * d * I, s2p ? s2p + e * d : nullptr, 0, d,
+                      y.data(), d);
+            for (int64_t r = 0; r < n; r++) {
+                const int64_t p = order[first + r];
+                const float wt = wtp[p];
+                float* o = pp + p * d;
+                for (int64_t c = 0; c < d; c++) o[c] = wt * y[r * d + c];
             }
-            const W* w = w2p + e * d * I;
-            const float* s = s2p ? s2p + e * d : nullptr;
-            float* o = pp + p * d;
-            for (int64_t c = 0; c < d; c++) o[c] = wt * dot1(a, w + c * I, I) * (s ? s[c] : 1.0f);
         }
     });
     at::Tensor out = at::empty({T, d}, x.options());

@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from nanoseek.config import ModelConfig
 from nanoseek.kernels import KernelError, cpu_supported, experts_library
 from nanoseek.model.norm import RMSNorm
-from nanoseek.model.quant import experts_mm, kernel_rows, mm
+from nanoseek.model.quant import experts_mm, mm
 
 PAD = 64  # rows: expert slices are padded to a multiple of this (see Experts.forward)
 DENSE_EXPERTS_MAX_BYTES = 1 << 20  # "auto": experts this small run as one dense matmul
@@ -536,8 +536,8 @@ class MoE(nn.Module):
             weights, idx, _ = self.gate.route(x.float() @ f.gate)
             few = idx.numel() <= GATHER_PAIRS_PER_EXPERT * self.n_experts
             kernel = f.experts_kernel
-            if kernel is not None and few and N <= kernel_rows(kernel[0]):
-                # the kernels read each chosen expert in place
+            if kernel is not None and few:
+                # the kernels read each chosen expert in place, once for all its rows
                 out = experts_mm(x, weights.to(x.dtype), idx, kernel)
             elif f.dispatch != "sorted" and torch.compiler.is_compiling():
                 out = self._compiled(x, weights, idx)

@@ -9,9 +9,10 @@
  * bytes; MKL's fp32 matmuls run these one-row shapes at about half the bandwidth. One-row
  * products keep four accumulators (an FMA's latency would otherwise bound the loop); K must
  * be a multiple of 8. The work is split over torch's intra-op threads (at::parallel_for)
- * by output rows (gemm) or by groups of pairs with one expert (moe); every output is computed the same
- * way whatever the split, so results do not depend on the thread count. Registered from
- * C++, a call costs no Python: a compiled decode step calls them from its C++ wrapper.
+ * by output rows (gemm) or by groups of (token, expert) pairs with one expert (moe); every
+ * output is computed the same way whatever the split, so results do not depend on the
+ * thread count. Registered from C++, a call costs no Python: a compiled decode step calls
+ * them from its C++ wrapper.
  */
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -141,11 +142,12 @@ at::Tensor gemm(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor* sc
 // Routed experts for a few tokens:
 //   out[t] = sum_j weight[t, j] * W2_e (silu(W1_e x_t) * (W3_e x_t)), e = idx[t, j]
 // w13: [E * 2I, d] (per expert I rows of w1 then I rows of w3), w2: [E * d, I]. The (token,
-// expert) pairs are grouped by expert, in order, and each group of up to MAX_ROWS pairs reads
-// its expert's weights in place once for all its rows: a verify step's positions, or a
-// batch's tokens, that share an expert share the read (9 positions of `small` hold ~20
-// distinct experts among their 36 pairs). Each pair writes its own row of `part`; the pairs
-// of a token are then summed in order. The groups do not depend on the thread count.
+// expert) pairs are grouped by expert, in order, and each group of up to MAX_ROWS pairs
+// reads its expert's weights in place once for all its rows: a verify step's positions, or
+// a batch's tokens, that share an expert share the read (9 positions of `small`, routed at
+// random, hold ~21 distinct experts among their 36 pairs). Each pair writes its own row of
+// `part`; the pairs of a token are then summed in order. The groups do not depend on the
+// thread count.
 template <typename W>
 at::Tensor moe(const at::Tensor& x_, const at::Tensor& weights_, const at::Tensor& idx_,
                const at::Tensor& w13_, const at::Tensor* s13_, const at::Tensor& w2_,

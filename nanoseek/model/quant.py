@@ -10,7 +10,8 @@ nearest; activations stay fp32: weight-only) for the int8 kernel, a quarter of t
 for more than KERNEL_ROWS rows (a long prompt's prefill) the weight is dequantized and MKL
 runs it. `kernel_folded` converts what every token reads: attention projections, dense
 MLPs, shared experts, the MTP module's projection and the head; and a MoE's routed experts
-(`experts_mm`: each chosen expert read in place; larger batches keep the grouped path).
+(`experts_mm`: each chosen expert read in place, once for the tokens that share it;
+larger batches keep the grouped path).
 The gate stays as it was, and so does a "dense"-folded MoE, whose matrix holds the gate,
 and any weight whose rows are not a multiple of 8 wide (the kernels read them 8 at a time).
 """
@@ -62,11 +63,6 @@ class Int8Weight:
 
     def dequantized(self) -> torch.Tensor:
         return self.q.float() * self.scale[:, None]
-
-
-def kernel_rows(w: F32Weight | Int8Weight) -> int:
-    """The most activation rows the kernel runs w for (more go to MKL)."""
-    return F32_KERNEL_ROWS if isinstance(w, F32Weight) else KERNEL_ROWS
 
 
 def mm(x: torch.Tensor, w: torch.Tensor | F32Weight | Int8Weight) -> torch.Tensor:

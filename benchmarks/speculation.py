@@ -1,15 +1,18 @@
-"""Speculative decoding at batch 1, side by side: each drafting mode against plain decoding
-of the same compiled engine kind, rounds interleaved (every mode decodes each prompt in
-turn), medians over rounds x prompts.
+"""Speculative decoding, side by side: each drafting mode against plain decoding of the
+same compiled engine kind, rounds interleaved (every mode decodes each prompt in turn),
+medians over rounds (x prompts at batch 1).
 
     python -m benchmarks.speculation [--ckpt runs/quickstart/ckpt] [--rounds 6]
-                                     [--prompts 4] [--tokens 64] [--threads 1,2] [--eager]
-                                     [--quantize int8]
+                                     [--prompts 4] [--tokens 64] [--threads 1,2]
+                                     [--batch 1[,8,16]] [--eager] [--quantize int8]
 
-Modes: plain; 1, 2, 4 and 8 lookup drafts (`lookup_drafts`: what followed the last time the
-same two tokens appeared, copied on as a loop); with an MTP module, its draft alone and its
-draft then 1 or 3 lookup drafts (`speculative=True`). Greedy; every mode's tokens are checked against plain
-decoding's. Prompts are 16 tokens of the stdlib corpus (as benchmarks/decode.py's).
+Modes: plain; 1, 2, 4 and 8 lookup drafts (`lookup_drafts`: what followed the last time
+the same two tokens appeared, copied on as a loop); with an MTP module, its draft alone and
+its draft then 1 or 3 lookup drafts (`speculative=True`). Every engine is adaptive (drafts
+only while it pays). Greedy; every mode's tokens are checked against plain decoding's.
+Prompts are 16 tokens of the stdlib corpus (as benchmarks/decode.py's). --batch B > 1 runs
+the first B prompts together, one fresh engine per batch size and mode; its "tokens a
+verify step" counts per sequence as if every verify step held all B (exact at batch 1).
 """
 
 from __future__ import annotations

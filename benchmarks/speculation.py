@@ -63,10 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(b) for b in args.batch.split(",")]
     prompts = prompt_maker(ckpt, model.config.vocab_size)(max(args.prompts, *batches)).tolist()
     kind = {"compile": not args.eager, "quantize": args.quantize}
+    drafting = modes(bool(model.mtp))
     engines = {
         (B, name): Engine(model, max_batch=B, max_len=16 + n + 16, adaptive=True, **kind, **kw)
         for B in batches
-        for name, kw in modes(bool(model.mtp)).items()
+        for name, kw in drafting.items()
     }
     # batch 1: each of --prompts prompts alone; batch B: the first B prompts together
     runs = {B: [[i] for i in range(args.prompts)] if B == 1 else [list(range(B))] for B in batches}
@@ -87,9 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     for B in batches:
         for T in threads:
             base = statistics.median(speeds[(T, B, "plain")])
-            for (b, name), eng in engines.items():
-                if b != B:
-                    continue
+            for name in drafting:
+                eng = engines[(B, name)]
                 tps = statistics.median(speeds[(T, B, name)])
                 same = all(
                     tokens[(B, name, i)] == tokens[(B, "plain", i)] for run in runs[B] for i in run

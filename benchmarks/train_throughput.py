@@ -41,6 +41,7 @@ from nanoseek.device import keep_freed_memory, resolve_dtype
 from nanoseek.model import Transformer, moe
 from nanoseek.train.balance import update_expert_bias
 from nanoseek.train.run import build_optimizer
+from nanoseek.train.runtime import Runtime
 from nanoseek.utils import format_table
 
 
@@ -58,12 +59,14 @@ def nanoseek_step(
     layers = model.moe_layers()
     forward = torch.compile(model) if compile else model
 
+    rt = Runtime(rank=0, world=1, local_rank=0, device=x.device, dtype=torch.float32)
+
     def step():
         moe.EXPERT_KERNEL = expert_kernel  # the rows' steps interleave: set it every step
         with autocast():
             out = forward(x, targets=y, mtp_weight=mtp_weight)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        rt.clip_grads(model, 1.0, opt)  # as `nanoseek train` clips: in the fused AdamW step
         opt.step()
         opt.zero_grad(set_to_none=True)
         if layers:

@@ -284,7 +284,8 @@ def _experts_step(moe, x, probe, bf16=False):
     return [out.detach().float(), xg.grad] + [p.grad for p in moe.parameters()]
 
 
-@pytest.mark.parametrize("inter", [32, 12])  # 12: the kernel's tail past 8 lanes
+# 12: a row shorter than a vector; 20: a vector (8 or 16 lanes) and a tail
+@pytest.mark.parametrize("inter", [32, 12, 20])
 @pytest.mark.parametrize("threads", [1, 2])  # 2: the experts shared out between the threads
 def test_fused_expert_loop_equals_the_python_loop(monkeypatch, inter, threads):
     """Training on CPU runs the experts in C++ (experts.cpp): the output and every gradient
@@ -390,3 +391,52 @@ def test_fused_expert_loop_runs_in_inference_mode_on_two_threads():
     finally:
         torch.set_num_threads(before)
     assert (outs[0] - outs[1]).abs().max() <= 1e-6 * outs[0].abs().max()
+
+
+@pytest.mark.parametrize("V", [300, 8197])  # 8197: a tail after the vectors
+def test_softmax_xent_equals_torch(V):
+    """loss.cpp on a chunk of logits: each row's loss is F.cross_entropy's and the row
+    becomes softmax - one_hot, in fp32 (to ~1e-6) and bf16 (the same probabilities, rounded
+    once: within one bf16 step); a target outside the vocabulary is refused."""
+    from nanoseek.kernels import loss_library
+
+    loss_library()
+    torch.manual_seed(0)
+    x, t = torch.randn(37, V) * 4, torch.randint(0, V, (37,))
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = x.to(dtype)
+        want_loss = F.cross_entropy(logits.float(), t, reduction="none")
+        want = logits.float().softmax(-1)
+        want[torch.arange(37), t] -= 1
+        got = logits.clone()
+        loss = torch.ops.nanoseek.softmax_xent_(got, t)
+        assert loss.dtype == torch.float32 and (loss - want_loss).abs().max() < 2e-5
+        if dtype == torch.float32:
+            assert (got - want).abs().max() < 1e-6
+        else:
+            err = (got.float() - want.to(dtype).float()).abs()
+            assert err.max() <= 2**-8 * want.abs().max()  # one bf16 step at the largest value
+            assert (err > 0).float().mean() < 0.01  # nearly every value rounds the same
+    with pytest.raises(RuntimeError, match="targets must lie"):
+        torch.ops.nanoseek.softmax_xent_(x.clone(), torch.full((37,), V))
+
+
+def test_loss_kernel_that_cannot_build_falls_back_with_a_warning(tmp_path, monkeypatch):
+    """Without a compiler, the loss says why once and runs in torch ops: the same value."""
+    from nanoseek.kernels import loss_library
+    from nanoseek.model import loss as L
+
+    h, w = torch.randn(20, 8), torch.randn(50, 8)
+    t = torch.randint(0, 50, (20,))
+    want = L.linear_cross_entropy(h, w, t)
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    loss_library.cache_clear()
+    L._kernel_builds.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="install a C\\+\\+ compiler.*torch ops"):
+            assert not L._use_kernel(h)
+        assert abs(L.linear_cross_entropy(h, w, t) - want) < 1e-5
+    finally:
+        loss_library.cache_clear()
+        L._kernel_builds.cache_clear()  # the next test builds or loads the real one

@@ -372,9 +372,17 @@ def test_training_under_bf16_autocast_takes_the_bmm_attention(monkeypatch):
     assert abs(loss_and_grads()[0] - sdpa_loss) < 1e-6 and len(calls) == layers
 
 
-def test_linear_cross_entropy_equals_cross_entropy_with_gradients():
+@pytest.mark.parametrize("kernel", [True, False])
+def test_linear_cross_entropy_equals_cross_entropy_with_gradients(kernel, monkeypatch):
+    """The chunked loss, its softmax in C++ (loss.cpp, on a CPU with AVX2) or in torch ops,
+    equals F.cross_entropy with its gradients."""
+    from nanoseek.kernels import cpu_supported
+    from nanoseek.model import loss as L
     from nanoseek.model.loss import CHUNK, linear_cross_entropy
 
+    if not kernel:
+        monkeypatch.setattr(L, "_use_kernel", lambda h: False)
+    assert L._use_kernel(torch.zeros(1)) == (kernel and cpu_supported())
     torch.manual_seed(0)
     N, d, V = 2 * CHUNK + 37, 16, 300  # a last chunk shorter than the rest (also in bf16)
     h0, w0 = torch.randn(N, d), torch.randn(V, d) * 0.3

@@ -152,6 +152,39 @@ def test_runtime_in_one_process(monkeypatch):
     assert torch.get_num_threads() == before  # the setting ends with the runtime
 
 
+def test_clipping_in_the_fused_adamw_step_equals_clip_grad_norm():
+    """On one process with torch's fused AdamW, clip_grads leaves the scaling to the
+    optimizer's step (its grad_scale): three steps give the parameters that clip_grad_norm_
+    then the step give, to rounding (a division for a multiplication), with the clip active
+    and idle, and the same norms; an idle clip clears the divisor a clipped step set."""
+    rt = Runtime(rank=0, world=1, local_rank=0, device=torch.device("cpu"), dtype=torch.float32)
+    x = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+    for max_norm in (0.05, 1e3):
+        runs = []
+        for fold in (True, False):
+            torch.manual_seed(0)
+            model = Transformer(get_preset("tiny")).train()
+            opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
+            norms = []
+            for _ in range(3):
+                model(x[:, :-1], targets=x[:, 1:]).loss.backward()
+                if fold:
+                    norms.append(rt.clip_grads(model, max_norm, opt))
+                    assert (opt.grad_scale is None) == (max_norm > norms[-1])
+                else:
+                    norms.append(
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+                    )
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            runs.append((norms, torch.cat([p.detach().flatten() for p in model.parameters()])))
+        (norms, folded), (want_norms, plain) = runs
+        assert norms == pytest.approx(want_norms, rel=1e-5)
+        assert (folded - plain).abs().max() < 1e-5 * plain.abs().max()
+    rt.clip_grads(model, 1e3, opt)  # an idle clip after a clipped step
+    assert opt.grad_scale is None
+
+
 _FAULTS = """
 import resource, sys, torch
 from nanoseek.device import keep_freed_memory

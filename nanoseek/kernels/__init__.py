@@ -6,6 +6,10 @@ torch's threads; ops nanoseek::gemm_f32, gemm_q8, moe_f32 and moe_q8.
 `experts.cpp`: the routed experts' training step on CPU, fp32 or bf16
 (`moe._FusedExpertLoop`): the per-expert matmuls with the SwiGLU and gate weight fused
 between them; ops nanoseek::experts_fwd and experts_bwd.
+`loss.cpp`: the cross-entropy's softmax on a chunk of logits, in place (`model/loss.py`);
+op nanoseek::softmax_xent_.
+The training kernels (experts, loss) are written with ATen's `at::vec`, so they are built for
+the widest vectors torch itself uses here (AVX-512 or AVX2).
 
 Each needs an x86 CPU with AVX2 and a C++ compiler (`c++`, or $CXX); a library is built
 against the installed torch once per source and torch version into ~/.cache/nanoseek (or
@@ -21,7 +25,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -56,18 +61,35 @@ def decode_library() -> Path:
 def experts_library() -> Path:
     """Build (on first use) and load experts.cpp: its path, or KernelError as decode_library.
     (Its ops run eagerly only: `Experts.sorted` is not traced by torch.compile.)"""
-    return _load("experts", probe="experts_fwd")
+    return _load("experts", probe="experts_fwd", flags=_vec_flags())
 
 
-def _load(name: str, probe: str, fakes: Callable[[], None] | None = None) -> Path:
+@cache
+def loss_library() -> Path:
+    """Build (on first use) and load loss.cpp: its path, or KernelError as decode_library."""
+    return _load("loss", probe="softmax_xent_", flags=_vec_flags(), fakes=_register_loss_fakes)
+
+
+def _vec_flags() -> list[str]:
+    """Flags that select `at::vec`'s implementation: AVX-512 where torch dispatches to it."""
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+        return [*isa, "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
+def _load(
+    name: str, probe: str, flags: Sequence[str] = (), fakes: Callable[[], None] | None = None
+) -> Path:
     if not cpu_supported():
         raise KernelError(f"nanoseek's {name} kernels need an x86 CPU with AVX2")
     source = Path(__file__).with_name(f"{name}.cpp")
-    key = source.read_bytes() + " ".join([torch.__version__, *FLAGS]).encode()
+    flags = [*FLAGS, *flags]
+    key = source.read_bytes() + " ".join([torch.__version__, *flags]).encode()
     lib = cache_dir() / f"{name}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     try:
         if not lib.exists():
-            _build(source, lib)
+            _build(source, lib, flags)
         if not hasattr(torch.ops.nanoseek, probe):  # once per process, across cache_clear
             torch.ops.load_library(str(lib))
             if fakes is not None:
@@ -77,7 +99,7 @@ def _load(name: str, probe: str, fakes: Callable[[], None] | None = None) -> Pat
     return lib
 
 
-def _build(source: Path, lib: Path) -> None:
+def _build(source: Path, lib: Path, flags: list[str]) -> None:
     cxx = shutil.which(os.environ.get("CXX", "c++"))
     if cxx is None:
         raise KernelError(
@@ -90,7 +112,7 @@ def _build(source: Path, lib: Path) -> None:
     torch_lib = Path(torch.__file__).parent / "lib"
     abi = int(torch.compiled_with_cxx11_abi())
     with tempfile.NamedTemporaryFile(dir=lib.parent, suffix=".so", delete=False) as tmp:
-        cmd = [cxx, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+        cmd = [cxx, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
         cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
         cmd += [str(source), "-o", tmp.name, f"-L{torch_lib}", "-lc10", "-ltorch_cpu"]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -109,6 +131,28 @@ def _register_decode_fakes() -> None:
         ("moe_q8", lambda x, *_: torch.empty_like(x)),
     ):
         torch.library.register_fake(f"nanoseek::{name}", fake, lib=_LIB)
+
+
+def _register_loss_fakes() -> None:
+    torch.library.register_fake(
+        "nanoseek::softmax_xent_",
+        lambda logits, targets: logits.new_empty(logits.shape[0], dtype=torch.float32),
+        lib=_LIB,
+    )
+
+
+def builds(library: Callable[[], Path], instead: str) -> bool:
+    """Whether a training kernel `library` (experts_library, loss_library) builds and loads
+    here. Where it does not, a warning says why and what runs `instead`, unless it is the CPU
+    (no AVX2: nothing to install, so nothing to say)."""
+    if not cpu_supported():
+        return False
+    try:
+        library()
+        return True
+    except KernelError as e:
+        warnings.warn(f"{e}; {instead}", stacklevel=4)
+        return False
 
 
 def unavailable_reason() -> str | None:

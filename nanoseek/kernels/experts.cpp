@@ -20,8 +20,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
-#include <immintrin.h>
-#include <sleef.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -33,30 +33,24 @@
 namespace {
 
 using bf16 = at::BFloat16;
+using Vec = at::vec::Vectorized<float>;  // 16 floats under AVX-512, 8 under AVX2 (build flags)
 constexpr int64_t ROWS_PER_TASK = 16;  // rows a thread takes in the elementwise passes
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-
-inline __m256 load8(const bf16* p) {  // bf16 -> fp32 is exact: the high half of the bits
-    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+// A row of n values as floats: itself in fp32; converted into buf in bf16.
+inline const float* as_float(const float* p, int64_t, float*) { return p; }
+inline const float* as_float(const bf16* p, int64_t n, float* buf) {
+    at::vec::convert(p, buf, n);
+    return buf;
 }
+// Where to compute a row of n outputs in fp32: the output itself, or buf (then store_row).
+inline float* out_row(float* p, float*) { return p; }
+inline float* out_row(bf16*, float* buf) { return buf; }
+inline void store_row(float*, const float*, int64_t) {}
+inline void store_row(bf16* p, const float* buf, int64_t n) { at::vec::convert(buf, p, n); }
 
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-
-inline void store8(bf16* p, __m256 v) {  // round to nearest even, as c10::BFloat16; NaN stays NaN
-    __m256i i = _mm256_castps_si256(v);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(i, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
-    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128((__m128i*)p, packed);
-}
-
-inline __m256 sigmoid8(__m256 g) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    return _mm256_div_ps(one, _mm256_add_ps(one, Sleef_expf8_u10(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+inline Vec sigmoid(Vec g) {
+    const Vec one(1.0f);
+    return one / (one + (Vec(0.0f) - g).exp());
 }
 
 inline float sigmoid(float g) { return 1.0f / (1.0f + std::exp(-g)); }
@@ -65,22 +59,20 @@ inline float sigmoid(float g) { return 1.0f / (1.0f + std::exp(-g)); }
 template <typename T>
 void swiglu_forward(const T* h, const T* rw, T* a, int64_t rows, int64_t I) {
     at::parallel_for(0, rows, ROWS_PER_TASK, [&](int64_t r0, int64_t r1) {
+        std::vector<float> buf(3 * I);
+        const int64_t full = I - I % Vec::size();
         for (int64_t r = r0; r < r1; r++) {
-            const T* g = h + r * 2 * I;
-            const T* u = g + I;
-            T* o = a + r * I;
+            const float* g = as_float(h + r * 2 * I, I, buf.data());
+            const float* u = as_float(h + r * 2 * I + I, I, buf.data() + I);
+            float* o = out_row(a + r * I, buf.data() + 2 * I);
             const float wr = static_cast<float>(rw[r]);
-            const __m256 w = _mm256_set1_ps(wr);
-            int64_t i = 0;
-            for (; i + 8 <= I; i += 8) {
-                __m256 gv = load8(g + i);
-                __m256 act = _mm256_mul_ps(gv, sigmoid8(gv));
-                store8(o + i, _mm256_mul_ps(_mm256_mul_ps(act, load8(u + i)), w));
+            const Vec w(wr);
+            for (int64_t i = 0; i < full; i += Vec::size()) {
+                Vec gv = Vec::loadu(g + i);
+                ((gv * sigmoid(gv)) * Vec::loadu(u + i) * w).store(o + i);
             }
-            for (; i < I; i++) {
-                float gi = static_cast<float>(g[i]);
-                o[i] = static_cast<T>(wr * (gi * sigmoid(gi)) * static_cast<float>(u[i]));
-            }
+            for (int64_t i = full; i < I; i++) o[i] = wr * (g[i] * sigmoid(g[i])) * u[i];
+            store_row(a + r * I, o, I);
         }
     });
 }
@@ -90,41 +82,38 @@ template <typename T>
 void swiglu_backward(const T* daw, const T* h, const T* rw, T* dh, T* drw, int64_t rows,
                      int64_t I) {
     at::parallel_for(0, rows, ROWS_PER_TASK, [&](int64_t r0, int64_t r1) {
-        const __m256 one = _mm256_set1_ps(1.0f);
+        std::vector<float> buf(5 * I);
+        const int64_t full = I - I % Vec::size();
+        const Vec one(1.0f);
         for (int64_t r = r0; r < r1; r++) {
-            const T* g = h + r * 2 * I;
-            const T* u = g + I;
-            const T* d = daw + r * I;
-            T* dg = dh + r * 2 * I;
-            T* du = dg + I;
+            const float* g = as_float(h + r * 2 * I, I, buf.data());
+            const float* u = as_float(h + r * 2 * I + I, I, buf.data() + I);
+            const float* d = as_float(daw + r * I, I, buf.data() + 2 * I);
+            float* dg = out_row(dh + r * 2 * I, buf.data() + 3 * I);
+            float* du = out_row(dh + r * 2 * I + I, buf.data() + 4 * I);
             const float wr = static_cast<float>(rw[r]);
-            const __m256 w = _mm256_set1_ps(wr);
-            __m256 acc = _mm256_setzero_ps();
-            float tail = 0.0f;
-            int64_t i = 0;
-            for (; i + 8 <= I; i += 8) {
-                __m256 gv = load8(g + i), uv = load8(u + i), dv = load8(d + i);
-                __m256 s = sigmoid8(gv);
-                __m256 act = _mm256_mul_ps(gv, s);
-                acc = _mm256_fmadd_ps(_mm256_mul_ps(dv, act), uv, acc);
-                __m256 da = _mm256_mul_ps(dv, w);
-                store8(du + i, _mm256_mul_ps(da, act));
+            const Vec w(wr);
+            Vec acc(0.0f);
+            for (int64_t i = 0; i < full; i += Vec::size()) {
+                Vec gv = Vec::loadu(g + i), uv = Vec::loadu(u + i), dv = Vec::loadu(d + i);
+                Vec sg = sigmoid(gv);
+                Vec act = gv * sg;
+                acc = at::vec::fmadd(dv * act, uv, acc);
+                Vec da = dv * w;
+                (da * act).store(du + i);
                 // silu'(g) = s * (1 + g * (1 - s)), torch's silu_backward
-                __m256 ds = _mm256_mul_ps(s, _mm256_add_ps(one, _mm256_mul_ps(gv, _mm256_sub_ps(one, s))));
-                store8(dg + i, _mm256_mul_ps(_mm256_mul_ps(da, uv), ds));
+                (da * uv * (sg * (one + gv * (one - sg)))).store(dg + i);
             }
-            for (; i < I; i++) {
-                float gi = static_cast<float>(g[i]), ui = static_cast<float>(u[i]);
-                float di = static_cast<float>(d[i]);
-                float s = sigmoid(gi), act = gi * s, da = di * wr;
-                tail += di * act * ui;
-                du[i] = static_cast<T>(da * act);
-                dg[i] = static_cast<T>(da * ui * (s * (1.0f + gi * (1.0f - s))));
+            float dot = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
+            for (int64_t i = full; i < I; i++) {
+                float s = sigmoid(g[i]), act = g[i] * s, da = d[i] * wr;
+                dot += d[i] * act * u[i];
+                du[i] = da * act;
+                dg[i] = da * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
             }
-            __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-            lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-            drw[r] = static_cast<T>(_mm_cvtss_f32(lo) + tail);
+            store_row(dh + r * 2 * I, dg, I);
+            store_row(dh + r * 2 * I + I, du, I);
+            drw[r] = static_cast<T>(dot);
         }
     });
 }
@@ -214,6 +203,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_fwd(
     return {out, xs, h, a};
 }
 
+// dst (the weights' dtype) <- src (the compute dtype), while src is in cache
+void copy_converted(at::Tensor& dst, const at::Tensor& src) {
+    if (src.scalar_type() == at::kBFloat16 && dst.scalar_type() == at::kFloat && dst.is_contiguous())
+        at::vec::convert(src.data_ptr<bf16>(), dst.data_ptr<float>(), src.numel());
+    else
+        dst.copy_(src);
+}
+
 template <typename T>
 void backward_loop(const at::Tensor& dys, const at::Tensor& xs, const at::Tensor& h,
                    const at::Tensor& a, const at::Tensor& rw, const at::Tensor& w13,
@@ -246,13 +243,13 @@ void backward_loop(const at::Tensor& dys, const at::Tensor& xs, const at::Tensor
         at::Tensor daw = daw_buf[t].narrow(0, 0, n), dh = dh_buf[t].narrow(0, 0, n);
         at::Tensor dxr = dxs.narrow(0, start, n);
         at::mm_out(convert ? dw2_buf[t] : dw2e, dy.t(), a.narrow(0, start, n));
-        if (convert) dw2e.copy_(dw2_buf[t]);
+        if (convert) copy_converted(dw2e, dw2_buf[t]);
         at::mm_out(daw, dy, w2[e]);
         swiglu_backward<T>(daw.data_ptr<T>(), h.data_ptr<T>() + start * 2 * I,
                            rw.data_ptr<T>() + start, dh.data_ptr<T>(),
                            drw.data_ptr<T>() + start, n, I);
         at::mm_out(convert ? dw13_buf[t] : dw13e, dh.t(), xr);
-        if (convert) dw13e.copy_(dw13_buf[t]);
+        if (convert) copy_converted(dw13e, dw13_buf[t]);
         at::mm_out(dxr, dh, w13[e]);
     });
 }

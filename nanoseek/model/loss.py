@@ -5,17 +5,42 @@ ignore_index=-100)`. Rows go through in chunks: each chunk's logits are made, re
 its loss and turned straight into softmax - one_hot, in the compute dtype. The backward is
 then just two matmuls (1/n and the ignored rows scale their [N, d] side). Over an 8192
 vocabulary this replaces several full [tokens, vocab] float32 passes (cast, log-softmax,
-zero-fill, their backwards) by work on cache-sized chunks.
+zero-fill, their backwards) by work on cache-sized chunks. On CPU the chunk's softmax runs
+in one C++ pass (nanoseek/kernels/loss.cpp) where that builds; elsewhere, and under
+torch.compile (which fuses the same work itself), in torch ops.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from nanoseek.kernels import builds, loss_library
+
 # rows per chunk (256 x 8192 float32 log-probs = 8 MB): measured on 2 cores, 16-bit
-# matmuls run the loss ~10% faster in chunks of 128 rows, fp32 ones (MKL) in 256
+# matmuls run the loss ~10% faster in chunks of 128 rows, fp32 ones (MKL) in 256. With the
+# C++ softmax (one row at a time in L1) only the matmul cares: each bf16 call re-lays the
+# whole head weight out for oneDNN, so fewer, larger chunks (512: the loss's forward ~10%
+# faster than 128 on an AMX Xeon, one thread)
 CHUNK = 256
 CHUNK_16BIT = 128
+KERNEL_CHUNK_16BIT = 512
+
+
+@functools.cache
+def _kernel_builds() -> bool:
+    """Whether loss.cpp builds and loads here (once a process; a warning if not)."""
+    return builds(loss_library, "the loss runs in torch ops instead")
+
+
+def _use_kernel(h: torch.Tensor) -> bool:
+    return (
+        h.device.type == "cpu"
+        and h.dtype in (torch.float32, torch.bfloat16)
+        and not torch.compiler.is_compiling()
+        and _kernel_builds()
+    )
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -29,9 +54,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         probs = h.new_empty(h.shape[0], w.shape[0]) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         t = targets.clamp(min=0)[:, None]
-        chunk = CHUNK if h.dtype == torch.float32 else CHUNK_16BIT
+        kernel = _use_kernel(h)
+        chunk = CHUNK if h.dtype == torch.float32 else KERNEL_CHUNK_16BIT if kernel else CHUNK_16BIT
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
+            if kernel:  # the logits made in place of their gradient rows, then turned into them
+                logits = torch.mm(h[rows], w.t(), out=probs[rows]) if need_grad else h[rows] @ w.t()
+                row_loss = torch.ops.nanoseek.softmax_xent_(logits, t[rows].view(-1))
+                total += (row_loss * valid[rows]).sum()
+                continue
             logp = (h[rows] @ w.t()).log_softmax(-1, dtype=torch.float32)
             total -= (logp.gather(1, t[rows]).squeeze(1) * valid[rows]).sum()
             if need_grad:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +37,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from nanoseek.config import ModelConfig
-from nanoseek.kernels import KernelError, cpu_supported, experts_library
+from nanoseek.kernels import builds, experts_library
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.quant import experts_mm, mm
 
@@ -270,16 +269,8 @@ EXPERT_KERNEL = os.environ.get("NANOSEEK_EXPERT_KERNEL", "1") != "0"
 
 @functools.cache
 def _expert_kernel_builds() -> bool:
-    """Whether experts.cpp builds and loads here; a warning says why not, unless it is the
-    CPU (no AVX2: nothing to install)."""
-    if not cpu_supported():
-        return False
-    try:
-        experts_library()
-        return True
-    except KernelError as e:
-        warnings.warn(f"{e}; the experts train through the Python loop instead", stacklevel=3)
-        return False
+    """Whether experts.cpp builds and loads here (once a process; a warning if not)."""
+    return builds(experts_library, "the experts train through the Python loop instead")
 
 
 def _expert_loop(x: torch.Tensor, dtype: torch.dtype) -> type[torch.autograd.Function]:

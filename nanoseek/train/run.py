@@ -173,7 +173,7 @@ def apply_update(
     """The end of every training step (pretrain, SFT, GRPO): clip the gradients (0: off),
     step the optimizer unless the guard rejects a non-finite loss or norm, clear the
     gradients. -> (gradient norm, whether the step was taken)."""
-    norm = rt.clip_grads(model, grad_clip if grad_clip > 0 else math.inf)
+    norm = rt.clip_grads(model, grad_clip if grad_clip > 0 else math.inf, optimizer)
     taken = guard.ok(step, loss, norm)
     if taken:
         optimizer.step()

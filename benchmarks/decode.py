@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -208,7 +209,7 @@ def llama_cpp_compare(
         engines.append(("nanoseek compiled + MTP spec", {"speculative": True, "compile": True}))
         mtp_only = {"speculative": True, "compile": True, "lookup_drafts": 0}
         engines.append(("nanoseek compiled + MTP spec, no lookup", mtp_only))
-    engines.append(("nanoseek compiled + lookup drafts", {"compile": True, "lookup_drafts": 1}))
+    engines.append(("nanoseek compiled + 4 lookup drafts", {"compile": True, "lookup_drafts": 4}))
     if kernels:
         engines.append(("nanoseek compiled int8", {"compile": True, "quantize": "int8"}))
         if model.mtp:
@@ -217,6 +218,7 @@ def llama_cpp_compare(
     speeds: dict = {}
     agree: dict = {}  # (engine, threads, batch) -> (tokens equal, tokens)
     built: dict = {}  # engines kept across rounds: a compiled one compiles once
+    failed: dict = {}  # llama.cpp row -> why llama.cpp failed on it (the row is left out)
     for _ in range(rounds):
         for T in threads:
             torch.set_num_threads(T)
@@ -234,11 +236,18 @@ def llama_cpp_compare(
                     if got is not ref:
                         _tally(agree, (name, T, B), ref, got)
                 for d, name in LLAMA_ROWS:
-                    _, tps, got = llama_bench(exe, files[d], x, n, T, tmp)
+                    if name in failed:
+                        continue
+                    try:
+                        _, tps, got = llama_bench(exe, files[d], x, n, T, tmp)
+                    except subprocess.CalledProcessError as e:  # llama.cpp's own failure
+                        lines = (e.stderr or "").strip().splitlines() or [f"exit {e.returncode}"]
+                        failed[name] = next((s for s in lines if "GGML_ASSERT" in s), lines[0])
+                        continue
                     cell.setdefault(name, []).append(tps)
                     _tally(agree, (name, T, B), ref, got)
     shutil.rmtree(tmp)
-    return {"speeds": speeds, "agree": agree}
+    return {"speeds": speeds, "agree": agree, "failed": failed}
 
 
 def kernels_available() -> bool:
@@ -303,6 +312,8 @@ def print_llama_cpp(res: dict, n: int, rounds: int) -> None:
         "greedy vs nanoseek",
     )
     print(format_table(table, header=header))
+    for name, why in res.get("failed", {}).items():
+        print(f"{name}: left out, llama.cpp failed on it here: {why}")
     f32 = [v for (name, *_), v in agree.items() if name == "llama.cpp f32 GGUF"]
     ok = all(s == t for s, t in f32)
     print(
@@ -358,7 +369,7 @@ def decode_rows(model, path: Path, prompts, n: int, hf_cls, spec: bool = True) -
                 "nanoseek compiled + MTP spec, no lookup",
                 {"speculative": True, "compile": True, "lookup_drafts": 0},
             ),
-            ("nanoseek compiled + lookup drafts", {"compile": True, "lookup_drafts": 1}),
+            ("nanoseek compiled + 4 lookup drafts", {"compile": True, "lookup_drafts": 4}),
         ):
             if kw.get("speculative") and not (spec and model.mtp):
                 continue

@@ -12,7 +12,8 @@
  * gate weight's gradient (sum over i of da * silu(gate) * up) and dh, then dw13[e] = dh^T xs
  * and dxs = dh @ w13[e]. Against the Python loop this saves its ~40 op calls per expert and
  * five of its seven elementwise passes; the matmuls are the same at::mm calls (MKL in fp32,
- * oneDNN in bf16). The elementwise math runs in fp32 (bf16 rounded once, on store); silu is
+ * oneDNN in bf16). The elementwise math runs in fp32 (bf16 rounded once, on store), in
+ * at::vec vectors (16 floats when built for AVX-512, 8 for AVX2: kernels._vec_flags); silu is
  * torch's formula (g / (1 + exp(-g)), Sleef's exp from libtorch), so fp32 results differ
  * from the Python loop's only in where rw is multiplied in: ~1 ulp. With several threads the
  * experts are shared out between them, each expert's matmuls on one thread (for_each_expert).

@@ -163,7 +163,7 @@ class Runtime:
         On one process with torch's fused AdamW as `optimizer`, the gradients are not scaled
         here: its next step divides them by the factor (its `grad_scale`, set or cleared on
         every call), in the pass it makes over them anyway. That saves a read and a write of
-        every gradient (~3% of a `small` bf16 step on CPU); the update differs from scaling
+        every gradient (~2% of a `small` bf16 step on CPU); the update differs from scaling
         first by rounding only (a division where clip_grad_norm_ multiplies)."""
         model = self.unwrap(model)
         if self.world == 1:

@@ -361,13 +361,13 @@ def test_expert_kernel_that_cannot_build_falls_back_with_a_warning(tmp_path, mon
     monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", "no-such-compiler")
     experts_library.cache_clear()
-    M._expert_kernel_builds.cache_clear()
+    M.expert_kernel_builds.cache_clear()
     try:
         with pytest.warns(UserWarning, match="install a C\\+\\+ compiler.*Python loop"):
             assert M._expert_loop(torch.zeros(1), torch.float32) is M._ExpertLoop
     finally:
         experts_library.cache_clear()
-        M._expert_kernel_builds.cache_clear()  # the next test builds or loads the real one
+        M.expert_kernel_builds.cache_clear()  # the next test builds or loads the real one
 
 
 def test_fused_expert_loop_runs_in_inference_mode_on_two_threads():
@@ -432,11 +432,11 @@ def test_loss_kernel_that_cannot_build_falls_back_with_a_warning(tmp_path, monke
     monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", "no-such-compiler")
     loss_library.cache_clear()
-    L._kernel_builds.cache_clear()
+    L.kernel_builds.cache_clear()
     try:
         with pytest.warns(UserWarning, match="install a C\\+\\+ compiler.*torch ops"):
             assert not L._use_kernel(h)
         assert abs(L.linear_cross_entropy(h, w, t) - want) < 1e-5
     finally:
         loss_library.cache_clear()
-        L._kernel_builds.cache_clear()  # the next test builds or loads the real one
+        L.kernel_builds.cache_clear()  # the next test builds or loads the real one

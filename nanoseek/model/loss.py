@@ -29,7 +29,7 @@ KERNEL_CHUNK_16BIT = 512
 
 
 @functools.cache
-def _kernel_builds() -> bool:
+def kernel_builds() -> bool:
     """Whether loss.cpp builds and loads here (once a process; a warning if not)."""
     return builds(loss_library, "the loss runs in torch ops instead")
 
@@ -39,7 +39,7 @@ def _use_kernel(h: torch.Tensor) -> bool:
         h.device.type == "cpu"
         and h.dtype in (torch.float32, torch.bfloat16)
         and not torch.compiler.is_compiling()
-        and _kernel_builds()
+        and kernel_builds()
     )
 
 

@@ -268,7 +268,7 @@ EXPERT_KERNEL = os.environ.get("NANOSEEK_EXPERT_KERNEL", "1") != "0"
 
 
 @functools.cache
-def _expert_kernel_builds() -> bool:
+def expert_kernel_builds() -> bool:
     """Whether experts.cpp builds and loads here (once a process; a warning if not)."""
     return builds(experts_library, "the experts train through the Python loop instead")
 
@@ -278,7 +278,7 @@ def _expert_loop(x: torch.Tensor, dtype: torch.dtype) -> type[torch.autograd.Fun
     Python one under a dispatch mode (torch's FlopCounterMode, fake tensors), which must
     see the matmuls that the C++ op would hide."""
     if EXPERT_KERNEL and x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-        if not is_in_torch_dispatch_mode() and _expert_kernel_builds():
+        if not is_in_torch_dispatch_mode() and expert_kernel_builds():
             return _FusedExpertLoop
     return _ExpertLoop
 

@@ -70,6 +70,7 @@ from nanoseek.train.metrics import Progress, read_metrics
 from nanoseek.train.run import (
     StepGuard,
     apply_update,
+    build_kernels,
     build_optimizer,
     end_of_step,
     open_run,
@@ -655,6 +656,7 @@ def rl(cfg: RLConfig) -> dict[str, Any]:
         schedule = LRSchedule(cfg.lr, cfg.warmup_steps, "cosine", cfg.min_lr_ratio)
         guard = StepGuard(cfg.max_bad_steps, ckpt_dir, warn=rt.master)
         update = PolicyUpdate(cfg, model, step_model, ref, optimizer, engine, guard, rt)
+        build_kernels(rt)  # a first run's kernel compile, before the clock
         t_start = time.perf_counter() - state.elapsed
         progress = Progress(
             out / "metrics.jsonl",

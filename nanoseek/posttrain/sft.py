@@ -45,6 +45,7 @@ from nanoseek.train.metrics import Progress, plot_loss
 from nanoseek.train.run import (
     StepGuard,
     apply_update,
+    build_kernels,
     build_optimizer,
     check_resume,
     end_of_step,
@@ -272,6 +273,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
         counts = torch.zeros(n_experts, dtype=torch.long, device=rt.device)
         stats = torch.zeros(3, device=rt.device)  # loss x trained tokens, trained tokens, total
         val_loss = None
+        build_kernels(rt)  # a first run's kernel compile, before the clock
         t_start = time.perf_counter() - state.elapsed
         progress = Progress(
             out / "metrics.jsonl",

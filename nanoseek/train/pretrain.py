@@ -42,6 +42,7 @@ from nanoseek.train.metrics import Progress, plot_loss, summary_table, unigram_l
 from nanoseek.train.run import (
     StepGuard,
     apply_update,
+    build_kernels,
     build_optimizer,
     check_resume,
     end_of_step,
@@ -109,6 +110,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         counts = torch.zeros(n_experts, dtype=torch.long, device=rt.device)  # tokens per expert
         losses = torch.zeros(4, device=rt.device)  # total (minimised), main, mean MTP, indexer
         val_loss = val_bpb = None
+        build_kernels(rt)  # a first run's kernel compile, before the clock
         t_start = time.perf_counter() - state.elapsed
         resume_step = state.step if found else None
         progress = Progress(

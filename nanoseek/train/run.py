@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanoseek.model.loss import kernel_builds as loss_kernel_builds
+from nanoseek.model.moe import expert_kernel_builds
 from nanoseek.train.checkpoint import RunState, find_checkpoint, read_train_state
 from nanoseek.train.config import Config, RunConfig, TrainError, resume_config
 from nanoseek.train.runtime import Runtime
@@ -99,6 +101,16 @@ def build_optimizer(
         return MuonAdamW(param_groups, lr=lr, betas=betas, eps=1e-8)
     # fused: one kernel over all parameters (CPU and CUDA), ~2x the default on this model
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=1e-8, fused=True)
+
+
+def build_kernels(rt: Runtime) -> None:
+    """On CPU, build (on a machine's first run: ~10-20 s each) and load the training kernels
+    (the experts' loop, the loss's softmax) before a run's clock starts, so that a minutes
+    budget and the tokens/s figures do not pay for the compile. Where one cannot build, the
+    warning comes now and the run uses torch ops."""
+    if rt.device.type == "cpu":
+        expert_kernel_builds()
+        loss_kernel_builds()
 
 
 def is_router(name: str) -> bool:

@@ -182,7 +182,10 @@ def test_clipping_in_the_fused_adamw_step_equals_clip_grad_norm():
         (norms, folded), (want_norms, plain) = runs
         assert norms == pytest.approx(want_norms, rel=1e-5)
         assert (folded - plain).abs().max() < 1e-5 * plain.abs().max()
-    rt.clip_grads(model, 1e3, opt)  # an idle clip after a clipped step
+    model(x[:, :-1], targets=x[:, 1:]).loss.backward()
+    rt.clip_grads(model, 1e-6, opt)
+    assert opt.grad_scale is not None
+    rt.clip_grads(model, 1e3, opt)  # an idle clip after a clipping one: no divisor left
     assert opt.grad_scale is None
 
 

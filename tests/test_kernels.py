@@ -6,6 +6,8 @@ C++ expert loop against the Python one (outputs, gradients, losses), and its fal
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -358,16 +360,24 @@ def test_expert_kernel_that_cannot_build_falls_back_with_a_warning(tmp_path, mon
     from nanoseek.kernels import experts_library
     from nanoseek.model import moe as M
 
-    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    experts_library.cache_clear()
-    M.expert_kernel_builds.cache_clear()
-    try:
+    with _without_compiler(monkeypatch, tmp_path, experts_library, M.expert_kernel_builds):
         with pytest.warns(UserWarning, match="install a C\\+\\+ compiler.*Python loop"):
             assert M._expert_loop(torch.zeros(1), torch.float32) is M._ExpertLoop
+
+
+@contextlib.contextmanager
+def _without_compiler(monkeypatch, tmp_path, *cached):
+    """No compiler and an empty kernel cache, with the `cached` lookups forgotten before and
+    after (so the next test builds or loads the real kernels)."""
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    for fn in cached:
+        fn.cache_clear()
+    try:
+        yield
     finally:
-        experts_library.cache_clear()
-        M.expert_kernel_builds.cache_clear()  # the next test builds or loads the real one
+        for fn in cached:
+            fn.cache_clear()
 
 
 def test_fused_expert_loop_runs_in_inference_mode_on_two_threads():
@@ -429,14 +439,7 @@ def test_loss_kernel_that_cannot_build_falls_back_with_a_warning(tmp_path, monke
     h, w = torch.randn(20, 8), torch.randn(50, 8)
     t = torch.randint(0, 50, (20,))
     want = L.linear_cross_entropy(h, w, t)
-    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    loss_library.cache_clear()
-    L.kernel_builds.cache_clear()
-    try:
+    with _without_compiler(monkeypatch, tmp_path, loss_library, L.kernel_builds):
         with pytest.warns(UserWarning, match="install a C\\+\\+ compiler.*torch ops"):
             assert not L._use_kernel(h)
         assert abs(L.linear_cross_entropy(h, w, t) - want) < 1e-5
-    finally:
-        loss_library.cache_clear()
-        L.kernel_builds.cache_clear()  # the next test builds or loads the real one

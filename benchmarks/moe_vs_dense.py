@@ -3,17 +3,20 @@ model's (`dense-small`: same activated parameters) final validation loss with le
 
     python -m benchmarks.moe_vs_dense [--tokens 8e5] [--data data/stdlib-8k] [--out runs/moe_vs_dense]
                                       [--compile] [--dtype fp32] [--sequential] [--moe-lr LR]
-                                      [--moe KEY=VALUE ...]
+                                      [--moe KEY=VALUE ...] [--train KEY=VALUE ...]
+                                      [--moe-train KEY=VALUE ...]
 
-Both train on the same shards, batches and token budget with the same recipe (but --moe-lr);
-validation loss is measured every --eval-every steps on the same windows. By default the two trainings
-run side by side, at the same time, each on half the cores: a shared machine's drift (other
-jobs, clock and cache state) then falls on both alike, which two 15-minute runs one after the
-other did not give (their tokens/s ratio moved by 0.1 between sessions). --sequential runs
-them one after the other on all the cores. --moe KEY=VALUE overrides a field of the MoE's
-model config (e.g. --moe routed_scaling_factor=1.0) to try a recipe, --moe-lr its peak
-learning rate (the two models need not want the same). Prints a table and
-saves docs/moe_vs_dense.png (validation loss against training FLOPs and against wall time).
+Both train on the same shards, batches and token budget with the same recipe (but what
+--moe-lr / --moe-train change); validation loss is measured every --eval-every steps on the
+same windows. By default the two trainings run side by side, at the same time, each on half
+the cores: a shared machine's drift (other jobs, clock and cache state) then falls on both
+alike, which two 15-minute runs one after the other did not give (their tokens/s ratio moved
+by 0.1 between sessions). --sequential runs them one after the other on all the cores.
+--moe KEY=VALUE overrides a field of the MoE's model config (e.g. --moe
+routed_scaling_factor=1.0) to try a recipe; --train KEY=VALUE a training setting of both
+(e.g. --train batch_size=16), --moe-train KEY=VALUE one of the MoE's alone (the two models need
+not want the same batch or LR; --moe-lr LR is --moe-train lr=LR). Prints a table and saves
+docs/moe_vs_dense.png (validation loss against training FLOPs and against wall time).
 """
 
 from __future__ import annotations
@@ -71,11 +74,31 @@ def parse_override(item: str) -> tuple[str, Any]:
     """'key=value' -> (key, value as JSON where it parses: numbers, true, null; else text)."""
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise SystemExit(f"--moe takes KEY=VALUE, got {item!r}")
+        raise SystemExit(f"--moe, --train and --moe-train take KEY=VALUE, got {item!r}")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+# Training settings the benchmark sets itself (its own flags, or what side by side needs).
+FIXED = frozenset(
+    "preset data out tokens eval_every overwrite seed compile dtype threads progress model".split()
+)
+
+
+def train_overrides(
+    train: list[str], moe_train: list[str], moe_lr: float | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """--train and --moe-train items (and --moe-lr) -> (settings of both, the MoE's alone)."""
+    both = dict(parse_override(item) for item in train)
+    moe_only = dict(parse_override(item) for item in moe_train)
+    if moe_lr is not None:
+        moe_only["lr"] = moe_lr
+    bad = sorted(FIXED & (both.keys() | moe_only.keys()))
+    if bad:
+        raise SystemExit(f"--train / --moe-train cannot set {bad}: the benchmark's flags do")
+    return both, moe_only
 
 
 def run_both(configs: dict[str, TrainConfig], side_by_side: bool) -> dict[str, dict]:
@@ -123,8 +146,23 @@ def main(argv: list[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="override a field of the MoE's model config (repeatable)",
     )
+    ap.add_argument(
+        "--train",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training setting of both models, e.g. batch_size=16 (repeatable)",
+    )
+    ap.add_argument(
+        "--moe-train",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training setting of the MoE alone (repeatable; after --train)",
+    )
     args = ap.parse_args(argv)
     moe_model = dict(parse_override(item) for item in args.moe)
+    both, moe_only = train_overrides(args.train, args.moe_train, args.moe_lr)
     cores = os.cpu_count() or 1
     side_by_side = not args.sequential and cores >= 2
     threads = cores // 2 if side_by_side else None
@@ -148,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             threads=threads,
             progress=not side_by_side,  # two bars on one terminal garble each other
             model=moe_model if preset == "small" and moe_model else None,
-            lr=args.moe_lr if preset == "small" else None,
+            **{**both, **(moe_only if preset == "small" else {})},
         )
         for preset in ("small", "dense-small")
     }
@@ -160,13 +198,19 @@ def main(argv: list[str] | None = None) -> None:
     moe, dense = runs["small"], runs["dense-small"]
     target = dense["val"][-1]
     print(
-        f"\nMoE vs dense, same data, batches and {human(args.tokens)}-token budget "
+        f"\nMoE vs dense, same data and {human(args.tokens)}-token budget "
         f"({summaries['small']['dtype']}, {summaries['small']['device']}, {how})"
     )
     if moe_model:
         print(f"MoE model overrides: {moe_model}")
-    if args.moe_lr:
-        print(f"MoE peak LR {args.moe_lr:g}, dense {configs['dense-small'].lr:g}")
+    if both:
+        print(f"training overrides (both models): {both}")
+    for key in moe_only:
+        moe_value, dense_value = (
+            getattr(configs["small"], key),
+            getattr(configs["dense-small"], key),
+        )
+        print(f"MoE {key} {moe_value!r}, dense {dense_value!r}")
     table = []
     for preset in ("small", "dense-small"):
         cfg = get_preset(preset)
@@ -237,9 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         ax.set_ylabel("validation loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(
-        f"MoE vs dense (same activated parameters), {human(args.tokens)} tokens of the stdlib corpus"
-    )
+    recipe = ", ".join(f"{k}={v}" for k, v in {**moe_model, **moe_only}.items())
+    recipe = f"MoE with {recipe}" if recipe else "same activated parameters"
+    fig.suptitle(f"MoE vs dense ({recipe}), {human(args.tokens)} tokens of the stdlib corpus")
     fig.tight_layout()
     Path(args.png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.png, dpi=110)

@@ -206,11 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     if both:
         print(f"training overrides (both models): {both}")
     for key in moe_only:
-        moe_value, dense_value = (
-            getattr(configs["small"], key),
-            getattr(configs["dense-small"], key),
-        )
-        print(f"MoE {key} {moe_value!r}, dense {dense_value!r}")
+        moe_cfg, dense_cfg = configs["small"], configs["dense-small"]
+        print(f"MoE {key} {getattr(moe_cfg, key)!r}, dense {getattr(dense_cfg, key)!r}")
     table = []
     for preset in ("small", "dense-small"):
         cfg = get_preset(preset)

@@ -4,7 +4,7 @@ model's (`dense-small`: same activated parameters) final validation loss with le
     python -m benchmarks.moe_vs_dense [--tokens 8e5] [--data data/stdlib-8k] [--out runs/moe_vs_dense]
                                       [--compile] [--dtype fp32] [--sequential] [--moe-lr LR]
                                       [--moe KEY=VALUE ...] [--train KEY=VALUE ...]
-                                      [--moe-train KEY=VALUE ...]
+                                      [--moe-train KEY=VALUE ...] [--moe-budget FRACTION]
 
 Both train on the same shards, batches and token budget with the same recipe (but what
 --moe-lr / --moe-train change); validation loss is measured every --eval-every steps on the
@@ -15,7 +15,11 @@ by 0.1 between sessions). --sequential runs them one after the other on all the 
 --moe KEY=VALUE overrides a field of the MoE's model config (e.g. --moe
 routed_scaling_factor=1.0) to try a recipe; --train KEY=VALUE a training setting of both
 (e.g. --train batch_size=16), --moe-train KEY=VALUE one of the MoE's alone (the two models need
-not want the same batch or LR; --moe-lr LR is --moe-train lr=LR). Prints a table and saves
+not want the same batch or LR; --moe-lr LR is --moe-train lr=LR). --moe-budget F trains the
+MoE on F times the dense model's tokens, with its LR and balancing schedules set for that
+budget: the iso-loss question asked directly (does a shorter MoE run, decayed in full, end at
+or below the dense final loss, and in what fraction of its wall time?), where the reach within
+a full-budget MoE run reads a loss from the middle of its decay. Prints a table and saves
 docs/moe_vs_dense.png (validation loss against training FLOPs and against wall time).
 """
 
@@ -160,7 +164,16 @@ def main(argv: list[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="override a training setting of the MoE alone (repeatable; after --train)",
     )
+    ap.add_argument(
+        "--moe-budget",
+        type=float,
+        default=1.0,
+        metavar="FRACTION",
+        help="the MoE's token budget as a fraction of the dense model's (default 1: the same)",
+    )
     args = ap.parse_args(argv)
+    if not 0 < args.moe_budget <= 1:
+        raise SystemExit(f"--moe-budget must be in (0, 1], got {args.moe_budget}")
     moe_model = dict(parse_override(item) for item in args.moe)
     both, moe_only = train_overrides(args.train, args.moe_train, args.moe_lr)
     cores = os.cpu_count() or 1
@@ -177,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
             preset=preset,
             data=str(shards),
             out=str(Path(args.out) / preset),
-            tokens=args.tokens,
+            tokens=args.tokens * (args.moe_budget if preset == "small" else 1.0),
             eval_every=args.eval_every,
             overwrite=True,
             seed=args.seed,
@@ -201,6 +214,11 @@ def main(argv: list[str] | None = None) -> None:
         f"\nMoE vs dense, same data and {human(args.tokens)}-token budget "
         f"({summaries['small']['dtype']}, {summaries['small']['device']}, {how})"
     )
+    if args.moe_budget != 1:
+        print(
+            f"MoE budget: {args.moe_budget:g} x the dense model's "
+            f"({human(args.tokens * args.moe_budget)} tokens, its schedules set for them)"
+        )
     if moe_model:
         print(f"MoE model overrides: {moe_model}")
     if both:
@@ -278,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         ax.set_ylabel("validation loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend()
-    recipe = ", ".join(f"{k}={v}" for k, v in {**moe_model, **moe_only}.items())
+    budget = {"budget": f"{args.moe_budget:g}x"} if args.moe_budget != 1 else {}
+    recipe = ", ".join(f"{k}={v}" for k, v in {**moe_model, **moe_only, **budget}.items())
     recipe = f"MoE with {recipe}" if recipe else "same activated parameters"
     fig.suptitle(f"MoE vs dense ({recipe}), {human(args.tokens)} tokens of the stdlib corpus")
     fig.tight_layout()

@@ -30,3 +30,11 @@ def test_first_reach_interpolates_where_the_curve_meets_the_target():
     assert first_reach(c, 4.5, "seconds") == pytest.approx(25.0)
     assert first_reach(c, 5.5, "seconds") == 10.0
     assert first_reach(c, 4.0, "seconds") is None
+
+
+@pytest.mark.parametrize("budget", ["0", "1.5", "-0.2"])
+def test_moe_budget_outside_zero_to_one_is_refused_before_training(budget):
+    from benchmarks.moe_vs_dense import main
+
+    with pytest.raises(SystemExit, match="--moe-budget must be in"):
+        main(["--moe-budget", budget])

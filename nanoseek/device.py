@@ -83,3 +83,44 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW) and mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW))
+
+
+TCMALLOC_OFF = "NANOSEEK_TCMALLOC"  # =0: keep glibc's malloc
+
+
+def preload_tcmalloc() -> None:
+    """Restart this process (the same command, by exec) with Google's tcmalloc preloaded, where
+    it is installed (Debian / Ubuntu: libtcmalloc-minimal4) and not loaded yet. Training on CPU
+    allocates and frees the same large tensors every step; tcmalloc reuses them where glibc's
+    memalign (2.36) hands out fresh pages: one-thread bf16 steps of `small` 1.14-1.17x faster,
+    `dense-small` 1.0-1.08x, fp32 unchanged, losses bit-identical (README, "A faster
+    allocator"). Does nothing off Linux, without the library, or with NANOSEEK_TCMALLOC=0.
+    Call it only from a process's entry point, before any output: it does not return when it
+    restarts."""
+    import ctypes.util
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or os.environ.get(TCMALLOC_OFF) == "0":
+        return
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    if "tcmalloc" in preloaded:  # loaded, or tried and refused by ld.so: never loop
+        return
+    lib = ctypes.util.find_library("tcmalloc_minimal")
+    if lib is None:
+        return
+    env = dict(os.environ, LD_PRELOAD=f"{lib} {preloaded}".strip())
+    # tcmalloc reports every allocation over 1 GiB on stderr: a big model's are expected
+    env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def tcmalloc_loaded() -> bool:
+    """Whether this process runs on tcmalloc (preload_tcmalloc, or the user's LD_PRELOAD)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return "libtcmalloc" in maps.read()
+    except OSError:
+        return False

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default="data/stdlib-8k")
     ap.add_argument("--max-tokens", type=int, default=120, help="tokens per sample")
     args = ap.parse_args(argv)
+    if argv is None:  # `make run`: train on tcmalloc where it is installed
+        from nanoseek.device import preload_tcmalloc
+
+        preload_tcmalloc()
 
     from nanoseek.data import prepare
     from nanoseek.infer import Engine, SamplingParams

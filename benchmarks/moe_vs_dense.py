@@ -21,6 +21,7 @@ budget: the iso-loss question asked directly (does a shorter MoE run, decayed in
 or below the dense final loss, and in what fraction of its wall time?), where the reach within
 a full-budget MoE run reads a loss from the middle of its decay. Prints a table and saves
 docs/moe_vs_dense.png (validation loss against training FLOPs and against wall time).
+Like `nanoseek train`, it runs on tcmalloc where that is installed (NANOSEEK_TCMALLOC=0: glibc).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 
 from nanoseek.config import get_preset, param_counts
 from nanoseek.data import prepare
+from nanoseek.device import preload_tcmalloc
 from nanoseek.train import TrainConfig, make_config, train
 from nanoseek.train.metrics import read_metrics
 from nanoseek.utils import format_table, human
@@ -307,4 +309,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    preload_tcmalloc()  # as `nanoseek train` does: both trainings inherit it
     main()

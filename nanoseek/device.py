@@ -107,14 +107,17 @@ def preload_tcmalloc() -> None:
     if "tcmalloc" in preloaded:  # loaded, or tried and refused by ld.so: never loop
         return
     lib = ctypes.util.find_library("tcmalloc_minimal")
-    if lib is None:
+    if lib is None or not sys.executable:
         return
     env = dict(os.environ, LD_PRELOAD=f"{lib} {preloaded}".strip())
     # tcmalloc reports every allocation over 1 GiB on stderr: a big model's are expected
     env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:  # cannot restart (a sandbox, an odd interpreter): go on with glibc
+        return
 
 
 def tcmalloc_loaded() -> bool:

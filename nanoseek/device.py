@@ -127,3 +127,8 @@ def tcmalloc_loaded() -> bool:
             return "libtcmalloc" in maps.read()
     except OSError:
         return False
+
+
+def allocator_note(device: torch.device) -> str:
+    """' (tcmalloc)' for a run's opening line when it trains on the CPU on tcmalloc, else ''."""
+    return " (tcmalloc)" if device.type == "cpu" and tcmalloc_loaded() else ""

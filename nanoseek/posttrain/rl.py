@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.device import allocator_note
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.model import Transformer
 from nanoseek.posttrain.errors import PostTrainError
@@ -722,7 +723,8 @@ def announce(cfg: RLConfig, model: Transformer, task: Task, rt: Runtime) -> None
         f"rl ({cfg.variant}, beta {cfg.loss_config().beta:g}) {cfg.init} "
         f"({human(model.num_params())} parameters) on {task.name}: "
         f"{cfg.prompts_per_step} x {cfg.group_size} completions per step, "
-        f"{cfg.updates_per_batch} update(s), {rt.device} {str(rt.dtype)[6:]}, "
+        f"{cfg.updates_per_batch} update(s), {rt.device} {str(rt.dtype)[6:]}"
+        f"{allocator_note(rt.device)}, "
         f"{rt.world} process(es) -> {out}",
         file=sys.stderr,
     )

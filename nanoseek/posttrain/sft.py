@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.device import allocator_note
 from nanoseek.model import Transformer
 from nanoseek.posttrain.errors import PostTrainError
 from nanoseek.posttrain.evaluate import checkpoint_dir, load_model
@@ -251,7 +252,8 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
             atomic_write_text(out / "sft_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
             print(
                 f"sft {cfg.init} ({human(model.num_params())} parameters) on {rt.device} "
-                f"{str(rt.dtype)[6:]}, {rt.world} process(es): {train_data.summary()}, "
+                f"{str(rt.dtype)[6:]}{allocator_note(rt.device)}, {rt.world} process(es): "
+                f"{train_data.summary()}, "
                 f"{len(val_data.examples)} held out -> {out}",
                 file=sys.stderr,
             )

@@ -26,7 +26,7 @@ import torch
 from nanoseek.compute import flops_per_token, measure_matmul_peak
 from nanoseek.config import V4Config, get_preset
 from nanoseek.data import BatchLoader, prepare, read_meta
-from nanoseek.device import tcmalloc_loaded
+from nanoseek.device import allocator_note
 from nanoseek.model import Transformer, V4Transformer
 from nanoseek.model.indexer import indexer_kl
 from nanoseek.model.v4 import indexer_kl_v4
@@ -289,10 +289,9 @@ def start_run_files(
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
     atomic_write_text(out / "train_config.json", json.dumps(tc.to_dict(), indent=2) + "\n")
-    allocator = " (tcmalloc)" if rt.device.type == "cpu" and tcmalloc_loaded() else ""
     print(
         f"training {tc.preset} ({human(model.num_params())} parameters, vocab "
-        f"{cfg.vocab_size}) on {rt.device} {str(rt.dtype)[6:]}{allocator}, {rt.world} process(es), "
+        f"{cfg.vocab_size}) on {rt.device} {str(rt.dtype)[6:]}{allocator_note(rt.device)}, {rt.world} process(es), "
         f"{tokens_per_step:,} tokens/step -> {out}",
         file=sys.stderr,
     )

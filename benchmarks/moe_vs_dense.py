@@ -225,8 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"MoE model overrides: {moe_model}")
     if both:
         print(f"training overrides (both models): {both}")
+    moe_cfg, dense_cfg = configs["small"], configs["dense-small"]
     for key in moe_only:
-        moe_cfg, dense_cfg = configs["small"], configs["dense-small"]
         print(f"MoE {key} {getattr(moe_cfg, key)!r}, dense {getattr(dense_cfg, key)!r}")
     table = []
     for preset in ("small", "dense-small"):
@@ -264,10 +264,10 @@ def main(argv: list[str] | None = None) -> None:
     if side_by_side:  # the faster run ends first; the other then has the machine to itself
         recs = {p: read_metrics(Path(tc.out) / "metrics.jsonl") for p, tc in configs.items()}
         end = min(r[-1]["elapsed"] for r in recs.values())
-        both = {p: rate_until(r, end) for p, r in recs.items()}
+        rates = {p: rate_until(r, end) for p, r in recs.items()}
         print(
-            f"while both trained (the first {end:.0f} s): MoE {both['small']:,.0f} tokens/s, "
-            f"dense {both['dense-small']:,.0f}: {both['small'] / both['dense-small']:.2f}x"
+            f"while both trained (the first {end:.0f} s): MoE {rates['small']:,.0f} tokens/s, "
+            f"dense {rates['dense-small']:,.0f}: {rates['small'] / rates['dense-small']:.2f}x"
         )
     f_reach, t_reach = first_reach(moe, target, "flops"), first_reach(moe, target, "seconds")
     if f_reach is None:

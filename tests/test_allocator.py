@@ -1,5 +1,6 @@
-"""nanoseek.device.preload_tcmalloc: `nanoseek train` and `make run` restart themselves on
-tcmalloc where it is installed (Debian's libtcmalloc-minimal4: .ci/run installs it)."""
+"""nanoseek.device.preload_tcmalloc: `nanoseek train` / `sft` / `rl` and `make run` restart
+themselves on tcmalloc where it is installed (Debian's libtcmalloc-minimal4: .ci/run installs
+it)."""
 
 from __future__ import annotations
 

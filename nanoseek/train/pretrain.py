@@ -291,7 +291,8 @@ def start_run_files(
     atomic_write_text(out / "train_config.json", json.dumps(tc.to_dict(), indent=2) + "\n")
     print(
         f"training {tc.preset} ({human(model.num_params())} parameters, vocab "
-        f"{cfg.vocab_size}) on {rt.device} {str(rt.dtype)[6:]}{allocator_note(rt.device)}, {rt.world} process(es), "
+        f"{cfg.vocab_size}) on {rt.device} {str(rt.dtype)[6:]}{allocator_note(rt.device)}, "
+        f"{rt.world} process(es), "
         f"{tokens_per_step:,} tokens/step -> {out}",
         file=sys.stderr,
     )

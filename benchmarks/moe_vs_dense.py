@@ -19,8 +19,9 @@ not want the same batch or LR; --moe-lr LR is --moe-train lr=LR). --moe-budget F
 MoE on F times the dense model's tokens, with its LR and balancing schedules set for that
 budget: the iso-loss question asked directly (does a shorter MoE run, decayed in full, end at
 or below the dense final loss, and in what fraction of its wall time?), where the reach within
-a full-budget MoE run reads a loss from the middle of its decay. Prints a table and saves
-docs/moe_vs_dense.png (validation loss against training FLOPs and against wall time).
+a full-budget MoE run reads a loss from the middle of its decay. Prints a table, the MoE's
+lead over the run (at 25/50/75/100% of the tokens), where it reaches the dense final loss,
+and saves docs/moe_vs_dense.png (validation loss against training FLOPs and against wall time).
 Like `nanoseek train`, it runs on tcmalloc where that is installed (NANOSEEK_TCMALLOC=0: glibc).
 """
 
@@ -74,6 +75,25 @@ def first_reach(c: dict[str, np.ndarray], target: float, key: str) -> float | No
             f = (v[i - 1] - target) / (v[i - 1] - v[i])
             return float(c[key][i - 1] + f * (c[key][i] - c[key][i - 1]))
     return None
+
+
+def lead_at(
+    moe: dict[str, np.ndarray], dense: dict[str, np.ndarray], fractions: list[float]
+) -> list[float | None]:
+    """The MoE's lead (dense minus MoE validation loss, each curve interpolated linearly) at
+    each fraction of the dense model's tokens; None where a curve does not cover that point
+    (a --moe-budget run ends early). Where the lead is spent says whether the dense model
+    catches up in its decay or before it."""
+    leads: list[float | None] = []
+    for f in fractions:
+        t = f * dense["tokens"][-1]
+        inside = [c["tokens"][0] <= t <= c["tokens"][-1] for c in (moe, dense)]
+        if not all(inside):
+            leads.append(None)
+            continue
+        interp = [float(np.interp(t, c["tokens"], c["val"])) for c in (dense, moe)]
+        leads.append(interp[0] - interp[1])
+    return leads
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -269,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
             f"while both trained (the first {end:.0f} s): MoE {rates['small']:,.0f} tokens/s, "
             f"dense {rates['dense-small']:,.0f}: {rates['small'] / rates['dense-small']:.2f}x"
         )
+    quarters = [0.25, 0.5, 0.75, 1.0]
+    leads = " / ".join("-" if x is None else f"{x:+.3f}" for x in lead_at(moe, dense, quarters))
+    print(f"the MoE's lead (dense - MoE validation loss) at 25/50/75/100% of the tokens: {leads}")
     f_reach, t_reach = first_reach(moe, target, "flops"), first_reach(moe, target, "seconds")
     if f_reach is None:
         print(

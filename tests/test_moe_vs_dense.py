@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.moe_vs_dense import first_reach, train_overrides
+from benchmarks.moe_vs_dense import first_reach, lead_at, train_overrides
 
 
 def test_train_overrides_split_both_and_moe_only():
@@ -30,6 +30,15 @@ def test_first_reach_interpolates_where_the_curve_meets_the_target():
     assert first_reach(c, 4.5, "seconds") == pytest.approx(25.0)
     assert first_reach(c, 5.5, "seconds") == 10.0
     assert first_reach(c, 4.0, "seconds") is None
+
+
+def test_lead_at_interpolates_both_curves_and_marks_points_a_short_run_lacks():
+    dense = {"tokens": np.array([100.0, 200.0, 400.0]), "val": np.array([6.0, 5.0, 4.0])}
+    moe = {"tokens": np.array([100.0, 200.0, 300.0]), "val": np.array([5.8, 4.9, 4.6])}
+    # at 100 tokens: 6.0 - 5.8; at 200: 5.0 - 4.9; at 300 (dense 4.5) 4.5 - 4.6; 400: none
+    leads = lead_at(moe, dense, [0.25, 0.5, 0.75, 1.0])
+    assert leads[:3] == pytest.approx([0.2, 0.1, -0.1])
+    assert leads[3] is None
 
 
 @pytest.mark.parametrize("budget", ["0", "1.5", "-0.2"])

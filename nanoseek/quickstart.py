@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     # 5.78 vs 6.28 for the defaults); over the full 5 minutes the gain was small (4.94 vs 4.96).
     # No MTP loss: at this size the MTP module (a seventh block and a second pass through the
     # head) costs ~1.3x a step, more than it teaches in 5 minutes (twenty-fourth session:
-    # validation 4.48 at 2.1M tokens without it against 4.73 at 1.65M with it).
+    # validation 4.48-4.53 at 2.1M tokens without it against 4.73 at 1.65M with it).
     tc = make_config(
         preset="small",
         data=str(shards),

@@ -2,17 +2,22 @@
 
 Meant for a lent GPU (one command, a few minutes), runnable on CPU too:
 
-    python -m benchmarks.device_check [--device cuda] [--preset small] [--steps 20]
+    python -m benchmarks.device_check [--device cuda] [--presets small,dense-small]
+                                      [--batch 16] [--seq 512] [--steps 20]
 
-It reports, in one table: training tokens/s and MFU (bf16 autocast, fused loss, AdamW) against
-the catalog's peak for the detected GPU (or this CPU's measured peak), whether the loss fell;
-then decode on the same model: absorbed path equal to the plain path (max logit difference),
-greedy speculative output equal to plain greedy, and decode tokens/s at batch 1 and 8.
+It reports, in one table: for each preset, training tokens/s and MFU (bf16 autocast, fused
+loss, AdamW) against the catalog's peak for the detected GPU (or this CPU's measured peak) and
+whether the loss fell; for a MoE preset on CUDA, its step again with the experts in the
+per-expert loop (`moe.GPU_GROUPED` off) against the grouped GEMMs, and the two paths' outputs
+and gradients on one MoE layer; then decode on the first preset: absorbed path equal to the
+plain path (max logit difference), greedy speculative output equal to plain greedy, and
+decode tokens/s at batch 1 and 8.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import torch
@@ -21,6 +26,8 @@ from nanoseek.compute import find_gpu, flops_per_token, load_catalog, measure_ma
 from nanoseek.config import get_preset
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.model import Transformer
+from nanoseek.model import moe as moe_module
+from nanoseek.model.moe import MoE
 from nanoseek.utils import format_table
 
 
@@ -72,6 +79,81 @@ def train_check(model, device, batch, seq, steps) -> dict[str, float]:
     }
 
 
+def parity_check(device: torch.device) -> float | None:
+    """Max |logit difference| against `transformers`' DeepseekV3ForCausalLM on the same
+    random weights (fp32, TF32 off), on `device`; None without `transformers`."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    import nanoseek
+
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=80,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        kv_lora_rank=16,
+        q_lora_rank=32,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        qk_nope_head_dim=16,
+        n_group=2,
+        topk_group=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    ref = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp)
+        ours = nanoseek.from_pretrained(tmp).eval()
+    ref, ours = ref.to(device), ours.to(device)
+    ids = torch.randint(0, cfg.vocab_size, (3, 40), device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            return (ours(ids).logits - ref(ids).logits).abs().max().item()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def experts_check(model, device, tokens: int) -> float:
+    """Largest difference, relative to the largest value, between the grouped-GEMM and the
+    per-expert-loop experts (`Experts.grouped` vs `Experts.sorted`) in bf16 on one MoE
+    layer: output and the gradients of input, gate weights and expert weights."""
+    layer = next(m for m in model.modules() if isinstance(m, MoE))
+    ex = layer.experts
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, ex.w13.shape[2], device=device, generator=g)
+    probe = torch.randn(x.shape, device=device, generator=g)
+    with torch.no_grad():
+        weights, indices, _ = layer.gate(x)
+
+    def run(path: str) -> list[torch.Tensor]:
+        xg, wg = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        ex.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = getattr(ex, path)(xg, wg, indices)
+        (y.float() * probe).sum().backward()
+        out = [y.float(), xg.grad, wg.grad, ex.w13.grad.clone(), ex.w2.grad.clone()]
+        ex.zero_grad(set_to_none=True)
+        return out
+
+    grouped, loop = run("grouped"), run("sorted")
+    return max(
+        ((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grouped, loop, strict=True)
+    )
+
+
 def decode_check(model, device) -> dict[str, float]:
     model.eval()
     prompts = [[1 + i, 7, 3 + i, 9] for i in range(8)]
@@ -105,27 +187,62 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--preset", default="small")
+    ap.add_argument("--presets", default="small,dense-small", help="comma-separated")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = Transformer(get_preset(args.preset)).to(device)
+    presets = args.presets.split(",")
     peak, peak_src = peak_flops(device)
-    t = train_check(model, device, args.batch, args.seq, args.steps)
-    d = decode_check(model, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"\ndevice check: {name}, preset {args.preset}, batch {args.batch} x {args.seq}, torch {torch.__version__}"
+        f"\ndevice check: {name}, batch {args.batch} x {args.seq}, torch {torch.__version__}, "
+        f"MFU against {peak_src} ({peak / 1e12:.0f} TFLOP/s)",
+        flush=True,
     )
-    rows = [
-        ("train tokens/s (bf16 autocast, MTP on)", f"{t['tokens_per_s']:,.0f}"),
-        (f"train MFU (vs {peak_src}, {peak / 1e12:.0f} TFLOP/s)", f"{t['flops_per_s'] / peak:.1%}"),
-        (f"loss, step 1 -> {args.steps}", f"{t['first_loss']:.3f} -> {t['last_loss']:.3f}"),
+    rows, rates, first = [], {}, None
+    diff = parity_check(device)
+    parity = "transformers not installed" if diff is None else f"{diff:.2e}"
+    rows.append(("logits vs transformers DeepSeek-V3 (fp32, tiny config), max diff", parity))
+    print(format_table(rows), flush=True)
+    for preset in presets:
+        torch.manual_seed(0)
+        model = Transformer(get_preset(preset)).to(device)
+        first = first or model
+        is_moe = any(isinstance(m, MoE) for m in model.modules())
+        paths = [("", moe_module.GPU_GROUPED)]
+        if is_moe and device.type == "cuda" and moe_module.GPU_GROUPED:
+            paths.append((", experts in the per-expert loop", False))
+            err = experts_check(model, device, args.batch * args.seq)
+            rows.append((f"{preset}: grouped vs loop experts, max rel diff (bf16)", f"{err:.2e}"))
+        for label, grouped in paths:
+            moe_module.GPU_GROUPED = grouped
+            try:
+                t = train_check(model, device, args.batch, args.seq, args.steps)
+            finally:
+                moe_module.GPU_GROUPED = paths[0][1]
+            rates[preset + label] = t["tokens_per_s"]
+            rows += [
+                (f"{preset}{label}: train tokens/s (bf16, MTP on)", f"{t['tokens_per_s']:,.0f}"),
+                (f"{preset}{label}: MFU", f"{t['flops_per_s'] / peak:.1%}"),
+                (
+                    f"{preset}{label}: loss, step 1 -> {args.steps}",
+                    f"{t['first_loss']:.3f} -> {t['last_loss']:.3f}",
+                ),
+            ]
+            print(format_table(rows[-3:]), flush=True)
+    if len(presets) > 1 and presets[0] in rates and presets[1] in rates:
+        rows.append(
+            (
+                f"{presets[0]} tokens/s / {presets[1]}'s",
+                f"{rates[presets[0]] / rates[presets[1]]:.2f}x",
+            )
+        )
+    d = decode_check(first, device)
+    rows += [
         (
-            "absorbed vs plain, max logit diff (fp32 weights)",
+            f"{presets[0]}: absorbed vs plain, max logit diff (fp32 weights)",
             f"{d['absorbed_vs_plain_max_diff']:.2e}",
         ),
         ("greedy: absorbed == plain", "yes" if d["greedy_same"] else "NO"),
@@ -133,6 +250,7 @@ def main() -> None:
         ("decode tokens/s, batch 1", f"{d['decode_tok_s_batch1']:,.0f}"),
         ("decode tokens/s, batch 8", f"{d['decode_tok_s_batch8']:,.0f}"),
     ]
+    print()
     print(format_table(rows))
 
 

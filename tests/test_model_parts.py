@@ -88,9 +88,11 @@ def test_expert_dispatch_equals_a_per_token_reference():
     assert torch.equal(counts, torch.bincount(idx.flatten(), minlength=16))
 
 
-def test_grouped_experts_equal_sorted_experts_with_gradients():
-    """The compiled path (grouped_mm, permutations) against the eager loop: outputs and every
-    gradient, with an expert that gets no token."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_equal_sorted_experts_with_gradients(dtype):
+    """The grouped path (grouped_mm, permutations: compiled CPU fp32, and CUDA bf16) against
+    the eager loop: outputs and every gradient, with an expert that gets no token; in bf16
+    under autocast, as CUDA training runs it, within bf16 rounding."""
     torch.manual_seed(4)
     moe = MoE(gate_config(moe_intermediate_size=8))
     for p in moe.parameters():
@@ -105,7 +107,8 @@ def test_grouped_experts_equal_sorted_experts_with_gradients():
         xg, wg = x.clone().requires_grad_(), w.detach().clone().requires_grad_()
         ex = moe.experts
         ex.zero_grad()
-        y = getattr(ex, path)(xg, wg, idx)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            y = getattr(ex, path)(xg, wg, idx)
         (y * probe).sum().backward()
         return y, xg.grad, wg.grad, ex.w13.grad.clone(), ex.w2.grad.clone()
 
@@ -113,8 +116,10 @@ def test_grouped_experts_equal_sorted_experts_with_gradients():
     for grads in (grouped, eager):
         assert grads[3][5].abs().max() == 0 and grads[3].abs().max() > 0
         assert grads[4][5].abs().max() == 0
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: 8 bits of mantissa
     for got, want in zip(grouped, eager, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
 
 
 def test_sorted_experts_pad_their_blocks_in_bf16():

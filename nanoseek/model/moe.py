@@ -265,6 +265,11 @@ class _FusedExpertLoop(torch.autograd.Function):
 
 # NANOSEEK_EXPERT_KERNEL=0 keeps CPU training on the Python loop (benchmarks flip this)
 EXPERT_KERNEL = os.environ.get("NANOSEEK_EXPERT_KERNEL", "1") != "0"
+# F.grouped_mm is public from torch 2.10; torch._grouped_mm (CUDA only) before it
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# CUDA training in bf16 runs the experts as grouped GEMMs (`Experts.grouped`) where torch has
+# them; False keeps the per-expert loop with its host sync (benchmarks.device_check compares)
+GPU_GROUPED = _GROUPED_MM is not None
 
 
 @functools.cache
@@ -304,7 +309,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     """F.grouped_mm as an op torch.compile does not look into: its meta function accepts
     only bf16 (the CUDA kernel's rule) while the CPU kernel runs any dtype. Forward: a [M, K]
     rows grouped by `offs`, b [E, K, N] -> [M, N]; backward uses the [K, M] x [M, N] form."""
-    return F.grouped_mm(a, b, offs=offs)
+    return _GROUPED_MM(a, b, offs=offs)
 
 
 @grouped_mm.register_fake
@@ -375,14 +380,18 @@ class Experts(nn.Module):
         counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [N, d]; each token goes to its k experts (`indices` [N, k], gate `weights`
-        [N, k]), `counts` [E] tokens per expert -> [N, d]. Eager: `sorted`. Under
-        torch.compile on CPU in fp32: `grouped`, which the compiler traces whole (no host
-        sync, no shape that changes per step) and fuses the elementwise work around."""
-        # bf16 stays on `sorted` (a graph break per layer): CPU grouped_mm runs one oneDNN
-        # matmul per expert, and oneDNN builds a kernel for every new bf16 shape (16 ms a
-        # call on `small`; the whole compiled step 1.45x slower than eager; now even)
-        compiling = x.device.type == "cpu" and torch.compiler.is_compiling()
-        if compiling and _compute_dtype(x) == torch.float32:
+        [N, k]), `counts` [E] tokens per expert -> [N, d]. On CPU, eager: `sorted`; under
+        torch.compile in fp32: `grouped`, which the compiler traces whole (no host sync, no
+        shape that changes per step) and fuses the elementwise work around. On CUDA in bf16:
+        `grouped` (one grouped GEMM kernel per product, no host sync) where
+        `GPU_GROUPED` allows it."""
+        # bf16 on CPU stays on `sorted` (a graph break per layer): CPU grouped_mm runs one
+        # oneDNN matmul per expert, and oneDNN builds a kernel for every new bf16 shape (16 ms
+        # a call on `small`; the whole compiled step 1.45x slower than eager; now even)
+        dt, device = _compute_dtype(x), x.device.type
+        if device == "cuda" and dt == torch.bfloat16 and GPU_GROUPED:
+            return self.grouped(x, weights, indices, counts)
+        if device == "cpu" and torch.compiler.is_compiling() and dt == torch.float32:
             return self.grouped(x, weights, indices, counts)
         return self.sorted(x, weights, indices, counts)
 

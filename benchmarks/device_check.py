@@ -3,15 +3,16 @@
 Meant for a lent GPU (one command, a few minutes), runnable on CPU too:
 
     python -m benchmarks.device_check [--device cuda] [--presets small,dense-small]
-                                      [--batch 16] [--seq 512] [--steps 20]
+                                      [--batch 16] [--seq 512] [--steps 20] [--compile]
 
 It reports, in one table: for each preset, training tokens/s and MFU (bf16 autocast, fused
 loss, AdamW) against the catalog's peak for the detected GPU (or this CPU's measured peak) and
 whether the loss fell; for a MoE preset on CUDA, its step again with the experts in the
 per-expert loop (`moe.GPU_GROUPED` off) against the grouped GEMMs, and the two paths' outputs
-and gradients on one MoE layer; then decode on the first preset: absorbed path equal to the
-plain path (max logit difference), greedy speculative output equal to plain greedy, and
-decode tokens/s at batch 1 and 8.
+and gradients on one MoE layer; with --compile, each preset's step under torch.compile too
+(and its first step, the compilation); then decode on the first preset: absorbed path equal
+to the plain path (max logit difference), greedy speculative output equal to plain greedy,
+and decode tokens/s at batch 1 and 8.
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_check(model, device, batch, seq, steps) -> dict[str, float]:
+def train_check(model, device, batch, seq, steps, compile=False) -> dict[str, float]:
+    """Steps of bf16 training on a learnable pattern -> tokens/s (median step after the
+    first two: a compiled model compiles in them), FLOP/s, first and last loss, and the first
+    step's seconds (with `compile`, the compilation's)."""
     cfg = model.config
+    step_model = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), fused=True)
     # a learnable signal: each sequence repeats a random 32-token pattern
     g = torch.Generator().manual_seed(0)
@@ -61,7 +66,7 @@ def train_check(model, device, batch, seq, steps) -> dict[str, float]:
         sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(inputs, targets=targets, mtp_weight=0.3).loss
+            loss = step_model(inputs, targets=targets, mtp_weight=0.3).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -76,6 +81,7 @@ def train_check(model, device, batch, seq, steps) -> dict[str, float]:
         "flops_per_s": tps * flops_per_token(cfg, seq),
         "first_loss": losses[0],
         "last_loss": losses[-1],
+        "first_step_s": times[0],
     }
 
 
@@ -191,7 +197,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument(
+        "--compile", action="store_true", help="add each preset's step under torch.compile"
+    )
     args = ap.parse_args()
+    if args.steps < 3:
+        raise SystemExit("--steps must be at least 3 (the first two are not timed)")
     device = torch.device(args.device)
     presets = args.presets.split(",")
     peak, peak_src = peak_flops(device)
@@ -211,17 +222,20 @@ def main() -> None:
         model = Transformer(get_preset(preset)).to(device)
         first = first or model
         is_moe = any(isinstance(m, MoE) for m in model.modules())
-        paths = [("", moe_module.GPU_GROUPED)]
-        if is_moe and device.type == "cuda" and moe_module.GPU_GROUPED:
-            paths.append((", experts in the per-expert loop", False))
+        grouped = moe_module.GPU_GROUPED
+        paths = [("", grouped, False)]  # (label, experts as grouped GEMMs, compiled)
+        if is_moe and device.type == "cuda" and grouped:
+            paths.append((", experts in the per-expert loop", False, False))
             err = experts_check(model, device, args.batch * args.seq)
             rows.append((f"{preset}: grouped vs loop experts, max rel diff (bf16)", f"{err:.2e}"))
-        for label, grouped in paths:
-            moe_module.GPU_GROUPED = grouped
+        if args.compile:
+            paths.append((", torch.compile", grouped, True))
+        for label, grouped_path, compiled in paths:
+            moe_module.GPU_GROUPED = grouped_path
             try:
-                t = train_check(model, device, args.batch, args.seq, args.steps)
+                t = train_check(model, device, args.batch, args.seq, args.steps, compiled)
             finally:
-                moe_module.GPU_GROUPED = paths[0][1]
+                moe_module.GPU_GROUPED = grouped
             rates[preset + label] = t["tokens_per_s"]
             rows += [
                 (f"{preset}{label}: train tokens/s (bf16, MTP on)", f"{t['tokens_per_s']:,.0f}"),
@@ -231,7 +245,11 @@ def main() -> None:
                     f"{t['first_loss']:.3f} -> {t['last_loss']:.3f}",
                 ),
             ]
-            print(format_table(rows[-3:]), flush=True)
+            if compiled:
+                rows.append(
+                    (f"{preset}{label}: first step (compiling)", f"{t['first_step_s']:.1f} s")
+                )
+            print(format_table(rows[-4 if compiled else -3 :]), flush=True)
     if len(presets) > 1 and presets[0] in rates and presets[1] in rates:
         rows.append(
             (

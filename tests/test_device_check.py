@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.device_check import experts_check, parity_check, train_check
+from benchmarks.device_check import decode_check, experts_check, parity_check, train_check
 from nanoseek.config import get_preset
 from nanoseek.model import Transformer
 
@@ -32,3 +32,11 @@ def test_train_check_learns_the_pattern():
     t = train_check(model, cpu, batch=2, seq=64, steps=6)
     assert t["tokens_per_s"] > 0 and t["flops_per_s"] > 0
     assert t["last_loss"] < t["first_loss"] - 0.5
+
+
+def test_decode_check_paths_agree():
+    torch.manual_seed(0)
+    d = decode_check(Transformer(get_preset("tiny")), cpu)
+    assert d["absorbed_vs_plain_max_diff"] <= 1e-4
+    assert d["greedy_same"] == 1.0 and d["speculative_same"] == 1.0
+    assert all(d[f"decode{w}_tok_s_batch{n}"] > 0 for w in ("", "_bf16") for n in (1, 8))

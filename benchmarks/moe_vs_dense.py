@@ -11,7 +11,8 @@ Both train on the same shards, batches and token budget with the same recipe (bu
 same windows. By default the two trainings run side by side, at the same time, each on half
 the cores: a shared machine's drift (other jobs, clock and cache state) then falls on both
 alike, which two 15-minute runs one after the other did not give (their tokens/s ratio moved
-by 0.1 between sessions). --sequential runs them one after the other on all the cores.
+by 0.1 between sessions). --sequential runs them one after the other on all the cores; on a
+GPU (`--train device=cuda`, or `auto` where there is one) they always run one after the other.
 --moe KEY=VALUE overrides a field of the MoE's model config (e.g. --moe
 routed_scaling_factor=1.0) to try a recipe; --train KEY=VALUE a training setting of both
 (e.g. --train batch_size=16), --moe-train KEY=VALUE one of the MoE's alone (the two models need
@@ -37,10 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from nanoseek.config import get_preset, param_counts
 from nanoseek.data import prepare
-from nanoseek.device import preload_tcmalloc
+from nanoseek.device import preload_tcmalloc, resolve_device
 from nanoseek.train import TrainConfig, make_config, train
 from nanoseek.train.metrics import read_metrics
 from nanoseek.utils import format_table, human
@@ -127,6 +129,12 @@ def train_overrides(
     return both, moe_only
 
 
+def runs_side_by_side(sequential: bool, cores: int, device: torch.device) -> bool:
+    """Side by side (half the cores each) only on a CPU: two trainings on one GPU would share
+    it unevenly (and its host cores are not what limits them)."""
+    return not sequential and cores >= 2 and device.type == "cpu"
+
+
 def run_both(configs: dict[str, TrainConfig], side_by_side: bool) -> dict[str, dict]:
     """Train every config -> {name: summary}: at the same time, one process each (spawned,
     so each sets its own thread count), or one after the other in this process."""
@@ -199,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     moe_model = dict(parse_override(item) for item in args.moe)
     both, moe_only = train_overrides(args.train, args.moe_train, args.moe_lr)
     cores = os.cpu_count() or 1
-    side_by_side = not args.sequential and cores >= 2
+    device = resolve_device(str(both.get("device", "auto")))
+    side_by_side = runs_side_by_side(args.sequential, cores, device)
     threads = cores // 2 if side_by_side else None
 
     shards = (

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from benchmarks.moe_vs_dense import first_reach, lead_at, train_overrides
+from benchmarks.moe_vs_dense import first_reach, lead_at, runs_side_by_side, train_overrides
 
 
 def test_train_overrides_split_both_and_moe_only():
@@ -47,3 +48,11 @@ def test_moe_budget_outside_zero_to_one_is_refused_before_training(budget):
 
     with pytest.raises(SystemExit, match="--moe-budget must be in"):
         main(["--moe-budget", budget])
+
+
+def test_side_by_side_only_on_a_cpu_with_cores_to_split():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert runs_side_by_side(False, 2, cpu)
+    assert not runs_side_by_side(True, 2, cpu)  # --sequential
+    assert not runs_side_by_side(False, 1, cpu)
+    assert not runs_side_by_side(False, 16, gpu)  # one GPU is not split between two runs

@@ -228,7 +228,8 @@ def main() -> None:
     for preset in presets:
         torch.manual_seed(0)
         model = Transformer(get_preset(preset)).to(device)
-        first = first or model
+        if first is None:  # decode runs on the first preset
+            first = model
         is_moe = any(isinstance(m, MoE) for m in model.modules())
         grouped = moe_module.GPU_GROUPED
         paths = [("", grouped, False)]  # (label, experts as grouped GEMMs, compiled)

@@ -21,7 +21,8 @@ Under torch.compile (the engine's `compile=True`) "grouped" and "gathered" run
 `MoE._compiled`: few tokens read their experts in place in one fused kernel per projection.
 
 Training runs the experts as one autograd node looping over them (`_ExpertLoop`); on CPU
-the loop is C++ (`_FusedExpertLoop`, nanoseek/kernels/experts.cpp) where it builds.
+the loop is C++ (`_FusedExpertLoop`, nanoseek/kernels/experts.cpp) where it builds. On CUDA
+in bf16 they run as grouped GEMMs instead (`Experts.grouped`: no loop, no host sync).
 """
 
 from __future__ import annotations

@@ -289,12 +289,14 @@ def _experts_step(moe, x, probe, bf16=False):
 # 12: a row shorter than a vector; 20: a vector (8 or 16 lanes) and a tail
 @pytest.mark.parametrize("inter", [32, 12, 20])
 @pytest.mark.parametrize("threads", [1, 2])  # 2: the experts shared out between the threads
-def test_fused_expert_loop_equals_the_python_loop(monkeypatch, inter, threads):
+@pytest.mark.parametrize("favoured", [None, 5])
+def test_fused_expert_loop_equals_the_python_loop(monkeypatch, inter, threads, favoured):
     """Training on CPU runs the experts in C++ (experts.cpp): the output and every gradient
     (the gate's through the gate weights) equal the Python loop's, to ~1e-6 in fp32 and
     within bf16's rounding under bf16 autocast (padded blocks there), an expert that gets no
     rows included (its gradient exactly zero), on one thread and with the experts run two
-    threads at a time."""
+    threads at a time. `favoured`: an expert every token picks, so that bf16's padded blocks
+    come in two sizes (128 rows and 64) and the threads' shares of rows are uneven."""
     from nanoseek.model import moe as M
 
     torch.manual_seed(7)
@@ -303,6 +305,10 @@ def test_fused_expert_loop_equals_the_python_loop(monkeypatch, inter, threads):
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
     moe.gate.bias[3] = -100.0  # expert 3 is never chosen
+    if favoured is not None:
+        moe.gate.bias[favoured] = 100.0
+        rows = (M.count_tokens(moe.gate(torch.randn(100, cfg.hidden_size))[1], 8) + 63) // 64
+        assert sorted(set(rows.tolist())) == [0, 1, 2]
     x, probe = torch.randn(2, 50, cfg.hidden_size), torch.randn(2, 50, cfg.hidden_size)
     for dtype in (torch.float32, torch.bfloat16):
         assert M._expert_loop(x, dtype) is M._FusedExpertLoop

@@ -407,3 +407,15 @@ def test_linear_cross_entropy_equals_cross_entropy_with_gradients(kernel, monkey
     assert bf16.dtype == torch.float32 and abs(bf16 - results[1][0]) < 0.02
     with torch.no_grad():
         assert linear_cross_entropy(h0, w0, torch.full((N,), -100)).isnan()
+
+
+def test_grouped_gemm_needs_an_ampere_or_newer_gpu(monkeypatch):
+    """CUDA bf16 training takes the grouped GEMMs only where the GPU has them (sm80+): an
+    older GPU given --dtype bf16 keeps the per-expert loop instead of failing in the kernel."""
+    from nanoseek.model import moe as M
+
+    for capability, expected in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        M._has_grouped_gemm.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+        assert M._has_grouped_gemm(torch.device("cuda", 0)) is expected
+    M._has_grouped_gemm.cache_clear()

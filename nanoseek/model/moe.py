@@ -274,6 +274,12 @@ GPU_GROUPED = _GROUPED_MM is not None
 
 
 @functools.cache
+def _has_grouped_gemm(device: torch.device) -> bool:
+    """CUDA's grouped GEMM needs compute capability 8.0 or newer (Ampere on)."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+@functools.cache
 def expert_kernel_builds() -> bool:
     """Whether experts.cpp builds and loads here (once a process; a warning if not)."""
     return builds(experts_library, "the experts train through the Python loop instead")
@@ -385,13 +391,14 @@ class Experts(nn.Module):
         torch.compile in fp32: `grouped`, which the compiler traces whole (no host sync, no
         shape that changes per step) and fuses the elementwise work around. On CUDA in bf16:
         `grouped` (one grouped GEMM kernel per product, no host sync) where
-        `GPU_GROUPED` allows it."""
+        `GPU_GROUPED` allows it and the GPU has the kernel (compute capability 8.0+)."""
         # bf16 on CPU stays on `sorted` (a graph break per layer): CPU grouped_mm runs one
         # oneDNN matmul per expert, and oneDNN builds a kernel for every new bf16 shape (16 ms
         # a call on `small`; the whole compiled step 1.45x slower than eager; now even)
         dt, device = _compute_dtype(x), x.device.type
         if device == "cuda" and dt == torch.bfloat16 and GPU_GROUPED:
-            return self.grouped(x, weights, indices, counts)
+            if _has_grouped_gemm(x.device):
+                return self.grouped(x, weights, indices, counts)
         if device == "cpu" and torch.compiler.is_compiling() and dt == torch.float32:
             return self.grouped(x, weights, indices, counts)
         return self.sorted(x, weights, indices, counts)

@@ -50,12 +50,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_check(model, device, batch, seq, steps, compile=False) -> dict[str, float]:
+def train_check(model, device, batch, seq, steps, compiled=False) -> dict[str, float]:
     """Steps of bf16 training on a learnable pattern -> tokens/s (median step after the
     first two: a compiled model compiles in them), FLOP/s, first and last loss, and the first
-    step's seconds (with `compile`, the compilation's)."""
+    step's seconds (with `compiled`, the compilation's)."""
     cfg = model.config
-    step_model = torch.compile(model) if compile else model
+    step_model = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), fused=True)
     # a learnable signal: each sequence repeats a random 32-token pattern
     g = torch.Generator().manual_seed(0)
@@ -88,7 +88,8 @@ def train_check(model, device, batch, seq, steps, compile=False) -> dict[str, fl
 
 def parity_check(device: torch.device) -> float | None:
     """Max |logit difference| against `transformers`' DeepseekV3ForCausalLM on the same
-    random weights (fp32, TF32 off), on `device`; None without `transformers`."""
+    random weights (`tiny` without MTP, written by `save_pretrained`; fp32, TF32 off), on
+    `device`; None without `transformers`."""
     try:
         import transformers
     except ImportError:
@@ -96,34 +97,12 @@ def parity_check(device: torch.device) -> float | None:
     import nanoseek
 
     torch.manual_seed(0)
-    cfg = transformers.DeepseekV3Config(
-        vocab_size=96,
-        hidden_size=48,
-        intermediate_size=80,
-        moe_intermediate_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        n_shared_experts=1,
-        n_routed_experts=8,
-        kv_lora_rank=16,
-        q_lora_rank=32,
-        qk_rope_head_dim=8,
-        v_head_dim=12,
-        qk_nope_head_dim=16,
-        n_group=2,
-        topk_group=1,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
-        routed_scaling_factor=2.5,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    ref = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    ours = Transformer(get_preset("tiny").replace(num_nextn_predict_layers=0)).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        ref.save_pretrained(tmp)
-        ours = nanoseek.from_pretrained(tmp).eval()
+        nanoseek.save_pretrained(ours, tmp)
+        ref = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp).eval()
     ref, ours = ref.to(device), ours.to(device)
-    ids = torch.randint(0, cfg.vocab_size, (3, 40), device=device)
+    ids = torch.randint(0, ours.config.vocab_size, (3, 40), device=device)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -223,7 +202,7 @@ def main() -> None:
     rows, rates, first = [], {}, None
     diff = parity_check(device)
     parity = "transformers not installed" if diff is None else f"{diff:.2e}"
-    rows.append(("logits vs transformers DeepSeek-V3 (fp32, tiny config), max diff", parity))
+    rows.append(("logits vs transformers DeepSeek-V3 (fp32, `tiny`), max diff", parity))
     print(format_table(rows), flush=True)
     for preset in presets:
         torch.manual_seed(0)

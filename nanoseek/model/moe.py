@@ -396,9 +396,13 @@ class Experts(nn.Module):
         # oneDNN matmul per expert, and oneDNN builds a kernel for every new bf16 shape (16 ms
         # a call on `small`; the whole compiled step 1.45x slower than eager; now even)
         dt, device = _compute_dtype(x), x.device.type
-        if device == "cuda" and dt == torch.bfloat16 and GPU_GROUPED:
-            if _has_grouped_gemm(x.device):
-                return self.grouped(x, weights, indices, counts)
+        if (
+            device == "cuda"
+            and dt == torch.bfloat16
+            and GPU_GROUPED
+            and _has_grouped_gemm(x.device)
+        ):
+            return self.grouped(x, weights, indices, counts)
         if device == "cpu" and torch.compiler.is_compiling() and dt == torch.float32:
             return self.grouped(x, weights, indices, counts)
         return self.sorted(x, weights, indices, counts)

@@ -22,7 +22,8 @@ budget: the iso-loss question asked directly (does a shorter MoE run, decayed in
 or below the dense final loss, and in what fraction of its wall time?), where the reach within
 a full-budget MoE run reads a loss from the middle of its decay. Prints a table, the MoE's
 lead over the run (at 25/50/75/100% of the tokens), where it reaches the dense final loss,
-and saves docs/moe_vs_dense.png (validation loss against training FLOPs and against wall time).
+its expert load (the worst early in the run, where tokens herd onto few experts, and at the
+end), and saves docs/moe_vs_dense.png (validation loss against training FLOPs and against wall time).
 Like `nanoseek train`, it runs on tcmalloc where that is installed (NANOSEEK_TCMALLOC=0: glibc).
 """
 
@@ -77,6 +78,18 @@ def first_reach(c: dict[str, np.ndarray], target: float, key: str) -> float | No
             f = (v[i - 1] - target) / (v[i - 1] - v[i])
             return float(c[key][i - 1] + f * (c[key][i] - c[key][i - 1]))
     return None
+
+
+def expert_load(recs: list[dict[str, Any]], share: float = 0.1) -> tuple[float, int, float]:
+    """The MoE's routing balance over a run (its metrics records' per-layer max/mean tokens
+    per expert, averaged over the layers; 1 is even, E/k all tokens on one expert) ->
+    (the worst step's value in the first `share` of the steps, that step, the mean over the
+    last `share`). Early in a run every token's hidden state shares one direction, so the
+    tokens agree on their experts (the "herd"), whatever the router's own weights do."""
+    steps = [(r["step"], float(np.mean(r["load_max_mean"]))) for r in recs if "load_max_mean" in r]
+    n = max(1, round(len(steps) * share))
+    worst_step, worst = max(steps[:n], key=lambda s: s[1])
+    return worst, worst_step, float(np.mean([v for _, v in steps[-n:]]))
 
 
 def lead_at(
@@ -298,6 +311,12 @@ def main(argv: list[str] | None = None) -> None:
             f"while both trained (the first {end:.0f} s): MoE {rates['small']:,.0f} tokens/s, "
             f"dense {rates['dense-small']:,.0f}: {rates['small'] / rates['dense-small']:.2f}x"
         )
+    worst, at, late = expert_load(read_metrics(Path(moe_cfg.out) / "metrics.jsonl"))
+    print(
+        f"the MoE's expert load (max/mean tokens per expert, layers averaged; 1 is even): "
+        f"{worst:.2f} at worst in the first 10% of the steps (step {at}), {late:.2f} over "
+        f"the last 10%"
+    )
     quarters = [0.25, 0.5, 0.75, 1.0]
     leads = " / ".join("-" if x is None else f"{x:+.3f}" for x in lead_at(moe, dense, quarters))
     print(f"the MoE's lead (dense - MoE validation loss) at 25/50/75/100% of the tokens: {leads}")

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.moe_vs_dense import first_reach, lead_at, runs_side_by_side, train_overrides
+from benchmarks.moe_vs_dense import (
+    expert_load,
+    first_reach,
+    lead_at,
+    runs_side_by_side,
+    train_overrides,
+)
 
 
 def test_train_overrides_split_both_and_moe_only():
@@ -56,3 +62,15 @@ def test_side_by_side_only_on_a_cpu_with_cores_to_split():
     assert not runs_side_by_side(True, 2, cpu)  # --sequential
     assert not runs_side_by_side(False, 1, cpu)
     assert not runs_side_by_side(False, 16, gpu)  # one GPU is not split between two runs
+
+
+def test_expert_load_finds_the_early_herd_and_the_late_balance():
+    # 20 steps: a herd at step 2 (layers averaged 5.0), then 1.5 / 2.5 alternating; the
+    # evaluation records between steps carry no load and are skipped
+    loads = [[2.0, 2.0], [6.0, 4.0]] + [[1.0, 2.0], [2.0, 3.0]] * 9
+    recs = [{"step": i + 1, "load_max_mean": v} for i, v in enumerate(loads)]
+    recs.insert(5, {"step": 5, "val_loss": 5.0})
+    worst, step, late = expert_load(recs)  # first and last 10%: two steps each
+    assert (worst, step) == (5.0, 2)
+    assert late == pytest.approx(2.0)
+    assert expert_load(recs, share=0.5)[2] == pytest.approx(2.0)

@@ -80,13 +80,16 @@ def first_reach(c: dict[str, np.ndarray], target: float, key: str) -> float | No
     return None
 
 
-def expert_load(recs: list[dict[str, Any]], share: float = 0.1) -> tuple[float, int, float]:
+def expert_load(recs: list[dict[str, Any]], share: float = 0.1) -> tuple[float, int, float] | None:
     """The MoE's routing balance over a run (its metrics records' per-layer max/mean tokens
     per expert, averaged over the layers; 1 is even, E/k all tokens on one expert) ->
     (the worst step's value in the first `share` of the steps, that step, the mean over the
-    last `share`). Early in a run every token's hidden state shares one direction, so the
-    tokens agree on their experts (the "herd"), whatever the router's own weights do."""
+    last `share`); None for a run that logged no load. Early in a run every token's hidden
+    state shares one direction, so the tokens agree on their experts (the "herd"), whatever
+    the router's own weights do."""
     steps = [(r["step"], float(np.mean(r["load_max_mean"]))) for r in recs if "load_max_mean" in r]
+    if not steps:
+        return None
     n = max(1, round(len(steps) * share))
     worst_step, worst = max(steps[:n], key=lambda s: s[1])
     return worst, worst_step, float(np.mean([v for _, v in steps[-n:]]))
@@ -311,12 +314,14 @@ def main(argv: list[str] | None = None) -> None:
             f"while both trained (the first {end:.0f} s): MoE {rates['small']:,.0f} tokens/s, "
             f"dense {rates['dense-small']:,.0f}: {rates['small'] / rates['dense-small']:.2f}x"
         )
-    worst, at, late = expert_load(read_metrics(Path(moe_cfg.out) / "metrics.jsonl"))
-    print(
-        f"the MoE's expert load (max/mean tokens per expert, layers averaged; 1 is even): "
-        f"{worst:.2f} at worst in the first 10% of the steps (step {at}), {late:.2f} over "
-        f"the last 10%"
-    )
+    load = expert_load(read_metrics(Path(moe_cfg.out) / "metrics.jsonl"))
+    if load is not None:
+        worst, at, late = load
+        print(
+            f"the MoE's expert load (max/mean tokens per expert, layers averaged; 1 is even): "
+            f"{worst:.2f} at worst in the first 10% of the steps (step {at}), {late:.2f} over "
+            f"the last 10%"
+        )
     quarters = [0.25, 0.5, 0.75, 1.0]
     leads = " / ".join("-" if x is None else f"{x:+.3f}" for x in lead_at(moe, dense, quarters))
     print(f"the MoE's lead (dense - MoE validation loss) at 25/50/75/100% of the tokens: {leads}")

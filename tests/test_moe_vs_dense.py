@@ -74,3 +74,4 @@ def test_expert_load_finds_the_early_herd_and_the_late_balance():
     assert (worst, step) == (5.0, 2)
     assert late == pytest.approx(2.0)
     assert expert_load(recs, share=0.5)[2] == pytest.approx(2.0)
+    assert expert_load([{"step": 1, "loss": 9.0}]) is None  # a run without MoE layers

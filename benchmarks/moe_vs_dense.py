@@ -3,7 +3,8 @@ model's (`dense-small`: same activated parameters) final validation loss with le
 
     python -m benchmarks.moe_vs_dense [--tokens 8e5] [--data data/stdlib-8k] [--out runs/moe_vs_dense]
                                       [--compile] [--dtype fp32] [--sequential] [--moe-lr LR]
-                                      [--moe KEY=VALUE ...] [--train KEY=VALUE ...]
+                                      [--model KEY=VALUE ...] [--moe KEY=VALUE ...]
+                                      [--train KEY=VALUE ...]
                                       [--moe-train KEY=VALUE ...] [--moe-budget FRACTION]
 
 Both train on the same shards, batches and token budget with the same recipe (but what
@@ -13,8 +14,10 @@ the cores: a shared machine's drift (other jobs, clock and cache state) then fal
 alike, which two 15-minute runs one after the other did not give (their tokens/s ratio moved
 by 0.1 between sessions). --sequential runs them one after the other on all the cores; on a
 GPU (`--train device=cuda`, or `auto` where there is one) they always run one after the other.
---moe KEY=VALUE overrides a field of the MoE's model config (e.g. --moe
-routed_scaling_factor=1.0) to try a recipe; --train KEY=VALUE a training setting of both
+--model KEY=VALUE overrides a field of both models' configs (their shape: e.g. --model
+hidden_size=384 --model moe_intermediate_size=384), the dense model's MLP kept as wide as the
+MoE's shared and routed experts a token; --moe KEY=VALUE then a field of the MoE's alone (e.g.
+--moe routed_scaling_factor=1.0) to try a recipe; --train KEY=VALUE a training setting of both
 (e.g. --train batch_size=16), --moe-train KEY=VALUE one of the MoE's alone (the two models need
 not want the same batch or LR; --moe-lr LR is --moe-train lr=LR). --moe-budget F trains the
 MoE on F times the dense model's tokens, with its LR and balancing schedules set for that
@@ -41,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoseek.config import get_preset, param_counts
+from nanoseek.config import ModelConfig, get_preset, param_counts
 from nanoseek.data import prepare
 from nanoseek.device import preload_tcmalloc, resolve_device
 from nanoseek.train import TrainConfig, make_config, train
@@ -118,11 +121,39 @@ def parse_override(item: str) -> tuple[str, Any]:
     """'key=value' -> (key, value as JSON where it parses: numbers, true, null; else text)."""
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise SystemExit(f"--moe, --train and --moe-train take KEY=VALUE, got {item!r}")
+        raise SystemExit(f"--model, --moe, --train and --moe-train take KEY=VALUE, got {item!r}")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+# Fields the dense twin sets itself (it has no experts); `--model` applies the rest to both.
+DENSE_OWN = frozenset(
+    "first_k_dense_replace intermediate_size n_routed_experts n_shared_experts n_group "
+    "topk_group".split()
+)
+
+
+def model_overrides(shape: dict[str, Any], moe: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """--model (both models) and --moe (the MoE alone) -> each preset's model overrides. The
+    dense twin keeps `dense-small`'s rule: an MLP as wide as the MoE's shared + routed experts
+    a token, with the MoE's shape (before --moe's recipe changes, as top-k runs compare
+    against the same dense model)."""
+    unknown = shape.keys() - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise SystemExit(f"--model: no model config field {', '.join(sorted(unknown))}")
+    if DENSE_OWN & shape.keys():
+        raise SystemExit(
+            f"--model cannot set {', '.join(sorted(DENSE_OWN & shape.keys()))}: the dense "
+            "twin derives them; set the MoE's with --moe"
+        )
+    dense: dict[str, Any] = {}
+    if shape:
+        s = get_preset("small").replace(**shape)
+        width = (s.n_shared_experts + s.num_experts_per_tok) * s.moe_intermediate_size
+        dense = {**shape, "intermediate_size": width}
+    return {"small": {**shape, **moe}, "dense-small": dense}
 
 
 # Training settings the benchmark sets itself (its own flags, or what side by side needs).
@@ -190,6 +221,13 @@ def main(argv: list[str] | None = None) -> None:
         help="the MoE's peak learning rate (default: the training default, as the dense's)",
     )
     ap.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of both models' configs, e.g. hidden_size=384 (repeatable)",
+    )
+    ap.add_argument(
         "--moe",
         action="append",
         default=[],
@@ -220,7 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not 0 < args.moe_budget <= 1:
         raise SystemExit(f"--moe-budget must be in (0, 1], got {args.moe_budget}")
+    shape = dict(parse_override(item) for item in args.model)
     moe_model = dict(parse_override(item) for item in args.moe)
+    models = model_overrides(shape, moe_model)
     both, moe_only = train_overrides(args.train, args.moe_train, args.moe_lr)
     cores = os.cpu_count() or 1
     device = resolve_device(str(both.get("device", "auto")))
@@ -245,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
             dtype=args.dtype,
             threads=threads,
             progress=not side_by_side,  # two bars on one terminal garble each other
-            model=moe_model if preset == "small" and moe_model else None,
+            model=models[preset] or None,
             **{**both, **(moe_only if preset == "small" else {})},
         )
         for preset in ("small", "dense-small")
@@ -266,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
             f"MoE budget: {args.moe_budget:g} x the dense model's "
             f"({human(args.tokens * args.moe_budget)} tokens, its schedules set for them)"
         )
+    if shape:
+        print(f"both models' overrides: {shape}")
     if moe_model:
         print(f"MoE model overrides: {moe_model}")
     if both:
@@ -275,9 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"MoE {key} {getattr(moe_cfg, key)!r}, dense {getattr(dense_cfg, key)!r}")
     table = []
     for preset in ("small", "dense-small"):
-        cfg = get_preset(preset)
-        if preset == "small":
-            cfg = dataclasses.replace(cfg, **moe_model)
+        cfg = dataclasses.replace(get_preset(preset), **models[preset])
         s, pc = summaries[preset], param_counts(cfg)
         table.append(
             (
@@ -357,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     budget = {"budget": f"{args.moe_budget:g}x"} if args.moe_budget != 1 else {}
     recipe = ", ".join(f"{k}={v}" for k, v in {**moe_model, **moe_only, **budget}.items())
     recipe = f"MoE with {recipe}" if recipe else "same activated parameters"
-    fig.suptitle(f"MoE vs dense ({recipe}), {human(args.tokens)} tokens of the stdlib corpus")
+    at = " at " + ", ".join(f"{k}={v}" for k, v in shape.items()) if shape else ""
+    fig.suptitle(f"MoE vs dense{at} ({recipe}), {human(args.tokens)} tokens of the stdlib corpus")
     fig.tight_layout()
     Path(args.png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.png, dpi=110)

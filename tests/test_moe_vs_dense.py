@@ -11,6 +11,7 @@ from benchmarks.moe_vs_dense import (
     expert_load,
     first_reach,
     lead_at,
+    model_overrides,
     runs_side_by_side,
     train_overrides,
 )
@@ -75,3 +76,35 @@ def test_expert_load_finds_the_early_herd_and_the_late_balance():
     assert late == pytest.approx(2.0)
     assert expert_load(recs, share=0.5)[2] == pytest.approx(2.0)
     assert expert_load([{"step": 1, "loss": 9.0}]) is None  # a run without MoE layers
+
+
+def test_model_overrides_give_both_models_the_shape_and_the_dense_twin_its_width():
+    from nanoseek.config import get_preset, param_counts
+
+    shape = {"hidden_size": 384, "num_attention_heads": 6, "moe_intermediate_size": 384}
+    models = model_overrides(shape, {"num_experts_per_tok": 2})
+    # the dense MLP as wide as the unchanged MoE's shared + top-4 experts: 5 x 384
+    assert models["dense-small"] == {**shape, "intermediate_size": 1920}
+    assert models["small"] == {**shape, "num_experts_per_tok": 2}  # --moe: the MoE alone
+    # at top 4 the two models activate the same parameters, as small / dense-small do
+    moe, dense = model_overrides(shape, {}).values()
+    counts = [
+        param_counts(get_preset(p).replace(**o))
+        for p, o in (("small", moe), ("dense-small", dense))
+    ]
+    assert counts[0]["activated"] == pytest.approx(counts[1]["activated"], rel=0.01)
+    assert counts[0]["total"] > 3 * counts[1]["total"]
+    assert model_overrides({}, {}) == {"small": {}, "dense-small": {}}
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ({"n_routed_experts": 64}, "cannot set n_routed_experts"),
+        ({"intermediate_size": 512}, "cannot set intermediate_size"),
+        ({"hidden_sise": 384}, "no model config field hidden_sise"),
+    ],
+)
+def test_model_overrides_refuse_what_the_dense_twin_derives_and_unknown_fields(shape, message):
+    with pytest.raises(SystemExit, match=message):
+        model_overrides(shape, {})

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoseek.config import ModelConfig, get_preset, param_counts
+from nanoseek.config import ModelConfig, dense_twin, get_preset, param_counts
 from nanoseek.data import prepare
 from nanoseek.device import preload_tcmalloc, resolve_device
 from nanoseek.train import TrainConfig, make_config, train
@@ -150,8 +150,7 @@ def model_overrides(shape: dict[str, Any], moe: dict[str, Any]) -> dict[str, dic
         )
     dense: dict[str, Any] = {}
     if shape:
-        s = get_preset("small").replace(**shape)
-        width = (s.n_shared_experts + s.num_experts_per_tok) * s.moe_intermediate_size
+        width = dense_twin(get_preset("small").replace(**shape)).intermediate_size
         dense = {**shape, "intermediate_size": width}
     return {"small": {**shape, **moe}, "dense-small": dense}
 

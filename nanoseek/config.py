@@ -724,8 +724,12 @@ def _small_v4() -> V4Config:
 
 
 def _dense_small() -> ModelConfig:
-    # Same activated FFN width as `small` (shared + top-k experts = 5 x 256 = 1280), every layer dense.
-    s = _small()
+    return dense_twin(_small())
+
+
+def dense_twin(s: ModelConfig) -> ModelConfig:
+    """A MoE config's dense twin: every layer dense, its MLP as wide as the shared + top-k
+    experts a token (`small`: 5 x 256 = 1280), so both activate the same parameters."""
     width = (s.n_shared_experts + s.num_experts_per_tok) * s.moe_intermediate_size
     return s.replace(
         first_k_dense_replace=s.num_hidden_layers,

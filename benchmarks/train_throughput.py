@@ -4,6 +4,7 @@ DeepseekV3ForCausalLM with the same config, batch, dtype and optimizer settings.
     python -m benchmarks.train_throughput [--preset small] [--batch-size 8] [--seq-len 256]
                                           [--dtype auto|bf16|fp32] [--steps 10] [--warmup 3]
                                           [--compile] [--twin dense-small] [--python-experts]
+                                          [--bf16-states]
 
 Both sides: random tokens, AdamW, gradient clipping, bf16 autocast where the hardware has
 native bf16 matmul (else fp32). `transformers` has no MTP, so nanoseek is timed twice: with
@@ -14,6 +15,8 @@ compilation);
 --twin PRESET adds nanoseek's step for a second preset (MoE against its dense twin, in the
 same run). --python-experts adds the preset's step with its experts in the Python loop
 (`moe._ExpertLoop`): on CPU nanoseek runs them in C++ (`moe._FusedExpertLoop`).
+--bf16-states adds each nanoseek preset's step (MTP on) with AdamW's moments in bf16
+(`nanoseek train --optim-states bf16`, DeepSeek-V3's recipe).
 
 The rows' steps run interleaved (round after round, one step of each), after --warmup
 untimed steps of each, so a shared machine's drift falls on all alike.
@@ -50,12 +53,20 @@ def time_steps(step, warmup: int, steps: int) -> float:
 
 
 def nanoseek_step(
-    cfg, x, y, autocast, mtp_weight: float, compile: bool = False, expert_kernel: bool = True
+    cfg,
+    x,
+    y,
+    autocast,
+    mtp_weight: float,
+    compile: bool = False,
+    expert_kernel: bool = True,
+    states: str = "fp32",
 ):
-    """expert_kernel=False: the Python expert loop where fp32 would run the C++ one."""
+    """expert_kernel=False: the Python expert loop where fp32 would run the C++ one; states:
+    AdamW's moments' dtype."""
     torch.manual_seed(0)
     model = Transformer(cfg).train()
-    opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.1, states=states)
     layers = model.moe_layers()
     forward = torch.compile(model) if compile else model
 
@@ -112,6 +123,11 @@ def main(argv: list[str] | None = None) -> None:
         help="add the preset's step with the Python expert loop (CPU runs the C++ one)",
     )
     ap.add_argument(
+        "--bf16-states",
+        action="store_true",
+        help="add each nanoseek preset's step with AdamW's moments in bf16",
+    )
+    ap.add_argument(
         "--default-malloc",
         action="store_true",
         help="keep glibc's allocator defaults for every row (no keep_freed_memory)",
@@ -151,6 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         for compiled in [False] + ([True] if args.compile else []):
             label = f"nanoseek {preset} (MTP on{', compiled' if compiled else ''})"
             make = functools.partial(nanoseek_step, c, x, y, autocast, 0.3, compiled)
+            specs.append((label, make, flops_per_token(c, args.seq_len)))
+        if args.bf16_states:
+            label = f"nanoseek {preset} (MTP on, bf16 optimizer states)"
+            make = functools.partial(nanoseek_step, c, x, y, autocast, 0.3, states="bf16")
             specs.append((label, make, flops_per_token(c, args.seq_len)))
         if preset == args.preset and args.python_experts:
             label = f"nanoseek {preset} (MTP on, Python expert loop)"
@@ -193,6 +213,15 @@ def main(argv: list[str] | None = None) -> None:
         moe_tps = next(r[2] for r in rows if r[0] == f"nanoseek {args.preset} (MTP on)")
         twin_tps = next(r[2] for r in rows if r[0] == f"nanoseek {args.twin} (MTP on)")
         print(f"{args.preset} / {args.twin} tokens/s (MTP on, eager): {moe_tps / twin_tps:.2f}x")
+        if args.bf16_states:
+            moe_tps, twin_tps = (
+                next(r[2] for r in rows if r[0] == f"nanoseek {p} (MTP on, bf16 optimizer states)")
+                for p in (args.preset, args.twin)
+            )
+            print(
+                f"{args.preset} / {args.twin} tokens/s, both with bf16 optimizer states: "
+                f"{moe_tps / twin_tps:.2f}x"
+            )
     if tuned:
         print(
             f"nanoseek (MTP off) against transformers with glibc's defaults, as a plain loop "

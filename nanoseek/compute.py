@@ -572,11 +572,12 @@ def training_memory(
     micro_batch: int = 1,
     parallel: str = "fsdp",
     gpu: GPU | None = None,
+    optim_states: str = "fp32",
 ) -> dict[str, Any]:
     """Bytes per GPU to train `cfg` the way `nanoseek train` spreads it (docs/distributed.md):
     dense parameters sharded over all GPUs (FSDP2) or replicated (DDP), routed experts split
     over `ep` GPUs (and replicated over gpus / ep), fp32 master weights and gradients, AdamW's
-    two fp32 moments, bf16 matmuls. Activations are an estimate, per micro-batch of
+    two moments in `optim_states` (fp32, or bf16 as DeepSeek-V3 keeps them), bf16 matmuls. Activations are an estimate, per micro-batch of
     `micro_batch` x `seq_len` tokens: the tensors each block keeps for its backward, as
     nanoseek runs today (all kept), and with each block recomputed in the backward
     (activation checkpointing, which nanoseek does not do yet)."""
@@ -585,6 +586,9 @@ def training_memory(
         raise ComputeError(f"--ep {ep} must divide the GPU count ({gpus}) and the experts")
     if parallel not in ("fsdp", "ddp"):
         raise ComputeError(f"parallel must be fsdp or ddp, got {parallel!r}")
+    if optim_states not in ("fp32", "bf16"):
+        raise ComputeError(f"optimizer states must be fp32 or bf16, got {optim_states!r}")
+    moment_bytes = 8 if optim_states == "fp32" else 4  # two moments a parameter
     d, h, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_experts_per_tok
     counts = param_counts(cfg, include_mtp=True)
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
@@ -626,12 +630,12 @@ def training_memory(
         "layout": f"{parallel.upper()} x {gpus} dense, experts over {ep} ({gpus // ep} copies)",
         "weights_fp32_gb": 4 * local / 1e9,
         "grads_fp32_gb": 4 * local / 1e9,
-        "adam_moments_gb": 8 * local / 1e9,
+        "adam_moments_gb": moment_bytes * local / 1e9,
         "gathered_bf16_gb": gathered / 1e9,
         "activations_gb": kept / 1e9,
         "activations_recomputed_gb": recomputed / 1e9,
-        "total_gb": (16 * local + gathered + kept) / 1e9,
-        "total_recomputed_gb": (16 * local + gathered + recomputed) / 1e9,
+        "total_gb": ((8 + moment_bytes) * local + gathered + kept) / 1e9,
+        "total_recomputed_gb": ((8 + moment_bytes) * local + gathered + recomputed) / 1e9,
     }
     if gpu is not None and gpu.memory_gb:
         out["gpu"] = gpu.name

@@ -463,8 +463,14 @@ def test_training_memory_splits_the_parameters_as_the_layout_does():
     assert ddp["params_per_gpu"] == pytest.approx(total - routed + routed / 256)
     # recomputing each block keeps far less than keeping every block's activations
     assert r["activations_recomputed_gb"] < r["activations_gb"] / 10
+    # bf16 moments (DeepSeek-V3's): 4 bytes a parameter less, nothing else changes
+    half = training_memory(cfg, gpus=2048, ep=256, optim_states="bf16")
+    assert half["adam_moments_gb"] == pytest.approx(r["adam_moments_gb"] / 2)
+    assert r["total_gb"] - half["total_gb"] == pytest.approx(4 * r["params_per_gpu"] / 1e9)
     with pytest.raises(ComputeError, match="must divide"):
         training_memory(cfg, gpus=100, ep=64)
+    with pytest.raises(ComputeError, match="fp32 or bf16"):
+        training_memory(cfg, gpus=1, optim_states="fp8")
 
 
 # --- the DeepSeek family after V3: presets, decode FLOPs and KV cache against context ------

@@ -140,3 +140,22 @@ def test_a_failing_rank_ends_the_job_with_its_error(shards, tmp_path):
     assert time.perf_counter() - t0 < 120
     assert "injected failure in step 3 on rank 1" in p.stderr
     assert "rank      : 1" in p.stderr  # torchrun's summary: the first failure
+
+
+@pytest.mark.slow
+def test_bf16_optimizer_states_under_fsdp_and_expert_parallel(shards, tmp_path):
+    """`--optim-states bf16` on 2 ranks (FSDP2 + EP: the moments are DTensor shards, updated by
+    the torch-ops reference) trains what one process (the C++ step) trains, and a run killed
+    on 2 ranks resumes on 1 with its bf16 moments (DCP) on the same curve."""
+    flags = ("--optim-states", "bf16")
+    one = tmp_path / "one"
+    ok(launch(1, shards, one, *flags))
+    two = tmp_path / "two"
+    ok(launch(2, shards, two, "--ep", 2, *flags))
+    check_same_run(two, one)
+    moved = tmp_path / "moved"
+    p = launch(2, shards, moved, "--ep", 2, *flags, CRASH_AT_STEP=7)
+    assert p.returncode != 0 and "injected failure in step 7" in p.stderr
+    ok(launch(1, shards, moved, "--resume"))
+    check_same_run(moved, one)
+    assert json.loads((moved / "train_config.json").read_text())["optim_states"] == "bf16"

@@ -3,14 +3,11 @@ AdamW, and a training run that learns and resumes exactly."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from nanoseek.config import get_preset
 from nanoseek.model import Transformer
-from nanoseek.train import train
 from nanoseek.train.muon import MuonAdamW, muon_parameters, orthogonalize
 from nanoseek.train.run import build_optimizer
 
@@ -78,24 +75,7 @@ def test_muon_takes_the_block_matrices_and_leaves_the_rest_to_adamw():
 
 
 def test_training_with_muon_learns_and_resumes_exactly(tmp_path, monkeypatch):
-    from test_train import _crash_in_step, losses, tiny_run  # noqa: PLC0415
+    from test_train import learns_and_resumes_exactly  # noqa: PLC0415
 
-    from nanoseek.data import prepare
-
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(60):
-        (src / f"m{i}.py").write_text(f"def f{i % 5}(x):\n    return x + {i % 3}\n\n" * 8)
-    shards = prepare(str(src), tmp_path / "shards", vocab_size=300, verbose=False)
-    kw = dict(steps=8, save_every=4, optimizer="muon")
-    train(tiny_run(shards, tmp_path / "full", **kw))
-    full = losses(tmp_path / "full")
-    assert full[-1] < full[0] - 0.5
-    _crash_in_step(monkeypatch, 6)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_run(shards, tmp_path / "part", **kw))
-    monkeypatch.undo()
-    train(tiny_run(shards, tmp_path / "part", resume=True, **kw))
-    assert losses(tmp_path / "part") == full  # the Muon momenta came back exactly
-    saved = json.loads((tmp_path / "part" / "train_config.json").read_text())
-    assert saved["optimizer"] == "muon"
+    saved = learns_and_resumes_exactly(tmp_path, monkeypatch, optimizer="muon")
+    assert saved["optimizer"] == "muon"  # and the Muon momenta came back exactly

@@ -331,6 +331,28 @@ def _crash_in_step(monkeypatch, n: int) -> None:
     monkeypatch.setattr(pretrain_mod, "update_expert_bias", crash)
 
 
+def learns_and_resumes_exactly(tmp_path: Path, monkeypatch, **kw) -> dict:
+    """Train `tiny` 8 steps with the settings `kw` (checkpoints every 4): the loss falls, and a
+    run killed in step 6 and resumed reproduces the uninterrupted run's losses exactly (the
+    optimizer's state came back whole) -> the resumed run's saved train config."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(60):
+        (src / f"m{i}.py").write_text(f"def f{i % 5}(x):\n    return x + {i % 3}\n\n" * 8)
+    shards = prepare(str(src), tmp_path / "shards", vocab_size=300, verbose=False)
+    kw = dict(steps=8, save_every=4, **kw)
+    train(tiny_run(shards, tmp_path / "full", **kw))
+    full = losses(tmp_path / "full")
+    assert full[-1] < full[0] - 0.5
+    _crash_in_step(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_run(shards, tmp_path / "part", **kw))
+    monkeypatch.undo()
+    train(tiny_run(shards, tmp_path / "part", resume=True, **kw))
+    assert losses(tmp_path / "part") == full
+    return json.loads((tmp_path / "part" / "train_config.json").read_text())
+
+
 def test_resume_uses_the_saved_settings(shards, tmp_path, monkeypatch, cli):
     """`nanoseek train --out R --resume --steps N`: batch size, seed, data, preset... come from
     the checkpoint, not from the defaults, so the run goes on exactly as it would have."""

@@ -153,6 +153,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per pass")
     p.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp")
     p.add_argument("--gpu", help="a catalog GPU, to compare against its memory")
+    p.add_argument(
+        "--optim-states",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="AdamW's moments: fp32, or bf16 (DeepSeek-V3's recipe; nanoseek train --optim-states)",
+    )
     _common(p)
     p.set_defaults(func=cmd_memory)
 
@@ -237,7 +243,16 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
     cfg, name = _model(args)
     gpu = _gpu(args) if args.gpu else None
-    r = training_memory(cfg, args.gpus, args.ep, args.seq_len, args.micro_batch, args.parallel, gpu)
+    r = training_memory(
+        cfg,
+        args.gpus,
+        args.ep,
+        args.seq_len,
+        args.micro_batch,
+        args.parallel,
+        gpu,
+        args.optim_states,
+    )
     r["note"] = (
         "Activations are an estimate of what each block keeps for its backward; 'recomputed' "
         "is with activation checkpointing per block, which nanoseek does not do yet. "

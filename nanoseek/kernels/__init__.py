@@ -8,8 +8,10 @@ torch's threads; ops nanoseek::gemm_f32, gemm_q8, moe_f32 and moe_q8.
 between them; ops nanoseek::experts_fwd and experts_bwd.
 `loss.cpp`: the cross-entropy's softmax on a chunk of logits, in place (`model/loss.py`);
 op nanoseek::softmax_xent_.
-The training kernels (experts, loss) are written with ATen's `at::vec`, so they are built for
-the widest vectors torch itself uses here (AVX-512 or AVX2).
+`optim.cpp`: AdamW with bf16 moments for fp32 parameters (`train.adamw.BF16AdamW`), one
+memory-bound pass; op nanoseek::adamw_bf16_.
+The training kernels (experts, loss, optim) are written with ATen's `at::vec`, so they are
+built for the widest vectors torch itself uses here (AVX-512 or AVX2).
 
 Each needs an x86 CPU with AVX2 and a C++ compiler (`c++`, or $CXX); a library is built
 against the installed torch once per source and torch version into ~/.cache/nanoseek (or
@@ -68,6 +70,12 @@ def experts_library() -> Path:
 def loss_library() -> Path:
     """Build (on first use) and load loss.cpp: its path, or KernelError as decode_library."""
     return _load("loss", probe="softmax_xent_", flags=_vec_flags(), fakes=_register_loss_fakes)
+
+
+@cache
+def optim_library() -> Path:
+    """Build (on first use) and load optim.cpp: its path, or KernelError as decode_library."""
+    return _load("optim", probe="adamw_bf16_", flags=_vec_flags())
 
 
 def _vec_flags() -> list[str]:

@@ -122,6 +122,11 @@ class TrainConfig(RunConfig):
     weight_decay: float = _h("AdamW weight decay (matrices only)", default=0.1)
     beta1: float = _h("AdamW beta1", default=0.9)
     beta2: float = _h("AdamW beta2", default=0.95)
+    optim_states: str = _h(
+        "fp32, or bf16: AdamW's moments stored in bf16 (DeepSeek-V3's recipe: half the "
+        "optimizer memory and traffic; needs beta2 <= 0.99)",
+        default="fp32",
+    )
     grad_clip: float = _h("clip the gradient norm to this (0: off)", default=1.0)
     # DeepSeek-V3 specifics
     mtp_weight: float = _h("multi-token-prediction loss weight (lambda)", default=0.3)
@@ -203,6 +208,19 @@ class TrainConfig(RunConfig):
             f"optimizer must be adamw or muon, got {self.optimizer!r}",
         )
         need(
+            self.optim_states in ("fp32", "bf16"),
+            f"optim_states must be fp32 or bf16, got {self.optim_states!r}",
+        )
+        need(
+            self.optim_states == "fp32" or self.optimizer == "adamw",
+            f"--optim-states bf16 is for --optimizer adamw, not {self.optimizer}",
+        )
+        need(
+            self.optim_states == "fp32" or self.beta2 <= 0.99,
+            f"--optim-states bf16 needs --beta2 <= 0.99 (got {self.beta2}): smaller updates to "
+            "the second moment round away in bf16",
+        )
+        need(
             self.schedule in ("cosine", "wsd"),
             f"schedule must be cosine or wsd, got {self.schedule!r}",
         )
@@ -243,6 +261,7 @@ IDENTITY = (
     "weight_decay",
     "beta1",
     "beta2",
+    "optim_states",
     "mtp_weight",
     "gamma",
     "gamma_final",
@@ -254,7 +273,7 @@ IDENTITY = (
 TrainConfig.IDENTITY = IDENTITY
 # Settings added after runs were saved without them, with the value those runs trained with
 # (a resumed run must go on computing what it started with, not a newer default).
-LEGACY = {"router_lr": 1.0}
+LEGACY = {"router_lr": 1.0, "optim_states": "fp32"}
 
 
 def _default(f: dataclasses.Field) -> Any:

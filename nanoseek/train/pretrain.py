@@ -78,7 +78,13 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         unused = mtp_idle or cfg.has_indexer  # DDP: the indexers get no gradient through it
         step_model = rt.wrap(model, unused_parameters=unused, compile=tc.compile)
         optimizer = build_optimizer(
-            model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.optimizer, tc.router_lr
+            model,
+            tc.lr,
+            tc.weight_decay,
+            (tc.beta1, tc.beta2),
+            tc.optimizer,
+            tc.router_lr,
+            tc.optim_states,
         )
         if found:
             restore_optimizer(found, model, optimizer)

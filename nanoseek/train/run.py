@@ -22,6 +22,7 @@ from nanoseek.train.config import Config, RunConfig, TrainError, resume_config
 from nanoseek.train.runtime import Runtime
 
 OPTIMIZERS = ("adamw", "muon")
+OPTIMIZER_STATES = ("fp32", "bf16")  # AdamW's moments
 
 
 def open_run(tc: Config) -> tuple[Config, Path | None]:
@@ -69,14 +70,23 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     kind: str = "adamw",
     router_lr: float = 1.0,
+    states: str = "fp32",
 ) -> torch.optim.Optimizer:
     """AdamW (`kind` "adamw"), or Muon for the blocks' weight matrices and AdamW for the rest
     ("muon", train/muon.py). Weight decay on matrices only, not on norms (nor biases). The
     MoE routers' weights train at `router_lr` x the learning rate (their group's `lr_scale`,
     applied by set_lr). Under FSDP2 / EP the parameters sharded alike share a group (one
-    fused kernel cannot mix whole and sharded tensors, or two meshes)."""
+    fused kernel cannot mix whole and sharded tensors, or two meshes). `states` "bf16" keeps
+    AdamW's moments in bf16 (DeepSeek-V3's recipe, train/adamw.py); "fp32" is torch's fused
+    AdamW."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {kind!r}; use one of {', '.join(OPTIMIZERS)}")
+    if states not in OPTIMIZER_STATES:
+        raise ValueError(
+            f"unknown optimizer state dtype {states!r}; use one of {', '.join(OPTIMIZER_STATES)}"
+        )
+    if states != "fp32" and kind != "adamw":
+        raise ValueError(f"{states} optimizer states are for adamw, not {kind}")
     muon = set()
     if kind == "muon":
         from nanoseek.train.muon import muon_parameters
@@ -99,6 +109,10 @@ def build_optimizer(
         from nanoseek.train.muon import MuonAdamW
 
         return MuonAdamW(param_groups, lr=lr, betas=betas, eps=1e-8)
+    if states == "bf16":
+        from nanoseek.train.adamw import BF16AdamW
+
+        return BF16AdamW(param_groups, lr=lr, betas=betas, eps=1e-8)
     # fused: one kernel over all parameters (CPU and CUDA), ~2x the default on this model
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=1e-8, fused=True)
 

@@ -267,5 +267,10 @@ def whole_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _fused_adamw(optimizer: torch.optim.Optimizer | None) -> bool:
-    """torch's AdamW with fused=True: its step takes a grad_scale to divide the gradients by."""
+    """torch's AdamW with fused=True, or BF16AdamW: its step takes a grad_scale to divide the
+    gradients by."""
+    from nanoseek.train.adamw import BF16AdamW
+
+    if isinstance(optimizer, BF16AdamW):
+        return True
     return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))

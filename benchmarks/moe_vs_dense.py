@@ -24,9 +24,12 @@ MoE on F times the dense model's tokens, with its LR and balancing schedules set
 budget: the iso-loss question asked directly (does a shorter MoE run, decayed in full, end at
 or below the dense final loss, and in what fraction of its wall time?), where the reach within
 a full-budget MoE run reads a loss from the middle of its decay. Prints a table, the MoE's
-lead over the run (at 25/50/75/100% of the tokens), where it reaches the dense final loss,
-its expert load (the worst early in the run, where tokens herd onto few experts, and at the
-end), and saves docs/moe_vs_dense.png (validation loss against training FLOPs and against wall time).
+lead over the run (at 25/50/75/100% of the tokens), the lead as a compute multiplier read
+before either run's decay (`token_multiplier`: the dense tokens for the MoE's loss over the
+MoE's tokens) and the share of the dense wall time it implies, where it reaches the dense
+final loss, its expert load (the worst early in the run, where tokens herd onto few experts,
+and at the end), and saves docs/moe_vs_dense.png (validation loss against training FLOPs and
+against wall time).
 Like `nanoseek train`, it runs on tcmalloc where that is installed (NANOSEEK_TCMALLOC=0: glibc).
 """
 
@@ -37,6 +40,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import textwrap
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -115,6 +119,33 @@ def lead_at(
         interp = [float(np.interp(t, c["tokens"], c["val"])) for c in (dense, moe)]
         leads.append(interp[0] - interp[1])
     return leads
+
+
+def token_multiplier(
+    moe: dict[str, np.ndarray],
+    dense: dict[str, np.ndarray],
+    moe_stable: float,
+    dense_stable: float,
+    span: tuple[float, float] = (0.25, 0.75),
+) -> tuple[float, int] | None:
+    """How many times the MoE's tokens the dense model needs for the same validation loss,
+    read while both runs are still at their peak LR (`*_stable`: the token where each one's
+    decay begins): for every MoE point in `span` of its stable phase, the dense tokens where
+    its curve first meets that loss (interpolated, within its own stable phase), over the
+    MoE's tokens -> (the median of those ratios, how many there were), or None. Under `wsd`
+    the dense model's final loss is a decayed one, which an undecayed MoE curve meets only in
+    its own decay, so the reach in a full run sits near 80-95% of the tokens whatever the
+    lead; this reads the lead as a compute multiplier instead."""
+    ratios = []
+    keep = dense["tokens"] <= dense_stable
+    d_tokens, d_val = dense["tokens"][keep], dense["val"][keep]
+    for t, loss in zip(moe["tokens"], moe["val"], strict=True):
+        if not span[0] * moe_stable <= t <= span[1] * moe_stable:
+            continue
+        met = first_reach({"val": d_val, "tokens": d_tokens}, float(loss), "tokens")
+        if met is not None and met > d_tokens[0]:  # not met before the dense curve starts
+            ratios.append(met / t)
+    return (float(np.median(ratios)), len(ratios)) if ratios else None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -364,6 +395,19 @@ def main(argv: list[str] | None = None) -> None:
     quarters = [0.25, 0.5, 0.75, 1.0]
     leads = " / ".join("-" if x is None else f"{x:+.3f}" for x in lead_at(moe, dense, quarters))
     print(f"the MoE's lead (dense - MoE validation loss) at 25/50/75/100% of the tokens: {leads}")
+    stable = {  # where each run's LR starts to fall: wsd's decay; cosine has no stable phase
+        p: tc.tokens * (1 - tc.decay_frac) if tc.schedule == "wsd" and tc.tokens else None
+        for p, tc in configs.items()
+    }
+    if stable["small"] and stable["dense-small"]:
+        found = token_multiplier(moe, dense, stable["small"], stable["dense-small"])
+        if found is not None:
+            mult, n = found
+            print(
+                f"before the decay the dense model needs {mult:.2f}x the MoE's tokens for the "
+                f"same validation loss (median of {n} points); with the tokens/s above, the "
+                f"MoE gets there in {1 / (mult * ratio):.0%} of the dense wall time"
+            )
     f_reach, t_reach = first_reach(moe, target, "flops"), first_reach(moe, target, "seconds")
     if f_reach is None:
         print(
@@ -397,7 +441,9 @@ def main(argv: list[str] | None = None) -> None:
     recipe = ", ".join(f"{k}={v}" for k, v in {**moe_model, **moe_only, **budget}.items())
     recipe = f"MoE with {recipe}" if recipe else "same activated parameters"
     at = " at " + ", ".join(f"{k}={v}" for k, v in shape.items()) if shape else ""
-    fig.suptitle(f"MoE vs dense{at} ({recipe}), {human(args.tokens)} tokens of the stdlib corpus")
+    corpus = "the stdlib corpus" if Path(args.data).name == "stdlib-8k" else Path(args.data).name
+    title = f"MoE vs dense{at} ({recipe}), {human(args.tokens)} tokens of {corpus}"
+    fig.suptitle(textwrap.fill(title, 130), fontsize=10)
     fig.tight_layout()
     Path(args.png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.png, dpi=110)

@@ -13,6 +13,7 @@ from benchmarks.moe_vs_dense import (
     lead_at,
     model_overrides,
     runs_side_by_side,
+    token_multiplier,
     train_overrides,
 )
 
@@ -47,6 +48,26 @@ def test_lead_at_interpolates_both_curves_and_marks_points_a_short_run_lacks():
     leads = lead_at(moe, dense, [0.25, 0.5, 0.75, 1.0])
     assert leads[:3] == pytest.approx([0.2, 0.1, -0.1])
     assert leads[3] is None
+
+
+def test_token_multiplier_reads_the_lead_before_either_decay():
+    """A MoE whose curve is the dense one at 1.5x the tokens: the dense model needs 1.5x the
+    MoE's tokens for each loss; points past either run's stable phase are not read (their
+    decay would flatter whichever curve is in it)."""
+    tokens = np.linspace(1e5, 1e6, 10)
+
+    def law(t):
+        return 2.0 + 30.0 / np.sqrt(t)
+
+    dense = {"tokens": tokens, "val": law(tokens)}
+    moe = {"tokens": tokens, "val": law(1.5 * tokens)}
+    mult, n = token_multiplier(moe, dense, 8e5, 8e5)
+    assert mult == pytest.approx(1.5, rel=0.02)  # linear interpolation of a smooth curve
+    assert n == 4  # MoE points from 2e5 to 6e5; 2e5 x 1.5 = 3e5 ... 6e5 x 1.5 = 9e5 > 8e5: out
+    dense_decayed = {"tokens": tokens, "val": law(tokens)}
+    dense_decayed["val"][8:] -= 0.5  # a decay after 8e5 tokens: the MoE's losses met there
+    assert token_multiplier(moe, dense_decayed, 8e5, 8e5) == (mult, n)  # are not read
+    assert token_multiplier(moe, dense, 1e5, 1e5) is None  # no MoE point inside the span
 
 
 @pytest.mark.parametrize("budget", ["0", "1.5", "-0.2"])

@@ -2,8 +2,9 @@
 
 DeepSeek-V3 (section 3.3.2) tracks AdamW's first and second moments in BF16 instead of FP32
 "without incurring observable performance degradation", keeping the master weights and
-gradients in FP32. That halves the optimizer's state (8 bytes a parameter to 4) and, on a CPU
-where the step is memory-bound, the bytes it moves (28 a parameter to 20). bf16 keeps 8 bits
+gradients in FP32. That halves the optimizer's state (8 bytes a parameter to 4) and the bytes
+a step moves (28 a parameter to 20), though on the CPUs measured so far the update is bound by
+its square root and division, so no faster than torch's fused fp32 AdamW. bf16 keeps 8 bits
 of mantissa: an update smaller than ~1/256 of a moment rounds away, so the second moment's
 `1 - beta2` must not be tiny: DeepSeek's beta2 is 0.95 (5% a step), and `BF16AdamW` refuses
 a beta2 above 0.99.

@@ -160,14 +160,14 @@ class Runtime:
         them to `max_norm` (inf: no clipping) by their global norm over all ranks, and return
         that norm. Parameters are grouped by how they are spread, since sharded (DTensor) and
         whole tensors, or two meshes, cannot meet in one norm.
-        On one process with torch's fused AdamW as `optimizer`, the gradients are not scaled
-        here: its next step divides them by the factor (its `grad_scale`, set or cleared on
-        every call), in the pass it makes over them anyway. That saves a read and a write of
-        every gradient (~2% of a `small` bf16 step on CPU); the update differs from scaling
-        first by rounding only (a division where clip_grad_norm_ multiplies)."""
+        On one process with torch's fused AdamW (or BF16AdamW) as `optimizer`, the gradients
+        are not scaled here: its next step divides them by the factor (its `grad_scale`, set
+        or cleared on every call), in the pass it makes over them anyway. That saves a read
+        and a write of every gradient (~2% of a `small` bf16 step on CPU); the update differs
+        from scaling first by rounding only (a division where clip_grad_norm_ multiplies)."""
         model = self.unwrap(model)
         if self.world == 1:
-            if _fused_adamw(optimizer):
+            if _takes_grad_scale(optimizer):
                 grads = [p.grad for p in model.parameters() if p.grad is not None]
                 total = torch.nn.utils.get_total_norm(grads)
                 norm = total.item()
@@ -266,7 +266,7 @@ def whole_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: dtensor_full(v) for k, v in state.items()}
 
 
-def _fused_adamw(optimizer: torch.optim.Optimizer | None) -> bool:
+def _takes_grad_scale(optimizer: torch.optim.Optimizer | None) -> bool:
     """torch's AdamW with fused=True, or BF16AdamW: its step takes a grad_scale to divide the
     gradients by."""
     from nanoseek.train.adamw import BF16AdamW

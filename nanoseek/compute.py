@@ -577,10 +577,11 @@ def training_memory(
     """Bytes per GPU to train `cfg` the way `nanoseek train` spreads it (docs/distributed.md):
     dense parameters sharded over all GPUs (FSDP2) or replicated (DDP), routed experts split
     over `ep` GPUs (and replicated over gpus / ep), fp32 master weights and gradients, AdamW's
-    two moments in `optim_states` (fp32, or bf16 as DeepSeek-V3 keeps them), bf16 matmuls. Activations are an estimate, per micro-batch of
-    `micro_batch` x `seq_len` tokens: the tensors each block keeps for its backward, as
-    nanoseek runs today (all kept), and with each block recomputed in the backward
-    (activation checkpointing, which nanoseek does not do yet)."""
+    two moments in `optim_states` (fp32, or bf16 as DeepSeek-V3 keeps them), bf16 matmuls.
+    Activations are an estimate, per micro-batch of `micro_batch` x `seq_len` tokens: the
+    tensors each block keeps for its backward, as nanoseek runs today (all kept), and with
+    each block recomputed in the backward (activation checkpointing, which nanoseek does not
+    do yet)."""
     gpus, ep = _count("GPU count", gpus), _count("EP size", ep)
     if gpus % ep or cfg.n_routed_experts % ep:
         raise ComputeError(f"--ep {ep} must divide the GPU count ({gpus}) and the experts")

@@ -9,7 +9,7 @@ between them; ops nanoseek::experts_fwd and experts_bwd.
 `loss.cpp`: the cross-entropy's softmax on a chunk of logits, in place (`model/loss.py`);
 op nanoseek::softmax_xent_.
 `optim.cpp`: AdamW with bf16 moments for fp32 parameters (`train.adamw.BF16AdamW`), one
-memory-bound pass; op nanoseek::adamw_bf16_.
+pass a tensor; op nanoseek::adamw_bf16_.
 The training kernels (experts, loss, optim) are written with ATen's `at::vec`, so they are
 built for the widest vectors torch itself uses here (AVX-512 or AVX2).
 

@@ -20,8 +20,7 @@ import functools
 import torch
 
 from nanoseek.kernels import builds, optim_library
-
-MAX_BETA2 = 0.99  # bf16's 8-bit mantissa swallows the second moment's updates above this
+from nanoseek.train.config import MAX_BF16_BETA2
 
 
 @functools.cache
@@ -44,9 +43,9 @@ class BF16AdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
     ):
-        if not 0.0 <= betas[1] <= MAX_BETA2:
+        if not 0.0 <= betas[1] <= MAX_BF16_BETA2:
             raise ValueError(
-                f"bf16 optimizer states need beta2 <= {MAX_BETA2} (got {betas[1]}): "
+                f"bf16 optimizer states need beta2 <= {MAX_BF16_BETA2} (got {betas[1]}): "
                 "smaller updates to the second moment round away in bf16; use fp32 states"
             )
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))

@@ -20,6 +20,9 @@ from typing import Any, ClassVar, TypeVar
 
 from nanoseek.train.budget import Budget
 
+OPTIMIZER_STATES = ("fp32", "bf16")  # AdamW's moments (train/adamw.py: bf16)
+MAX_BF16_BETA2 = 0.99  # bf16's 8-bit mantissa swallows the second moment's updates above this
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -208,17 +211,17 @@ class TrainConfig(RunConfig):
             f"optimizer must be adamw or muon, got {self.optimizer!r}",
         )
         need(
-            self.optim_states in ("fp32", "bf16"),
-            f"optim_states must be fp32 or bf16, got {self.optim_states!r}",
+            self.optim_states in OPTIMIZER_STATES,
+            f"optim_states must be {' or '.join(OPTIMIZER_STATES)}, got {self.optim_states!r}",
         )
         need(
             self.optim_states == "fp32" or self.optimizer == "adamw",
             f"--optim-states bf16 is for --optimizer adamw, not {self.optimizer}",
         )
         need(
-            self.optim_states == "fp32" or self.beta2 <= 0.99,
-            f"--optim-states bf16 needs --beta2 <= 0.99 (got {self.beta2}): smaller updates to "
-            "the second moment round away in bf16",
+            self.optim_states == "fp32" or self.beta2 <= MAX_BF16_BETA2,
+            f"--optim-states bf16 needs --beta2 <= {MAX_BF16_BETA2} (got {self.beta2}): smaller "
+            "updates to the second moment round away in bf16",
         )
         need(
             self.schedule in ("cosine", "wsd"),

@@ -18,11 +18,16 @@ from torch import nn
 from nanoseek.model.loss import kernel_builds as loss_kernel_builds
 from nanoseek.model.moe import expert_kernel_builds
 from nanoseek.train.checkpoint import RunState, find_checkpoint, read_train_state
-from nanoseek.train.config import Config, RunConfig, TrainError, resume_config
+from nanoseek.train.config import (
+    OPTIMIZER_STATES,
+    Config,
+    RunConfig,
+    TrainError,
+    resume_config,
+)
 from nanoseek.train.runtime import Runtime
 
 OPTIMIZERS = ("adamw", "muon")
-OPTIMIZER_STATES = ("fp32", "bf16")  # AdamW's moments
 
 
 def open_run(tc: Config) -> tuple[Config, Path | None]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from nanoseek.config import get_preset
-from nanoseek.data import prepare
+from nanoseek.data import BatchLoader, DataError, prepare
 from nanoseek.hub import from_pretrained
 from nanoseek.model import Transformer
 from nanoseek.model.moe import MoE
@@ -351,6 +351,51 @@ def learns_and_resumes_exactly(tmp_path: Path, monkeypatch, **kw) -> dict:
     train(tiny_run(shards, tmp_path / "part", resume=True, **kw))
     assert losses(tmp_path / "part") == full
     return json.loads((tmp_path / "part" / "train_config.json").read_text())
+
+
+# --- batch-size ramp ------------------------------------------------------------------------
+
+
+def test_batch_ramp_grows_in_steps_of_the_start_size():
+    tc = TrainConfig(tokens=1e7, batch_size=32, batch_start=8, batch_ramp=6e6)
+    at = [tc.batch_at(t) for t in (0, 1.99e6, 2e6, 3.99e6, 4e6, 5.99e6, 6e6, 1e9)]
+    assert at == [8, 8, 16, 16, 24, 24, 32, 32]
+    uneven = TrainConfig(tokens=1e3, batch_size=30, batch_start=8, batch_ramp=100)
+    assert [uneven.batch_at(t) for t in (0, 30, 60, 90, 99, 100)] == [8, 8, 16, 24, 24, 30]
+    assert TrainConfig(tokens=1e3, batch_size=12).batch_at(0) == 12  # no ramp
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(batch_start=4), "go together"),
+        (dict(batch_ramp=1e4), "go together"),
+        (dict(batch_ramp=1e4, batch_start=16), "batch_start must be in"),
+        (dict(batch_ramp=-1.0, batch_start=2), "batch_ramp must be >= 0"),
+    ],
+)
+def test_bad_batch_ramps_are_refused(kw, msg):
+    with pytest.raises(TrainError, match=msg):
+        make_config(tokens=1e5, batch_size=8, **kw)
+
+
+def test_a_batch_ramp_trains_its_stages_and_resumes_exactly(tmp_path, monkeypatch):
+    """2 sequences a step, then 4 once 128 tokens are in (seq_len 32): each step logs its batch,
+    the token count adds up the stages, and a run killed mid-ramp resumes on the same curve."""
+    learns_and_resumes_exactly(tmp_path, monkeypatch, batch_start=2, batch_ramp=128)
+    recs = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").open()]
+    assert [r["batch_size"] for r in recs] == [2, 2, 4, 4, 4, 4, 4, 4]
+    assert [r["tokens"] for r in recs] == [64, 128, 256, 384, 512, 640, 768, 896]
+
+
+def test_a_batch_is_a_function_of_its_size_and_splits_over_ranks(shards):
+    one = BatchLoader(shards, "train", 4, 16, seed=0)
+    x, _ = one.get_batch(3, 6)
+    assert x.shape == (6, 16) and torch.equal(one.get_batch(3, 6)[0], x)
+    halves = [BatchLoader(shards, "train", 4, 16, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    assert torch.equal(torch.cat([h.get_batch(3, 6)[0] for h in halves])[[0, 3, 1, 4, 2, 5]], x)
+    with pytest.raises(DataError, match="multiple of 2"):
+        halves[0].get_batch(3, 3)
 
 
 def test_resume_uses_the_saved_settings(shards, tmp_path, monkeypatch, cli):

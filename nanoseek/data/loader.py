@@ -58,11 +58,20 @@ class BatchLoader:
         chunk = torch.from_numpy(np.asarray(self.data[idx], dtype=np.int64))
         return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()  # x, y: (B, T)
 
-    def get_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's rows of the step's batch. The batch (batch_size windows over all ranks)
-        is a pure function of (seed, step): N processes train on what one process would."""
+    def get_batch(
+        self, step: int, batch_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the step's batch. The batch (`batch_size` windows over all
+        ranks; default the loader's) is a pure function of (seed, step, batch_size): N
+        processes train on what one process would."""
+        n = batch_size or self.batch_size
+        if n % self.world_size:
+            raise DataError(
+                f"batch size {n} (over all ranks) does not split evenly over "
+                f"{self.world_size} processes; use a multiple of {self.world_size}"
+            )
         rng = np.random.default_rng([self.seed, step, 0, _SPLIT_CODE.get(self.split, 2)])
-        starts = rng.integers(0, len(self.data) - self.seq_len, size=self.batch_size)
+        starts = rng.integers(0, len(self.data) - self.seq_len, size=n)
         return self._windows(starts[self.rank :: self.world_size])
 
     def val_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

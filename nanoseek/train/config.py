@@ -102,6 +102,16 @@ class TrainConfig(RunConfig):
     )
     seq_len: int = _h("tokens per sequence", default=256)
     grad_accum: int = _h("micro-batches per optimizer step", default=1)
+    batch_ramp: float = _h(
+        "tokens over which the batch grows from --batch-start to --batch-size in steps of "
+        "--batch-start (DeepSeek-V3 grew 3072 to 15360 sequences over its first 469B tokens): "
+        "early on, more steps beat bigger ones. 0: --batch-size throughout",
+        default=0.0,
+    )
+    batch_start: int | None = _h(
+        "the first batch size of a --batch-ramp (sequences per micro-batch, over all ranks)",
+        default=None,
+    )
     # optimizer and schedule
     lr: float = _h(
         "peak learning rate (1.5e-3 beat 3e-3 for `small` and `dense-small` at 800K tokens "
@@ -193,6 +203,18 @@ class TrainConfig(RunConfig):
     # --resume can tell a deliberate flag from a default. None: those that differ from it.
     given: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
 
+    def batch_at(self, tokens: float) -> int:
+        """The batch (sequences per micro-batch, over all ranks) of the step that starts after
+        `tokens` training tokens: --batch-size, or the --batch-ramp's stage there -- a multiple
+        of --batch-start, growing linearly with the tokens (8 to 32 over 6M: 8 up to 2M, 16 up
+        to 4M, 24 up to 6M, then 32). A function of the tokens alone, so a resumed run draws
+        the same batches."""
+        if not self.batch_ramp or tokens >= self.batch_ramp:
+            return self.batch_size
+        start = self.batch_start
+        grown = int((self.batch_size - start) * tokens / self.batch_ramp) // start * start
+        return min(start + grown, self.batch_size)
+
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -200,6 +222,16 @@ class TrainConfig(RunConfig):
 
         for name in ("batch_size", "seq_len", "grad_accum"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.batch_ramp >= 0, f"batch_ramp must be >= 0, got {self.batch_ramp}")
+        if self.batch_ramp or self.batch_start is not None:
+            need(
+                self.batch_ramp > 0 and self.batch_start is not None,
+                "--batch-ramp (tokens) and --batch-start (sequences) go together",
+            )
+            need(
+                1 <= self.batch_start <= self.batch_size,
+                f"batch_start must be in [1, batch_size={self.batch_size}], got {self.batch_start}",
+            )
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.router_lr >= 0, f"router_lr must be >= 0, got {self.router_lr}")
         need(
@@ -254,6 +286,8 @@ IDENTITY = (
     "batch_size",
     "seq_len",
     "grad_accum",
+    "batch_ramp",
+    "batch_start",
     "seed",
     "lr",
     "min_lr_ratio",

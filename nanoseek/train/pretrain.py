@@ -91,13 +91,12 @@ def train(tc: TrainConfig) -> dict[str, Any]:
             restore_rng(rng)
 
         # --- accounting ------------------------------------------------------------------------
-        tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum  # over all ranks
         # MTP modules that never run (mtp_weight 0) cost no FLOPs
         counted = cfg if tc.mtp_weight > 0 else cfg.replace(num_nextn_predict_layers=0)
         fpt = flops_per_token(counted, tc.seq_len, training=True)
         peak = measure_matmul_peak(rt.dtype, str(rt.device)) * rt.world if rt.master else math.inf
         if rt.master:
-            start_run_files(tc, rt, model, out, tokens_per_step)
+            start_run_files(tc, rt, model, out)
 
         def validate() -> dict[str, float]:
             loss = evaluate(model, loader["val"].val_batches(tc.eval_batches), rt)
@@ -128,14 +127,25 @@ def train(tc: TrainConfig) -> dict[str, Any]:
             while state.progress(stop) < 1.0:
                 step, t0 = state.step, time.perf_counter()
                 lr = set_lr(optimizer, schedule(step, state.progress(horizon)))
+                batch = tc.batch_at(state.tokens)
                 accumulate_gradients(
-                    step_model, model, loader["train"], step, tc, rt, indexer_weight, counts, losses
+                    step_model,
+                    model,
+                    loader["train"],
+                    step,
+                    batch,
+                    tc,
+                    rt,
+                    indexer_weight,
+                    counts,
+                    losses,
                 )
                 rt.all_reduce_sum(counts)
                 rt.all_reduce_mean(losses)
                 total, loss, mtp_loss, index_loss = losses.tolist()
                 norm, taken = apply_update(model, optimizer, guard, rt, step, total, tc.grad_clip)
                 state.step += 1
+                tokens_per_step = batch * tc.seq_len * tc.grad_accum  # over all ranks
                 state.tokens += tokens_per_step
                 if taken and moe_layers:  # a skipped step moves no bias either
                     gamma = gamma_at(state.progress(horizon), tc.gamma, tc.gamma_final)
@@ -148,6 +158,8 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                     rec["mtp_loss"] = mtp_loss
                 if indexer_weight:
                     rec["indexer_kl"] = index_loss
+                if tc.batch_ramp:
+                    rec["batch_size"] = batch
                 if moe_layers:
                     rec["load_max_mean"] = [round(v, 3) for v in load_imbalance(counts)]
                 end_of_step(state, stop, rec, progress, guard, every, validate, save)
@@ -288,7 +300,6 @@ def start_run_files(
     rt: Runtime,
     model: Transformer | V4Transformer,
     out: Path,
-    tokens_per_step: int,
 ) -> None:
     """Rank 0: the run directory's config.json and train_config.json, and the opening line."""
     cfg = model.config
@@ -299,9 +310,18 @@ def start_run_files(
         f"training {tc.preset} ({human(model.num_params())} parameters, vocab "
         f"{cfg.vocab_size}) on {rt.device} {str(rt.dtype)[6:]}{allocator_note(rt.device)}, "
         f"{rt.world} process(es), "
-        f"{tokens_per_step:,} tokens/step -> {out}",
+        f"{tokens_per_step(tc)} -> {out}",
         file=sys.stderr,
     )
+
+
+def tokens_per_step(tc: TrainConfig) -> str:
+    """The opening line's batch: '8,192 tokens/step', or the ramp's start, end and length."""
+    per_sequence = tc.seq_len * tc.grad_accum
+    full = f"{tc.batch_size * per_sequence:,} tokens/step"
+    if not tc.batch_ramp:
+        return full
+    return f"{tc.batch_start * per_sequence:,} growing to {full} over {tc.batch_ramp:.3g} tokens"
 
 
 def accumulate_gradients(
@@ -309,18 +329,20 @@ def accumulate_gradients(
     model: Transformer | V4Transformer,
     loader: BatchLoader,
     step: int,
+    batch: int,
     tc: TrainConfig,
     rt: Runtime,
     indexer_weight: float,
     counts: torch.Tensor,
     losses: torch.Tensor,
 ) -> None:
-    """Forward and backward over the step's micro-batches (gradients synced on the last);
-    `counts` and `losses` are reset and filled with this rank's expert loads and mean losses."""
+    """Forward and backward over the step's micro-batches of `batch` sequences (gradients
+    synced on the last); `counts` and `losses` are reset and filled with this rank's expert
+    loads and mean losses."""
     counts.zero_()
     losses.zero_()
     for micro in range(tc.grad_accum):
-        x, y = loader.get_batch(step * tc.grad_accum + micro)
+        x, y = loader.get_batch(step * tc.grad_accum + micro, batch)
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         with rt.sync_grads(step_model, sync=micro == tc.grad_accum - 1):
             with rt.autocast():

@@ -310,12 +310,12 @@ def start_run_files(
         f"training {tc.preset} ({human(model.num_params())} parameters, vocab "
         f"{cfg.vocab_size}) on {rt.device} {str(rt.dtype)[6:]}{allocator_note(rt.device)}, "
         f"{rt.world} process(es), "
-        f"{tokens_per_step(tc)} -> {out}",
+        f"{batch_line(tc)} -> {out}",
         file=sys.stderr,
     )
 
 
-def tokens_per_step(tc: TrainConfig) -> str:
+def batch_line(tc: TrainConfig) -> str:
     """The opening line's batch: '8,192 tokens/step', or the ramp's start, end and length."""
     per_sequence = tc.seq_len * tc.grad_accum
     full = f"{tc.batch_size * per_sequence:,} tokens/step"

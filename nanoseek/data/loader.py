@@ -19,6 +19,14 @@ from nanoseek.data.shards import open_split, read_meta
 _SPLIT_CODE = {"train": 0, "val": 1}  # so a train and a val loader never share windows
 
 
+def _check_split(batch_size: int, world_size: int) -> None:
+    if batch_size % world_size:
+        raise DataError(
+            f"batch size {batch_size} (over all ranks) does not split evenly over "
+            f"{world_size} processes; use a multiple of {world_size}"
+        )
+
+
 class BatchLoader:
     def __init__(
         self,
@@ -32,11 +40,7 @@ class BatchLoader:
     ):
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
-        if batch_size % world_size:
-            raise DataError(
-                f"batch size {batch_size} (over all ranks) does not split evenly over "
-                f"{world_size} processes; use a multiple of {world_size}"
-            )
+        _check_split(batch_size, world_size)
         self.meta = read_meta(shard_dir)
         self.data = open_split(shard_dir, split, self.meta)
         self.split, self.batch_size, self.seq_len = split, batch_size, seq_len
@@ -65,11 +69,7 @@ class BatchLoader:
         ranks; default the loader's) is a pure function of (seed, step, batch_size): N
         processes train on what one process would."""
         n = batch_size or self.batch_size
-        if n % self.world_size:
-            raise DataError(
-                f"batch size {n} (over all ranks) does not split evenly over "
-                f"{self.world_size} processes; use a multiple of {self.world_size}"
-            )
+        _check_split(n, self.world_size)
         rng = np.random.default_rng([self.seed, step, 0, _SPLIT_CODE.get(self.split, 2)])
         starts = rng.integers(0, len(self.data) - self.seq_len, size=n)
         return self._windows(starts[self.rank :: self.world_size])

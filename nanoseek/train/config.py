@@ -211,9 +211,8 @@ class TrainConfig(RunConfig):
         the same batches."""
         if not self.batch_ramp or tokens >= self.batch_ramp:
             return self.batch_size
-        start = self.batch_start
-        grown = int((self.batch_size - start) * tokens / self.batch_ramp) // start * start
-        return min(start + grown, self.batch_size)
+        start = self.batch_start  # below the ramp's end the growth stays under batch - start
+        return start + int((self.batch_size - start) * tokens / self.batch_ramp) // start * start
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:

@@ -6,6 +6,7 @@ model's (`dense-small`: same activated parameters) final validation loss with le
                                       [--model KEY=VALUE ...] [--moe KEY=VALUE ...]
                                       [--train KEY=VALUE ...]
                                       [--moe-train KEY=VALUE ...] [--moe-budget FRACTION]
+                                      [--recipe KEY=VALUE[,KEY=VALUE...] ...]
 
 Both train on the same shards, batches and token budget with the same recipe (but what
 --moe-lr / --moe-train change); validation loss is measured every --eval-every steps on the
@@ -19,7 +20,10 @@ hidden_size=384 --model moe_intermediate_size=384), the dense model's MLP kept a
 MoE's shared and routed experts a token; --moe KEY=VALUE then a field of the MoE's alone (e.g.
 --moe routed_scaling_factor=1.0) to try a recipe; --train KEY=VALUE a training setting of both
 (e.g. --train batch_size=16), --moe-train KEY=VALUE one of the MoE's alone (the two models need
-not want the same batch or LR; --moe-lr LR is --moe-train lr=LR). --moe-budget F trains the
+not want the same batch or LR; --moe-lr LR is --moe-train lr=LR). --recipe, given twice or
+more, tunes both: each recipe (training settings on top of --train) trains both models, and
+each model is compared at the recipe where it ended lowest (a table of all of them first), so
+neither is judged at a batch or LR that suits only the other. --moe-budget F trains the
 MoE on F times the dense model's tokens, with its LR and balancing schedules set for that
 budget: the iso-loss question asked directly (does a shorter MoE run, decayed in full, end at
 or below the dense final loss, and in what fraction of its wall time?), where the reach within
@@ -152,11 +156,29 @@ def parse_override(item: str) -> tuple[str, Any]:
     """'key=value' -> (key, value as JSON where it parses: numbers, true, null; else text)."""
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise SystemExit(f"--model, --moe, --train and --moe-train take KEY=VALUE, got {item!r}")
+        raise SystemExit(f"--model, --moe, --train, --recipe take KEY=VALUE, got {item!r}")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def parse_recipe(text: str) -> dict[str, Any]:
+    """--recipe 'lr=3e-3,batch_size=32' -> one candidate's training settings."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise SystemExit("--recipe takes KEY=VALUE[,KEY=VALUE...], got nothing")
+    return train_overrides(items, [])[0]
+
+
+def recipe_name(recipe: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in recipe.items()) or "the defaults"
+
+
+def best_of(trials: list[dict[str, dict]], preset: str) -> int:
+    """The trial (one recipe's summaries, by preset) where `preset` ended at its lowest
+    validation loss."""
+    return min(range(len(trials)), key=lambda i: trials[i][preset]["final_val_loss"])
 
 
 # Fields the dense twin sets itself (it has no experts); `--model` applies the rest to both.
@@ -202,7 +224,9 @@ def train_overrides(
         moe_only["lr"] = moe_lr
     bad = sorted(FIXED & (both.keys() | moe_only.keys()))
     if bad:
-        raise SystemExit(f"--train / --moe-train cannot set {bad}: the benchmark's flags do")
+        raise SystemExit(
+            f"--train / --moe-train / --recipe cannot set {bad}: the benchmark's flags do"
+        )
     return both, moe_only
 
 
@@ -279,6 +303,14 @@ def main(argv: list[str] | None = None) -> None:
         help="override a training setting of the MoE alone (repeatable; after --train)",
     )
     ap.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE...]",
+        help="a candidate training recipe for both models (repeatable): each model is then "
+        "compared at the one that suits it best",
+    )
+    ap.add_argument(
         "--moe-budget",
         type=float,
         default=1.0,
@@ -302,27 +334,56 @@ def main(argv: list[str] | None = None) -> None:
         if not (Path(args.data) / "meta.json").exists()
         else Path(args.data)
     )
-    configs = {
-        preset: make_config(
-            preset=preset,
-            data=str(shards),
-            out=str(Path(args.out) / preset),
-            tokens=args.tokens * (args.moe_budget if preset == "small" else 1.0),
-            eval_every=args.eval_every,
-            overwrite=True,
-            seed=args.seed,
-            compile=args.compile,
-            dtype=args.dtype,
-            threads=threads,
-            progress=not side_by_side,  # two bars on one terminal garble each other
-            model=models[preset] or None,
-            **{**both, **(moe_only if preset == "small" else {})},
-        )
-        for preset in ("small", "dense-small")
-    }
+    recipes = [parse_recipe(r) for r in args.recipe] or [{}]
+
+    def configs_for(recipe: dict[str, Any], out: Path) -> dict[str, TrainConfig]:
+        return {
+            preset: make_config(
+                preset=preset,
+                data=str(shards),
+                out=str(out / preset),
+                tokens=args.tokens * (args.moe_budget if preset == "small" else 1.0),
+                eval_every=args.eval_every,
+                overwrite=True,
+                seed=args.seed,
+                compile=args.compile,
+                dtype=args.dtype,
+                threads=threads,
+                progress=not side_by_side,  # two bars on one terminal garble each other
+                model=models[preset] or None,
+                **{**both, **recipe, **(moe_only if preset == "small" else {})},
+            )
+            for preset in ("small", "dense-small")
+        }
+
     how = f"side by side, {threads} thread(s) each" if side_by_side else "one after the other"
-    print(f"training small and dense-small on {human(args.tokens)} tokens, {how}", flush=True)
-    summaries = run_both(configs, side_by_side)
+    trials, trial_configs = [], []
+    for i, recipe in enumerate(recipes):
+        out = Path(args.out) / f"recipe{i}" if len(recipes) > 1 else Path(args.out)
+        trial_configs.append(configs_for(recipe, out))
+        which = f" (recipe {i + 1} of {len(recipes)}: {recipe_name(recipe)})" if recipe else ""
+        print(f"training small and dense-small on {human(args.tokens)} tokens, {how}{which}")
+        trials.append(run_both(trial_configs[-1], side_by_side))
+    best = {preset: best_of(trials, preset) for preset in ("small", "dense-small")}
+    configs = {p: trial_configs[i][p] for p, i in best.items()}
+    summaries = {p: trials[i][p] for p, i in best.items()}
+    if len(recipes) > 1:  # each model is judged at the recipe that suits it best
+        rows = [
+            (
+                f"{i + 1}{'*' * sum(b == i for b in best.values())}",
+                recipe_name(recipe),
+                f"{t['small']['final_val_loss']:.4f}",
+                f"{t['small']['tokens_per_second']:,.0f}",
+                f"{t['dense-small']['final_val_loss']:.4f}",
+                f"{t['dense-small']['tokens_per_second']:,.0f}",
+            )
+            for i, (recipe, t) in enumerate(zip(recipes, trials, strict=True))
+        ]
+        head = ("", "recipe", "MoE loss", "MoE tok/s", "dense loss", "dense tok/s")
+        print("\nrecipes (* each model's best, compared below):")
+        print(format_table(rows, header=head))
+        for preset, name in (("small", "MoE"), ("dense-small", "dense")):
+            print(f"{name}: recipe {best[preset] + 1} ({recipe_name(recipes[best[preset]])})")
     runs = {preset: curve(Path(tc.out)) for preset, tc in configs.items()}
 
     moe, dense = runs["small"], runs["dense-small"]
@@ -376,7 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(table, header=header))
     ratio = summaries["small"]["tokens_per_second"] / summaries["dense-small"]["tokens_per_second"]
     print(f"MoE tokens/s = {ratio:.2f}x the dense model's")
-    if side_by_side:  # the faster run ends first; the other then has the machine to itself
+    # the faster run ends first; the other then has the machine to itself
+    if side_by_side and best["small"] == best["dense-small"]:
         recs = {p: read_metrics(Path(tc.out) / "metrics.jsonl") for p, tc in configs.items()}
         end = min(r[-1]["elapsed"] for r in recs.values())
         rates = {p: rate_until(r, end) for p, r in recs.items()}
@@ -440,6 +502,11 @@ def main(argv: list[str] | None = None) -> None:
     budget = {"budget": f"{args.moe_budget:g}x"} if args.moe_budget != 1 else {}
     recipe = ", ".join(f"{k}={v}" for k, v in {**moe_model, **moe_only, **budget}.items())
     recipe = f"MoE with {recipe}" if recipe else "same activated parameters"
+    if len(recipes) > 1:
+        recipe += "; each at its best recipe: " + "; ".join(
+            f"{n} {recipe_name(recipes[best[p]])}"
+            for p, n in (("small", "MoE"), ("dense-small", "dense"))
+        )
     at = " at " + ", ".join(f"{k}={v}" for k, v in shape.items()) if shape else ""
     corpus = "the stdlib corpus" if Path(args.data).name == "stdlib-8k" else Path(args.data).name
     title = f"MoE vs dense{at} ({recipe}), {human(args.tokens)} tokens of {corpus}"

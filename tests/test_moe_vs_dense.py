@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from benchmarks.moe_vs_dense import (
+    best_of,
     expert_load,
     first_reach,
     lead_at,
     model_overrides,
+    parse_recipe,
     runs_side_by_side,
     token_multiplier,
     train_overrides,
@@ -129,3 +131,56 @@ def test_model_overrides_give_both_models_the_shape_and_the_dense_twin_its_width
 def test_model_overrides_refuse_what_the_dense_twin_derives_and_unknown_fields(shape, message):
     with pytest.raises(SystemExit, match=message):
         model_overrides(shape, {})
+
+
+def test_recipes_parse_and_refuse_what_the_benchmark_sets():
+    assert parse_recipe("lr=3e-3, batch_size=32,") == {"lr": 3e-3, "batch_size": 32}
+    with pytest.raises(SystemExit, match="cannot set"):
+        parse_recipe("lr=3e-3,tokens=1e6")
+    with pytest.raises(SystemExit, match="got nothing"):
+        parse_recipe(" , ")
+
+
+def test_best_of_picks_each_model_at_its_own_lowest_loss():
+    trials = [
+        {"small": {"final_val_loss": 3.1}, "dense-small": {"final_val_loss": 3.0}},
+        {"small": {"final_val_loss": 2.9}, "dense-small": {"final_val_loss": 3.2}},
+    ]
+    assert best_of(trials, "small") == 1
+    assert best_of(trials, "dense-small") == 0
+
+
+def test_recipes_train_both_models_and_compare_each_at_its_best(tmp_path, capsys):
+    """Two recipes on a tiny pair: each trains both models into its own folder, with its
+    settings, and the comparison names each model's lowest final loss."""
+    import json
+
+    from benchmarks.moe_vs_dense import main
+    from nanoseek.data import prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(50):  # one becomes the validation split
+        (src / f"m{i}.py").write_text(f"def add{i % 7}(a, b):\n    return a + b\n" * 40)
+    data = prepare(str(src), tmp_path / "data", vocab_size=300, verbose=False)
+    shape = "hidden_size=32 num_hidden_layers=1 kv_lora_rank=16 qk_nope_head_dim=8"
+    shape += " qk_rope_head_dim=8 v_head_dim=8 moe_intermediate_size=16 num_attention_heads=2"
+    args = [f"--model={kv}" for kv in shape.split()]
+    args += ["--tokens", "4096", "--data", str(data), "--out", str(tmp_path / "runs")]
+    args += ["--png", str(tmp_path / "plot.png"), "--eval-every", "4", "--sequential"]
+    args += ["--train", "batch_size=4", "--train", "seq_len=32", "--train", "eval_batches=1"]
+    args += ["--recipe", "lr=1e-3", "--recipe", "lr=1e-2,batch_size=8"]
+    main(args)
+    out = capsys.readouterr().out
+    loss = {}
+    for i, (lr, batch) in enumerate([(1e-3, 4), (1e-2, 8)]):
+        for preset in ("small", "dense-small"):
+            run = tmp_path / "runs" / f"recipe{i}" / preset
+            tc = json.loads((run / "train_config.json").read_text())
+            assert (tc["lr"], tc["batch_size"]) == (lr, batch)
+            loss[i, preset] = json.loads((run / "summary.json").read_text())["final_val_loss"]
+    for preset, name in (("small", "MoE"), ("dense-small", "dense")):
+        best = min((0, 1), key=lambda i: loss[i, preset])
+        assert f"{name}: recipe {best + 1} (" in out
+        assert f"{loss[best, preset]:.4f}" in out.split("MoE vs dense, same data")[1]
+    assert (tmp_path / "plot.png").stat().st_size > 0

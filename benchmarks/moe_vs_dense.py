@@ -362,7 +362,10 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out) / f"recipe{i}" if len(recipes) > 1 else Path(args.out)
         trial_configs.append(configs_for(recipe, out))
         which = f" (recipe {i + 1} of {len(recipes)}: {recipe_name(recipe)})" if recipe else ""
-        print(f"training small and dense-small on {human(args.tokens)} tokens, {how}{which}")
+        print(
+            f"training small and dense-small on {human(args.tokens)} tokens, {how}{which}",
+            flush=True,
+        )
         trials.append(run_both(trial_configs[-1], side_by_side))
     best = {preset: best_of(trials, preset) for preset in ("small", "dense-small")}
     configs = {p: trial_configs[i][p] for p, i in best.items()}
@@ -370,17 +373,20 @@ def main(argv: list[str] | None = None) -> None:
     if len(recipes) > 1:  # each model is judged at the recipe that suits it best
         rows = [
             (
-                f"{i + 1}{'*' * sum(b == i for b in best.values())}",
+                str(i + 1),
                 recipe_name(recipe),
                 f"{t['small']['final_val_loss']:.4f}",
                 f"{t['small']['tokens_per_second']:,.0f}",
                 f"{t['dense-small']['final_val_loss']:.4f}",
                 f"{t['dense-small']['tokens_per_second']:,.0f}",
+                " and ".join(
+                    n for p, n in (("small", "MoE"), ("dense-small", "dense")) if best[p] == i
+                ),
             )
             for i, (recipe, t) in enumerate(zip(recipes, trials, strict=True))
         ]
-        head = ("", "recipe", "MoE loss", "MoE tok/s", "dense loss", "dense tok/s")
-        print("\nrecipes (* each model's best, compared below):")
+        head = ("", "recipe", "MoE loss", "MoE tok/s", "dense loss", "dense tok/s", "best for")
+        print("\neach recipe (each model compared below at its best):")
         print(format_table(rows, header=head))
         for preset, name in (("small", "MoE"), ("dense-small", "dense")):
             print(f"{name}: recipe {best[preset] + 1} ({recipe_name(recipes[best[preset]])})")

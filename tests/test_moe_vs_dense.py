@@ -50,6 +50,9 @@ def test_lead_at_interpolates_both_curves_and_marks_points_a_short_run_lacks():
     leads = lead_at(moe, dense, [0.25, 0.5, 0.75, 1.0])
     assert leads[:3] == pytest.approx([0.2, 0.1, -0.1])
     assert leads[3] is None
+    # a ramped run ends a few tokens short of the other's end: its last loss is its final one
+    moe_ramped = {"tokens": np.array([100.0, 200.0, 399.8]), "val": np.array([5.8, 4.9, 3.9])}
+    assert lead_at(moe_ramped, dense, [1.0]) == pytest.approx([0.1])
 
 
 def test_token_multiplier_reads_the_lead_before_either_decay():

@@ -172,6 +172,9 @@ def parse_recipe(text: str) -> dict[str, Any]:
     return train_overrides(items, [])[0]
 
 
+ROLE = {"small": "MoE", "dense-small": "dense"}  # each preset's part in the comparison
+
+
 def recipe_name(recipe: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in recipe.items()) or "the defaults"
 
@@ -380,16 +383,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"{t['small']['tokens_per_second']:,.0f}",
                 f"{t['dense-small']['final_val_loss']:.4f}",
                 f"{t['dense-small']['tokens_per_second']:,.0f}",
-                " and ".join(
-                    n for p, n in (("small", "MoE"), ("dense-small", "dense")) if best[p] == i
-                ),
+                " and ".join(n for p, n in ROLE.items() if best[p] == i),
             )
             for i, (recipe, t) in enumerate(zip(recipes, trials, strict=True))
         ]
         head = ("", "recipe", "MoE loss", "MoE tok/s", "dense loss", "dense tok/s", "best for")
         print("\neach recipe (each model compared below at its best):")
         print(format_table(rows, header=head))
-        for preset, name in (("small", "MoE"), ("dense-small", "dense")):
+        for preset, name in ROLE.items():
             print(f"{name}: recipe {best[preset] + 1} ({recipe_name(recipes[best[preset]])})")
     runs = {preset: curve(Path(tc.out)) for preset, tc in configs.items()}
 
@@ -511,8 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = f"MoE with {recipe}" if recipe else "same activated parameters"
     if len(recipes) > 1:
         recipe += "; each at its best recipe: " + "; ".join(
-            f"{n} {recipe_name(recipes[best[p]])}"
-            for p, n in (("small", "MoE"), ("dense-small", "dense"))
+            f"{n} {recipe_name(recipes[best[p]])}" for p, n in ROLE.items()
         )
     at = " at " + ", ".join(f"{k}={v}" for k, v in shape.items()) if shape else ""
     corpus = "the stdlib corpus" if Path(args.data).name == "stdlib-8k" else Path(args.data).name

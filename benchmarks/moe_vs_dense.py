@@ -47,7 +47,7 @@ import os
 import textwrap
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -251,7 +251,7 @@ def run_both(configs: dict[str, TrainConfig], side_by_side: bool) -> dict[str, d
         return {name: f.result() for name, f in futures.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -324,6 +324,149 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not 0 < args.moe_budget <= 1:
         raise SystemExit(f"--moe-budget must be in (0, 1], got {args.moe_budget}")
+    return args
+
+
+class Trial(NamedTuple):
+    """One recipe's training of both models: their configs and run summaries, by preset."""
+
+    recipe: dict[str, Any]
+    configs: dict[str, TrainConfig]
+    summaries: dict[str, dict]
+
+
+def print_recipes(trials: list[Trial], best: dict[str, int]) -> None:
+    """The table of every recipe's losses and speeds, and which model each one suits."""
+    rows = [
+        (
+            str(i + 1),
+            recipe_name(t.recipe),
+            f"{t.summaries['small']['final_val_loss']:.4f}",
+            f"{t.summaries['small']['tokens_per_second']:,.0f}",
+            f"{t.summaries['dense-small']['final_val_loss']:.4f}",
+            f"{t.summaries['dense-small']['tokens_per_second']:,.0f}",
+            " and ".join(n for p, n in ROLE.items() if best[p] == i),
+        )
+        for i, t in enumerate(trials)
+    ]
+    head = ("", "recipe", "MoE loss", "MoE tok/s", "dense loss", "dense tok/s", "best for")
+    print("\neach recipe (each model compared below at its best):")
+    print(format_table(rows, header=head))
+    for preset, name in ROLE.items():
+        print(f"{name}: recipe {best[preset] + 1} ({recipe_name(trials[best[preset]].recipe)})")
+
+
+def print_models(summaries: dict[str, dict], models: dict[str, dict[str, Any]]) -> float:
+    """The two models' table (size, speed, compute, loss) -> the MoE/dense tokens/s ratio."""
+    table = []
+    for preset in ("small", "dense-small"):
+        cfg = dataclasses.replace(get_preset(preset), **models[preset])
+        s, pc = summaries[preset], param_counts(cfg)
+        table.append(
+            (
+                preset,
+                human(pc["total"]),
+                human(pc["activated"]),
+                human(s["flops_per_token"]),
+                f"{s['tokens_per_second']:,.0f}",
+                f"{s['wall_seconds']:.0f}",
+                f"{s['total_flops']:.3g}",
+                f"{s['final_val_loss']:.4f}",
+                f"{s['final_val_bpb']:.3f}",
+            )
+        )
+    header = ("", "params", "active", "FLOPs/tok", "tokens/s", "train s", "FLOPs", "val loss")
+    print(format_table(table, header=(*header, "bits/byte")))
+    ratio = summaries["small"]["tokens_per_second"] / summaries["dense-small"]["tokens_per_second"]
+    print(f"MoE tokens/s = {ratio:.2f}x the dense model's")
+    return ratio
+
+
+def print_comparison(
+    configs: dict[str, TrainConfig],
+    runs: dict[str, dict[str, np.ndarray]],
+    ratio: float,
+    side_by_side: bool,
+) -> None:
+    """The MoE against the dense model over the run: speed while both trained, expert load,
+    lead, compute multiplier before the decay, and where it reaches the dense final loss."""
+    moe, dense = runs["small"], runs["dense-small"]
+    if side_by_side:  # the faster run ends first; the other then has the machine to itself
+        recs = {p: read_metrics(Path(tc.out) / "metrics.jsonl") for p, tc in configs.items()}
+        end = min(r[-1]["elapsed"] for r in recs.values())
+        rates = {p: rate_until(r, end) for p, r in recs.items()}
+        print(
+            f"while both trained (the first {end:.0f} s): MoE {rates['small']:,.0f} tokens/s, "
+            f"dense {rates['dense-small']:,.0f}: {rates['small'] / rates['dense-small']:.2f}x"
+        )
+    load = expert_load(read_metrics(Path(configs["small"].out) / "metrics.jsonl"))
+    if load is not None:
+        worst, at, late = load
+        print(
+            f"the MoE's expert load (max/mean tokens per expert, layers averaged; 1 is even): "
+            f"{worst:.2f} at worst in the first 10% of the steps (step {at}), {late:.2f} over "
+            f"the last 10%"
+        )
+    quarters = [0.25, 0.5, 0.75, 1.0]
+    leads = " / ".join("-" if x is None else f"{x:+.3f}" for x in lead_at(moe, dense, quarters))
+    print(f"the MoE's lead (dense - MoE validation loss) at 25/50/75/100% of the tokens: {leads}")
+    stable = {  # where each run's LR starts to fall: wsd's decay; cosine has no stable phase
+        p: tc.tokens * (1 - tc.decay_frac) if tc.schedule == "wsd" and tc.tokens else None
+        for p, tc in configs.items()
+    }
+    if stable["small"] and stable["dense-small"]:
+        found = token_multiplier(moe, dense, stable["small"], stable["dense-small"])
+        if found is not None:
+            mult, n = found
+            print(
+                f"before the decay the dense model needs {mult:.2f}x the MoE's tokens for the "
+                f"same validation loss (median of {n} points); with the tokens/s above, the "
+                f"MoE gets there in {1 / (mult * ratio):.0%} of the dense wall time"
+            )
+    target = dense["val"][-1]
+    f_reach, t_reach = first_reach(moe, target, "flops"), first_reach(moe, target, "seconds")
+    if f_reach is None:
+        print(
+            f"the MoE did not reach the dense model's final validation loss ({target:.4f}) "
+            f"within the budget: the claim does not hold at this scale and budget"
+        )
+    else:
+        print(
+            f"the MoE reached the dense model's final validation loss ({target:.4f}) at "
+            f"{f_reach / dense['flops'][-1]:.0%} of the dense training FLOPs and "
+            f"{t_reach / dense['seconds'][-1]:.0%} of its training time"
+        )
+
+
+def plot(runs: dict[str, dict[str, np.ndarray]], title: str, png: str) -> None:
+    """Validation loss against training FLOPs and against wall time, the dense final loss
+    drawn across both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target = runs["dense-small"]["val"][-1]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for preset, c in runs.items():
+        label = f"{preset} ({ROLE[preset]})"
+        axes[0].plot(c["flops"], c["val"], "o-", ms=3, label=label)
+        axes[1].plot(c["seconds"], c["val"], "o-", ms=3, label=label)
+    for ax, xl in zip(axes, ("training FLOPs", "training wall time (s)"), strict=True):
+        ax.axhline(target, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel(xl)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(textwrap.fill(title, 130), fontsize=10)
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print(f"plot: {png}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     shape = dict(parse_override(item) for item in args.model)
     moe_model = dict(parse_override(item) for item in args.moe)
     models = model_overrides(shape, moe_model)
@@ -361,41 +504,23 @@ def main(argv: list[str] | None = None) -> None:
         }
 
     how = f"side by side, {threads} thread(s) each" if side_by_side else "one after the other"
-    trials, trial_configs = [], []
+    trials = []
     for i, recipe in enumerate(recipes):
         out = Path(args.out) / f"recipe{i}" if len(recipes) > 1 else Path(args.out)
-        trial_configs.append(configs_for(recipe, out))
+        configs = configs_for(recipe, out)
         which = f" (recipe {i + 1} of {len(recipes)}: {recipe_name(recipe)})" if recipe else ""
         print(
             f"training small and dense-small on {human(args.tokens)} tokens, {how}{which}",
             flush=True,
         )
-        trials.append(run_both(trial_configs[-1], side_by_side))
-    best = {preset: best_of(trials, preset) for preset in ("small", "dense-small")}
-    configs = {p: trial_configs[i][p] for p, i in best.items()}
-    summaries = {p: trials[i][p] for p, i in best.items()}
-    if len(recipes) > 1:  # each model is judged at the recipe that suits it best
-        rows = [
-            (
-                str(i + 1),
-                recipe_name(recipe),
-                f"{t['small']['final_val_loss']:.4f}",
-                f"{t['small']['tokens_per_second']:,.0f}",
-                f"{t['dense-small']['final_val_loss']:.4f}",
-                f"{t['dense-small']['tokens_per_second']:,.0f}",
-                " and ".join(n for p, n in ROLE.items() if best[p] == i),
-            )
-            for i, (recipe, t) in enumerate(zip(recipes, trials, strict=True))
-        ]
-        head = ("", "recipe", "MoE loss", "MoE tok/s", "dense loss", "dense tok/s", "best for")
-        print("\neach recipe (each model compared below at its best):")
-        print(format_table(rows, header=head))
-        for preset, name in ROLE.items():
-            print(f"{name}: recipe {best[preset] + 1} ({recipe_name(recipes[best[preset]])})")
+        trials.append(Trial(recipe, configs, run_both(configs, side_by_side)))
+    best = {preset: best_of([t.summaries for t in trials], preset) for preset in ROLE}
+    if len(trials) > 1:  # each model is judged at the recipe that suits it best
+        print_recipes(trials, best)
+    configs = {p: trials[i].configs[p] for p, i in best.items()}
+    summaries = {p: trials[i].summaries[p] for p, i in best.items()}
     runs = {preset: curve(Path(tc.out)) for preset, tc in configs.items()}
 
-    moe, dense = runs["small"], runs["dense-small"]
-    target = dense["val"][-1]
     print(
         f"\nMoE vs dense, same data and {human(args.tokens)}-token budget "
         f"({summaries['small']['dtype']}, {summaries['small']['device']}, {how})"
@@ -411,117 +536,26 @@ def main(argv: list[str] | None = None) -> None:
         print(f"MoE model overrides: {moe_model}")
     if both:
         print(f"training overrides (both models): {both}")
-    moe_cfg, dense_cfg = configs["small"], configs["dense-small"]
     for key in moe_only:
-        print(f"MoE {key} {getattr(moe_cfg, key)!r}, dense {getattr(dense_cfg, key)!r}")
-    table = []
-    for preset in ("small", "dense-small"):
-        cfg = dataclasses.replace(get_preset(preset), **models[preset])
-        s, pc = summaries[preset], param_counts(cfg)
-        table.append(
-            (
-                preset,
-                human(pc["total"]),
-                human(pc["activated"]),
-                human(s["flops_per_token"]),
-                f"{s['tokens_per_second']:,.0f}",
-                f"{s['wall_seconds']:.0f}",
-                f"{s['total_flops']:.3g}",
-                f"{s['final_val_loss']:.4f}",
-                f"{s['final_val_bpb']:.3f}",
-            )
-        )
-    header = (
-        "",
-        "params",
-        "active",
-        "FLOPs/tok",
-        "tokens/s",
-        "train s",
-        "FLOPs",
-        "val loss",
-        "bits/byte",
-    )
-    print(format_table(table, header=header))
-    ratio = summaries["small"]["tokens_per_second"] / summaries["dense-small"]["tokens_per_second"]
-    print(f"MoE tokens/s = {ratio:.2f}x the dense model's")
-    # the faster run ends first; the other then has the machine to itself
-    if side_by_side and best["small"] == best["dense-small"]:
-        recs = {p: read_metrics(Path(tc.out) / "metrics.jsonl") for p, tc in configs.items()}
-        end = min(r[-1]["elapsed"] for r in recs.values())
-        rates = {p: rate_until(r, end) for p, r in recs.items()}
         print(
-            f"while both trained (the first {end:.0f} s): MoE {rates['small']:,.0f} tokens/s, "
-            f"dense {rates['dense-small']:,.0f}: {rates['small'] / rates['dense-small']:.2f}x"
+            f"MoE {key} {getattr(configs['small'], key)!r}, "
+            f"dense {getattr(configs['dense-small'], key)!r}"
         )
-    load = expert_load(read_metrics(Path(moe_cfg.out) / "metrics.jsonl"))
-    if load is not None:
-        worst, at, late = load
-        print(
-            f"the MoE's expert load (max/mean tokens per expert, layers averaged; 1 is even): "
-            f"{worst:.2f} at worst in the first 10% of the steps (step {at}), {late:.2f} over "
-            f"the last 10%"
-        )
-    quarters = [0.25, 0.5, 0.75, 1.0]
-    leads = " / ".join("-" if x is None else f"{x:+.3f}" for x in lead_at(moe, dense, quarters))
-    print(f"the MoE's lead (dense - MoE validation loss) at 25/50/75/100% of the tokens: {leads}")
-    stable = {  # where each run's LR starts to fall: wsd's decay; cosine has no stable phase
-        p: tc.tokens * (1 - tc.decay_frac) if tc.schedule == "wsd" and tc.tokens else None
-        for p, tc in configs.items()
-    }
-    if stable["small"] and stable["dense-small"]:
-        found = token_multiplier(moe, dense, stable["small"], stable["dense-small"])
-        if found is not None:
-            mult, n = found
-            print(
-                f"before the decay the dense model needs {mult:.2f}x the MoE's tokens for the "
-                f"same validation loss (median of {n} points); with the tokens/s above, the "
-                f"MoE gets there in {1 / (mult * ratio):.0%} of the dense wall time"
-            )
-    f_reach, t_reach = first_reach(moe, target, "flops"), first_reach(moe, target, "seconds")
-    if f_reach is None:
-        print(
-            f"the MoE did not reach the dense model's final validation loss ({target:.4f}) "
-            f"within the budget: the claim does not hold at this scale and budget"
-        )
-    else:
-        print(
-            f"the MoE reached the dense model's final validation loss ({target:.4f}) at "
-            f"{f_reach / dense['flops'][-1]:.0%} of the dense training FLOPs and "
-            f"{t_reach / dense['seconds'][-1]:.0%} of its training time"
-        )
+    ratio = print_models(summaries, models)
+    # "while both trained" is one pair's: only where both bests come from one recipe
+    one_pair = side_by_side and best["small"] == best["dense-small"]
+    print_comparison(configs, runs, ratio, one_pair)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for preset, c in runs.items():
-        label = f"{preset} ({'MoE' if preset == 'small' else 'dense'})"
-        axes[0].plot(c["flops"], c["val"], "o-", ms=3, label=label)
-        axes[1].plot(c["seconds"], c["val"], "o-", ms=3, label=label)
-    for ax, xl in zip(axes, ("training FLOPs", "training wall time (s)"), strict=True):
-        ax.axhline(target, color="gray", lw=0.8, ls="--")
-        ax.set_xlabel(xl)
-        ax.set_ylabel("validation loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
     budget = {"budget": f"{args.moe_budget:g}x"} if args.moe_budget != 1 else {}
     recipe = ", ".join(f"{k}={v}" for k, v in {**moe_model, **moe_only, **budget}.items())
     recipe = f"MoE with {recipe}" if recipe else "same activated parameters"
-    if len(recipes) > 1:
+    if len(trials) > 1:
         recipe += "; each at its best recipe: " + "; ".join(
-            f"{n} {recipe_name(recipes[best[p]])}" for p, n in ROLE.items()
+            f"{n} {recipe_name(trials[best[p]].recipe)}" for p, n in ROLE.items()
         )
     at = " at " + ", ".join(f"{k}={v}" for k, v in shape.items()) if shape else ""
     corpus = "the stdlib corpus" if Path(args.data).name == "stdlib-8k" else Path(args.data).name
-    title = f"MoE vs dense{at} ({recipe}), {human(args.tokens)} tokens of {corpus}"
-    fig.suptitle(textwrap.fill(title, 130), fontsize=10)
-    fig.tight_layout()
-    Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.png, dpi=110)
-    print(f"plot: {args.png}")
+    plot(runs, f"MoE vs dense{at} ({recipe}), {human(args.tokens)} tokens of {corpus}", args.png)
 
 
 if __name__ == "__main__":

@@ -689,3 +689,32 @@ def test_compiled_training_matches_eager(shards, tmp_path, dtype, tol):
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert len(compiled) == 4 and compiled[-1] < compiled[0]
     assert compiled == pytest.approx(eager, rel=tol, abs=tol)
+
+
+def test_gamma_tokens_keeps_the_bias_schedule_when_the_budget_grows(shards, tmp_path):
+    """With the bias speed's fall fixed in tokens, a run of twice the budget takes the shorter
+    run's steps exactly until the shorter run's LR starts to fall (wsd's last 20%); over the
+    budget (the default) the longer run's bias moves faster from the first update on."""
+    per_step = 4 * 32
+    short, long_ = 20 * per_step, 40 * per_step
+    kw = dict(steps=None, eval_every=0, gamma=0.1, gamma_final=0.001)
+    runs = {
+        "short": dict(tokens=short, gamma_tokens=short),
+        "long, gamma over a fixed count": dict(tokens=long_, gamma_tokens=short),
+        "long, gamma over the budget": dict(tokens=long_),
+    }
+    steps = {}
+    for name, extra in runs.items():
+        out = tmp_path / name.replace(" ", "_").replace(",", "")
+        train(tiny_run(shards, out, **kw, **extra))
+        recs = map(json.loads, (out / "metrics.jsonl").open())
+        steps[name] = [r["loss"] for r in recs if "loss" in r]
+    stable = 16  # the short run decays from 0.8 x 20 steps on
+    assert steps["long, gamma over a fixed count"][:stable] == steps["short"][:stable]
+    assert steps["long, gamma over the budget"][:stable] != steps["short"][:stable]
+    assert steps["long, gamma over a fixed count"][stable:20] != steps["short"][stable:20]
+
+
+def test_gamma_tokens_must_not_be_negative(shards, tmp_path):
+    with pytest.raises(TrainError, match="gamma_tokens must be >= 0"):
+        tiny_run(shards, tmp_path / "run", gamma_tokens=-1.0)

@@ -39,6 +39,7 @@ def load_imbalance(counts: torch.Tensor) -> list[float]:
 
 def gamma_at(progress: float, gamma: float, gamma_final: float) -> float:
     """Fast at first (routing starts unbalanced and a few hundred steps must fix it), then
-    slower so the bias stops jittering: linear from gamma to gamma_final over the run."""
+    slower so the bias stops jittering: linear from gamma to gamma_final over the run, or
+    over --gamma-tokens (`progress` is then the tokens seen over those)."""
     p = min(max(progress, 0.0), 1.0)
     return gamma + (gamma_final - gamma) * p

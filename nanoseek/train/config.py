@@ -145,7 +145,16 @@ class TrainConfig(RunConfig):
     mtp_weight: float = _h("multi-token-prediction loss weight (lambda)", default=0.3)
     gamma: float = _h("expert-bias update speed at the start of the run", default=0.01)
     gamma_final: float = _h(
-        "expert-bias update speed at the end (decays with progress)", default=0.001
+        "expert-bias update speed at the end (linear from --gamma over --gamma-tokens)",
+        default=0.001,
+    )
+    gamma_tokens: float = _h(
+        "tokens over which the bias speed falls from --gamma to --gamma-final (0: the whole "
+        "budget). A fixed count keeps the MoE's routing recipe the same whatever the budget: "
+        "under wsd a longer run then repeats a shorter one's curve up to the shorter one's "
+        "decay (over the budget, a 60M-token run's bias moved faster than a 30M one's and its "
+        "curve parted from it by up to 0.15 nats: docs/benchmarks.md)",
+        default=0.0,
     )
     alpha: float = _h("sequence-wise balance loss weight (0: off)", default=0.0)
     router_lr: float = _h(
@@ -233,6 +242,7 @@ class TrainConfig(RunConfig):
             )
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.router_lr >= 0, f"router_lr must be >= 0, got {self.router_lr}")
+        need(self.gamma_tokens >= 0, f"gamma_tokens must be >= 0, got {self.gamma_tokens}")
         need(
             self.parallel in ("fsdp", "ddp"), f"parallel must be fsdp or ddp, got {self.parallel!r}"
         )
@@ -301,6 +311,7 @@ IDENTITY = (
     "mtp_weight",
     "gamma",
     "gamma_final",
+    "gamma_tokens",
     "alpha",
     "router_lr",
     "indexer_warmup_steps",

@@ -148,7 +148,12 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                 tokens_per_step = batch * tc.seq_len * tc.grad_accum  # over all ranks
                 state.tokens += tokens_per_step
                 if taken and moe_layers:  # a skipped step moves no bias either
-                    gamma = gamma_at(state.progress(horizon), tc.gamma, tc.gamma_final)
+                    done = (  # over a fixed token count, or over the run's horizon
+                        state.tokens / tc.gamma_tokens
+                        if tc.gamma_tokens
+                        else state.progress(horizon)
+                    )
+                    gamma = gamma_at(done, tc.gamma, tc.gamma_final)
                     update_expert_bias(moe_layers, counts, gamma)
                 dt = tick(state, t0, t_start, rt, stop, horizon)
 

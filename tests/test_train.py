@@ -707,7 +707,7 @@ def test_gamma_tokens_keeps_the_bias_schedule_when_the_budget_grows(shards, tmp_
     for name, extra in runs.items():
         out = tmp_path / name.replace(" ", "_").replace(",", "")
         train(tiny_run(shards, out, **kw, **extra))
-        recs = map(json.loads, (out / "metrics.jsonl").open())
+        recs = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
         steps[name] = [r["loss"] for r in recs if "loss" in r]
     stable = 16  # the short run decays from 0.8 x 20 steps on
     assert steps["long, gamma over a fixed count"][:stable] == steps["short"][:stable]

@@ -391,15 +391,15 @@ def print_comparison(
     """The MoE against the dense model over the run: speed while both trained, expert load,
     lead, compute multiplier before the decay, and where it reaches the dense final loss."""
     moe, dense = runs["small"], runs["dense-small"]
+    recs = {p: read_metrics(Path(tc.out) / "metrics.jsonl") for p, tc in configs.items()}
     if side_by_side:  # the faster run ends first; the other then has the machine to itself
-        recs = {p: read_metrics(Path(tc.out) / "metrics.jsonl") for p, tc in configs.items()}
         end = min(r[-1]["elapsed"] for r in recs.values())
         rates = {p: rate_until(r, end) for p, r in recs.items()}
         print(
             f"while both trained (the first {end:.0f} s): MoE {rates['small']:,.0f} tokens/s, "
             f"dense {rates['dense-small']:,.0f}: {rates['small'] / rates['dense-small']:.2f}x"
         )
-    load = expert_load(read_metrics(Path(configs["small"].out) / "metrics.jsonl"))
+    load = expert_load(recs["small"])
     if load is not None:
         worst, at, late = load
         print(

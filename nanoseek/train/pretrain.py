@@ -24,13 +24,14 @@ from typing import Any
 import torch
 
 from nanoseek.compute import flops_per_token, measure_matmul_peak
-from nanoseek.config import V4Config, get_preset
+from nanoseek.config import ModelConfig, V4Config, get_preset
 from nanoseek.data import BatchLoader, prepare, read_meta
 from nanoseek.device import allocator_note
 from nanoseek.model import Transformer, V4Transformer
 from nanoseek.model.indexer import indexer_kl
 from nanoseek.model.v4 import indexer_kl_v4
 from nanoseek.train.balance import gamma_at, load_imbalance, update_expert_bias
+from nanoseek.train.budget import Budget
 from nanoseek.train.checkpoint import (
     RunState,
     load_checkpoint,
@@ -70,31 +71,10 @@ def train(tc: TrainConfig) -> dict[str, Any]:
             split: BatchLoader(data, split, tc.batch_size, tc.seq_len, tc.seed, rt.rank, rt.world)
             for split in ("train", "val")
         }
-        model, state, rng = start_model(tc, found, rt, tokenizer, data)
+        model, state, step_model, optimizer = start_training(tc, found, rt, tokenizer, data)
         cfg, moe_layers = model.config, model.moe_layers()
-        model.train()
-        mtp_idle = tc.mtp_weight == 0 and cfg.num_nextn_predict_layers > 0
         indexer_weight = indexer_loss_weight(tc, cfg.has_indexer, rt)
-        unused = mtp_idle or cfg.has_indexer  # DDP: the indexers get no gradient through it
-        step_model = rt.wrap(model, unused_parameters=unused, compile=tc.compile)
-        optimizer = build_optimizer(
-            model,
-            tc.lr,
-            tc.weight_decay,
-            (tc.beta1, tc.beta2),
-            tc.optimizer,
-            tc.router_lr,
-            tc.optim_states,
-        )
-        if found:
-            restore_optimizer(found, model, optimizer)
-            restore_rng(rng)
-
-        # --- accounting ------------------------------------------------------------------------
-        # MTP modules that never run (mtp_weight 0) cost no FLOPs
-        counted = cfg if tc.mtp_weight > 0 else cfg.replace(num_nextn_predict_layers=0)
-        fpt = flops_per_token(counted, tc.seq_len, training=True)
-        peak = measure_matmul_peak(rt.dtype, str(rt.device)) * rt.world if rt.master else math.inf
+        fpt, peak = accounting(tc, cfg, rt)
         if rt.master:
             start_run_files(tc, rt, model, out)
 
@@ -148,13 +128,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                 tokens_per_step = batch * tc.seq_len * tc.grad_accum  # over all ranks
                 state.tokens += tokens_per_step
                 if taken and moe_layers:  # a skipped step moves no bias either
-                    done = (  # over a fixed token count, or over the run's horizon
-                        state.tokens / tc.gamma_tokens
-                        if tc.gamma_tokens
-                        else state.progress(horizon)
-                    )
-                    gamma = gamma_at(done, tc.gamma, tc.gamma_final)
-                    update_expert_bias(moe_layers, counts, gamma)
+                    update_expert_bias(moe_layers, counts, bias_speed(tc, state, horizon))
                 dt = tick(state, t0, t_start, rt, stop, horizon)
 
                 # --- metrics, evaluation, checkpoints ------------------------------------------
@@ -179,6 +153,47 @@ def train(tc: TrainConfig) -> dict[str, Any]:
             return {}
         val = (val_loss, val_bpb)
         return finish(tc, rt, state, fpt, peak, val, loader["train"], meta, cfg.vocab_size)
+
+
+def start_training(
+    tc: TrainConfig, found: Path | None, rt: Runtime, tokenizer: dict, data: Path
+) -> tuple[Transformer | V4Transformer, RunState, torch.nn.Module, torch.optim.Optimizer]:
+    """-> (model, run state, the model as each step runs it (wrapped for DDP / FSDP,
+    compiled), its optimizer): fresh, or as the run's checkpoint left them."""
+    model, state, rng = start_model(tc, found, rt, tokenizer, data)
+    cfg = model.config
+    model.train()
+    mtp_idle = tc.mtp_weight == 0 and cfg.num_nextn_predict_layers > 0
+    unused = mtp_idle or cfg.has_indexer  # DDP: the indexers get no gradient through it
+    step_model = rt.wrap(model, unused_parameters=unused, compile=tc.compile)
+    optimizer = build_optimizer(
+        model,
+        tc.lr,
+        tc.weight_decay,
+        (tc.beta1, tc.beta2),
+        tc.optimizer,
+        tc.router_lr,
+        tc.optim_states,
+    )
+    if found:
+        restore_optimizer(found, model, optimizer)
+        restore_rng(rng)
+    return model, state, step_model, optimizer
+
+
+def accounting(tc: TrainConfig, cfg: ModelConfig | V4Config, rt: Runtime) -> tuple[float, float]:
+    """-> (training FLOPs a token, the matmul peak over all ranks; inf off the master rank,
+    which logs no MFU). MTP modules that never run (mtp_weight 0) cost no FLOPs."""
+    counted = cfg if tc.mtp_weight > 0 else cfg.replace(num_nextn_predict_layers=0)
+    fpt = flops_per_token(counted, tc.seq_len, training=True)
+    peak = measure_matmul_peak(rt.dtype, str(rt.device)) * rt.world if rt.master else math.inf
+    return fpt, peak
+
+
+def bias_speed(tc: TrainConfig, state: RunState, horizon: Budget) -> float:
+    """gamma after this step: falling over --gamma-tokens, or over the run's horizon."""
+    done = state.tokens / tc.gamma_tokens if tc.gamma_tokens else state.progress(horizon)
+    return gamma_at(done, tc.gamma, tc.gamma_final)
 
 
 def start_model(

@@ -330,6 +330,52 @@ def test_fused_expert_loop_equals_the_python_loop(monkeypatch, inter, threads, f
     assert not torch.equal(fused[False][0], torch.zeros_like(fused[False][0]))
 
 
+@pytest.mark.parametrize("E,k", [(32, 4), (8, 1), (37, 6), (5, 5)])
+def test_topk_rows_picks_what_torch_topk_picks(E, k):
+    """The gate's top-k in C++: each row's k largest, the same set torch.topk gives, largest
+    first; of equal values the lower index (a row of ties)."""
+    from nanoseek.model import moe as M
+
+    M.expert_kernel_builds()
+    g = torch.Generator().manual_seed(E * 10 + k)
+    scores = torch.randn(300, E, generator=g)
+    scores[7] = 0.5
+    got = torch.ops.nanoseek.topk_rows(scores, k)
+    want = scores.topk(k, dim=-1).indices
+    assert torch.equal(got.sort(dim=-1).values[:7], want.sort(dim=-1).values[:7])
+    assert torch.equal(got[8:].sort(dim=-1).values, want[8:].sort(dim=-1).values)
+    picked = scores.gather(1, got)
+    assert (picked[:, :-1] >= picked[:, 1:]).all()
+    assert got[7].tolist() == list(range(k))
+    assert torch.equal(M._top_k(scores, k), got)
+    with pytest.raises(RuntimeError, match="k must be in"):
+        torch.ops.nanoseek.topk_rows(scores, E + 1)
+
+
+@pytest.mark.parametrize("pad", [1, 64])
+def test_experts_dispatch_sorts_as_argsort_and_pads(pad):
+    """The C++ counting sort puts the (token, expert) pairs where the stable argsort and
+    `_padded_slots` do: the same rows read the same tokens, each expert's block rounded up
+    to `pad` rows (padding rows read token 0), slot[p] the row of pair p."""
+    from nanoseek.model import moe as M
+
+    M.expert_kernel_builds()
+    E, k, N = 8, 3, 200
+    g = torch.Generator().manual_seed(pad)
+    indices = torch.rand(N, E, generator=g).topk(k, dim=-1).indices
+    indices[indices == 3] = 2  # expert 3 gets no rows; 2 gets some tokens twice
+    src, slot, rows = torch.ops.nanoseek.experts_dispatch(indices, E, pad)
+    counts = M.count_tokens(indices, E)
+    assert torch.equal(rows, (counts + pad - 1) // pad * pad)
+    order = indices.flatten().argsort(stable=True)
+    want_slot = M._padded_slots(counts, rows, N * k)
+    assert torch.equal(slot[order], want_slot)
+    want_src = torch.zeros(int(rows.sum()), dtype=torch.long).index_copy_(0, want_slot, order // k)
+    assert torch.equal(src, want_src)
+    with pytest.raises(RuntimeError, match="expert out of range"):
+        torch.ops.nanoseek.experts_dispatch(indices + E, E, pad)
+
+
 def test_fused_expert_loop_trains_as_the_python_loop(monkeypatch):
     """Ten fp32 training steps of `tiny` with each loop: the same losses, to ~1e-5 over the
     first steps; the loops differ by rounding only, which a flipped routing choice then

@@ -1,13 +1,17 @@
 /* The routed experts' training step on CPU, fp32 or bf16, built and loaded by nanoseek/kernels
- * as the torch ops nanoseek::experts_fwd and nanoseek::experts_bwd (moe._FusedExpertLoop is
- * the autograd node; moe._ExpertLoop is the same math in Python, the path everywhere else).
+ * as the torch ops nanoseek::experts_dispatch, experts_fwd and experts_bwd
+ * (moe._FusedExpertLoop is the autograd node; moe._ExpertLoop is the same math in Python, the
+ * path everywhere else), and the gate's top-k, nanoseek::topk_rows.
  *
  * Rows are (token, expert) pairs sorted by expert, sizes[e] rows for expert e (in bf16 padded
- * with rows of weight 0, see moe.Experts.sorted); src[r] is the token row r reads and rw[r]
- * its gate weight. Per expert, on its block of rows:
+ * with rows of weight 0, see moe.Experts.sorted); src[r] is the token row r reads, rw[r] its
+ * gate weight, and slot[t * k + j] the row of token t's j-th pair (experts_dispatch: a
+ * counting sort, no argsort). The rows are gathered from x converted to the compute dtype on
+ * the way, and summed back to their tokens through slot (each token's k rows read and added
+ * in fp32, no scatter: the output rows are the threads' own). Per expert, on its block of rows:
  *     h = xs @ w13[e]^T           [rows, 2I]: gate | up
  *     a = rw * silu(gate) * up    [rows, I]   (the gate weight applied here, not to y)
- *     y = a @ w2[e]^T             [rows, d], summed into out[src] afterwards
+ *     y = a @ w2[e]^T             [rows, d], summed back to the tokens afterwards
  * The backward, per expert: dw2[e] = dy^T a, da = dy @ w2[e], then one fused pass gives the
  * gate weight's gradient (sum over i of da * silu(gate) * up) and dh, then dw13[e] = dh^T xs
  * and dxs = dh @ w13[e]. Against the Python loop this saves its ~40 op calls per expert and
@@ -21,6 +25,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/record_function.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -119,20 +124,163 @@ void swiglu_backward(const T* daw, const T* h, const T* rw, T* dh, T* drw, int64
     });
 }
 
-void check(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
-           const at::Tensor& src, const at::Tensor& rw, at::IntArrayRef sizes) {
-    const auto dt = x.scalar_type();
+// A row of n values from one dtype to another (a copy where they are the same).
+inline void convert_row(const float* s, float* d, int64_t n) { std::copy(s, s + n, d); }
+inline void convert_row(const bf16* s, bf16* d, int64_t n) { std::copy(s, s + n, d); }
+inline void convert_row(const float* s, bf16* d, int64_t n) { at::vec::convert(s, d, n); }
+inline void convert_row(const bf16* s, float* d, int64_t n) { at::vec::convert(s, d, n); }
+
+// out[r] = x[src[r]] converted to out's dtype: the experts' input rows, in expert order.
+template <typename Ti, typename To>
+void gather_rows(const Ti* x, const int64_t* src, To* out, int64_t rows, int64_t d) {
+    at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) convert_row(x + src[r] * d, out + r * d, d);
+    });
+}
+
+// out[t] = sum over j < k of ys[slot[t * k + j]], added in fp32: each token's rows back to it.
+template <typename Ti, typename To>
+void sum_rows(const Ti* ys, const int64_t* slot, To* out, int64_t tokens, int64_t k, int64_t d) {
+    at::parallel_for(0, tokens, 64, [&](int64_t t0, int64_t t1) {
+        std::vector<float> acc(d), row(d);
+        const int64_t full = d - d % Vec::size();
+        for (int64_t t = t0; t < t1; t++) {
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int64_t j = 0; j < k; j++) {
+                const float* y = as_float(ys + slot[t * k + j] * d, d, row.data());
+                for (int64_t i = 0; i < full; i += Vec::size())
+                    (Vec::loadu(acc.data() + i) + Vec::loadu(y + i)).store(acc.data() + i);
+                for (int64_t i = full; i < d; i++) acc[i] += y[i];
+            }
+            convert_row(acc.data(), out + t * d, d);
+        }
+    });
+}
+
+template <typename F>
+void by_dtype(at::ScalarType dt, F&& body) {
+    if (dt == at::kFloat)
+        body(float{});
+    else if (dt == at::kBFloat16)
+        body(bf16{});
+    else
+        TORCH_CHECK(false, "experts kernels: fp32 or bf16 only");
+}
+
+at::Tensor gather(const at::Tensor& x, const at::Tensor& src, at::ScalarType dt) {
+    RECORD_FUNCTION("nanoseek::experts.gather", std::vector<c10::IValue>());
+    at::Tensor xc = x.contiguous();
+    at::Tensor out = at::empty({src.size(0), x.size(1)}, x.options().dtype(dt));
+    by_dtype(xc.scalar_type(), [&](auto ti) {
+        by_dtype(dt, [&](auto to) {
+            using Ti = decltype(ti);
+            using To = decltype(to);
+            gather_rows(xc.data_ptr<Ti>(), src.data_ptr<int64_t>(), out.data_ptr<To>(),
+                        src.size(0), x.size(1));
+        });
+    });
+    return out;
+}
+
+at::Tensor sum_back(const at::Tensor& ys, const at::Tensor& slot, int64_t tokens,
+                    at::ScalarType dt) {
+    RECORD_FUNCTION("nanoseek::experts.sum_back", std::vector<c10::IValue>());
+    const int64_t k = tokens ? slot.size(0) / tokens : 0;
+    at::Tensor out = at::empty({tokens, ys.size(1)}, ys.options().dtype(dt));
+    by_dtype(ys.scalar_type(), [&](auto ti) {
+        by_dtype(dt, [&](auto to) {
+            using Ti = decltype(ti);
+            using To = decltype(to);
+            sum_rows(ys.data_ptr<Ti>(), slot.data_ptr<int64_t>(), out.data_ptr<To>(), tokens, k,
+                     ys.size(1));
+        });
+    });
+    return out;
+}
+
+// indices [N, k] (each token's experts) -> (src [R], slot [N * k], sizes [E]): the pairs
+// sorted by expert, stably (token order within an expert, as a stable argsort would), each
+// expert's block rounded up to a multiple of `pad` rows; padding rows read token 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_dispatch(const at::Tensor& indices,
+                                                                 int64_t n_experts, int64_t pad) {
+    TORCH_CHECK(indices.dim() == 2 && indices.scalar_type() == at::kLong,
+                "experts_dispatch: indices [tokens, k] int64");
+    TORCH_CHECK(pad >= 1 && n_experts >= 1, "experts_dispatch: pad and n_experts >= 1");
+    at::Tensor idx = indices.contiguous();
+    const int64_t P = idx.numel(), k = idx.size(1);
+    const int64_t* e_of = idx.data_ptr<int64_t>();
+    std::vector<int64_t> counts(n_experts, 0);
+    for (int64_t p = 0; p < P; p++) {
+        TORCH_CHECK(e_of[p] >= 0 && e_of[p] < n_experts, "experts_dispatch: expert out of range");
+        counts[e_of[p]]++;
+    }
+    at::Tensor sizes = at::empty({n_experts}, idx.options());
+    int64_t* size = sizes.data_ptr<int64_t>();
+    std::vector<int64_t> next(n_experts);
+    int64_t R = 0;
+    for (int64_t e = 0; e < n_experts; e++) {
+        size[e] = (counts[e] + pad - 1) / pad * pad;
+        next[e] = R;
+        R += size[e];
+    }
+    at::Tensor src = at::zeros({R}, idx.options()), slot = at::empty({P}, idx.options());
+    int64_t *s = src.data_ptr<int64_t>(), *sl = slot.data_ptr<int64_t>();
+    for (int64_t p = 0; p < P; p++) {
+        const int64_t r = next[e_of[p]]++;
+        s[r] = p / k;
+        sl[p] = r;
+    }
+    return {src, slot, sizes};
+}
+
+// The indices of each row's k largest values (scores [N, E] fp32), largest first; of equal
+// values the lower index. For the gate's few experts a row, one pass keeping a sorted top k
+// beats torch.topk's general selection (~300 ns a row of 32 on one thread).
+at::Tensor topk_rows(const at::Tensor& scores, int64_t k) {
+    TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == at::kFloat,
+                "topk_rows: scores [rows, n] fp32");
+    const int64_t N = scores.size(0), E = scores.size(1);
+    TORCH_CHECK(k >= 1 && k <= E, "topk_rows: k must be in [1, n]");
+    at::Tensor s = scores.contiguous();
+    at::Tensor out = at::empty({N, k}, s.options().dtype(at::kLong));
+    const float* v = s.data_ptr<float>();
+    int64_t* o = out.data_ptr<int64_t>();
+    at::parallel_for(0, N, 1024, [&](int64_t r0, int64_t r1) {
+        std::vector<float> best(k);
+        std::vector<int64_t> at_(k);
+        for (int64_t r = r0; r < r1; r++) {
+            const float* row = v + r * E;
+            int64_t filled = 0;
+            for (int64_t e = 0; e < E; e++) {
+                const float x = row[e];
+                if (filled == k && !(x > best[k - 1])) continue;
+                int64_t i = filled < k ? filled++ : k - 1;
+                for (; i > 0 && x > best[i - 1]; i--) {
+                    best[i] = best[i - 1];
+                    at_[i] = at_[i - 1];
+                }
+                best[i] = x;
+                at_[i] = e;
+            }
+            std::copy(at_.begin(), at_.end(), o + r * k);  // filled == k: k <= E
+        }
+    });
+    return out;
+}
+
+void check(const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& src,
+           const at::Tensor& slot, at::IntArrayRef sizes) {
+    const auto dt = w13.scalar_type();
     TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "experts kernels: fp32 or bf16 only");
-    TORCH_CHECK(w13.scalar_type() == dt && w2.scalar_type() == dt && rw.scalar_type() == dt,
-                "experts kernels: x, rw, w13 and w2 of one dtype");
-    TORCH_CHECK(x.is_contiguous() && w13.is_contiguous() && w2.is_contiguous() &&
-                    src.is_contiguous() && rw.is_contiguous(),
+    TORCH_CHECK(w2.scalar_type() == dt, "experts kernels: w13 and w2 of one dtype");
+    TORCH_CHECK(w13.is_contiguous() && w2.is_contiguous() && src.is_contiguous() &&
+                    slot.is_contiguous(),
                 "experts kernels: contiguous tensors only");
     TORCH_CHECK(w13.size(0) == (int64_t)sizes.size() && w2.size(0) == w13.size(0),
                 "experts kernels: one size per expert");
     int64_t rows = 0;
     for (int64_t n : sizes) rows += n;
-    TORCH_CHECK(rows == src.size(0) && rows == rw.size(0), "experts kernels: sizes != rows");
+    TORCH_CHECK(rows == src.size(0), "experts kernels: sizes != rows");
 }
 
 // How many threads for_each_expert runs on: the slots a caller needs per-thread buffers for.
@@ -186,22 +334,27 @@ void forward_loop(const at::Tensor& xs, const at::Tensor& rw, const at::Tensor& 
     });
 }
 
-// -> (out [N, d], xs [R, d], h [R, 2I], a [R, I]); the last three for the backward
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_fwd(
-    const at::Tensor& x, const at::Tensor& rw, const at::Tensor& w13, const at::Tensor& w2,
-    const at::Tensor& src, at::IntArrayRef sizes) {
-    check(x, w13, w2, src, rw, sizes);
+// x [N, d] (fp32 or bf16), weights [N, k] (each token's gate weights), w13, w2 in the compute
+// dtype -> (out [N, d] in x's dtype, xs [R, d], h [R, 2I], a [R, I], rw [R]); all but out for
+// the backward
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_fwd(
+    const at::Tensor& x, const at::Tensor& weights, const at::Tensor& w13, const at::Tensor& w2,
+    const at::Tensor& src, const at::Tensor& slot, at::IntArrayRef sizes) {
+    check(w13, w2, src, slot, sizes);
+    const auto dt = w13.scalar_type();
     const int64_t R = src.size(0), I = w2.size(2), d = x.size(1);
-    at::Tensor xs = x.index_select(0, src);
-    at::Tensor h = at::empty({R, 2 * I}, x.options());
-    at::Tensor a = at::empty({R, I}, x.options());
-    at::Tensor ys = at::empty({R, d}, x.options());
-    if (x.scalar_type() == at::kFloat)
+    TORCH_CHECK(weights.numel() == slot.size(0), "experts_fwd: one weight per (token, expert)");
+    at::Tensor xs = gather(x, src, dt);
+    at::Tensor rw = at::zeros({R}, w13.options());  // padding rows weigh 0
+    rw.index_copy_(0, slot, weights.reshape(-1).to(dt));
+    at::Tensor h = at::empty({R, 2 * I}, xs.options());
+    at::Tensor a = at::empty({R, I}, xs.options());
+    at::Tensor ys = at::empty({R, d}, xs.options());
+    if (dt == at::kFloat)
         forward_loop<float>(xs, rw, w13, w2, sizes, h, a, ys);
     else
         forward_loop<bf16>(xs, rw, w13, w2, sizes, h, a, ys);
-    at::Tensor out = at::zeros_like(x).index_add_(0, src, ys);
-    return {out, xs, h, a};
+    return {sum_back(ys, slot, x.size(0), x.scalar_type()), xs, h, a, rw};
 }
 
 // dst (the weights' dtype) <- src (the compute dtype), while src is in cache
@@ -255,13 +408,15 @@ void backward_loop(const at::Tensor& dys, const at::Tensor& xs, const at::Tensor
     });
 }
 
-// -> (dx [N, d], drw [R], dw13 [E, 2I, d], dw2 [E, d, I]); dw13, dw2 in weight_grad_dtype
+// -> (dx [N, d] in dout's dtype, dweights [N * k] fp32, dw13 [E, 2I, d], dw2 [E, d, I]);
+// dw13, dw2 in weight_grad_dtype
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_bwd(
     const at::Tensor& dout, const at::Tensor& xs, const at::Tensor& h, const at::Tensor& a,
     const at::Tensor& rw, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& src,
-    at::IntArrayRef sizes, at::ScalarType weight_grad_dtype) {
+    const at::Tensor& slot, at::IntArrayRef sizes, at::ScalarType weight_grad_dtype) {
+    check(w13, w2, src, slot, sizes);
     const int64_t R = src.size(0), d = xs.size(1);
-    at::Tensor dys = dout.to(xs.scalar_type()).contiguous().index_select(0, src);
+    at::Tensor dys = gather(dout, src, xs.scalar_type());
     at::Tensor drw = at::empty({R}, rw.options());
     at::Tensor dw13 = at::empty_like(w13, w13.options().dtype(weight_grad_dtype));
     at::Tensor dw2 = at::empty_like(w2, w2.options().dtype(weight_grad_dtype));
@@ -270,21 +425,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_bwd(
         backward_loop<float>(dys, xs, h, a, rw, w13, w2, sizes, drw, dw13, dw2, dxs);
     else
         backward_loop<bf16>(dys, xs, h, a, rw, w13, w2, sizes, drw, dw13, dw2, dxs);
-    at::Tensor dx = at::zeros({dout.size(0), d}, xs.options()).index_add_(0, src, dxs);
-    return {dx, drw, dw13, dw2};
+    at::Tensor dx = sum_back(dxs, slot, dout.size(0), dout.scalar_type());
+    return {dx, drw.index_select(0, slot).to(at::kFloat), dw13, dw2};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
-    m.def("experts_fwd(Tensor x, Tensor rw, Tensor w13, Tensor w2, Tensor src, int[] sizes) "
-          "-> (Tensor, Tensor, Tensor, Tensor)");
+    m.def("experts_dispatch(Tensor indices, int n_experts, int pad) -> (Tensor, Tensor, Tensor)");
+    m.def("experts_fwd(Tensor x, Tensor weights, Tensor w13, Tensor w2, Tensor src, Tensor slot, "
+          "int[] sizes) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def("experts_bwd(Tensor dout, Tensor xs, Tensor h, Tensor a, Tensor rw, Tensor w13, "
-          "Tensor w2, Tensor src, int[] sizes, ScalarType weight_grad_dtype) "
+          "Tensor w2, Tensor src, Tensor slot, int[] sizes, ScalarType weight_grad_dtype) "
           "-> (Tensor, Tensor, Tensor, Tensor)");
+    m.def("topk_rows(Tensor scores, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
+    m.impl("experts_dispatch", experts_dispatch);
     m.impl("experts_fwd", experts_fwd);
     m.impl("experts_bwd", experts_bwd);
+    m.impl("topk_rows", topk_rows);
 }

@@ -140,13 +140,29 @@ class Gate(nn.Module):
             # dropped groups get -inf through a broadcast add: fewer ops than a bool mask
             drop = torch.full_like(group_scores, float("-inf")).scatter_(1, top, 0.0)
             choice = (grouped + drop[:, :, None]).view(N, E)
-        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        indices = _top_k(choice, self.top_k)
         weights = scores.gather(1, indices)
         if self.norm_topk:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         if scale and self.route_scale != 1.0:
             weights = weights * self.route_scale
         return weights, indices, scores
+
+
+def _top_k(choice: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of each row's k largest values: experts.cpp's `topk_rows` on CPU in
+    eager fp32 (1.4 ms against torch.topk's 2.6 for 4 of 32 on 8,192 rows, one thread),
+    torch.topk elsewhere. The same experts, listed in another order (largest first)."""
+    if (
+        choice.device.type == "cpu"
+        and choice.dtype == torch.float32
+        and EXPERT_KERNEL
+        and not torch.compiler.is_compiling()
+        and not is_in_torch_dispatch_mode()
+        and expert_kernel_builds()
+    ):
+        return torch.ops.nanoseek.topk_rows(choice, k)
+    return choice.topk(k, dim=-1, sorted=False).indices
 
 
 def _padded_slots(counts: torch.Tensor, rows: torch.Tensor, pairs: int) -> torch.Tensor:
@@ -235,33 +251,37 @@ class _FusedExpertLoop(torch.autograd.Function):
     """`_ExpertLoop`'s math in C++ (nanoseek/kernels/experts.cpp; fp32 or bf16 on CPU): the
     same per-expert matmuls, with the SwiGLU and the gate weight fused into one pass between
     them in the forward and one in the backward, and no Python per expert. fp32: ~12% off a
-    `small` MoE layer's forward + backward, 3-9% off the step; bf16: 1-5% off the step.
-    Equal to `_ExpertLoop` to ~1e-6 in fp32, within rounding in bf16 (tests/test_kernels.py)."""
+    `small` MoE layer's forward + backward, 3-9% off the step; bf16: 1-5% off the step. The
+    rows go out and come back in C++ too (`experts_dispatch`'s counting sort, a gather that
+    casts x on the way, a per-token sum in place of index_add_'s scatter; ~15% off the
+    128-wide layer in bf16). Equal to `_ExpertLoop` to ~1e-6 in fp32, within rounding in
+    bf16 (tests/test_kernels.py)."""
 
     @staticmethod
-    def forward(ctx, x, row_weights, w13, w2, src, sizes: list[int]):
-        """As `_ExpertLoop.forward`; the kernel converts each expert's weight gradients to
-        the weights' dtype while they are in cache (in bf16 from fp32 weights, autograd's
-        cast of the whole [E, 2I, d] gradient afterwards cost ~2% of a `small` step)."""
-        ctx.weight_dtype = w13.dtype
-        w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
-        row_weights = row_weights.contiguous()  # the kernel reads it as a flat array
-        with torch.autocast(x.device.type, enabled=False):  # the caller cast the rest
-            out, xs, h, a = torch.ops.nanoseek.experts_fwd(
-                x.contiguous(), row_weights, w13, w2, src, sizes
+    def forward(ctx, x, weights, w13, w2, src, slot, sizes: list[int], dtype: torch.dtype):
+        """x [N, d] in any float dtype; weights [N, k] each token's gate weights; src, slot,
+        sizes from `experts_dispatch`; the experts run in `dtype` -> [N, d] in x's dtype. The
+        kernel converts each expert's weight gradients to the weights' dtype while they are
+        in cache (in bf16 from fp32 weights, autograd's cast of the whole [E, 2I, d] gradient
+        afterwards cost ~2% of a `small` step)."""
+        ctx.weight_dtype, ctx.weights_shape = w13.dtype, weights.shape
+        w13, w2 = w13.to(dtype), w2.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            out, xs, h, a, rw = torch.ops.nanoseek.experts_fwd(
+                x, weights, w13, w2, src, slot, sizes
             )
-        ctx.save_for_backward(xs, h, a, row_weights, w13, w2, src)
+        ctx.save_for_backward(xs, h, a, rw, w13, w2, src, slot)
         ctx.sizes = sizes
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        xs, h, a, row_weights, w13, w2, src = ctx.saved_tensors
+        xs, h, a, rw, w13, w2, src, slot = ctx.saved_tensors
         with torch.autocast(dout.device.type, enabled=False):
-            dx, drw, dw13, dw2 = torch.ops.nanoseek.experts_bwd(
-                dout, xs, h, a, row_weights, w13, w2, src, ctx.sizes, ctx.weight_dtype
+            dx, dweights, dw13, dw2 = torch.ops.nanoseek.experts_bwd(
+                dout, xs, h, a, rw, w13, w2, src, slot, ctx.sizes, ctx.weight_dtype
             )
-        return dx, drw, dw13, dw2, None, None
+        return dx, dweights.view(ctx.weights_shape), dw13, dw2, None, None, None, None
 
 
 # NANOSEEK_EXPERT_KERNEL=0 keeps CPU training on the Python loop (benchmarks flip this)
@@ -426,17 +446,25 @@ class Experts(nn.Module):
     @_eager_under_compile  # the block sizes change every step: one recompile each
     def sorted(self, x, weights, indices, counts=None) -> torch.Tensor:
         """Pairs sorted by expert and every expert run once on its contiguous block of rows
-        (a loop over experts, never over tokens: `_ExpertLoop`, or its C++ form in fp32 on
-        CPU). The fastest eager path on CPU."""
+        (a loop over experts, never over tokens: `_ExpertLoop`, or its C++ form in fp32 or
+        bf16 on CPU, which sorts, gathers and sums the rows in C++ too). The fastest eager
+        path on CPU."""
         N, k = indices.shape
-        if counts is None:
-            counts = count_tokens(indices, self.w13.shape[0])
-        order = indices.flatten().argsort(stable=True)
         dt = _compute_dtype(x)
         # In reduced precision each block is padded to a multiple of PAD rows: oneDNN builds
         # a kernel for every new bf16 matmul shape, which costs more than the multiply when
         # shapes change every step. fp32 matmuls (MKL) have no such cost: no padding.
         pad = dt != torch.float32
+        loop = _expert_loop(x, dt)
+        if loop is _FusedExpertLoop:  # the sort, gather and sum in C++ too
+            E = self.w13.shape[0]
+            src, slot, rows = torch.ops.nanoseek.experts_dispatch(indices, E, PAD if pad else 1)
+            sizes = rows.tolist()
+            out = loop.apply(x, weights, self.w13, self.w2, src, slot, sizes, dt)
+            return out.to(x.dtype)
+        if counts is None:
+            counts = count_tokens(indices, self.w13.shape[0])
+        order = indices.flatten().argsort(stable=True)
         rows = (counts + PAD - 1) // PAD * PAD if pad else counts
         sizes = rows.tolist()  # the layer's one host sync
         row_weights = weights.flatten()[order].to(dt)
@@ -446,7 +474,7 @@ class Experts(nn.Module):
             src = src.new_zeros(sum(sizes)).index_copy_(0, slot, src)
             row_weights = row_weights.new_zeros(len(src)).index_copy(0, slot, row_weights)
         # the loop casts the weights once (not per expert under autocast)
-        out = _expert_loop(x, dt).apply(x.to(dt), row_weights, self.w13, self.w2, src, sizes)
+        out = loop.apply(x.to(dt), row_weights, self.w13, self.w2, src, sizes)
         return out.to(x.dtype)
 
 

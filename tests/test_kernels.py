@@ -339,14 +339,16 @@ def test_topk_rows_picks_what_torch_topk_picks(E, k):
     M.expert_kernel_builds()
     g = torch.Generator().manual_seed(E * 10 + k)
     scores = torch.randn(300, E, generator=g)
-    scores[7] = 0.5
+    scores[7] = 0.5  # ties
+    scores[9, 1], scores[10, :] = float("nan"), float("-inf")  # ranked by the sort instead
     got = torch.ops.nanoseek.topk_rows(scores, k)
     want = scores.topk(k, dim=-1).indices
-    assert torch.equal(got.sort(dim=-1).values[:7], want.sort(dim=-1).values[:7])
-    assert torch.equal(got[8:].sort(dim=-1).values, want[8:].sort(dim=-1).values)
-    picked = scores.gather(1, got)
+    tied = (torch.arange(300) == 7) | (torch.arange(300) == 10)
+    assert torch.equal(got[~tied].sort(dim=-1).values, want[~tied].sort(dim=-1).values)
+    assert got[7].tolist() == list(range(k)) and got[10].tolist() == list(range(k))
+    assert got[9, 0] == 1  # NaN first, as torch ranks it
+    picked = scores.gather(1, got)[11:]
     assert (picked[:, :-1] >= picked[:, 1:]).all()
-    assert got[7].tolist() == list(range(k))
     assert torch.equal(M._top_k(scores, k), got)
     with pytest.raises(RuntimeError, match="k must be in"):
         torch.ops.nanoseek.topk_rows(scores, E + 1)
@@ -356,7 +358,8 @@ def test_topk_rows_picks_what_torch_topk_picks(E, k):
 def test_experts_dispatch_sorts_as_argsort_and_pads(pad):
     """The C++ counting sort puts the (token, expert) pairs where the stable argsort and
     `_padded_slots` do: the same rows read the same tokens, each expert's block rounded up
-    to `pad` rows (padding rows read token 0), slot[p] the row of pair p."""
+    to `pad` rows (padding rows read token 0), slot[p] the row of pair p; shared experts
+    come after, a block of every token each."""
     from nanoseek.model import moe as M
 
     M.expert_kernel_builds()
@@ -372,6 +375,16 @@ def test_experts_dispatch_sorts_as_argsort_and_pads(pad):
     assert torch.equal(slot[order], want_slot)
     want_src = torch.zeros(int(rows.sum()), dtype=torch.long).index_copy_(0, want_slot, order // k)
     assert torch.equal(src, want_src)
+
+    src2, slot2, rows2 = torch.ops.nanoseek.experts_dispatch(indices, E, pad, 2)
+    block = (N + pad - 1) // pad * pad
+    assert rows2.tolist() == rows.tolist() + [block, block]
+    slot2 = slot2.view(N, k + 2)
+    assert torch.equal(slot2[:, :k].flatten(), slot) and torch.equal(src2[: len(src)], src)
+    for j in range(2):  # shared block j: token t in its row t
+        start = len(src) + j * block
+        assert torch.equal(slot2[:, k + j], torch.arange(N) + start)
+        assert torch.equal(src2[start : start + N], torch.arange(N))
     with pytest.raises(RuntimeError, match="expert out of range"):
         torch.ops.nanoseek.experts_dispatch(indices + E, E, pad)
 

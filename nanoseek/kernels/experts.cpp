@@ -8,7 +8,9 @@
  * gate weight, and slot[t * k + j] the row of token t's j-th pair (experts_dispatch: a
  * counting sort, no argsort). The rows are gathered from x converted to the compute dtype on
  * the way, and summed back to their tokens through slot (each token's k rows read and added
- * in fp32, no scatter: the output rows are the threads' own). Per expert, on its block of rows:
+ * in fp32, no scatter: the output rows are the threads' own). The shared experts run as more
+ * experts that every token picks with weight 1 (sw13, sw2), so the MoE's output is summed here
+ * whole. Per expert, on its block of rows:
  *     h = xs @ w13[e]^T           [rows, 2I]: gate | up
  *     a = rw * silu(gate) * up    [rows, I]   (the gate weight applied here, not to y)
  *     y = a @ w2[e]^T             [rows, d], summed back to the tokens afterwards
@@ -33,6 +35,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -130,12 +134,12 @@ inline void convert_row(const bf16* s, bf16* d, int64_t n) { std::copy(s, s + n,
 inline void convert_row(const float* s, bf16* d, int64_t n) { at::vec::convert(s, d, n); }
 inline void convert_row(const bf16* s, float* d, int64_t n) { at::vec::convert(s, d, n); }
 
-// out[r] = x[src[r]] converted to out's dtype: the experts' input rows, in expert order.
-template <typename Ti, typename To>
-void gather_rows(const Ti* x, const int64_t* src, To* out, int64_t rows, int64_t d) {
-    at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; r++) convert_row(x + src[r] * d, out + r * d, d);
-    });
+// out[r] = x[src[r]] for r < rows: an expert's input rows, gathered just before its matmul
+// reads them, while they are in cache (a 42K-row gather of its own beforehand left each
+// expert's first matmul 1.45x slower, reading its rows from memory).
+template <typename T>
+void gather_rows(const T* x, const int64_t* src, T* out, int64_t rows, int64_t d) {
+    for (int64_t r = 0; r < rows; r++) std::memcpy(out + r * d, x + src[r] * d, d * sizeof(T));
 }
 
 // out[t] = sum over j < k of ys[slot[t * k + j]], added in fp32: each token's rows back to it.
@@ -167,21 +171,6 @@ void by_dtype(at::ScalarType dt, F&& body) {
         TORCH_CHECK(false, "experts kernels: fp32 or bf16 only");
 }
 
-at::Tensor gather(const at::Tensor& x, const at::Tensor& src, at::ScalarType dt) {
-    RECORD_FUNCTION("nanoseek::experts.gather", std::vector<c10::IValue>());
-    at::Tensor xc = x.contiguous();
-    at::Tensor out = at::empty({src.size(0), x.size(1)}, x.options().dtype(dt));
-    by_dtype(xc.scalar_type(), [&](auto ti) {
-        by_dtype(dt, [&](auto to) {
-            using Ti = decltype(ti);
-            using To = decltype(to);
-            gather_rows(xc.data_ptr<Ti>(), src.data_ptr<int64_t>(), out.data_ptr<To>(),
-                        src.size(0), x.size(1));
-        });
-    });
-    return out;
-}
-
 at::Tensor sum_back(const at::Tensor& ys, const at::Tensor& slot, int64_t tokens,
                     at::ScalarType dt) {
     RECORD_FUNCTION("nanoseek::experts.sum_back", std::vector<c10::IValue>());
@@ -198,44 +187,61 @@ at::Tensor sum_back(const at::Tensor& ys, const at::Tensor& slot, int64_t tokens
     return out;
 }
 
-// indices [N, k] (each token's experts) -> (src [R], slot [N * k], sizes [E]): the pairs
-// sorted by expert, stably (token order within an expert, as a stable argsort would), each
-// expert's block rounded up to a multiple of `pad` rows; padding rows read token 0.
+// indices [N, k] (each token's routed experts) -> (src [R], slot [N * (k + n_shared)],
+// sizes [E + n_shared]): the pairs sorted by expert, stably (token order within an expert, as
+// a stable argsort would), then n_shared blocks of every token (the shared experts, which
+// run as experts E, E + 1, ... that every token picks); each block rounded up to a multiple
+// of `pad` rows, padding rows reading token 0. slot[t * (k + n_shared) + j]: the row of token
+// t's j-th routed pair (j < k), or of its row in shared block j - k.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_dispatch(const at::Tensor& indices,
-                                                                 int64_t n_experts, int64_t pad) {
+                                                                 int64_t n_experts, int64_t pad,
+                                                                 int64_t n_shared) {
     TORCH_CHECK(indices.dim() == 2 && indices.scalar_type() == at::kLong,
                 "experts_dispatch: indices [tokens, k] int64");
-    TORCH_CHECK(pad >= 1 && n_experts >= 1, "experts_dispatch: pad and n_experts >= 1");
+    TORCH_CHECK(pad >= 1 && n_experts >= 1 && n_shared >= 0,
+                "experts_dispatch: pad, n_experts >= 1 and n_shared >= 0");
     at::Tensor idx = indices.contiguous();
-    const int64_t P = idx.numel(), k = idx.size(1);
+    const int64_t N = idx.size(0), k = idx.size(1), K = k + n_shared, E = n_experts + n_shared;
     const int64_t* e_of = idx.data_ptr<int64_t>();
-    std::vector<int64_t> counts(n_experts, 0);
-    for (int64_t p = 0; p < P; p++) {
+    std::vector<int64_t> counts(E, N);  // the shared blocks: every token
+    std::fill(counts.begin(), counts.begin() + n_experts, 0);
+    for (int64_t p = 0; p < N * k; p++) {
         TORCH_CHECK(e_of[p] >= 0 && e_of[p] < n_experts, "experts_dispatch: expert out of range");
         counts[e_of[p]]++;
     }
-    at::Tensor sizes = at::empty({n_experts}, idx.options());
+    at::Tensor sizes = at::empty({E}, idx.options());
     int64_t* size = sizes.data_ptr<int64_t>();
-    std::vector<int64_t> next(n_experts);
+    std::vector<int64_t> next(E);
     int64_t R = 0;
-    for (int64_t e = 0; e < n_experts; e++) {
+    for (int64_t e = 0; e < E; e++) {
         size[e] = (counts[e] + pad - 1) / pad * pad;
         next[e] = R;
         R += size[e];
     }
-    at::Tensor src = at::zeros({R}, idx.options()), slot = at::empty({P}, idx.options());
+    at::Tensor src = at::zeros({R}, idx.options()), slot = at::empty({N * K}, idx.options());
     int64_t *s = src.data_ptr<int64_t>(), *sl = slot.data_ptr<int64_t>();
-    for (int64_t p = 0; p < P; p++) {
-        const int64_t r = next[e_of[p]]++;
-        s[r] = p / k;
-        sl[p] = r;
-    }
+    for (int64_t t = 0; t < N; t++)
+        for (int64_t j = 0; j < K; j++) {
+            const int64_t r = next[j < k ? e_of[t * k + j] : n_experts + j - k]++;
+            s[r] = t;
+            sl[t * K + j] = r;
+        }
     return {src, slot, sizes};
 }
 
+// One tensor a weight for each expert: the routed [E, ...] and, when given, the shared [s, ...].
+std::vector<at::Tensor> per_expert(const at::Tensor& routed, const at::Tensor& shared) {
+    std::vector<at::Tensor> out = routed.unbind(0);
+    if (shared.defined())
+        for (const at::Tensor& w : shared.unbind(0)) out.push_back(w);
+    return out;
+}
+
 // The indices of each row's k largest values (scores [N, E] fp32), largest first; of equal
-// values the lower index. For the gate's few experts a row, one pass keeping a sorted top k
-// beats torch.topk's general selection (~300 ns a row of 32 on one thread).
+// values the lower index. k rounds of a vector max over the row, then the first lane that
+// holds it, which is set to -inf (1.0 ms for 4 of 32 on 8,192 rows, one thread, against
+// torch.topk's 2.6); a row the rounds cannot place (NaN, -inf) is ranked by a sort, NaN first
+// as torch.topk ranks it.
 at::Tensor topk_rows(const at::Tensor& scores, int64_t k) {
     TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == at::kFloat,
                 "topk_rows: scores [rows, n] fp32");
@@ -245,38 +251,66 @@ at::Tensor topk_rows(const at::Tensor& scores, int64_t k) {
     at::Tensor out = at::empty({N, k}, s.options().dtype(at::kLong));
     const float* v = s.data_ptr<float>();
     int64_t* o = out.data_ptr<int64_t>();
+    constexpr int64_t W = Vec::size();
+    const int64_t chunks = (E + W - 1) / W;
+    const float low = -std::numeric_limits<float>::infinity();
     at::parallel_for(0, N, 1024, [&](int64_t r0, int64_t r1) {
-        std::vector<float> best(k);
-        std::vector<int64_t> at_(k);
+        std::vector<float> buf(chunks * W, low);
         for (int64_t r = r0; r < r1; r++) {
-            const float* row = v + r * E;
-            int64_t filled = 0;
-            for (int64_t e = 0; e < E; e++) {
-                const float x = row[e];
-                if (filled == k && !(x > best[k - 1])) continue;
-                int64_t i = filled < k ? filled++ : k - 1;
-                for (; i > 0 && x > best[i - 1]; i--) {
-                    best[i] = best[i - 1];
-                    at_[i] = at_[i - 1];
+            std::copy(v + r * E, v + (r + 1) * E, buf.begin());
+            bool placed = true;
+            for (int64_t i = 0; i < k && placed; i++) {
+                Vec m = Vec::loadu(buf.data());
+                for (int64_t c = 1; c < chunks; c++)
+                    m = at::vec::maximum(m, Vec::loadu(buf.data() + c * W));
+                const Vec top(at::vec::vec_reduce_all<float>(
+                    [](Vec a, Vec b) { return at::vec::maximum(a, b); }, m));
+                int64_t at_ = -1;
+                for (int64_t c = 0; c < chunks && at_ < 0; c++) {
+                    // != gives 0.0 in the lanes equal to the max: zero_mask's bits
+                    const int eq = (Vec::loadu(buf.data() + c * W) != top).zero_mask();
+                    if (eq) at_ = c * W + __builtin_ctz(eq);
                 }
-                best[i] = x;
-                at_[i] = e;
+                placed = at_ >= 0 && at_ < E && buf[at_] != low;
+                if (placed) {
+                    o[r * k + i] = at_;
+                    buf[at_] = low;
+                }
             }
-            std::copy(at_.begin(), at_.end(), o + r * k);  // filled == k: k <= E
+            if (!placed) {  // NaN or -inf among the k: an exact, slower ranking for this row
+                std::vector<int64_t> order(E);
+                for (int64_t e = 0; e < E; e++) order[e] = e;
+                const float* row = v + r * E;
+                std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+                    return row[a] > row[b] || (std::isnan(row[a]) && !std::isnan(row[b]));
+                });
+                std::copy(order.begin(), order.begin() + k, o + r * k);
+            }
         }
     });
     return out;
 }
 
-void check(const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& src,
-           const at::Tensor& slot, at::IntArrayRef sizes) {
+void check(const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& sw13,
+           const at::Tensor& sw2, const at::Tensor& src, const at::Tensor& slot,
+           at::IntArrayRef sizes) {
     const auto dt = w13.scalar_type();
     TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "experts kernels: fp32 or bf16 only");
     TORCH_CHECK(w2.scalar_type() == dt, "experts kernels: w13 and w2 of one dtype");
     TORCH_CHECK(w13.is_contiguous() && w2.is_contiguous() && src.is_contiguous() &&
                     slot.is_contiguous(),
                 "experts kernels: contiguous tensors only");
-    TORCH_CHECK(w13.size(0) == (int64_t)sizes.size() && w2.size(0) == w13.size(0),
+    TORCH_CHECK(sw13.defined() == sw2.defined(), "experts kernels: shared w13 and w2 together");
+    int64_t E = w13.size(0);
+    if (sw13.defined()) {
+        TORCH_CHECK(sw13.scalar_type() == dt && sw2.scalar_type() == dt,
+                    "experts kernels: shared and routed experts of one dtype");
+        TORCH_CHECK(sw13.sizes().slice(1) == w13.sizes().slice(1) &&
+                        sw2.sizes().slice(1) == w2.sizes().slice(1) && sw2.size(0) == sw13.size(0),
+                    "experts kernels: shared experts shaped as the routed ones");
+        E += sw13.size(0);
+    }
+    TORCH_CHECK(E == (int64_t)sizes.size() && w2.size(0) == w13.size(0),
                 "experts kernels: one size per expert");
     int64_t rows = 0;
     for (int64_t n : sizes) rows += n;
@@ -320,41 +354,58 @@ void for_each_expert(at::IntArrayRef sizes, F&& body) {
 }
 
 template <typename T>
-void forward_loop(const at::Tensor& xs, const at::Tensor& rw, const at::Tensor& w13,
-                  const at::Tensor& w2, at::IntArrayRef sizes, at::Tensor& h, at::Tensor& a,
+void forward_loop(const at::Tensor& x, const at::Tensor& src, const at::Tensor& rw,
+                  const std::vector<at::Tensor>& w13, const std::vector<at::Tensor>& w2,
+                  at::IntArrayRef sizes, at::Tensor& xs, at::Tensor& h, at::Tensor& a,
                   at::Tensor& ys) {
-    const int64_t I = w2.size(2);
+    const int64_t I = w2[0].size(1), d = x.size(1);
     for_each_expert(sizes, [&](int64_t e, int64_t start, int64_t n, int64_t) {
         if (n == 0) return;
         at::Tensor hr = h.narrow(0, start, n), ar = a.narrow(0, start, n);
         at::Tensor yr = ys.narrow(0, start, n);
+        gather_rows(x.data_ptr<T>(), src.data_ptr<int64_t>() + start,
+                    xs.data_ptr<T>() + start * d, n, d);
         at::mm_out(hr, xs.narrow(0, start, n), w13[e].t());
         swiglu_forward<T>(hr.data_ptr<T>(), rw.data_ptr<T>() + start, ar.data_ptr<T>(), n, I);
         at::mm_out(yr, ar, w2[e].t());
     });
 }
 
-// x [N, d] (fp32 or bf16), weights [N, k] (each token's gate weights), w13, w2 in the compute
-// dtype -> (out [N, d] in x's dtype, xs [R, d], h [R, 2I], a [R, I], rw [R]); all but out for
-// the backward
+// slot [N * K] as [N, K], its columns [from, from + n) flattened
+at::Tensor slot_columns(const at::Tensor& slot, int64_t N, int64_t from, int64_t n) {
+    return slot.view({N, -1}).narrow(1, from, n).reshape(-1);
+}
+
+// x [N, d] (fp32 or bf16), weights [N, k] (each token's gate weights), the routed experts'
+// w13, w2 and the shared ones' sw13, sw2 (or undefined) in the compute dtype -> (out [N, d] in
+// x's dtype, xs [R, d], h [R, 2I], a [R, I], rw [R]); all but out for the backward
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_fwd(
     const at::Tensor& x, const at::Tensor& weights, const at::Tensor& w13, const at::Tensor& w2,
+    const std::optional<at::Tensor>& sw13, const std::optional<at::Tensor>& sw2,
     const at::Tensor& src, const at::Tensor& slot, at::IntArrayRef sizes) {
-    check(w13, w2, src, slot, sizes);
+    const at::Tensor shared13 = sw13.value_or(at::Tensor()), shared2 = sw2.value_or(at::Tensor());
+    check(w13, w2, shared13, shared2, src, slot, sizes);
     const auto dt = w13.scalar_type();
-    const int64_t R = src.size(0), I = w2.size(2), d = x.size(1);
-    TORCH_CHECK(weights.numel() == slot.size(0), "experts_fwd: one weight per (token, expert)");
-    at::Tensor xs = gather(x, src, dt);
+    const int64_t R = src.size(0), I = w2.size(2), N = x.size(0), d = x.size(1);
+    const int64_t k = weights.size(1), K = N ? slot.size(0) / N : 0;
+    TORCH_CHECK(weights.size(0) == N && slot.size(0) == N * K && K >= k,
+                "experts_fwd: weights [N, k] and slot [N * (k + shared)]");
+    // x converted once, in one pass: converting rows as they are gathered reads each fp32
+    // row k times at random (1.5x the time)
+    const at::Tensor xc = x.to(dt).contiguous();
+    at::Tensor xs = at::empty({R, d}, xc.options());
     at::Tensor rw = at::zeros({R}, w13.options());  // padding rows weigh 0
-    rw.index_copy_(0, slot, weights.reshape(-1).to(dt));
+    rw.index_copy_(0, slot_columns(slot, N, 0, k), weights.reshape(-1).to(dt));
+    if (K > k) rw.index_fill_(0, slot_columns(slot, N, k, K - k), 1.0);  // shared rows: 1
     at::Tensor h = at::empty({R, 2 * I}, xs.options());
     at::Tensor a = at::empty({R, I}, xs.options());
     at::Tensor ys = at::empty({R, d}, xs.options());
+    const auto W13 = per_expert(w13, shared13), W2 = per_expert(w2, shared2);
     if (dt == at::kFloat)
-        forward_loop<float>(xs, rw, w13, w2, sizes, h, a, ys);
+        forward_loop<float>(xc, src, rw, W13, W2, sizes, xs, h, a, ys);
     else
-        forward_loop<bf16>(xs, rw, w13, w2, sizes, h, a, ys);
-    return {sum_back(ys, slot, x.size(0), x.scalar_type()), xs, h, a, rw};
+        forward_loop<bf16>(xc, src, rw, W13, W2, sizes, xs, h, a, ys);
+    return {sum_back(ys, slot, N, x.scalar_type()), xs, h, a, rw};
 }
 
 // dst (the weights' dtype) <- src (the compute dtype), while src is in cache
@@ -366,24 +417,27 @@ void copy_converted(at::Tensor& dst, const at::Tensor& src) {
 }
 
 template <typename T>
-void backward_loop(const at::Tensor& dys, const at::Tensor& xs, const at::Tensor& h,
-                   const at::Tensor& a, const at::Tensor& rw, const at::Tensor& w13,
-                   const at::Tensor& w2, at::IntArrayRef sizes, at::Tensor& drw,
-                   at::Tensor& dw13, at::Tensor& dw2, at::Tensor& dxs) {
-    const int64_t I = w2.size(2);
+void backward_loop(const at::Tensor& dout, const at::Tensor& src, const at::Tensor& xs,
+                   const at::Tensor& h,
+                   const at::Tensor& a, const at::Tensor& rw, const std::vector<at::Tensor>& w13,
+                   const std::vector<at::Tensor>& w2, at::IntArrayRef sizes, at::Tensor& drw,
+                   std::vector<at::Tensor>& dw13, std::vector<at::Tensor>& dw2, at::Tensor& dxs) {
+    const int64_t I = w2[0].size(1);
     int64_t most = 0;
     for (int64_t n : sizes) most = std::max(most, n);
     // per thread, one expert's da and dh at a time: written and read again while in cache;
     // weight gradients wanted in another dtype (bf16 compute, fp32 parameters) go through a
     // buffer too and are converted while in cache, not in one cold pass afterwards
-    const bool convert = dw13.scalar_type() != xs.scalar_type();
-    std::vector<at::Tensor> daw_buf, dh_buf, dw13_buf, dw2_buf;
+    const bool convert = dw13[0].scalar_type() != xs.scalar_type();
+    const int64_t d = xs.size(1);
+    std::vector<at::Tensor> dy_buf, daw_buf, dh_buf, dw13_buf, dw2_buf;
     for (int64_t t = 0, threads = expert_threads(sizes); t < threads; t++) {
+        dy_buf.push_back(at::empty({most, d}, xs.options()));  // the rows' dout, gathered
         daw_buf.push_back(at::empty({most, I}, xs.options()));
         dh_buf.push_back(at::empty({most, 2 * I}, xs.options()));
         if (convert) {
-            dw13_buf.push_back(at::empty(w13.sizes().slice(1), xs.options()));
-            dw2_buf.push_back(at::empty(w2.sizes().slice(1), xs.options()));
+            dw13_buf.push_back(at::empty(w13[0].sizes(), xs.options()));
+            dw2_buf.push_back(at::empty(w2[0].sizes(), xs.options()));
         }
     }
     for_each_expert(sizes, [&](int64_t e, int64_t start, int64_t n, int64_t t) {
@@ -393,7 +447,8 @@ void backward_loop(const at::Tensor& dys, const at::Tensor& xs, const at::Tensor
             dw2e.zero_();
             return;
         }
-        at::Tensor dy = dys.narrow(0, start, n), xr = xs.narrow(0, start, n);
+        at::Tensor dy = dy_buf[t].narrow(0, 0, n), xr = xs.narrow(0, start, n);
+        gather_rows(dout.data_ptr<T>(), src.data_ptr<int64_t>() + start, dy.data_ptr<T>(), n, d);
         at::Tensor daw = daw_buf[t].narrow(0, 0, n), dh = dh_buf[t].narrow(0, 0, n);
         at::Tensor dxr = dxs.narrow(0, start, n);
         at::mm_out(convert ? dw2_buf[t] : dw2e, dy.t(), a.narrow(0, start, n));
@@ -408,36 +463,46 @@ void backward_loop(const at::Tensor& dys, const at::Tensor& xs, const at::Tensor
     });
 }
 
-// -> (dx [N, d] in dout's dtype, dweights [N * k] fp32, dw13 [E, 2I, d], dw2 [E, d, I]);
-// dw13, dw2 in weight_grad_dtype
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_bwd(
+// -> (dx [N, d] in dout's dtype, dweights [N * k] fp32, dw13 [E, 2I, d], dw2 [E, d, I], the
+// shared experts' dsw13, dsw2 (empty without them)); weight gradients in weight_grad_dtype
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_bwd(
     const at::Tensor& dout, const at::Tensor& xs, const at::Tensor& h, const at::Tensor& a,
-    const at::Tensor& rw, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& src,
-    const at::Tensor& slot, at::IntArrayRef sizes, at::ScalarType weight_grad_dtype) {
-    check(w13, w2, src, slot, sizes);
-    const int64_t R = src.size(0), d = xs.size(1);
-    at::Tensor dys = gather(dout, src, xs.scalar_type());
+    const at::Tensor& rw, const at::Tensor& w13, const at::Tensor& w2,
+    const std::optional<at::Tensor>& sw13, const std::optional<at::Tensor>& sw2,
+    const at::Tensor& src, const at::Tensor& slot, int64_t k, at::IntArrayRef sizes,
+    at::ScalarType weight_grad_dtype) {
+    const at::Tensor shared13 = sw13.value_or(at::Tensor()), shared2 = sw2.value_or(at::Tensor());
+    check(w13, w2, shared13, shared2, src, slot, sizes);
+    const int64_t R = src.size(0), N = dout.size(0), d = xs.size(1), s = sizes.size() - w13.size(0);
+    const auto grad = xs.options().dtype(weight_grad_dtype);
+    const at::Tensor doutc = dout.to(xs.scalar_type()).contiguous();
     at::Tensor drw = at::empty({R}, rw.options());
-    at::Tensor dw13 = at::empty_like(w13, w13.options().dtype(weight_grad_dtype));
-    at::Tensor dw2 = at::empty_like(w2, w2.options().dtype(weight_grad_dtype));
+    at::Tensor dw13 = at::empty(w13.sizes(), grad), dw2 = at::empty(w2.sizes(), grad);
+    at::Tensor dsw13 = at::empty({s, w13.size(1), w13.size(2)}, grad);
+    at::Tensor dsw2 = at::empty({s, w2.size(1), w2.size(2)}, grad);
     at::Tensor dxs = at::empty({R, d}, xs.options());
+    const auto W13 = per_expert(w13, shared13), W2 = per_expert(w2, shared2);
+    auto dW13 = per_expert(dw13, dsw13), dW2 = per_expert(dw2, dsw2);
     if (xs.scalar_type() == at::kFloat)
-        backward_loop<float>(dys, xs, h, a, rw, w13, w2, sizes, drw, dw13, dw2, dxs);
+        backward_loop<float>(doutc, src, xs, h, a, rw, W13, W2, sizes, drw, dW13, dW2, dxs);
     else
-        backward_loop<bf16>(dys, xs, h, a, rw, w13, w2, sizes, drw, dw13, dw2, dxs);
-    at::Tensor dx = sum_back(dxs, slot, dout.size(0), dout.scalar_type());
-    return {dx, drw.index_select(0, slot).to(at::kFloat), dw13, dw2};
+        backward_loop<bf16>(doutc, src, xs, h, a, rw, W13, W2, sizes, drw, dW13, dW2, dxs);
+    at::Tensor dx = sum_back(dxs, slot, N, dout.scalar_type());
+    at::Tensor dweights = drw.index_select(0, slot_columns(slot, N, 0, k)).to(at::kFloat);
+    return {dx, dweights, dw13, dw2, dsw13, dsw2};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
-    m.def("experts_dispatch(Tensor indices, int n_experts, int pad) -> (Tensor, Tensor, Tensor)");
-    m.def("experts_fwd(Tensor x, Tensor weights, Tensor w13, Tensor w2, Tensor src, Tensor slot, "
-          "int[] sizes) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+    m.def("experts_dispatch(Tensor indices, int n_experts, int pad, int n_shared=0) "
+          "-> (Tensor, Tensor, Tensor)");
+    m.def("experts_fwd(Tensor x, Tensor weights, Tensor w13, Tensor w2, Tensor? sw13, "
+          "Tensor? sw2, Tensor src, Tensor slot, int[] sizes) "
+          "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def("experts_bwd(Tensor dout, Tensor xs, Tensor h, Tensor a, Tensor rw, Tensor w13, "
-          "Tensor w2, Tensor src, Tensor slot, int[] sizes, ScalarType weight_grad_dtype) "
-          "-> (Tensor, Tensor, Tensor, Tensor)");
+          "Tensor w2, Tensor? sw13, Tensor? sw2, Tensor src, Tensor slot, int k, int[] sizes, "
+          "ScalarType weight_grad_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def("topk_rows(Tensor scores, int k) -> Tensor");
 }
 

@@ -151,7 +151,7 @@ class Gate(nn.Module):
 
 def _top_k(choice: torch.Tensor, k: int) -> torch.Tensor:
     """The indices of each row's k largest values: experts.cpp's `topk_rows` on CPU in
-    eager fp32 (1.4 ms against torch.topk's 2.6 for 4 of 32 on 8,192 rows, one thread),
+    eager fp32 (1.0 ms against torch.topk's 2.6 for 4 of 32 on 8,192 rows, one thread),
     torch.topk elsewhere. The same experts, listed in another order (largest first)."""
     if (
         choice.device.type == "cpu"
@@ -258,30 +258,51 @@ class _FusedExpertLoop(torch.autograd.Function):
     bf16 (tests/test_kernels.py)."""
 
     @staticmethod
-    def forward(ctx, x, weights, w13, w2, src, slot, sizes: list[int], dtype: torch.dtype):
-        """x [N, d] in any float dtype; weights [N, k] each token's gate weights; src, slot,
-        sizes from `experts_dispatch`; the experts run in `dtype` -> [N, d] in x's dtype. The
-        kernel converts each expert's weight gradients to the weights' dtype while they are
-        in cache (in bf16 from fp32 weights, autograd's cast of the whole [E, 2I, d] gradient
-        afterwards cost ~2% of a `small` step)."""
+    def forward(ctx, x, weights, w13, w2, shared_w13, shared_w2, src, slot, sizes, dtype):
+        """x [N, d] in any float dtype; weights [N, k] each token's gate weights; the shared
+        experts' weights shaped as the routed ones' ([s, 2I, d], [s, d, I]; or None); src,
+        slot, sizes from `experts_dispatch`; the experts run in `dtype` -> [N, d] in x's dtype,
+        the shared experts' output included. The kernel converts each expert's weight
+        gradients to the weights' dtype while they are in cache (in bf16 from fp32 weights,
+        autograd's cast of the whole [E, 2I, d] gradient afterwards cost ~2% of a `small`
+        step)."""
         ctx.weight_dtype, ctx.weights_shape = w13.dtype, weights.shape
         w13, w2 = w13.to(dtype), w2.to(dtype)
+        if shared_w13 is not None:
+            shared_w13, shared_w2 = shared_w13.to(dtype), shared_w2.to(dtype)
+        shared = (shared_w13, shared_w2)
         with torch.autocast(x.device.type, enabled=False):
             out, xs, h, a, rw = torch.ops.nanoseek.experts_fwd(
-                x, weights, w13, w2, src, slot, sizes
+                x, weights, w13, w2, *shared, src, slot, sizes
             )
-        ctx.save_for_backward(xs, h, a, rw, w13, w2, src, slot)
+        ctx.save_for_backward(xs, h, a, rw, w13, w2, *shared, src, slot)
         ctx.sizes = sizes
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        xs, h, a, rw, w13, w2, src, slot = ctx.saved_tensors
+        xs, h, a, rw, w13, w2, shared_w13, shared_w2, src, slot = ctx.saved_tensors
+        k = ctx.weights_shape[1]
         with torch.autocast(dout.device.type, enabled=False):
-            dx, dweights, dw13, dw2 = torch.ops.nanoseek.experts_bwd(
-                dout, xs, h, a, rw, w13, w2, src, slot, ctx.sizes, ctx.weight_dtype
+            dx, dweights, dw13, dw2, dsw13, dsw2 = torch.ops.nanoseek.experts_bwd(
+                dout,
+                xs,
+                h,
+                a,
+                rw,
+                w13,
+                w2,
+                shared_w13,
+                shared_w2,
+                src,
+                slot,
+                k,
+                ctx.sizes,
+                ctx.weight_dtype,
             )
-        return dx, dweights.view(ctx.weights_shape), dw13, dw2, None, None, None, None
+        if shared_w13 is None:
+            dsw13 = dsw2 = None
+        return dx, dweights.view(ctx.weights_shape), dw13, dw2, dsw13, dsw2, None, None, None, None
 
 
 # NANOSEEK_EXPERT_KERNEL=0 keeps CPU training on the Python loop (benchmarks flip this)
@@ -405,9 +426,11 @@ class Experts(nn.Module):
         weights: torch.Tensor,
         indices: torch.Tensor,
         counts: torch.Tensor | None = None,
+        shared: MLP | None = None,
     ) -> torch.Tensor:
         """x [N, d]; each token goes to its k experts (`indices` [N, k], gate `weights`
-        [N, k]), `counts` [E] tokens per expert -> [N, d]. On CPU, eager: `sorted`; under
+        [N, k]), `counts` [E] tokens per expert -> [N, d], plus `shared(x)` when the shared
+        experts are given (the C++ loop runs them as experts too). On CPU, eager: `sorted`; under
         torch.compile in fp32: `grouped`, which the compiler traces whole (no host sync, no
         shape that changes per step) and fuses the elementwise work around. On CUDA in bf16:
         `grouped` (one grouped GEMM kernel per product, no host sync) where
@@ -421,11 +444,10 @@ class Experts(nn.Module):
             and dt == torch.bfloat16
             and GPU_GROUPED
             and _has_grouped_gemm(x.device)
-        ):
-            return self.grouped(x, weights, indices, counts)
-        if device == "cpu" and torch.compiler.is_compiling() and dt == torch.float32:
-            return self.grouped(x, weights, indices, counts)
-        return self.sorted(x, weights, indices, counts)
+        ) or (device == "cpu" and torch.compiler.is_compiling() and dt == torch.float32):
+            out = self.grouped(x, weights, indices, counts)
+            return out if shared is None else out + shared(x)
+        return self.sorted(x, weights, indices, counts, shared)
 
     def grouped(self, x, weights, indices, counts=None) -> torch.Tensor:
         """Tokens sorted by expert, every expert's two matmuls as one `grouped_mm` each."""
@@ -444,7 +466,7 @@ class Experts(nn.Module):
         return (y * weights.to(dt)[:, :, None]).sum(1).to(x.dtype)
 
     @_eager_under_compile  # the block sizes change every step: one recompile each
-    def sorted(self, x, weights, indices, counts=None) -> torch.Tensor:
+    def sorted(self, x, weights, indices, counts=None, shared=None) -> torch.Tensor:
         """Pairs sorted by expert and every expert run once on its contiguous block of rows
         (a loop over experts, never over tokens: `_ExpertLoop`, or its C++ form in fp32 or
         bf16 on CPU, which sorts, gathers and sums the rows in C++ too). The fastest eager
@@ -457,10 +479,16 @@ class Experts(nn.Module):
         pad = dt != torch.float32
         loop = _expert_loop(x, dt)
         if loop is _FusedExpertLoop:  # the sort, gather and sum in C++ too
-            E = self.w13.shape[0]
-            src, slot, rows = torch.ops.nanoseek.experts_dispatch(indices, E, PAD if pad else 1)
-            sizes = rows.tolist()
-            out = loop.apply(x, weights, self.w13, self.w2, src, slot, sizes, dt)
+            shared_w13, shared_w2 = self._as_experts(shared)
+            n_shared = 0 if shared_w13 is None else len(shared_w13)
+            src, slot, rows = torch.ops.nanoseek.experts_dispatch(
+                indices, self.w13.shape[0], PAD if pad else 1, n_shared
+            )
+            out = loop.apply(
+                x, weights, self.w13, self.w2, shared_w13, shared_w2, src, slot, rows.tolist(), dt
+            )
+            if shared is not None and shared_w13 is None:
+                out = out + shared(x)
             return out.to(x.dtype)
         if counts is None:
             counts = count_tokens(indices, self.w13.shape[0])
@@ -474,8 +502,19 @@ class Experts(nn.Module):
             src = src.new_zeros(sum(sizes)).index_copy_(0, slot, src)
             row_weights = row_weights.new_zeros(len(src)).index_copy(0, slot, row_weights)
         # the loop casts the weights once (not per expert under autocast)
-        out = loop.apply(x.to(dt), row_weights, self.w13, self.w2, src, sizes)
-        return out.to(x.dtype)
+        out = loop.apply(x.to(dt), row_weights, self.w13, self.w2, src, sizes).to(x.dtype)
+        return out if shared is None else out + shared(x)
+
+    def _as_experts(self, shared: MLP | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The shared experts' MLP as s more experts shaped as these ([s, 2I, d], [s, d, I]):
+        a SwiGLU of width s * I is the sum of s SwiGLUs of width I. (None, None) without it,
+        or when its width is not a multiple of I."""
+        if shared is None or shared.w1.weight.shape[0] % self.inter:
+            return None, None
+        (width, d), inter = shared.w1.weight.shape, self.inter
+        s = width // inter
+        w13 = torch.cat([shared.w1.weight.view(s, inter, d), shared.w3.weight.view(s, inter, d)], 1)
+        return w13, shared.w2.weight.view(d, s, inter).transpose(0, 1).contiguous()
 
 
 class MoE(nn.Module):
@@ -503,10 +542,7 @@ class MoE(nn.Module):
                 stats.counts.append(counts)
             if stats.balance:
                 stats.balance_losses.append(self._sequence_balance_loss(scores, indices, shape))
-        out = self.experts(flat, weights, indices, counts)
-        if self.shared is not None:
-            out = out + self.shared(flat)
-        return out.view(shape)
+        return self.experts(flat, weights, indices, counts, self.shared).view(shape)
 
     def _sequence_balance_loss(self, scores, indices, shape) -> torch.Tensor:
         """DeepSeek-V3's sequence-wise loss: sum_i f_i P_i per sequence, averaged over the batch."""

@@ -330,6 +330,28 @@ def test_fused_expert_loop_equals_the_python_loop(monkeypatch, inter, threads, f
     assert not torch.equal(fused[False][0], torch.zeros_like(fused[False][0]))
 
 
+@pytest.mark.parametrize("n_shared", [2, 0])
+def test_fused_expert_loop_runs_the_shared_experts_as_experts(monkeypatch, n_shared):
+    """Two shared experts (an MLP twice an expert's width) run in the C++ loop as two more
+    experts every token picks: output and gradients (the shared MLP's included) equal the
+    Python loop's, which adds the MLP's output; and a MoE without shared experts."""
+    from nanoseek.model import moe as M
+
+    torch.manual_seed(11)
+    moe = M.MoE(nanoseek.get_preset("tiny").replace(n_shared_experts=n_shared))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, probe = torch.randn(3, 40, 64), torch.randn(3, 40, 64)
+    shared = moe.experts._as_experts(moe.shared)[0]
+    assert (shared is None) == (n_shared == 0) and (shared is None or len(shared) == n_shared)
+    fused = {bf16: _experts_step(moe, x, probe, bf16) for bf16 in (False, True)}
+    monkeypatch.setattr(M, "EXPERT_KERNEL", False)
+    loop = {bf16: _experts_step(moe, x, probe, bf16) for bf16 in (False, True)}
+    for bf16, tol in ((False, 2e-6), (True, 0.02)):
+        for got, want in zip(fused[bf16], loop[bf16], strict=True):
+            assert (got - want).abs().max() <= tol * want.abs().max()
+
+
 @pytest.mark.parametrize("E,k", [(32, 4), (8, 1), (37, 6), (5, 5)])
 def test_topk_rows_picks_what_torch_topk_picks(E, k):
     """The gate's top-k in C++: each row's k largest, the same set torch.topk gives, largest

@@ -281,26 +281,15 @@ class _FusedExpertLoop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        xs, h, a, rw, w13, w2, shared_w13, shared_w2, src, slot = ctx.saved_tensors
+        saved = (
+            ctx.saved_tensors
+        )  # xs, h, a, rw, w13, w2, shared w13, w2, src, slot: the op's order
         k = ctx.weights_shape[1]
         with torch.autocast(dout.device.type, enabled=False):
             dx, dweights, dw13, dw2, dsw13, dsw2 = torch.ops.nanoseek.experts_bwd(
-                dout,
-                xs,
-                h,
-                a,
-                rw,
-                w13,
-                w2,
-                shared_w13,
-                shared_w2,
-                src,
-                slot,
-                k,
-                ctx.sizes,
-                ctx.weight_dtype,
+                dout, *saved, k, ctx.sizes, ctx.weight_dtype
             )
-        if shared_w13 is None:
+        if saved[6] is None:  # no shared experts
             dsw13 = dsw2 = None
         return dx, dweights.view(ctx.weights_shape), dw13, dw2, dsw13, dsw2, None, None, None, None
 
@@ -487,9 +476,7 @@ class Experts(nn.Module):
             out = loop.apply(
                 x, weights, self.w13, self.w2, shared_w13, shared_w2, src, slot, rows.tolist(), dt
             )
-            if shared is not None and shared_w13 is None:
-                out = out + shared(x)
-            return out.to(x.dtype)
+            return out if shared is None or shared_w13 is not None else out + shared(x)
         if counts is None:
             counts = count_tokens(indices, self.w13.shape[0])
         order = indices.flatten().argsort(stable=True)
@@ -534,7 +521,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(flat)
-        counts = count_tokens(indices, self.n_experts)  # to dispatch
+        counts = count_tokens(indices, self.n_experts)  # the load, and the Python loop's dispatch
         if stats is not None:
             if stats.counted is not None:  # the load: real tokens only
                 stats.counts.append(count_tokens(indices, self.n_experts, stats.counted))

@@ -3,9 +3,10 @@
 `decode.cpp`: the matmuls of CPU decoding, for fp32 weights and int8 weight-only ones
 (`nanoseek.model.quant`): a few activation rows against weights read once, split over
 torch's threads; ops nanoseek::gemm_f32, gemm_q8, moe_f32 and moe_q8.
-`experts.cpp`: the routed experts' training step on CPU, fp32 or bf16
-(`moe._FusedExpertLoop`): the per-expert matmuls with the SwiGLU and gate weight fused
-between them; ops nanoseek::experts_fwd and experts_bwd.
+`experts.cpp`: the experts' training step on CPU, fp32 or bf16 (`moe._FusedExpertLoop`):
+the per-expert matmuls with the SwiGLU and gate weight fused between them, the rows sorted,
+gathered and summed back, the shared experts run as experts; ops nanoseek::experts_dispatch,
+experts_fwd, experts_bwd, and topk_rows (the gate's top-k).
 `loss.cpp`: the cross-entropy's softmax on a chunk of logits, in place (`model/loss.py`);
 op nanoseek::softmax_xent_.
 `optim.cpp`: AdamW with bf16 moments for fp32 parameters (`train.adamw.BF16AdamW`), one

@@ -71,7 +71,8 @@ class ParallelExperts(Experts):
         self.w2 = nn.Parameter(distribute_tensor(experts.w2.detach(), mesh, placements))
 
     @_eager_under_compile  # collectives and per-step split sizes
-    def forward(self, x, weights, indices, counts=None) -> torch.Tensor:
+    def forward(self, x, weights, indices, counts=None, shared=None) -> torch.Tensor:
+        """As `Experts.forward`: the routed experts' output, plus `shared(x)` when given."""
         N, k = indices.shape
         ep, local = self.ep, self.n_experts // self.ep
         if counts is None:
@@ -101,7 +102,8 @@ class ParallelExperts(Experts):
         y = torch.empty_like(got).index_copy(0, perm, torch.cat(ys))  # back to arrival order
         back = all_to_all(y, recv, send, self.group)  # my pairs' outputs, sorted by expert
         w = weights.flatten()[order, None].to(back.dtype)
-        return x.new_zeros(N, x.shape[1]).index_add(0, token, back * w)
+        out = x.new_zeros(N, x.shape[1]).index_add(0, token, back * w)
+        return out if shared is None else out + shared(x)
 
 
 def shard_experts(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:

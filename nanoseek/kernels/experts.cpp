@@ -128,11 +128,9 @@ void swiglu_backward(const T* daw, const T* h, const T* rw, T* dh, T* drw, int64
     });
 }
 
-// A row of n values from one dtype to another (a copy where they are the same).
+// A row of n fp32 values stored in the output's dtype.
 inline void convert_row(const float* s, float* d, int64_t n) { std::copy(s, s + n, d); }
-inline void convert_row(const bf16* s, bf16* d, int64_t n) { std::copy(s, s + n, d); }
 inline void convert_row(const float* s, bf16* d, int64_t n) { at::vec::convert(s, d, n); }
-inline void convert_row(const bf16* s, float* d, int64_t n) { at::vec::convert(s, d, n); }
 
 // out[r] = x[src[r]] for r < rows: an expert's input rows, gathered just before its matmul
 // reads them, while they are in cache (a 42K-row gather of its own beforehand left each

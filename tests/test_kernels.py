@@ -350,6 +350,9 @@ def test_fused_expert_loop_runs_the_shared_experts_as_experts(monkeypatch, n_sha
     for bf16, tol in ((False, 2e-6), (True, 0.02)):
         for got, want in zip(fused[bf16], loop[bf16], strict=True):
             assert (got - want).abs().max() <= tol * want.abs().max()
+    monkeypatch.setattr(M, "EXPERT_KERNEL", True)
+    empty = _experts_step(moe, torch.zeros(0, 1, 64), torch.zeros(0, 1, 64), True)
+    assert empty[0].shape == (0, 1, 64) and empty[1].shape == (0, 1, 64)  # no tokens: no rows
 
 
 @pytest.mark.parametrize("E,k", [(32, 4), (8, 1), (37, 6), (5, 5)])

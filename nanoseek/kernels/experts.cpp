@@ -370,8 +370,8 @@ void forward_loop(const at::Tensor& x, const at::Tensor& src, const at::Tensor& 
 }
 
 // slot [N * K] as [N, K], its columns [from, from + n) flattened
-at::Tensor slot_columns(const at::Tensor& slot, int64_t N, int64_t from, int64_t n) {
-    return slot.view({N, -1}).narrow(1, from, n).reshape(-1);
+at::Tensor slot_columns(const at::Tensor& slot, int64_t N, int64_t K, int64_t from, int64_t n) {
+    return slot.view({N, K}).narrow(1, from, n).reshape(-1);
 }
 
 // x [N, d] (fp32 or bf16), weights [N, k] (each token's gate weights), the routed experts'
@@ -385,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_f
     check(w13, w2, shared13, shared2, src, slot, sizes);
     const auto dt = w13.scalar_type();
     const int64_t R = src.size(0), I = w2.size(2), N = x.size(0), d = x.size(1);
-    const int64_t k = weights.size(1), K = N ? slot.size(0) / N : 0;
+    const int64_t k = weights.size(1), K = N ? slot.size(0) / N : k;
     TORCH_CHECK(weights.size(0) == N && slot.size(0) == N * K && K >= k,
                 "experts_fwd: weights [N, k] and slot [N * (k + shared)]");
     // x converted once, in one pass: converting rows as they are gathered reads each fp32
@@ -393,8 +393,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_f
     const at::Tensor xc = x.to(dt).contiguous();
     at::Tensor xs = at::empty({R, d}, xc.options());
     at::Tensor rw = at::zeros({R}, w13.options());  // padding rows weigh 0
-    rw.index_copy_(0, slot_columns(slot, N, 0, k), weights.reshape(-1).to(dt));
-    if (K > k) rw.index_fill_(0, slot_columns(slot, N, k, K - k), 1.0);  // shared rows: 1
+    rw.index_copy_(0, slot_columns(slot, N, K, 0, k), weights.reshape(-1).to(dt));
+    if (K > k) rw.index_fill_(0, slot_columns(slot, N, K, k, K - k), 1.0);  // shared rows: 1
     at::Tensor h = at::empty({R, 2 * I}, xs.options());
     at::Tensor a = at::empty({R, I}, xs.options());
     at::Tensor ys = at::empty({R, d}, xs.options());
@@ -486,7 +486,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     else
         backward_loop<bf16>(doutc, src, xs, h, a, rw, W13, W2, sizes, drw, dW13, dW2, dxs);
     at::Tensor dx = sum_back(dxs, slot, N, dout.scalar_type());
-    at::Tensor dweights = drw.index_select(0, slot_columns(slot, N, 0, k)).to(at::kFloat);
+    const int64_t K = N ? slot.size(0) / N : k;
+    at::Tensor dweights = drw.index_select(0, slot_columns(slot, N, K, 0, k)).to(at::kFloat);
     return {dx, dweights, dw13, dw2, dsw13, dsw2};
 }
 

@@ -6,9 +6,9 @@
  * Rows are (token, expert) pairs sorted by expert, sizes[e] rows for expert e (in bf16 padded
  * with rows of weight 0, see moe.Experts.sorted); src[r] is the token row r reads, rw[r] its
  * gate weight, and slot[t * k + j] the row of token t's j-th pair (experts_dispatch: a
- * counting sort, no argsort). The rows are gathered from x converted to the compute dtype on
- * the way, and summed back to their tokens through slot (each token's k rows read and added
- * in fp32, no scatter: the output rows are the threads' own). The shared experts run as more
+ * counting sort, no argsort). Each expert's rows are copied from x (cast to the compute dtype
+ * once) just before its first matmul, and summed back to their tokens through slot (each
+ * token's k rows read and added in fp32, no scatter: the output rows are the threads' own). The shared experts run as more
  * experts that every token picks with weight 1 (sw13, sw2), so the MoE's output is summed here
  * whole. Per expert, on its block of rows:
  *     h = xs @ w13[e]^T           [rows, 2I]: gate | up
@@ -128,10 +128,6 @@ void swiglu_backward(const T* daw, const T* h, const T* rw, T* dh, T* drw, int64
     });
 }
 
-// A row of n fp32 values stored in the output's dtype.
-inline void convert_row(const float* s, float* d, int64_t n) { std::copy(s, s + n, d); }
-inline void convert_row(const float* s, bf16* d, int64_t n) { at::vec::convert(s, d, n); }
-
 // out[r] = x[src[r]] for r < rows: an expert's input rows, gathered just before its matmul
 // reads them, while they are in cache (a 42K-row gather of its own beforehand left each
 // expert's first matmul 1.45x slower, reading its rows from memory).
@@ -144,17 +140,18 @@ void gather_rows(const T* x, const int64_t* src, T* out, int64_t rows, int64_t d
 template <typename Ti, typename To>
 void sum_rows(const Ti* ys, const int64_t* slot, To* out, int64_t tokens, int64_t k, int64_t d) {
     at::parallel_for(0, tokens, 64, [&](int64_t t0, int64_t t1) {
-        std::vector<float> acc(d), row(d);
+        std::vector<float> buf(d), row(d);
         const int64_t full = d - d % Vec::size();
         for (int64_t t = t0; t < t1; t++) {
-            std::fill(acc.begin(), acc.end(), 0.0f);
+            float* acc = out_row(out + t * d, buf.data());  // fp32: the output row itself
+            std::fill(acc, acc + d, 0.0f);
             for (int64_t j = 0; j < k; j++) {
                 const float* y = as_float(ys + slot[t * k + j] * d, d, row.data());
                 for (int64_t i = 0; i < full; i += Vec::size())
-                    (Vec::loadu(acc.data() + i) + Vec::loadu(y + i)).store(acc.data() + i);
+                    (Vec::loadu(acc + i) + Vec::loadu(y + i)).store(acc + i);
                 for (int64_t i = full; i < d; i++) acc[i] += y[i];
             }
-            convert_row(acc.data(), out + t * d, d);
+            store_row(out + t * d, acc, d);
         }
     });
 }

@@ -153,14 +153,7 @@ def _top_k(choice: torch.Tensor, k: int) -> torch.Tensor:
     """The indices of each row's k largest values: experts.cpp's `topk_rows` on CPU in
     eager fp32 (1.0 ms against torch.topk's 2.6 for 4 of 32 on 8,192 rows, one thread),
     torch.topk elsewhere. The same experts, listed in another order (largest first)."""
-    if (
-        choice.device.type == "cpu"
-        and choice.dtype == torch.float32
-        and EXPERT_KERNEL
-        and not torch.compiler.is_compiling()
-        and not is_in_torch_dispatch_mode()
-        and expert_kernel_builds()
-    ):
+    if choice.dtype == torch.float32 and not torch.compiler.is_compiling() and _kernels_run(choice):
         return torch.ops.nanoseek.topk_rows(choice, k)
     return choice.topk(k, dim=-1, sorted=False).indices
 
@@ -317,13 +310,21 @@ def expert_kernel_builds() -> bool:
 
 
 def _expert_loop(x: torch.Tensor, dtype: torch.dtype) -> type[torch.autograd.Function]:
-    """The C++ loop for fp32 and bf16 on CPU where it builds, else the Python one; also the
-    Python one under a dispatch mode (torch's FlopCounterMode, fake tensors), which must
-    see the matmuls that the C++ op would hide."""
-    if EXPERT_KERNEL and x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-        if not is_in_torch_dispatch_mode() and expert_kernel_builds():
-            return _FusedExpertLoop
+    """The C++ loop for fp32 and bf16 where `_kernels_run`, else the Python one."""
+    if dtype in (torch.float32, torch.bfloat16) and _kernels_run(x):
+        return _FusedExpertLoop
     return _ExpertLoop
+
+
+def _kernels_run(x: torch.Tensor) -> bool:
+    """Whether experts.cpp's ops run on x: on CPU, not turned off, outside a dispatch mode
+    (torch's FlopCounterMode, fake tensors: they must see what the ops would hide), built."""
+    return (
+        EXPERT_KERNEL
+        and x.device.type == "cpu"
+        and not is_in_torch_dispatch_mode()
+        and expert_kernel_builds()
+    )
 
 
 def _eager_under_compile(fn):

@@ -355,6 +355,73 @@ def test_fused_expert_loop_runs_the_shared_experts_as_experts(monkeypatch, n_sha
     assert empty[0].shape == (0, 1, 64) and empty[1].shape == (0, 1, 64)  # no tokens: no rows
 
 
+def _amx() -> bool:
+    from nanoseek.kernels import experts_library
+
+    experts_library()
+    return torch.ops.nanoseek.experts_amx(64, 32)
+
+
+def _with_threads(threads, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not _amx(), reason="this CPU has no AMX: the at::mm path runs")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_amx_tiles_equal_the_mm_path(monkeypatch, threads):
+    """On a CPU with AMX, bf16 experts run as brgemm blocks (experts.cpp): output and every
+    gradient equal the at::mm path's (NANOSEEK_AMX=0) within bf16 rounding, with an expert
+    that gets no rows (zero gradient) and one every token picks, on 1-3 threads (2 and 3:
+    experts split between threads, their weight gradients summed in thread order: the same
+    bits run after run)."""
+    from nanoseek.model import moe as M
+
+    torch.manual_seed(5)
+    moe = M.MoE(nanoseek.get_preset("tiny").replace(moe_intermediate_size=32))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    moe.gate.bias[3], moe.gate.bias[5] = -100.0, 100.0
+    x, probe = torch.randn(3, 70, 64), torch.randn(3, 70, 64)
+    step = lambda: _with_threads(threads, lambda: _experts_step(moe, x, probe, bf16=True))  # noqa: E731
+    amx, again = step(), step()
+    monkeypatch.setenv("NANOSEEK_AMX", "0")
+    plain = step()
+    assert amx[3][3].abs().max() == 0 and amx[4][3].abs().max() == 0  # expert 3: no rows
+    for got, same, want in zip(amx, again, plain, strict=True):
+        assert torch.equal(got, same)
+        assert (got - want).abs().max() <= 0.02 * want.abs().max()
+    assert not torch.equal(amx[3], plain[3])  # fp32 sums (the mm path rounds to bf16): it ran
+
+
+@pytest.mark.skipif(not _amx(), reason="this CPU has no AMX: MLPs run on torch's matmuls")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_mlp_runs_as_one_expert_on_amx(monkeypatch, threads):
+    """Under bf16 autocast on a CPU with AMX a dense MLP runs as one expert in experts.cpp:
+    its output and gradients (w1, w2, w3 and the input's) equal torch's within bf16
+    rounding, its one expert split over 1-3 threads; fp32 stays on torch."""
+    from nanoseek.model import moe as M
+
+    torch.manual_seed(9)
+    mlp = M.MLP(64, 96)
+    x, probe = torch.randn(2, 150, 64), torch.randn(2, 150, 64)
+    assert M._amx_runs(x, 64, 96) is False  # fp32: torch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert M._amx_runs(x, 64, 96)
+    step = lambda: _with_threads(threads, lambda: _experts_step(mlp, x, probe, bf16=True))  # noqa: E731
+    kernel = step()
+    monkeypatch.setattr(M, "EXPERT_KERNEL", False)
+    torch_ = step()
+    assert kernel[0].dtype == torch_[0].dtype
+    for got, want in zip(kernel, torch_, strict=True):
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
 @pytest.mark.parametrize("E,k", [(32, 4), (8, 1), (37, 6), (5, 5)])
 def test_topk_rows_picks_what_torch_topk_picks(E, k):
     """The gate's top-k in C++: each row's k largest, the same set torch.topk gives, largest

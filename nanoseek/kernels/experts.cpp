@@ -30,17 +30,25 @@
 #include <ATen/record_function.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+#include <fbgemm/Utils.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <numeric>
+#include <string>
 #include <tuple>
 #include <vector>
 
 namespace {
+
 
 using bf16 = at::BFloat16;
 using Vec = at::vec::Vectorized<float>;  // 16 floats under AVX-512, 8 under AVX2 (build flags)
@@ -87,9 +95,29 @@ void swiglu_forward(const T* h, const T* rw, T* a, int64_t rows, int64_t I) {
     });
 }
 
+// From h [rows, 2I] in fp32 (a product's result, in cache): h stored in bf16 for the
+// backward, and a = rw * silu(gate) * up from the fp32 values, in one pass
+void swiglu_forward_fp32(const float* hf, const bf16* rw, bf16* h, bf16* a, int64_t rows,
+                         int64_t I) {
+    std::vector<float> buf(I);
+    const int64_t full = I - I % Vec::size();
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = hf + r * 2 * I, *u = g + I;
+        at::vec::convert(g, h + r * 2 * I, 2 * I);
+        const float wr = static_cast<float>(rw[r]);
+        const Vec w(wr);
+        for (int64_t i = 0; i < full; i += Vec::size()) {
+            Vec gv = Vec::loadu(g + i);
+            ((gv * sigmoid(gv)) * Vec::loadu(u + i) * w).store(buf.data() + i);
+        }
+        for (int64_t i = full; i < I; i++) buf[i] = wr * (g[i] * sigmoid(g[i])) * u[i];
+        at::vec::convert(buf.data(), a + r * I, I);
+    }
+}
+
 // From da_w = dL/da (a = rw * silu(gate) * up): drw[r], and dh = [dgate | dup].
-template <typename T>
-void swiglu_backward(const T* daw, const T* h, const T* rw, T* dh, T* drw, int64_t rows,
+template <typename T, typename Td = T>
+void swiglu_backward(const Td* daw, const T* h, const T* rw, T* dh, T* drw, int64_t rows,
                      int64_t I) {
     at::parallel_for(0, rows, ROWS_PER_TASK, [&](int64_t r0, int64_t r1) {
         std::vector<float> buf(5 * I);
@@ -193,8 +221,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_dispatch(const at::Tensor
                                                                  int64_t n_shared) {
     TORCH_CHECK(indices.dim() == 2 && indices.scalar_type() == at::kLong,
                 "experts_dispatch: indices [tokens, k] int64");
-    TORCH_CHECK(pad >= 1 && n_experts >= 1 && n_shared >= 0,
-                "experts_dispatch: pad, n_experts >= 1 and n_shared >= 0");
+    TORCH_CHECK(pad >= 1 && n_experts >= 0 && n_shared >= 0,
+                "experts_dispatch: pad >= 1, n_experts and n_shared >= 0");
     at::Tensor idx = indices.contiguous();
     const int64_t N = idx.size(0), k = idx.size(1), K = k + n_shared, E = n_experts + n_shared;
     const int64_t* e_of = idx.data_ptr<int64_t>();
@@ -305,8 +333,8 @@ void check(const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& sw13,
                     "experts kernels: shared experts shaped as the routed ones");
         E += sw13.size(0);
     }
-    TORCH_CHECK(E == (int64_t)sizes.size() && w2.size(0) == w13.size(0),
-                "experts kernels: one size per expert");
+    TORCH_CHECK(E == (int64_t)sizes.size() && w2.size(0) == w13.size(0) && E >= 1,
+                "experts kernels: one size per expert, and at least one expert");
     int64_t rows = 0;
     for (int64_t n : sizes) rows += n;
     TORCH_CHECK(rows == src.size(0), "experts kernels: sizes != rows");
@@ -346,6 +374,207 @@ void for_each_expert(at::IntArrayRef sizes, F&& body) {
             for (int64_t e = 0; e < E; e++)
                 if (std::min(T - 1, starts[e] * T / R) == t) body(e, starts[e], sizes[e], t);
     });
+}
+
+// ---- AMX tiles: bf16 products through at::native::cpublas::brgemm ----
+// On a CPU with AMX (cpublas::could_pack(bf16)) the products run as oneDNN's brgemm
+// micro-kernel on blocks of CHUNK rows, their fp32 results used while in cache (the SwiGLU
+// reads h in fp32; y, da and dxs are rounded to bf16 once). An expert's six products of 256
+// rows (width 128, inner 128) took 207 us as at::mm calls and 65 as brgemm calls, one thread:
+// oneDNN's per-call work and, for the weight gradients, a transposed operand. Packing costs
+// some of it back: a 128-wide MoE layer is ~12% faster. brgemm takes B packed in VNNI pairs
+// ([K/2, N, 2]), packed here: the weights once an expert a step, the row blocks as they are
+// used. The weight gradients accumulate over the blocks in fp32 (the at::mm path rounds them
+// to bf16). The blocks of all experts are shared out between the threads in runs of about
+// equal rows (for_each_part), so one wide expert (a dense MLP) splits over them too.
+// NANOSEEK_AMX=0 keeps the at::mm path (to compare the two).
+constexpr int64_t CHUNK = 64;  // rows a block: moe.PAD, so in training every block is this size
+
+bool amx_wanted(at::ScalarType dt, int64_t d, int64_t I, at::IntArrayRef sizes) {
+    static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+    const char* env = std::getenv("NANOSEEK_AMX");
+    if (dt != at::kBFloat16 || !available || (env && std::string(env) == "0")) return false;
+    for (int64_t n : sizes)
+        if (n % 2) return false;  // a VNNI pair of rows
+    return d % 32 == 0 && I % 16 == 0;
+}
+
+// Whether the bf16 experts of width I on rows of width d run on AMX tiles here (moe.MLP
+// asks, to run a dense SwiGLU as one expert where it does)
+bool experts_amx(int64_t d, int64_t I) { return amx_wanted(at::kBFloat16, d, I, {}); }
+
+// Runs body(e, r0, r1, t) for each part [r0, r1) of expert e's rows that thread t takes: the
+// experts' blocks in order, cut into one contiguous run a thread of about equal rows, so an
+// expert is split between two threads at most where a run ends (and whole otherwise).
+template <typename F>
+void for_each_part(at::IntArrayRef sizes, F&& body) {
+    const int64_t E = sizes.size();
+    std::vector<int64_t> starts(E + 1, 0);
+    for (int64_t e = 0; e < E; e++) starts[e + 1] = starts[e] + sizes[e];
+    const int64_t blocks = (starts[E] + CHUNK - 1) / CHUNK;  // blocks of whole experts' rows
+    const int64_t T = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), blocks);
+    if (T <= 1) {
+        for (int64_t e = 0; e < E; e++)
+            if (sizes[e]) body(e, starts[e], starts[e + 1], 0);
+        return;
+    }
+    const at::ThreadLocalState caller;  // grad mode, inference mode: see for_each_expert
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        at::ThreadLocalStateGuard guard(caller);
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t from = t * blocks / T * CHUNK, to = (t + 1) * blocks / T * CHUNK;
+            for (int64_t e = 0; e < E; e++) {
+                const int64_t r0 = std::max(from, starts[e]), r1 = std::min(to, starts[e + 1]);
+                if (r0 < r1) body(e, r0, r1, t);
+            }
+        }
+    });
+}
+
+// out [K/2, N, 2] <- b [K, N] (row stride ldb; K even): B's VNNI pairs, for brgemm
+// (cpublas::pack, oneDNN's transform, takes N of at most 64): each pair of rows interleaved
+void pack_rows(const bf16* b, int64_t K, int64_t N, int64_t ldb, bf16* out) {
+    for (int64_t k = 0; k < K; k += 2, out += 2 * N) {
+        const auto* r0 = reinterpret_cast<const uint16_t*>(b + k * ldb);
+        const auto* r1 = r0 + ldb;
+        auto* o = reinterpret_cast<uint16_t*>(out);
+        int64_t n = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+        for (; n + 16 <= N; n += 16) {  // 16 pairs: row k's value in the low half of each word
+            const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r0 + n)));
+            const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r1 + n)));
+            _mm512_storeu_si512(o + 2 * n, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+#endif
+        for (; n < N; n++) {
+            o[2 * n] = r0[n];
+            o[2 * n + 1] = r1[n];
+        }
+    }
+}
+
+// out [K/2, N, 2] <- w [N, K]^T: the VNNI pairs of w's transpose, which are w's own pairs of
+// adjacent columns, so a transpose of 32-bit words (fbgemm's, moved as floats: bits unchanged)
+void pack_transposed(const bf16* w, int64_t N, int64_t K, bf16* out) {
+    fbgemm::transpose_simd<float>(N, K / 2, reinterpret_cast<const float*>(w), K / 2,
+                                  reinterpret_cast<float*>(out), N);
+}
+
+// out [N, M] <- a [M, N] (row stride lda): fbgemm's vector transpose
+void transpose(const bf16* a, int64_t M, int64_t N, int64_t lda, bf16* out) {
+    fbgemm::transpose_simd<uint16_t>(M, N, reinterpret_cast<const uint16_t*>(a), lda,
+                                     reinterpret_cast<uint16_t*>(out), M);
+}
+
+// C [M, N] fp32 (= or +=) A [M, K] bf16 (row stride lda) @ B packed [K/2, N, 2]
+inline void brgemm(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B,
+                   float* C, bool add) {
+    at::native::cpublas::brgemm(M, N, K, lda, N, N, add, A, B, C, true);
+}
+
+inline void store(const float* c, bf16* out, int64_t n) { at::vec::convert(c, out, n); }
+
+void forward_amx(const at::Tensor& x, const at::Tensor& src, const at::Tensor& rw,
+                 const std::vector<at::Tensor>& w13, const std::vector<at::Tensor>& w2,
+                 at::IntArrayRef sizes, at::Tensor& xs, at::Tensor& h, at::Tensor& a,
+                 at::Tensor& ys) {
+    const int64_t I = w2[0].size(1), d = x.size(1);
+    const bf16 *X = x.data_ptr<bf16>(), *RW = rw.data_ptr<bf16>();
+    bf16 *XS = xs.data_ptr<bf16>(), *H = h.data_ptr<bf16>(), *A = a.data_ptr<bf16>();
+    bf16* Y = ys.data_ptr<bf16>();
+    const int64_t* S = src.data_ptr<int64_t>();
+    for_each_part(sizes, [&](int64_t e, int64_t r0, int64_t r1, int64_t) {
+        std::vector<float> hf(CHUNK * 2 * I), yf(CHUNK * d);  // a block's products in fp32
+        std::vector<bf16> w13p(d * 2 * I), w2p(I * d);
+        pack_transposed(w13[e].data_ptr<bf16>(), 2 * I, d, w13p.data());
+        pack_transposed(w2[e].data_ptr<bf16>(), d, I, w2p.data());
+        for (int64_t r = r0; r < r1; r += CHUNK) {
+            const int64_t m = std::min(CHUNK, r1 - r);
+            gather_rows(X, S + r, XS + r * d, m, d);
+            brgemm(m, 2 * I, d, XS + r * d, d, w13p.data(), hf.data(), false);
+            swiglu_forward_fp32(hf.data(), RW + r, H + r * 2 * I, A + r * I, m, I);
+            brgemm(m, d, I, A + r * I, I, w2p.data(), yf.data(), false);
+            store(yf.data(), Y + r * d, m * d);
+        }
+        at::native::cpublas::brgemm_release();
+    });
+}
+
+// dst (fp32 or bf16, contiguous) <- src fp32
+void store_grad(at::Tensor& dst, const float* src) {
+    if (dst.scalar_type() == at::kFloat)
+        std::memcpy(dst.data_ptr<float>(), src, dst.numel() * sizeof(float));
+    else
+        store(src, dst.data_ptr<bf16>(), dst.numel());
+}
+
+void backward_amx(const at::Tensor& dout, const at::Tensor& src, const at::Tensor& xs,
+                  const at::Tensor& h, const at::Tensor& a, const at::Tensor& rw,
+                  const std::vector<at::Tensor>& w13, const std::vector<at::Tensor>& w2,
+                  at::IntArrayRef sizes, at::Tensor& drw, std::vector<at::Tensor>& dw13,
+                  std::vector<at::Tensor>& dw2, at::Tensor& dxs) {
+    const int64_t I = w2[0].size(1), d = xs.size(1), E = sizes.size();
+    const bf16 *DO = dout.data_ptr<bf16>(), *XS = xs.data_ptr<bf16>(), *H = h.data_ptr<bf16>();
+    const bf16 *A = a.data_ptr<bf16>(), *RW = rw.data_ptr<bf16>();
+    bf16 *DRW = drw.data_ptr<bf16>(), *DXS = dxs.data_ptr<bf16>();
+    const int64_t* S = src.data_ptr<int64_t>();
+    // the weight gradients ([dw2 | dw13]) of the experts a thread ran only part of, with the
+    // thread's index: summed afterwards in thread order, so the bits do not depend on timing
+    std::vector<std::tuple<int64_t, int64_t, at::Tensor>> partial;
+    std::mutex lock;
+    for_each_part(sizes, [&](int64_t e, int64_t r0, int64_t r1, int64_t t) {
+        std::vector<float> acc(3 * I * d), c(CHUNK * std::max(I, d));  // [dw2 | dw13]; da, dxs
+        float *dw2acc = acc.data(), *dw13acc = dw2acc + I * d;
+        std::vector<bf16> w2p(d * I), w13p(2 * I * d), dy(CHUNK * d), dh(CHUNK * 2 * I);
+        std::vector<bf16> tr(CHUNK * std::max(d, 2 * I)), pk(CHUNK * std::max(I, d));
+        pack_rows(w2[e].data_ptr<bf16>(), d, I, I, w2p.data());
+        pack_rows(w13[e].data_ptr<bf16>(), 2 * I, d, d, w13p.data());
+        for (int64_t r = r0; r < r1; r += CHUNK) {
+            const int64_t m = std::min(CHUNK, r1 - r);
+            const bool add = r > r0;
+            gather_rows(DO, S + r, dy.data(), m, d);
+            // dw2 += dy^T a
+            transpose(dy.data(), m, d, d, tr.data());
+            pack_rows(A + r * I, m, I, I, pk.data());
+            brgemm(d, I, m, tr.data(), m, pk.data(), dw2acc, add);
+            // da = dy w2, then the SwiGLU's backward: dh and the gate weight's gradient
+            brgemm(m, I, d, dy.data(), d, w2p.data(), c.data(), false);
+            swiglu_backward<bf16, float>(c.data(), H + r * 2 * I, RW + r, dh.data(), DRW + r, m,
+                                         I);
+            // dw13 += dh^T xs
+            transpose(dh.data(), m, 2 * I, 2 * I, tr.data());
+            pack_rows(XS + r * d, m, d, d, pk.data());
+            brgemm(2 * I, d, m, tr.data(), m, pk.data(), dw13acc, add);
+            // dxs = dh w13
+            brgemm(m, d, 2 * I, dh.data(), 2 * I, w13p.data(), c.data(), false);
+            store(c.data(), DXS + r * d, m * d);
+        }
+        at::native::cpublas::brgemm_release();
+        const int64_t start = std::accumulate(sizes.begin(), sizes.begin() + e, int64_t{0});
+        if (r0 == start && r1 == start + sizes[e]) {  // the whole expert: its gradient
+            store_grad(dw2[e], dw2acc);
+            store_grad(dw13[e], dw13acc);
+            return;
+        }
+        at::Tensor part = at::from_blob(acc.data(), {3 * I * d}, at::kFloat).clone();
+        std::lock_guard<std::mutex> hold(lock);
+        partial.emplace_back(e, t, part);
+    });
+    std::sort(partial.begin(), partial.end(), [](const auto& p, const auto& q) {
+        return std::tie(std::get<0>(p), std::get<1>(p)) < std::tie(std::get<0>(q), std::get<1>(q));
+    });
+    for (size_t i = 0; i < partial.size(); i++) {
+        auto& [e, t, sum] = partial[i];
+        for (; i + 1 < partial.size() && std::get<0>(partial[i + 1]) == e; i++)
+            sum.add_(std::get<2>(partial[i + 1]));
+        store_grad(dw2[e], sum.data_ptr<float>());
+        store_grad(dw13[e], sum.data_ptr<float>() + I * d);
+    }
+    for (int64_t e = 0; e < E; e++)
+        if (sizes[e] == 0) {  // an expert without rows: zero gradient
+            dw2[e].zero_();
+            dw13[e].zero_();
+        }
 }
 
 template <typename T>
@@ -396,7 +625,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_f
     at::Tensor a = at::empty({R, I}, xs.options());
     at::Tensor ys = at::empty({R, d}, xs.options());
     const auto W13 = per_expert(w13, shared13), W2 = per_expert(w2, shared2);
-    if (dt == at::kFloat)
+    if (amx_wanted(dt, d, I, sizes))
+        forward_amx(xc, src, rw, W13, W2, sizes, xs, h, a, ys);
+    else if (dt == at::kFloat)
         forward_loop<float>(xc, src, rw, W13, W2, sizes, xs, h, a, ys);
     else
         forward_loop<bf16>(xc, src, rw, W13, W2, sizes, xs, h, a, ys);
@@ -478,7 +709,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor dxs = at::empty({R, d}, xs.options());
     const auto W13 = per_expert(w13, shared13), W2 = per_expert(w2, shared2);
     auto dW13 = per_expert(dw13, dsw13), dW2 = per_expert(dw2, dsw2);
-    if (xs.scalar_type() == at::kFloat)
+    if (amx_wanted(xs.scalar_type(), d, w2.size(2), sizes))
+        backward_amx(doutc, src, xs, h, a, rw, W13, W2, sizes, drw, dW13, dW2, dxs);
+    else if (xs.scalar_type() == at::kFloat)
         backward_loop<float>(doutc, src, xs, h, a, rw, W13, W2, sizes, drw, dW13, dW2, dxs);
     else
         backward_loop<bf16>(doutc, src, xs, h, a, rw, W13, W2, sizes, drw, dW13, dW2, dxs);
@@ -500,6 +733,7 @@ TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
           "Tensor w2, Tensor? sw13, Tensor? sw2, Tensor src, Tensor slot, int k, int[] sizes, "
           "ScalarType weight_grad_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def("topk_rows(Tensor scores, int k) -> Tensor");
+    m.def("experts_amx(int d, int inter) -> bool", experts_amx);  // no tensors: one kernel
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {

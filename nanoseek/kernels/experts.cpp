@@ -27,6 +27,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/record_function.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -391,7 +392,13 @@ void for_each_expert(at::IntArrayRef sizes, F&& body) {
 constexpr int64_t CHUNK = 64;  // rows a block: moe.PAD, so in training every block is this size
 
 bool amx_wanted(at::ScalarType dt, int64_t d, int64_t I, at::IntArrayRef sizes) {
-    static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+    // AMX itself, not only a brgemm that packs (AVX512-BF16 CPUs: unmeasured there)
+    static const bool available = [] {
+        const auto caps = at::cpu::get_cpu_capabilities();
+        const auto amx = caps.find("amx_bf16");
+        return amx != caps.end() && amx->second.toBool() &&
+               at::native::cpublas::could_pack(at::kBFloat16);
+    }();
     const char* env = std::getenv("NANOSEEK_AMX");
     if (dt != at::kBFloat16 || !available || (env && std::string(env) == "0")) return false;
     for (int64_t n : sizes)

@@ -4,7 +4,7 @@ DeepseekV3ForCausalLM with the same config, batch, dtype and optimizer settings.
     python -m benchmarks.train_throughput [--preset small] [--batch-size 8] [--seq-len 256]
                                           [--dtype auto|bf16|fp32] [--steps 10] [--warmup 3]
                                           [--compile] [--twin dense-small] [--python-experts]
-                                          [--bf16-states]
+                                          [--bf16-states] [--mm-products]
 
 Both sides: random tokens, AdamW, gradient clipping, bf16 autocast where the hardware has
 native bf16 matmul (else fp32). `transformers` has no MTP, so nanoseek is timed twice: with
@@ -16,7 +16,9 @@ compilation);
 same run). --python-experts adds the preset's step with its experts in the Python loop
 (`moe._ExpertLoop`): on CPU nanoseek runs them in C++ (`moe._FusedExpertLoop`).
 --bf16-states adds each nanoseek preset's step (MTP on) with AdamW's moments in bf16
-(`nanoseek train --optim-states bf16`, DeepSeek-V3's recipe).
+(`nanoseek train --optim-states bf16`, DeepSeek-V3's recipe). --mm-products adds each
+nanoseek preset's step (MTP on) with the bf16 expert and MLP products as at::mm calls
+(NANOSEEK_AMX=0) where the CPU has AMX and nanoseek would run them on its tiles.
 
 The rows' steps run interleaved (round after round, one step of each), after --warmup
 untimed steps of each, so a shared machine's drift falls on all alike.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 from contextlib import nullcontext
 
 import torch
@@ -61,9 +64,10 @@ def nanoseek_step(
     compile: bool = False,
     expert_kernel: bool = True,
     states: str = "fp32",
+    amx: bool = True,
 ):
     """expert_kernel=False: the Python expert loop where fp32 would run the C++ one; states:
-    AdamW's moments' dtype."""
+    AdamW's moments' dtype; amx=False: the C++ loop's bf16 products as at::mm calls."""
     torch.manual_seed(0)
     model = Transformer(cfg).train()
     opt = build_optimizer(model, lr=3e-3, weight_decay=0.1, states=states)
@@ -74,6 +78,7 @@ def nanoseek_step(
 
     def step():
         moe.EXPERT_KERNEL = expert_kernel  # the rows' steps interleave: set it every step
+        os.environ["NANOSEEK_AMX"] = "1" if amx else "0"  # read by experts.cpp at each call
         with autocast():
             out = forward(x, targets=y, mtp_weight=mtp_weight)
         out.loss.backward()
@@ -128,6 +133,11 @@ def main(argv: list[str] | None = None) -> None:
         help="add each nanoseek preset's step with AdamW's moments in bf16",
     )
     ap.add_argument(
+        "--mm-products",
+        action="store_true",
+        help="add each nanoseek preset's step with the bf16 products as at::mm (no AMX tiles)",
+    )
+    ap.add_argument(
         "--default-malloc",
         action="store_true",
         help="keep glibc's allocator defaults for every row (no keep_freed_memory)",
@@ -171,6 +181,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.bf16_states:
             label = f"nanoseek {preset} (MTP on, bf16 optimizer states)"
             make = functools.partial(nanoseek_step, c, x, y, autocast, 0.3, states="bf16")
+            specs.append((label, make, flops_per_token(c, args.seq_len)))
+        if args.mm_products:
+            label = f"nanoseek {preset} (MTP on, at::mm products)"
+            make = functools.partial(nanoseek_step, c, x, y, autocast, 0.3, amx=False)
             specs.append((label, make, flops_per_token(c, args.seq_len)))
         if preset == args.preset and args.python_experts:
             label = f"nanoseek {preset} (MTP on, Python expert loop)"
@@ -221,6 +235,14 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{args.preset} / {args.twin} tokens/s, both with bf16 optimizer states: "
                 f"{moe_tps / twin_tps:.2f}x"
+            )
+        if args.mm_products:
+            moe_tps, twin_tps = (
+                next(r[2] for r in rows if r[0] == f"nanoseek {p} (MTP on, at::mm products)")
+                for p in (args.preset, args.twin)
+            )
+            print(
+                f"{args.preset} / {args.twin} tokens/s, both on at::mm: {moe_tps / twin_tps:.2f}x"
             )
     if tuned:
         print(

@@ -387,8 +387,8 @@ void for_each_expert(at::IntArrayRef sizes, F&& body) {
 // ([K/2, N, 2]), packed here: the weights once an expert a step, the row blocks as they are
 // used. The weight gradients accumulate over the blocks in fp32 (the at::mm path rounds them
 // to bf16). The blocks of all experts are shared out between the threads in runs of about
-// equal rows (for_each_part), so one wide expert (a dense MLP) splits over them too.
-// NANOSEEK_AMX=0 keeps the at::mm path (to compare the two).
+// equal rows (for_each_part), so one wide expert (a dense MLP) splits over them too. Rows of
+// width 128 or less only (amx_wanted). NANOSEEK_AMX=0 keeps the at::mm path (to compare).
 constexpr int64_t CHUNK = 64;  // rows a block: moe.PAD, so in training every block is this size
 
 bool amx_wanted(at::ScalarType dt, int64_t d, int64_t I, at::IntArrayRef sizes) {
@@ -403,7 +403,11 @@ bool amx_wanted(at::ScalarType dt, int64_t d, int64_t I, at::IntArrayRef sizes) 
     if (dt != at::kBFloat16 || !available || (env && std::string(env) == "0")) return false;
     for (int64_t n : sizes)
         if (n % 2) return false;  // a VNNI pair of rows
-    return d % 32 == 0 && I % 16 == 0;
+    // Rows up to 128 wide only: measured on one AMX Xeon, brgemm on 64-row blocks beat at::mm
+    // wherever d was 128 (MoE experts of width 128, MLPs of width 640 and 1280) and lost from
+    // 256 (a product with K = 256 ran at at::mm's speed at N = 256, 1.15x slower at 512, 2-3x
+    // at 2,560: each block streams the packed weights again); `small`'s layers keep at::mm
+    return d <= 128 && d % 32 == 0 && I % 16 == 0;
 }
 
 // Whether the bf16 experts of width I on rows of width d run on AMX tiles here (moe.MLP

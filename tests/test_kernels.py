@@ -412,6 +412,7 @@ def test_mlp_runs_as_one_expert_on_amx(monkeypatch, threads):
     assert M._amx_runs(x, 64, 96) is False  # fp32: torch
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert M._amx_runs(x, 64, 96)
+        assert not M._amx_runs(x, 256, 96)  # rows wider than 128: at::mm measured faster
     step = lambda: _with_threads(threads, lambda: _experts_step(mlp, x, probe, bf16=True))  # noqa: E731
     kernel = step()
     monkeypatch.setattr(M, "EXPERT_KERNEL", False)

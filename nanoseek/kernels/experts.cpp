@@ -18,10 +18,11 @@
  * gate weight's gradient (sum over i of da * silu(gate) * up) and dh, then dw13[e] = dh^T xs
  * and dxs = dh @ w13[e]. Against the Python loop this saves its ~40 op calls per expert and
  * five of its seven elementwise passes; the matmuls are the same at::mm calls (MKL in fp32,
- * oneDNN in bf16). The elementwise math runs in fp32 (bf16 rounded once, on store), in
- * at::vec vectors (16 floats when built for AVX-512, 8 for AVX2: kernels._vec_flags); silu is
- * torch's formula (g / (1 + exp(-g)), Sleef's exp from libtorch), so fp32 results differ
- * from the Python loop's only in where rw is multiplied in: ~1 ulp. With several threads the
+ * oneDNN in bf16), or on a CPU with AMX oneDNN's brgemm on 64-row blocks ("AMX tiles"
+ * below). The elementwise math runs in fp32 (bf16 rounded once, on store), in at::vec
+ * vectors (16 floats when built for AVX-512, 8 for AVX2: kernels._vec_flags); silu is torch's
+ * formula (g / (1 + exp(-g)), Sleef's exp from libtorch), so fp32 results differ from the
+ * Python loop's only in where rw is multiplied in: ~1 ulp. With several threads the
  * experts are shared out between them, each expert's matmuls on one thread (for_each_expert).
  */
 #include <ATen/ATen.h>
@@ -49,7 +50,6 @@
 #include <vector>
 
 namespace {
-
 
 using bf16 = at::BFloat16;
 using Vec = at::vec::Vectorized<float>;  // 16 floats under AVX-512, 8 under AVX2 (build flags)
@@ -415,8 +415,8 @@ bool amx_wanted(at::ScalarType dt, int64_t d, int64_t I, at::IntArrayRef sizes) 
 bool experts_amx(int64_t d, int64_t I) { return amx_wanted(at::kBFloat16, d, I, {}); }
 
 // Runs body(e, r0, r1, t) for each part [r0, r1) of expert e's rows that thread t takes: the
-// experts' blocks in order, cut into one contiguous run a thread of about equal rows, so an
-// expert is split between two threads at most where a run ends (and whole otherwise).
+// experts' blocks in order, cut into one contiguous run a thread of about equal rows; an
+// expert across a run's end is split between the threads whose runs it spans.
 template <typename F>
 void for_each_part(at::IntArrayRef sizes, F&& body) {
     const int64_t E = sizes.size();

@@ -423,7 +423,8 @@ void for_each_part(at::IntArrayRef sizes, F&& body) {
     std::vector<int64_t> starts(E + 1, 0);
     for (int64_t e = 0; e < E; e++) starts[e + 1] = starts[e] + sizes[e];
     const int64_t blocks = (starts[E] + CHUNK - 1) / CHUNK;  // blocks of whole experts' rows
-    const int64_t T = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), blocks);
+    const int64_t threads = at::get_num_threads();
+    const int64_t T = at::in_parallel_region() ? 1 : std::min(threads, blocks);
     if (T <= 1) {
         for (int64_t e = 0; e < E; e++)
             if (sizes[e]) body(e, starts[e], starts[e + 1], 0);

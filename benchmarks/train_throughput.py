@@ -224,26 +224,22 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(format_table(table, header=("", "ms/step", "tokens/s", "MFU", "vs transformers")))
     if args.twin:
-        moe_tps = next(r[2] for r in rows if r[0] == f"nanoseek {args.preset} (MTP on)")
-        twin_tps = next(r[2] for r in rows if r[0] == f"nanoseek {args.twin} (MTP on)")
-        print(f"{args.preset} / {args.twin} tokens/s (MTP on, eager): {moe_tps / twin_tps:.2f}x")
-        if args.bf16_states:
-            moe_tps, twin_tps = (
-                next(r[2] for r in rows if r[0] == f"nanoseek {p} (MTP on, bf16 optimizer states)")
-                for p in (args.preset, args.twin)
+        tps = {r[0]: r[2] for r in rows}
+
+        def ratio(variant: str) -> float:  # the preset's tokens/s over its twin's, one variant
+            return (
+                tps[f"nanoseek {args.preset} ({variant})"]
+                / tps[f"nanoseek {args.twin} ({variant})"]
             )
+
+        pair = f"{args.preset} / {args.twin} tokens/s"
+        print(f"{pair} (MTP on, eager): {ratio('MTP on'):.2f}x")
+        if args.bf16_states:
             print(
-                f"{args.preset} / {args.twin} tokens/s, both with bf16 optimizer states: "
-                f"{moe_tps / twin_tps:.2f}x"
+                f"{pair}, both with bf16 optimizer states: {ratio('MTP on, bf16 optimizer states'):.2f}x"
             )
         if args.mm_products:
-            moe_tps, twin_tps = (
-                next(r[2] for r in rows if r[0] == f"nanoseek {p} (MTP on, at::mm products)")
-                for p in (args.preset, args.twin)
-            )
-            print(
-                f"{args.preset} / {args.twin} tokens/s, both on at::mm: {moe_tps / twin_tps:.2f}x"
-            )
+            print(f"{pair}, both on at::mm: {ratio('MTP on, at::mm products'):.2f}x")
     if tuned:
         print(
             f"nanoseek (MTP off) against transformers with glibc's defaults, as a plain loop "

@@ -718,3 +718,61 @@ def test_gamma_tokens_keeps_the_bias_schedule_when_the_budget_grows(shards, tmp_
 def test_gamma_tokens_must_not_be_negative(shards, tmp_path):
     with pytest.raises(TrainError, match="gamma_tokens must be >= 0"):
         tiny_run(shards, tmp_path / "run", gamma_tokens=-1.0)
+
+
+# --- decay branches -----------------------------------------------------------------------
+
+
+def test_a_decay_branch_is_the_run_of_its_budget(shards, tmp_path, monkeypatch):
+    """A 20-step wsd run keeping its checkpoints, branched at step 8: the branch is a 10-step
+    run (its decay from step 8 on) loss for loss, LR for LR, and final validation loss; killed
+    mid-decay, the branch resumes on the same curve. A 25% decay from step 12 is a 16-step run."""
+    kw = dict(eval_every=0, gamma_tokens=8 * 4 * 32, gamma=0.1, gamma_final=0.001)
+    trunk = tmp_path / "trunk"
+    train(tiny_run(shards, trunk, steps=20, save_every=2, keep_every=4, **kw))
+    kept = sorted(p.name for p in trunk.glob("ckpt-*"))
+    assert kept == [f"ckpt-{s:07d}" for s in (4, 8, 12, 16, 20)]
+    for budget, at, extra in ((10, 8, {}), (16, 12, {"decay_frac": 0.25})):
+        ref = tmp_path / f"run{budget}"
+        train(tiny_run(shards, ref, steps=budget, **kw, **extra))
+        branch = tmp_path / f"branch{budget}"
+        train(make_config(decay_from=str(trunk / f"ckpt-{at:07d}"), out=str(branch), **extra))
+        for key in ("loss", "lr"):
+            assert losses(branch, key) == losses(ref, key)
+        summary = [json.loads((d / "summary.json").read_text()) for d in (ref, branch)]
+        assert summary[0]["final_val_loss"] == summary[1]["final_val_loss"]
+        saved = json.loads((branch / "train_config.json").read_text())
+        assert saved["steps"] == budget and saved["decay_from"].endswith(f"ckpt-{at:07d}")
+    part = tmp_path / "part"
+    _crash_in_step(monkeypatch, 2)  # the branch's second step: step 10 of 10 is never taken
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(decay_from=str(trunk / "ckpt-0000008"), out=str(part), save_every=1))
+    monkeypatch.undo()
+    train(make_config(out=str(part), resume=True))
+    assert losses(part) == losses(tmp_path / "run10")
+
+
+def test_decay_branches_refuse_what_they_cannot_be(shards, tmp_path, cli):
+    trunk = tmp_path / "trunk"
+    train(tiny_run(shards, trunk, steps=10, eval_every=0, keep_every=3))  # decays from 8
+    cosine = tmp_path / "cosine"
+    train(tiny_run(shards, cosine, steps=4, eval_every=0, schedule="cosine", keep_every=4))
+    out = tmp_path / "branch"
+    cases = [
+        (("--decay-from", trunk / "ckpt-0000009"), "past where its decay began"),
+        (("--decay-from", trunk / "ckpt"), "past where its decay began"),
+        (("--decay-from", cosine / "ckpt-0000004"), "branches a wsd run"),
+        (("--decay-from", trunk / "nope"), "no checkpoint"),
+        (("--decay-from", trunk / "ckpt-0000006", "--tokens", 1e4), "drop --steps/--tokens"),
+        (("--decay-from", trunk / "ckpt-0000006", "--batch-size", 2), "batch_size 4 -> 2"),
+        (("--decay-from", trunk / "ckpt-0000006", "--resume"), "not both"),
+    ]
+    for argv, msg in cases:
+        r = cli("train", *argv, "--out", out, "--no-progress")
+        assert r.code == 2 and msg in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    r = cli("train", "--decay-from", trunk / "ckpt-0000006", "--out", trunk, "--no-progress")
+    assert r.code == 2 and "its own --out" in r.err
+    assert cli("train", "--decay-from", trunk / "ckpt-0000006", "--out", out).code == 0
+    assert json.loads((out / "train_config.json").read_text())["steps"] == 8  # 6 / 0.8, rounded
+    r = cli("train", "--decay-from", trunk / "ckpt-0000006", "--out", out, "--no-progress")
+    assert r.code == 2 and "--overwrite" in r.err

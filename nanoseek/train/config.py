@@ -176,6 +176,11 @@ class TrainConfig(RunConfig):
     eval_every: int = _h("evaluate every N steps (0: only at the end)", default=100)
     eval_batches: int = _h("validation batches per evaluation", default=8)
     save_every: int = _h("checkpoint every N steps (0: only at the end)", default=0)
+    keep_every: int = _h(
+        "also keep the checkpoint every N steps, as OUT/ckpt-<step> (whole copies): where "
+        "--decay-from branches start (0: none)",
+        default=0,
+    )
     log_every: int = _h("write metrics every N steps", default=1)
     max_bad_steps: int = _h("stop after this many non-finite losses in a row", default=5)
     # machine
@@ -202,6 +207,16 @@ class TrainConfig(RunConfig):
         "error. A new budget moves where the run stops, not its LR schedule, which keeps the "
         "original horizon (past it the LR stays at its final value)",
         default=False,
+    )
+    decay_from: str | None = _h(
+        "a decay branch: a new run in --out that goes on from this checkpoint of a wsd run at "
+        "its peak LR (e.g. RUN/ckpt-0004000, kept by --keep-every), with its settings, and "
+        "decays the LR from there as the run whose decay starts at that checkpoint would (its "
+        "budget: the checkpoint's steps or tokens / (1 - --decay-frac)). One stable run then "
+        "gives the decayed loss at several budgets, each for the cost of its decay; keep the "
+        "bias speed's fall fixed in tokens (--gamma-tokens) so the stable phase does not "
+        "depend on the budget",
+        default=None,
     )
     overwrite: bool = _h("start afresh even if OUT already holds a checkpoint", default=False)
     progress: bool = _h("show a progress bar", default=True)
@@ -274,8 +289,15 @@ class TrainConfig(RunConfig):
         )
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
         need(0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]")
+        need(self.keep_every >= 0, f"keep_every must be >= 0, got {self.keep_every}")
         need(
-            self.resume or any(getattr(self, k) is not None for k in BUDGET),  # resume: saved one
+            not (self.resume and self.decay_from),
+            "--decay-from starts a new run (a branch); --resume continues one: not both",
+        )
+        need(  # resume: the saved one; a branch: its checkpoint's
+            self.resume
+            or self.decay_from is not None
+            or any(getattr(self, k) is not None for k in BUDGET),
             "give a budget: --steps, --tokens or --minutes",
         )
         for name in ("steps", "tokens", "minutes"):
@@ -370,9 +392,10 @@ def make_config(
     return tc
 
 
-def resume_config(tc: Config, saved: dict[str, Any] | None) -> Config:
+def resume_config(tc: Config, saved: dict[str, Any] | None, flag: str = "--resume") -> Config:
     """The config a resumed run continues with: its saved one (`saved`, from the checkpoint),
-    updated with what was given now (`tc.given_fields()`) where that may change."""
+    updated with what was given now (`tc.given_fields()`) where that may change. `flag`:
+    what the errors name (a decay branch takes its trunk's settings the same way)."""
     cls = type(tc)
     fields = config_fields(cls)
     saved = {**LEGACY, **saved} if saved else {}
@@ -384,18 +407,20 @@ def resume_config(tc: Config, saved: dict[str, Any] | None) -> Config:
     if differ:
         changes = ", ".join(f"{k} {saved[k]!r} -> {getattr(tc, k)!r}" for k in differ)
         raise TrainError(
-            f"--resume: {changes} would change the run in {tc.out} (a resumed run keeps the "
-            "settings it started with); drop those flags to continue it, or start a fresh run "
+            f"{flag}: {changes} would change the run it continues (it keeps the settings the "
+            "run started with); drop those flags to continue it, or start a fresh run "
             "with them: --overwrite, or a new --out"
         )
     values = {**saved, **{k: getattr(tc, k) for k in given}}
     if given & set(BUDGET):  # a new budget replaces the saved one whole, not key by key
         values.update(tc.budget().to_dict())
     values.update(out=tc.out, resume=True, overwrite=False)
+    if "decay_from" in fields:  # a resumed branch continues; it does not branch again
+        values["decay_from"] = None
     merged = cls(**values)
     merged.validate()
     if not merged.budget():
         raise TrainError(
-            f"--resume: {tc.out} has no saved budget; give --steps, --tokens or --minutes"
+            f"{flag}: {tc.out} has no saved budget; give --steps, --tokens or --minutes"
         )
     return merged

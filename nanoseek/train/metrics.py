@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from nanoseek.utils import atomic_path, format_table, human
+from nanoseek.utils import atomic_path, atomic_write_text, format_table, human
 
 
 class MetricsLog:
@@ -26,8 +26,7 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():  # drop what was logged after the checkpoint we resume from
-            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(_dumps(r) + "\n" for r in keep))
+            copy_metrics(self.path, self.path, resume_step)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -118,6 +117,12 @@ def _dumps(record: dict[str, Any]) -> str:
         return [clean(x) for x in v] if isinstance(v, list) else v
 
     return json.dumps({k: clean(v) for k, v in record.items()}, allow_nan=False)
+
+
+def copy_metrics(src: str | Path, dst: str | Path, last_step: int) -> None:
+    """Write `src`'s records up to `last_step` as `dst` (atomically; `src` may be `dst`)."""
+    keep = [r for r in read_metrics(src) if r.get("step", 0) <= last_step]
+    atomic_write_text(dst, "".join(_dumps(r) + "\n" for r in keep))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from nanoseek.model import Transformer, V4Transformer
 from nanoseek.model.indexer import indexer_kl
 from nanoseek.model.v4 import indexer_kl_v4
 from nanoseek.train.balance import gamma_at, load_imbalance, update_expert_bias
+from nanoseek.train.branch import keep_checkpoint, open_branch
 from nanoseek.train.budget import Budget
 from nanoseek.train.checkpoint import (
     RunState,
@@ -60,7 +61,8 @@ from nanoseek.utils import atomic_write_text, human
 
 def train(tc: TrainConfig) -> dict[str, Any]:
     tc.validate()
-    tc, found = open_run(tc)  # on --resume: the run's saved settings, and its checkpoint
+    # on --resume: the run's saved settings and its checkpoint; --decay-from: the trunk's
+    tc, found = open_branch(tc) if tc.decay_from else open_run(tc)
     out, ckpt_dir = Path(tc.out), Path(tc.out) / "ckpt"
     with Runtime.start(tc.device, tc.dtype, tc.threads, tc.parallel, tc.ep) as rt:
         # --- data, model, optimizer: new, or as the checkpoint left them ----------------------
@@ -84,6 +86,8 @@ def train(tc: TrainConfig) -> dict[str, Any]:
 
         def save() -> None:
             save_checkpoint(ckpt_dir, model, optimizer, state, data)  # every rank: a collective
+            if rt.master and tc.keep_every and state.step % tc.keep_every == 0:
+                keep_checkpoint(ckpt_dir, state.step)
 
         if not found and tc.indexer_warmup_steps:
             warm_up_indexers(model, loader["train"], tc, rt)
@@ -102,7 +106,8 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         progress = Progress(
             out / "metrics.jsonl", rt.master, tc.progress, tc.steps, resume_step, tc.log_every
         )
-        every = (tc.eval_every, tc.save_every)  # evaluate / checkpoint cadence
+        # evaluate / checkpoint cadence: a kept checkpoint is written as the latest one too
+        every = (tc.eval_every, math.gcd(tc.save_every, tc.keep_every))
         with progress:
             while state.progress(stop) < 1.0:
                 step, t0 = state.step, time.perf_counter()
@@ -204,6 +209,8 @@ def start_model(
     rng = None
     if found:
         model, state, rng = load_checkpoint(found, rt.device)
+        if tc.decay_from:  # a branch runs its LR over the budget that decays from here
+            state.lr_horizon = tc.budget()
         check_resume(state, tc, tokenizer["hash"], data, warn=rt.master)
     else:
         model = new_model(tc, tokenizer["vocab_size"], rt.device)

@@ -6,7 +6,7 @@ model's (`dense-small`: same activated parameters) final validation loss with le
                                       [--model KEY=VALUE ...] [--moe KEY=VALUE ...]
                                       [--train KEY=VALUE ...]
                                       [--moe-train KEY=VALUE ...] [--moe-budget FRACTION]
-                                      [--recipe KEY=VALUE[,KEY=VALUE...] ...]
+                                      [--recipe KEY=VALUE[,KEY=VALUE...] ...] [--branches F,F]
 
 Both train on the same shards, batches and token budget with the same recipe (but what
 --moe-lr / --moe-train change); validation loss is measured every --eval-every steps on the
@@ -27,7 +27,12 @@ neither is judged at a batch or LR that suits only the other. --moe-budget F tra
 MoE on F times the dense model's tokens, with its LR and balancing schedules set for that
 budget: the iso-loss question asked directly (does a shorter MoE run, decayed in full, end at
 or below the dense final loss, and in what fraction of its wall time?), where the reach within
-a full-budget MoE run reads a loss from the middle of its decay. Prints a table, the MoE's
+a full-budget MoE run reads a loss from the middle of its decay. --branches 0.6,0.7,0.8 asks
+it for several budgets at once: the MoE's run keeps a checkpoint at every evaluation, and
+after both runs it is decayed from those nearest where each budget's decay starts (`nanoseek
+train --decay-from`; each branch is the run of that budget, for the cost of its decay); a
+table gives each budget's decayed loss and training time against the dense model's, and the
+budget where the MoE's decayed loss meets the dense final loss, interpolated. Prints a table, the MoE's
 lead over the run (at 25/50/75/100% of the tokens), the lead as a compute multiplier read
 before either run's decay (`token_multiplier`: the dense tokens for the MoE's loss over the
 MoE's tokens) and the share of the dense wall time it implies, where it reaches the dense
@@ -44,6 +49,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import textwrap
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -56,6 +62,7 @@ from nanoseek.config import ModelConfig, dense_twin, get_preset, param_counts
 from nanoseek.data import prepare
 from nanoseek.device import preload_tcmalloc, resolve_device
 from nanoseek.train import TrainConfig, make_config, train
+from nanoseek.train.checkpoint import read_train_state
 from nanoseek.train.metrics import read_metrics
 from nanoseek.utils import format_table, human
 
@@ -89,6 +96,27 @@ def first_reach(c: dict[str, np.ndarray], target: float, key: str) -> float | No
             f = (v[i - 1] - target) / (v[i - 1] - v[i])
             return float(c[key][i - 1] + f * (c[key][i] - c[key][i - 1]))
     return None
+
+
+def nearest_kept(kept: dict[Path, int], target: float) -> Path:
+    """The kept checkpoint (path -> its tokens) whose tokens are nearest `target`."""
+    return min(kept, key=lambda p: abs(kept[p] - target))
+
+
+def iso_budget(
+    points: list[tuple[float, float, float]], target: float
+) -> tuple[float, float] | str:
+    """Decayed runs of several budgets (tokens, train seconds, final loss), fewest tokens
+    first -> (tokens, seconds) where their final loss meets `target`, interpolated linearly
+    between the two budgets around it; or why there is no such point ("below": the smallest
+    budget already ends at or under it; "above": the largest does not reach it)."""
+    if points[0][2] <= target:
+        return "below"
+    for (t0, s0, v0), (t1, s1, v1) in zip(points, points[1:], strict=False):
+        if v1 <= target:
+            f = (v0 - target) / (v0 - v1)
+            return t0 + f * (t1 - t0), s0 + f * (s1 - s0)
+    return "above"
 
 
 def expert_load(recs: list[dict[str, Any]], share: float = 0.1) -> tuple[float, int, float] | None:
@@ -214,7 +242,8 @@ def model_overrides(shape: dict[str, Any], moe: dict[str, Any]) -> dict[str, dic
 
 # Training settings the benchmark sets itself (its own flags, or what side by side needs).
 FIXED = frozenset(
-    "preset data out tokens eval_every overwrite seed compile dtype threads progress model".split()
+    "preset data out tokens eval_every overwrite seed compile dtype threads progress model "
+    "keep_every decay_from".split()
 )
 
 
@@ -241,12 +270,12 @@ def runs_side_by_side(sequential: bool, cores: int, device: torch.device) -> boo
 
 
 def run_both(configs: dict[str, TrainConfig], side_by_side: bool) -> dict[str, dict]:
-    """Train every config -> {name: summary}: at the same time, one process each (spawned,
-    so each sets its own thread count), or one after the other in this process."""
+    """Train every config -> {name: summary}: two at a time, one process each (spawned, so
+    each sets its own thread count), or one after the other in this process."""
     if not side_by_side:
         return {name: train(tc) for name, tc in configs.items()}
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(len(configs), mp_context=ctx) as pool:
+    with ProcessPoolExecutor(min(2, len(configs)), mp_context=ctx) as pool:
         futures = {name: pool.submit(train, tc) for name, tc in configs.items()}
         return {name: f.result() for name, f in futures.items()}
 
@@ -321,10 +350,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="FRACTION",
         help="the MoE's token budget as a fraction of the dense model's (default 1: the same)",
     )
+    ap.add_argument(
+        "--branches",
+        type=parse_fractions,
+        default=[],
+        metavar="F[,F...]",
+        help="also decay the MoE at these fractions of the budget, branched from its run "
+        "(its kept checkpoints), and find the budget where its decayed loss meets the dense "
+        "final loss (needs --moe-train gamma_tokens=N)",
+    )
     args = ap.parse_args(argv)
     if not 0 < args.moe_budget <= 1:
         raise SystemExit(f"--moe-budget must be in (0, 1], got {args.moe_budget}")
+    if args.branches and (args.moe_budget != 1 or len(args.recipe) > 1):
+        raise SystemExit(
+            "--branches decays one full-budget MoE run: not with --moe-budget or --recipe"
+        )
     return args
+
+
+def parse_fractions(text: str) -> list[float]:
+    """'0.6,0.7' -> [0.6, 0.7], each in (0, 1), sorted."""
+    try:
+        fs = sorted(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"fractions like 0.6,0.7, got {text!r}") from None
+    if not fs or not all(0 < f < 1 for f in fs):
+        raise argparse.ArgumentTypeError(f"fractions in (0, 1), got {text!r}")
+    return fs
 
 
 class Trial(NamedTuple):
@@ -438,9 +491,91 @@ def print_comparison(
         )
 
 
-def plot(runs: dict[str, dict[str, np.ndarray]], title: str, png: str) -> None:
+def decay_branches(
+    trunk: TrainConfig, fractions: list[float], budget: float, side_by_side: bool
+) -> dict[Path, dict]:
+    """Decay the MoE's run (`trunk`, which kept its checkpoints) at each fraction of the
+    budget: from the kept checkpoint nearest where that budget's decay starts, two at a time
+    side by side -> {branch run directory: summary}. Kept checkpoints not branched from are
+    removed (each holds the weights and AdamW moments)."""
+    out = Path(trunk.out)
+    kept = {p: read_train_state(p).tokens for p in sorted(out.glob("ckpt-*"))}
+    if not kept:
+        raise SystemExit(f"--branches: {out} kept no checkpoints (a shorter --eval-every?)")
+    start = 1 - trunk.decay_frac
+    picks = sorted({nearest_kept(kept, start * f * budget) for f in fractions})
+    configs = {
+        p.name: make_config(
+            decay_from=str(p),
+            out=str(out.with_name(f"small-decay-{p.name[5:]}")),
+            threads=trunk.threads,
+            progress=not side_by_side,
+            overwrite=True,
+        )
+        for p in picks
+    }
+    print(f"decaying the MoE from {len(picks)} of its checkpoints", flush=True)
+    summaries = run_both(configs, side_by_side)
+    for p in kept.keys() - set(picks):
+        shutil.rmtree(p)
+    return {Path(configs[name].out): s for name, s in summaries.items()}
+
+
+def print_branches(
+    branches: dict[Path, dict], moe: dict, dense: dict, budget: float, side_by_side: bool
+) -> None:
+    """Each decayed MoE budget (the branches and the full run) against the dense model's
+    final loss and training time, and where the MoE's decayed loss meets the dense one."""
+    points = sorted(
+        (s["tokens_seen"], s["wall_seconds"], s["final_val_loss"])
+        for s in [*branches.values(), moe]
+    )
+    dense_s, target = dense["wall_seconds"], dense["final_val_loss"]
+    rows = [
+        (
+            human(t),
+            f"{t / budget:.0%}",
+            f"{v:.4f}",
+            f"{v - target:+.4f}",
+            f"{sec:.0f}",
+            f"{sec / dense_s:.0%}",
+        )
+        for t, sec, v in points
+    ]
+    head = ("MoE budget", "of dense tokens", "val loss", "- dense", "train s", "of dense s")
+    print("\nthe MoE decayed at each budget (branches of its run) against the dense final loss:")
+    print(format_table(rows, header=head))
+    found = iso_budget(points, target)
+    if found == "below":
+        t, sec, _ = points[0]
+        print(
+            f"the MoE's smallest budget ({t / budget:.0%} of the dense tokens, {sec / dense_s:.0%} "
+            f"of its training time) already ends at or below the dense final loss ({target:.4f})"
+        )
+    elif found == "above":
+        print(f"no MoE budget up to the full one reaches the dense final loss ({target:.4f})")
+    else:
+        t, sec = found
+        print(
+            f"the MoE's decayed loss meets the dense final loss ({target:.4f}) at a budget of "
+            f"{human(t)} tokens: {t / budget:.0%} of the dense tokens, trained in "
+            f"{sec / dense_s:.0%} of the dense training time (interpolated between budgets"
+            + (
+                "; the decays ran two at a time, the full runs side by side)"
+                if side_by_side
+                else ")"
+            )
+        )
+
+
+def plot(
+    runs: dict[str, dict[str, np.ndarray]],
+    title: str,
+    png: str,
+    branches: dict[str, dict[str, np.ndarray]] | None = None,
+) -> None:
     """Validation loss against training FLOPs and against wall time, the dense final loss
-    drawn across both."""
+    drawn across both; the MoE's decay branches (by label) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -452,6 +587,10 @@ def plot(runs: dict[str, dict[str, np.ndarray]], title: str, png: str) -> None:
         label = f"{preset} ({ROLE[preset]})"
         axes[0].plot(c["flops"], c["val"], "o-", ms=3, label=label)
         axes[1].plot(c["seconds"], c["val"], "o-", ms=3, label=label)
+    for label, c in (branches or {}).items():
+        tail = c["tokens"] >= c["tokens"][-1] * 0.7  # its decay and a little before
+        axes[0].plot(c["flops"][tail], c["val"][tail], "--", lw=1, label=label)
+        axes[1].plot(c["seconds"][tail], c["val"][tail], "--", lw=1, label=label)
     for ax, xl in zip(axes, ("training FLOPs", "training wall time (s)"), strict=True):
         ax.axhline(target, color="gray", lw=0.8, ls="--")
         ax.set_xlabel(xl)
@@ -471,6 +610,15 @@ def main(argv: list[str] | None = None) -> None:
     moe_model = dict(parse_override(item) for item in args.moe)
     models = model_overrides(shape, moe_model)
     both, moe_only = train_overrides(args.train, args.moe_train, args.moe_lr)
+    if args.branches:
+        moe_settings = {**both, **moe_only}
+        if not moe_settings.get("gamma_tokens"):
+            raise SystemExit(
+                "--branches: fix the MoE's bias speed in tokens (--moe-train gamma_tokens=N), "
+                "so its run's stable phase is that of every shorter budget"
+            )
+        if moe_settings.get("schedule", "wsd") != "wsd":
+            raise SystemExit("--branches decays a wsd run; not with schedule=cosine")
     cores = os.cpu_count() or 1
     device = resolve_device(str(both.get("device", "auto")))
     side_by_side = runs_side_by_side(args.sequential, cores, device)
@@ -498,6 +646,7 @@ def main(argv: list[str] | None = None) -> None:
                 threads=threads,
                 progress=not side_by_side,  # two bars on one terminal garble each other
                 model=models[preset] or None,
+                keep_every=args.eval_every if args.branches and preset == "small" else None,
                 **{**both, **recipe, **(moe_only if preset == "small" else {})},
             )
             for preset in ("small", "dense-small")
@@ -545,6 +694,15 @@ def main(argv: list[str] | None = None) -> None:
     # "while both trained" is one pair's: only where both bests come from one recipe
     one_pair = side_by_side and best["small"] == best["dense-small"]
     print_comparison(configs, runs, ratio, one_pair)
+    branches = {}
+    if args.branches:
+        decayed = decay_branches(configs["small"], args.branches, args.tokens, side_by_side)
+        print_branches(
+            decayed, summaries["small"], summaries["dense-small"], args.tokens, side_by_side
+        )
+        branches = {
+            f"MoE decayed at {human(s['tokens_seen'])}": curve(d) for d, s in decayed.items()
+        }
 
     budget = {"budget": f"{args.moe_budget:g}x"} if args.moe_budget != 1 else {}
     recipe = ", ".join(f"{k}={v}" for k, v in {**moe_model, **moe_only, **budget}.items())
@@ -555,7 +713,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     at = " at " + ", ".join(f"{k}={v}" for k, v in shape.items()) if shape else ""
     corpus = "the stdlib corpus" if Path(args.data).name == "stdlib-8k" else Path(args.data).name
-    plot(runs, f"MoE vs dense{at} ({recipe}), {human(args.tokens)} tokens of {corpus}", args.png)
+    title = f"MoE vs dense{at} ({recipe}), {human(args.tokens)} tokens of {corpus}"
+    plot(runs, title, args.png, branches)
 
 
 if __name__ == "__main__":

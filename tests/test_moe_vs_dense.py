@@ -3,6 +3,9 @@ benchmark itself trains two models for minutes each)."""
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,13 +14,34 @@ from benchmarks.moe_vs_dense import (
     best_of,
     expert_load,
     first_reach,
+    iso_budget,
     lead_at,
     model_overrides,
+    nearest_kept,
+    parse_fractions,
     parse_recipe,
     runs_side_by_side,
     token_multiplier,
     train_overrides,
 )
+
+TINY_PAIR = [
+    f"--model={kv}"
+    for kv in (
+        "hidden_size=32 num_hidden_layers=1 kv_lora_rank=16 qk_nope_head_dim=8 qk_rope_head_dim=8 "
+        "v_head_dim=8 moe_intermediate_size=16 num_attention_heads=2"
+    ).split()
+]
+
+
+def tiny_corpus(tmp_path: Path) -> Path:
+    from nanoseek.data import prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(50):  # one becomes the validation split
+        (src / f"m{i}.py").write_text(f"def add{i % 7}(a, b):\n    return a + b\n" * 40)
+    return prepare(str(src), tmp_path / "data", vocab_size=300, verbose=False)
 
 
 def test_train_overrides_split_both_and_moe_only():
@@ -159,17 +183,9 @@ def test_recipes_train_both_models_and_compare_each_at_its_best(tmp_path, capsys
     import json
 
     from benchmarks.moe_vs_dense import main
-    from nanoseek.data import prepare
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(50):  # one becomes the validation split
-        (src / f"m{i}.py").write_text(f"def add{i % 7}(a, b):\n    return a + b\n" * 40)
-    data = prepare(str(src), tmp_path / "data", vocab_size=300, verbose=False)
-    shape = "hidden_size=32 num_hidden_layers=1 kv_lora_rank=16 qk_nope_head_dim=8"
-    shape += " qk_rope_head_dim=8 v_head_dim=8 moe_intermediate_size=16 num_attention_heads=2"
-    args = [f"--model={kv}" for kv in shape.split()]
-    args += ["--tokens", "4096", "--data", str(data), "--out", str(tmp_path / "runs")]
+    data = tiny_corpus(tmp_path)
+    args = [*TINY_PAIR, "--tokens", "4096", "--data", str(data), "--out", str(tmp_path / "runs")]
     args += ["--png", str(tmp_path / "plot.png"), "--eval-every", "4", "--sequential"]
     args += ["--train", "batch_size=4", "--train", "seq_len=32", "--train", "eval_batches=1"]
     args += ["--recipe", "lr=1e-3", "--recipe", "lr=1e-2,batch_size=8"]
@@ -187,3 +203,61 @@ def test_recipes_train_both_models_and_compare_each_at_its_best(tmp_path, capsys
         assert f"{name}: recipe {best + 1} (" in out
         assert f"{loss[best, preset]:.4f}" in out.split("MoE vs dense, same data")[1]
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_iso_budget_interpolates_between_the_decayed_budgets():
+    points = [(100.0, 10.0, 3.0), (200.0, 22.0, 2.6), (400.0, 40.0, 2.2)]
+    assert iso_budget(points, 2.5) == pytest.approx((250.0, 26.5))  # a quarter of 200 -> 400
+    assert iso_budget(points, 3.1) == "below"
+    assert iso_budget(points, 2.1) == "above"
+    kept = {Path("a"): 90, Path("b"): 130, Path("c"): 180}
+    assert nearest_kept(kept, 150) == Path("b") and nearest_kept(kept, 170) == Path("c")
+    assert parse_fractions("0.7, 0.6,") == [0.6, 0.7]
+    for bad in ("0.6,1.0", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_fractions(bad)
+
+
+def test_branches_need_the_bias_speed_in_tokens_and_one_full_run():
+    from benchmarks.moe_vs_dense import main
+
+    with pytest.raises(SystemExit, match="gamma_tokens"):
+        main(["--branches", "0.5"])
+    with pytest.raises(SystemExit, match="not with --moe-budget"):
+        main(["--branches", "0.5", "--moe-budget", "0.7"])
+
+
+def test_branches_decay_the_moe_at_each_budget(tmp_path, capsys):
+    """A tiny pair with --branches 0.5,0.75: the MoE keeps a checkpoint at every evaluation,
+    two branches decay from those nearest 0.8 x 0.5 and 0.8 x 0.75 of the budget (each a run
+    of its checkpoint's tokens / 0.8), the rest are removed, and the table lists them."""
+    import json
+
+    from benchmarks.moe_vs_dense import main
+
+    data = tiny_corpus(tmp_path)
+    args = [*TINY_PAIR, "--tokens", "5120", "--data", str(data), "--out", str(tmp_path / "r")]
+    args += ["--png", str(tmp_path / "plot.png"), "--eval-every", "4", "--sequential"]
+    args += ["--train", "batch_size=4", "--train", "seq_len=32", "--train", "eval_batches=1"]
+    args += ["--moe-train", "gamma_tokens=4096", "--branches", "0.5,0.75"]
+    main(args)
+    out = capsys.readouterr().out
+    runs = tmp_path / "r"
+    # 128 tokens a step: decays start at 2048 (step 16) and 3072 (step 24) tokens
+    assert sorted(p.name for p in runs.iterdir() if p.name.startswith("small")) == [
+        "small",
+        "small-decay-0000016",
+        "small-decay-0000024",
+    ]
+    assert sorted(p.name for p in (runs / "small").glob("ckpt-*")) == [
+        "ckpt-0000016",
+        "ckpt-0000024",
+    ]
+    for step in (16, 24):
+        branch = runs / f"small-decay-{step:07d}"
+        tc = json.loads((branch / "train_config.json").read_text())
+        summary = json.loads((branch / "summary.json").read_text())
+        assert tc["tokens"] == step * 128 / 0.8 and summary["tokens_seen"] == step * 128 * 1.25
+        assert f"{summary['final_val_loss']:.4f}" in out
+    assert "the MoE decayed at each budget" in out
+    assert "dense final loss" in out.split("the MoE decayed at each budget")[1]

@@ -34,14 +34,20 @@ TINY_PAIR = [
 ]
 
 
-def tiny_corpus(tmp_path: Path) -> Path:
+def tiny_pair_args(tmp_path: Path, tokens: int) -> list[str]:
+    """The benchmark's flags for the tiny pair on a tiny corpus, one model after the other,
+    batch 4 x 32, an evaluation every 4 steps -> out in tmp_path / "runs"."""
     from nanoseek.data import prepare
 
     src = tmp_path / "src"
     src.mkdir()
     for i in range(50):  # one becomes the validation split
         (src / f"m{i}.py").write_text(f"def add{i % 7}(a, b):\n    return a + b\n" * 40)
-    return prepare(str(src), tmp_path / "data", vocab_size=300, verbose=False)
+    data = prepare(str(src), tmp_path / "data", vocab_size=300, verbose=False)
+    args = [*TINY_PAIR, "--tokens", str(tokens), "--data", str(data)]
+    args += ["--out", str(tmp_path / "runs"), "--png", str(tmp_path / "plot.png")]
+    args += ["--eval-every", "4", "--sequential", "--train", "batch_size=4"]
+    return [*args, "--train", "seq_len=32", "--train", "eval_batches=1"]
 
 
 def test_train_overrides_split_both_and_moe_only():
@@ -184,10 +190,7 @@ def test_recipes_train_both_models_and_compare_each_at_its_best(tmp_path, capsys
 
     from benchmarks.moe_vs_dense import main
 
-    data = tiny_corpus(tmp_path)
-    args = [*TINY_PAIR, "--tokens", "4096", "--data", str(data), "--out", str(tmp_path / "runs")]
-    args += ["--png", str(tmp_path / "plot.png"), "--eval-every", "4", "--sequential"]
-    args += ["--train", "batch_size=4", "--train", "seq_len=32", "--train", "eval_batches=1"]
+    args = tiny_pair_args(tmp_path, 4096)
     args += ["--recipe", "lr=1e-3", "--recipe", "lr=1e-2,batch_size=8"]
     main(args)
     out = capsys.readouterr().out
@@ -235,14 +238,11 @@ def test_branches_decay_the_moe_at_each_budget(tmp_path, capsys):
 
     from benchmarks.moe_vs_dense import main
 
-    data = tiny_corpus(tmp_path)
-    args = [*TINY_PAIR, "--tokens", "5120", "--data", str(data), "--out", str(tmp_path / "r")]
-    args += ["--png", str(tmp_path / "plot.png"), "--eval-every", "4", "--sequential"]
-    args += ["--train", "batch_size=4", "--train", "seq_len=32", "--train", "eval_batches=1"]
+    args = tiny_pair_args(tmp_path, 5120)
     args += ["--moe-train", "gamma_tokens=4096", "--branches", "0.5,0.75"]
     main(args)
     out = capsys.readouterr().out
-    runs = tmp_path / "r"
+    runs = tmp_path / "runs"
     # 128 tokens a step: decays start at 2048 (step 16) and 3072 (step 24) tokens
     assert sorted(p.name for p in runs.iterdir() if p.name.startswith("small")) == [
         "small",

@@ -743,6 +743,7 @@ def test_a_decay_branch_is_the_run_of_its_budget(shards, tmp_path, monkeypatch):
         assert summary[0]["final_val_loss"] == summary[1]["final_val_loss"]
         saved = json.loads((branch / "train_config.json").read_text())
         assert saved["steps"] == budget and saved["decay_from"].endswith(f"ckpt-{at:07d}")
+        assert saved["keep_every"] == 0 and not list(branch.glob("ckpt-*"))  # not the trunk's
     part = tmp_path / "part"
     _crash_in_step(monkeypatch, 2)  # the branch's second step: step 10 of 10 is never taken
     with pytest.raises(KeyboardInterrupt):

@@ -84,8 +84,12 @@ def open_branch(tc: TrainConfig) -> tuple[TrainConfig, Path]:
     horizon = branch_horizon(state, frac)
     trunk = dataclasses.replace(tc, decay_from=None, overwrite=False)
     trunk.given = frozenset(given - {"decay_from", "overwrite", "decay_frac"})
+    # a branch's own checkpoints are in its decay, where no branch may start: none kept
+    keep = tc.keep_every if "keep_every" in given else 0
     merged = resume_config(
-        trunk, {**saved, "decay_frac": frac, **horizon.to_dict()}, "--decay-from"
+        trunk,
+        {**saved, "decay_frac": frac, "keep_every": keep, **horizon.to_dict()},
+        "--decay-from",
     )
     branch = dataclasses.replace(
         merged, resume=False, decay_from=str(found), overwrite=tc.overwrite

@@ -498,12 +498,12 @@ def decay_branches(
     budget: from the kept checkpoint nearest where that budget's decay starts, two at a time
     side by side -> {branch run directory: summary}. Kept checkpoints not branched from are
     removed (each holds the weights and AdamW moments)."""
-    out = Path(trunk.out)
+    out, start = Path(trunk.out), 1 - trunk.decay_frac
     kept = {p: read_train_state(p).tokens for p in sorted(out.glob("ckpt-*"))}
-    if not kept:
+    stable = {p: t for p, t in kept.items() if t <= start * budget}  # a branch starts there
+    if not stable:
         raise SystemExit(f"--branches: {out} kept no checkpoints (a shorter --eval-every?)")
-    start = 1 - trunk.decay_frac
-    picks = sorted({nearest_kept(kept, start * f * budget) for f in fractions})
+    picks = sorted({nearest_kept(stable, start * f * budget) for f in fractions})
     configs = {
         p.name: make_config(
             decay_from=str(p),

@@ -32,9 +32,9 @@ it for several budgets at once: the MoE's run keeps a checkpoint at every evalua
 after both runs it is decayed from those nearest where each budget's decay starts (`nanoseek
 train --decay-from`; each branch is the run of that budget, for the cost of its decay); a
 table gives each budget's decayed loss and training time against the dense model's, and the
-budget where the MoE's decayed loss meets the dense final loss, interpolated. Prints a table, the MoE's
-lead over the run (at 25/50/75/100% of the tokens), the lead as a compute multiplier read
-before either run's decay (`token_multiplier`: the dense tokens for the MoE's loss over the
+budget where the MoE's decayed loss meets the dense final loss, interpolated. Prints a table,
+the MoE's lead over the run (at 25/50/75/100% of the tokens), the lead as a compute
+multiplier read before either run's decay (`token_multiplier`: the dense tokens for the MoE's loss over the
 MoE's tokens) and the share of the dense wall time it implies, where it reaches the dense
 final loss, its expert load (the worst early in the run, where tokens herd onto few experts,
 and at the end), and saves docs/moe_vs_dense.png (validation loss against training FLOPs and
@@ -556,15 +556,11 @@ def print_branches(
         print(f"no MoE budget up to the full one reaches the dense final loss ({target:.4f})")
     else:
         t, sec = found
+        how = "; the decays ran two at a time, the full runs side by side" if side_by_side else ""
         print(
             f"the MoE's decayed loss meets the dense final loss ({target:.4f}) at a budget of "
             f"{human(t)} tokens: {t / budget:.0%} of the dense tokens, trained in "
-            f"{sec / dense_s:.0%} of the dense training time (interpolated between budgets"
-            + (
-                "; the decays ran two at a time, the full runs side by side)"
-                if side_by_side
-                else ")"
-            )
+            f"{sec / dense_s:.0%} of the dense training time (interpolated between budgets{how})"
         )
 
 

@@ -235,9 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         pair = f"{args.preset} / {args.twin} tokens/s"
         print(f"{pair} (MTP on, eager): {ratio('MTP on'):.2f}x")
         if args.bf16_states:
-            print(
-                f"{pair}, both with bf16 optimizer states: {ratio('MTP on, bf16 optimizer states'):.2f}x"
-            )
+            both = ratio("MTP on, bf16 optimizer states")
+            print(f"{pair}, both with bf16 optimizer states: {both:.2f}x")
         if args.mm_products:
             print(f"{pair}, both on at::mm: {ratio('MTP on, at::mm products'):.2f}x")
     if tuned:

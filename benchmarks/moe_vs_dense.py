@@ -35,8 +35,8 @@ table gives each budget's decayed loss and training time against the dense model
 budget where the MoE's decayed loss meets the dense final loss, interpolated. Prints a table,
 the MoE's lead over the run (at 25/50/75/100% of the tokens), the lead as a compute
 multiplier read before either run's decay (`token_multiplier`: the dense tokens for the
-MoE's loss over the MoE's tokens) and the share of the dense wall time it implies, where it reaches the dense
-final loss, its expert load (the worst early in the run, where tokens herd onto few experts,
+MoE's loss over the MoE's tokens) and the share of the dense wall time it implies, where it
+reaches the dense final loss, its expert load (the worst early in the run, where tokens herd onto few experts,
 and at the end), and saves docs/moe_vs_dense.png (validation loss against training FLOPs and
 against wall time).
 Like `nanoseek train`, it runs on tcmalloc where that is installed (NANOSEEK_TCMALLOC=0: glibc).

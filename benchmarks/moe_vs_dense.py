@@ -14,31 +14,32 @@ same windows. By default the two trainings run side by side, at the same time, e
 the cores: a shared machine's drift (other jobs, clock and cache state) then falls on both
 alike, which two 15-minute runs one after the other did not give (their tokens/s ratio moved
 by 0.1 between sessions). --sequential runs them one after the other on all the cores; on a
-GPU (`--train device=cuda`, or `auto` where there is one) they always run one after the other.
---model KEY=VALUE overrides a field of both models' configs (their shape: e.g. --model
-hidden_size=384 --model moe_intermediate_size=384), the dense model's MLP kept as wide as the
-MoE's shared and routed experts a token; --moe KEY=VALUE then a field of the MoE's alone (e.g.
---moe routed_scaling_factor=1.0) to try a recipe; --train KEY=VALUE a training setting of both
-(e.g. --train batch_size=16), --moe-train KEY=VALUE one of the MoE's alone (the two models need
-not want the same batch or LR; --moe-lr LR is --moe-train lr=LR). --recipe, given twice or
-more, tunes both: each recipe (training settings on top of --train) trains both models, and
-each model is compared at the recipe where it ended lowest (a table of all of them first), so
-neither is judged at a batch or LR that suits only the other. --moe-budget F trains the
-MoE on F times the dense model's tokens, with its LR and balancing schedules set for that
-budget: the iso-loss question asked directly (does a shorter MoE run, decayed in full, end at
-or below the dense final loss, and in what fraction of its wall time?), where the reach within
-a full-budget MoE run reads a loss from the middle of its decay. --branches 0.6,0.7,0.8 asks
-it for several budgets at once: the MoE's run keeps a checkpoint at every evaluation, and
-after both runs it is decayed from those nearest where each budget's decay starts (`nanoseek
-train --decay-from`; each branch is the run of that budget, for the cost of its decay); a
-table gives each budget's decayed loss and training time against the dense model's, and the
-budget where the MoE's decayed loss meets the dense final loss, interpolated. Prints a table,
-the MoE's lead over the run (at 25/50/75/100% of the tokens), the lead as a compute
-multiplier read before either run's decay (`token_multiplier`: the dense tokens for the
-MoE's loss over the MoE's tokens) and the share of the dense wall time it implies, where it
-reaches the dense final loss, its expert load (the worst early in the run, where tokens herd onto few experts,
-and at the end), and saves docs/moe_vs_dense.png (validation loss against training FLOPs and
-against wall time).
+GPU (`--train device=cuda`, or `auto` where there is one) they always run one after the
+other. --model KEY=VALUE overrides a field of both models' configs (their shape: e.g.
+--model hidden_size=384 --model moe_intermediate_size=384), the dense model's MLP kept as
+wide as the MoE's shared and routed experts a token; --moe KEY=VALUE then a field of the
+MoE's alone (e.g. --moe routed_scaling_factor=1.0) to try a recipe; --train KEY=VALUE a
+training setting of both (e.g. --train batch_size=16), --moe-train KEY=VALUE one of the
+MoE's alone (the two models need not want the same batch or LR; --moe-lr LR is --moe-train
+lr=LR). --recipe, given twice or more, tunes both: each recipe (training settings on top of
+--train) trains both models, and each model is compared at the recipe where it ended lowest
+(a table of all of them first), so neither is judged at a batch or LR that suits only the
+other. --moe-budget F trains the MoE on F times the dense model's tokens, with its LR and
+balancing schedules set for that budget: the iso-loss question asked directly (does a
+shorter MoE run, decayed in full, end at or below the dense final loss, and in what fraction
+of its wall time?), where the reach within a full-budget MoE run reads a loss from the
+middle of its decay. --branches 0.6,0.7,0.8 asks it for several budgets at once: the MoE's
+run keeps a checkpoint at every evaluation, and after both runs it is decayed from those
+nearest where each budget's decay starts (`nanoseek train --decay-from`; each branch is the
+run of that budget, for the cost of its decay); a table gives each budget's decayed loss and
+training time against the dense model's, and the budget where the MoE's decayed loss meets
+the dense final loss, interpolated. Prints a table, the MoE's lead over the run (at
+25/50/75/100% of the tokens), the lead as a compute multiplier read before either run's
+decay (`token_multiplier`: the dense tokens for the MoE's loss over the MoE's tokens) and
+the share of the dense wall time it implies, where it reaches the dense final loss, its
+expert load (the worst early in the run, where tokens herd onto few experts, and at the
+end), and saves docs/moe_vs_dense.png (validation loss against training FLOPs and against
+wall time).
 Like `nanoseek train`, it runs on tcmalloc where that is installed (NANOSEEK_TCMALLOC=0: glibc).
 """
 

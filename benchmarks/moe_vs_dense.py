@@ -7,6 +7,7 @@ model's (`dense-small`: same activated parameters) final validation loss with le
                                       [--train KEY=VALUE ...]
                                       [--moe-train KEY=VALUE ...] [--moe-budget FRACTION]
                                       [--recipe KEY=VALUE[,KEY=VALUE...] ...] [--branches F,F]
+                                      [--report]
 
 Both train on the same shards, batches and token budget with the same recipe (but what
 --moe-lr / --moe-train change); validation loss is measured every --eval-every steps on the
@@ -29,17 +30,20 @@ balancing schedules set for that budget: the iso-loss question asked directly (d
 shorter MoE run, decayed in full, end at or below the dense final loss, and in what fraction
 of its wall time?), where the reach within a full-budget MoE run reads a loss from the
 middle of its decay. --branches 0.6,0.7,0.8 asks it for several budgets at once: the MoE's
-run keeps a checkpoint at every evaluation, and after both runs it is decayed from those
+run keeps a checkpoint at every evaluation, and as soon as it ends it is decayed from those
 nearest where each budget's decay starts (`nanoseek train --decay-from`; each branch is the
-run of that budget, for the cost of its decay); a table gives each budget's decayed loss and
+run of that budget, for the cost of its decay), two at a time, the first in the slot the
+MoE's run frees (beside the dense run, if that is still training); with --moe-budget B the
+budgets must be below B, the MoE run's own. A table gives each budget's decayed loss and
 training time against the dense model's, and the budget where the MoE's decayed loss meets
-the dense final loss, interpolated. Prints a table, the MoE's lead over the run (at
-25/50/75/100% of the tokens), the lead as a compute multiplier read before either run's
-decay (`token_multiplier`: the dense tokens for the MoE's loss over the MoE's tokens) and
-the share of the dense wall time it implies, where it reaches the dense final loss, its
-expert load (the worst early in the run, where tokens herd onto few experts, and at the
-end), and saves docs/moe_vs_dense.png (validation loss against training FLOPs and against
-wall time).
+the dense final loss, interpolated. --report trains nothing: given the flags of a finished
+benchmark, it prints and plots the runs in --out again. Prints a table, the MoE's lead over
+the run (at 25/50/75/100% of the tokens), the lead as a compute multiplier read before
+either run's decay (`token_multiplier`: the dense tokens for the MoE's loss over the MoE's
+tokens) and the share of the dense wall time it implies, where it reaches the dense final
+loss, its expert load (the worst early in the run, where tokens herd onto few experts, and
+at the end), and saves docs/moe_vs_dense.png (validation loss against training FLOPs and
+against wall time).
 Like `nanoseek train`, it runs on tcmalloc where that is installed (NANOSEEK_TCMALLOC=0: glibc).
 """
 
@@ -52,6 +56,7 @@ import multiprocessing
 import os
 import shutil
 import textwrap
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -270,14 +275,25 @@ def runs_side_by_side(sequential: bool, cores: int, device: torch.device) -> boo
     return not sequential and cores >= 2 and device.type == "cpu"
 
 
-def run_both(configs: dict[str, TrainConfig], side_by_side: bool) -> dict[str, dict]:
+def run_both(
+    configs: dict[str, TrainConfig],
+    side_by_side: bool,
+    then: Callable[[], dict[str, TrainConfig]] | None = None,
+) -> dict[str, dict]:
     """Train every config -> {name: summary}: two at a time, one process each (spawned, so
-    each sets its own thread count), or one after the other in this process."""
+    each sets its own thread count), or one after the other in this process. `then`, called
+    when the MoE's run ("small") has ended, gives more configs (its decay branches): side by
+    side they start at once, in the slot it frees, beside the dense run if that is still
+    training; else after the rest."""
     if not side_by_side:
-        return {name: train(tc) for name, tc in configs.items()}
+        done = {name: train(tc) for name, tc in configs.items()}
+        return done | {name: train(tc) for name, tc in (then() if then else {}).items()}
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(2, len(configs)), mp_context=ctx) as pool:
+    with ProcessPoolExecutor(2, mp_context=ctx) as pool:
         futures = {name: pool.submit(train, tc) for name, tc in configs.items()}
+        if then:
+            futures["small"].result()
+            futures |= {name: pool.submit(train, tc) for name, tc in then().items()}
         return {name: f.result() for name, f in futures.items()}
 
 
@@ -360,12 +376,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(its kept checkpoints), and find the budget where its decayed loss meets the dense "
         "final loss (needs --moe-train gamma_tokens=N)",
     )
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: print and plot the runs already in --out (give the flags they "
+        "were trained with)",
+    )
     args = ap.parse_args(argv)
     if not 0 < args.moe_budget <= 1:
         raise SystemExit(f"--moe-budget must be in (0, 1], got {args.moe_budget}")
-    if args.branches and (args.moe_budget != 1 or len(args.recipe) > 1):
+    if args.branches and len(args.recipe) > 1:
+        raise SystemExit("--branches decays one MoE run: not with several --recipe")
+    if args.branches and max(args.branches) >= args.moe_budget:
         raise SystemExit(
-            "--branches decays one full-budget MoE run: not with --moe-budget or --recipe"
+            f"--branches {max(args.branches):g}: each budget must be below the MoE run's "
+            f"(--moe-budget {args.moe_budget:g}), which it is decayed from"
         )
     return args
 
@@ -492,21 +517,24 @@ def print_comparison(
         )
 
 
-def decay_branches(
+def branch_configs(
     trunk: TrainConfig, fractions: list[float], budget: float, side_by_side: bool
-) -> dict[Path, dict]:
-    """Decay the MoE's run (`trunk`, which kept its checkpoints) at each fraction of the
-    budget: from the kept checkpoint nearest where that budget's decay starts, two at a time
-    side by side -> {branch run directory: summary}. Kept checkpoints not branched from are
-    removed (each holds the weights and AdamW moments)."""
+) -> dict[str, TrainConfig]:
+    """The MoE's decay branches (its run `trunk` kept its checkpoints), by checkpoint name:
+    one for each fraction of the dense model's token `budget`, from the kept checkpoint of the
+    trunk's stable phase nearest where that budget's decay starts. The kept checkpoints not
+    branched from are removed (each holds the weights and AdamW moments)."""
     out, start = Path(trunk.out), 1 - trunk.decay_frac
     kept = {p: read_train_state(p).tokens for p in sorted(out.glob("ckpt-*"))}
-    stable = {p: t for p, t in kept.items() if t <= start * budget}  # a branch starts there
+    stable = {p: t for p, t in kept.items() if t <= start * trunk.tokens}  # a branch starts there
     if not stable:
         raise SystemExit(f"--branches: {out} kept no checkpoints (a shorter --eval-every?)")
     picks = sorted({nearest_kept(stable, start * f * budget) for f in fractions})
-    configs = {
-        p.name: make_config(
+    for p in kept.keys() - set(picks):
+        shutil.rmtree(p)
+    print(f"decaying the MoE from {len(picks)} of its checkpoints", flush=True)
+    return {
+        f"small-decay-{p.name[5:]}": make_config(
             decay_from=str(p),
             out=str(out.with_name(f"small-decay-{p.name[5:]}")),
             threads=trunk.threads,
@@ -515,11 +543,21 @@ def decay_branches(
         )
         for p in picks
     }
-    print(f"decaying the MoE from {len(picks)} of its checkpoints", flush=True)
-    summaries = run_both(configs, side_by_side)
-    for p in kept.keys() - set(picks):
-        shutil.rmtree(p)
-    return {Path(configs[name].out): s for name, s in summaries.items()}
+
+
+def read_runs(configs: dict[str, TrainConfig]) -> dict[str, dict]:
+    """--report: the summaries of the runs trained before (by preset) and of the MoE's decay
+    branches beside them (by directory name), as training them returned them."""
+    missing = [tc.out for tc in configs.values() if not (Path(tc.out) / "summary.json").exists()]
+    if missing:
+        raise SystemExit(f"--report: no finished run in {', '.join(missing)}")
+    runs = {p: Path(tc.out) for p, tc in configs.items()}
+    runs |= {d.name: d for d in Path(configs["small"].out).parent.glob("small-decay-*")}
+    return {
+        name: json.loads((d / "summary.json").read_text())
+        for name, d in runs.items()
+        if (d / "summary.json").exists()
+    }
 
 
 def print_branches(
@@ -650,16 +688,28 @@ def main(argv: list[str] | None = None) -> None:
         }
 
     how = f"side by side, {threads} thread(s) each" if side_by_side else "one after the other"
-    trials = []
+    trials, decayed = [], {}
     for i, recipe in enumerate(recipes):
         out = Path(args.out) / f"recipe{i}" if len(recipes) > 1 else Path(args.out)
         configs = configs_for(recipe, out)
         which = f" (recipe {i + 1} of {len(recipes)}: {recipe_name(recipe)})" if recipe else ""
-        print(
-            f"training small and dense-small on {human(args.tokens)} tokens, {how}{which}",
-            flush=True,
-        )
-        trials.append(Trial(recipe, configs, run_both(configs, side_by_side)))
+        if args.report:
+            print(f"reading the runs in {out}{which}", flush=True)
+            done = read_runs(configs)
+        else:
+            print(
+                f"training small and dense-small on {human(args.tokens)} tokens, {how}{which}",
+                flush=True,
+            )
+            then = None
+            if args.branches:
+
+                def then(trunk: TrainConfig = configs["small"]) -> dict[str, TrainConfig]:
+                    return branch_configs(trunk, args.branches, args.tokens, side_by_side)
+
+            done = run_both(configs, side_by_side, then)
+        trials.append(Trial(recipe, configs, {p: done.pop(p) for p in configs}))
+        decayed = {out / name: summary for name, summary in done.items()}  # its branches
     best = {preset: best_of([t.summaries for t in trials], preset) for preset in ROLE}
     if len(trials) > 1:  # each model is judged at the recipe that suits it best
         print_recipes(trials, best)
@@ -693,7 +743,6 @@ def main(argv: list[str] | None = None) -> None:
     print_comparison(configs, runs, ratio, one_pair)
     branches = {}
     if args.branches:
-        decayed = decay_branches(configs["small"], args.branches, args.tokens, side_by_side)
         print_branches(
             decayed, summaries["small"], summaries["dense-small"], args.tokens, side_by_side
         )

@@ -221,13 +221,40 @@ def test_iso_budget_interpolates_between_the_decayed_budgets():
             parse_fractions(bad)
 
 
-def test_branches_need_the_bias_speed_in_tokens_and_one_full_run():
+def test_branches_need_the_bias_speed_in_tokens_and_budgets_below_the_moe_run():
     from benchmarks.moe_vs_dense import main
 
     with pytest.raises(SystemExit, match="gamma_tokens"):
         main(["--branches", "0.5"])
-    with pytest.raises(SystemExit, match="not with --moe-budget"):
-        main(["--branches", "0.5", "--moe-budget", "0.7"])
+    with pytest.raises(SystemExit, match="below the MoE run's"):
+        main(["--branches", "0.5,0.7", "--moe-budget", "0.7"])
+    with pytest.raises(SystemExit, match="several --recipe"):
+        main(["--branches", "0.5", "--recipe", "lr=1e-3", "--recipe", "lr=2e-3"])
+
+
+def fake_train(job: tuple[str, float]) -> tuple[str, float, float]:
+    """run_both's stand-in for `train` (module level: the spawned workers unpickle it)."""
+    import time
+
+    name, seconds = job
+    start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process on the machine
+    time.sleep(seconds)
+    return name, start, time.monotonic()
+
+
+def test_side_by_side_the_branches_start_in_the_slot_the_moe_run_frees(monkeypatch):
+    """The MoE's run ends first: its branch starts at once, beside the dense run, not after
+    it; the second branch waits for a free slot."""
+    import benchmarks.moe_vs_dense as bench
+
+    monkeypatch.setattr(bench, "train", fake_train)
+    jobs = {"small": ("moe", 0.5), "dense-small": ("dense", 6.0)}  # spawns may be seconds apart
+    done = bench.run_both(jobs, True, lambda: {"a": ("a", 0.5), "b": ("b", 0.5)})
+    assert set(done) == {"small", "dense-small", "a", "b"}
+    moe_end, dense_end = done["small"][2], done["dense-small"][2]
+    first, second = sorted((done["a"], done["b"]), key=lambda r: r[1])
+    assert moe_end <= first[1] < dense_end  # beside the dense run
+    assert second[1] >= first[2] and second[2] < dense_end  # the slot the first one freed
 
 
 def test_branches_decay_the_moe_at_each_budget(tmp_path, capsys):
@@ -261,3 +288,39 @@ def test_branches_decay_the_moe_at_each_budget(tmp_path, capsys):
         assert f"{summary['final_val_loss']:.4f}" in out
     assert "the MoE decayed at each budget" in out
     assert "dense final loss" in out.split("the MoE decayed at each budget")[1]
+
+
+def test_branches_below_a_shorter_moe_run_and_the_report_of_them(tmp_path, capsys):
+    """--moe-budget 0.75 with --branches 0.5: the MoE's own run (30 steps of 128 tokens, its
+    decay from step 24) is the largest budget; the branch decays from its step 16 (0.8 x 0.5
+    of the dense 5,120 tokens); --report prints the same table again without training."""
+    import json
+
+    from benchmarks.moe_vs_dense import main
+
+    args = tiny_pair_args(tmp_path, 5120)
+    args += ["--moe-train", "gamma_tokens=4096", "--moe-budget", "0.75", "--branches", "0.5"]
+    main(args)
+    trained = capsys.readouterr().out
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in (runs / "small").glob("ckpt-*")) == ["ckpt-0000016"]
+    summary = json.loads((runs / "small-decay-0000016" / "summary.json").read_text())
+    assert summary["tokens_seen"] == 16 * 128 * 1.25
+    table = trained.split("the MoE decayed at each budget")[1]
+    moe = json.loads((runs / "small" / "summary.json").read_text())
+    assert moe["tokens_seen"] == 3840
+    for s in (summary, moe):  # the branch and the MoE's own run, fewest tokens first
+        assert f"{s['final_val_loss']:.4f}" in table
+    assert table.index(f"{summary['final_val_loss']:.4f}") < table.index(
+        f"{moe['final_val_loss']:.4f}"
+    )
+    (tmp_path / "plot.png").unlink()
+    main([*args, "--report"])
+    reported = capsys.readouterr().out
+    assert "reading the runs in" in reported and "training small" not in reported
+    assert (
+        reported.split("MoE vs dense, same data")[1] == trained.split("MoE vs dense, same data")[1]
+    )
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no finished run"):
+        main([*args[:-2], "--out", str(tmp_path / "none"), "--report"])

@@ -398,6 +398,46 @@ def test_amx_tiles_equal_the_mm_path(monkeypatch, threads):
     assert not torch.equal(amx[3], plain[3])  # fp32 sums (the mm path rounds to bf16): it ran
 
 
+@pytest.mark.parametrize("tiles", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp32_weights_run_in_bf16_as_cast_ones(monkeypatch, tiles, threads):
+    """experts_fwd's dtype: fp32 weights run in bf16 give the same bits, forward and backward,
+    as weights cast to bf16 beforehand (the path before), shared experts included: on AMX
+    tiles each expert's weights are rounded as they are packed, on the at::mm path
+    (NANOSEEK_AMX=0) cast whole."""
+    from nanoseek.model import moe as M
+
+    if tiles and not _amx():
+        pytest.skip("this CPU has no AMX: the at::mm path runs (the tiles=False case)")
+    if not tiles:
+        monkeypatch.setenv("NANOSEEK_AMX", "0")
+
+    torch.manual_seed(3)
+    E, k, d, inter, n = 6, 2, 64, 32, 90
+    w13, w2 = torch.randn(E, 2 * inter, d) * 0.2, torch.randn(E, d, inter) * 0.2
+    sw13, sw2 = torch.randn(1, 2 * inter, d) * 0.2, torch.randn(1, d, inter) * 0.2
+    x, dout = torch.randn(n, d), torch.randn(n, d).bfloat16()
+    weights = torch.rand(n, k)
+    idx = torch.rand(n, E).topk(k, dim=1).indices
+    src, slot, sizes = torch.ops.nanoseek.experts_dispatch(idx, E, M.PAD, 1)
+    sizes = sizes.tolist()
+
+    def run(ws, dtype):
+        fwd = torch.ops.nanoseek.experts_fwd(x, weights, *ws, src, slot, sizes, dtype)
+        out, xs, h, a, rw = fwd
+        bwd = torch.ops.nanoseek.experts_bwd(
+            dout, xs, h, a, rw, *ws[:2], *ws[2:], src, slot, k, sizes, torch.float32
+        )
+        return (*fwd, *bwd)
+
+    fp32 = (w13, w2, sw13, sw2)
+    got = _with_threads(threads, lambda: run(fp32, torch.bfloat16))
+    want = _with_threads(threads, lambda: run(tuple(w.bfloat16() for w in fp32), None))
+    assert got[2].dtype == torch.bfloat16 and got[7].dtype == torch.float32
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.skipif(not _amx(), reason="this CPU has no AMX: MLPs run on torch's matmuls")
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_mlp_runs_as_one_expert_on_amx(monkeypatch, threads):

@@ -43,6 +43,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <numeric>
 #include <string>
@@ -384,11 +385,13 @@ void for_each_expert(at::IntArrayRef sizes, F&& body) {
 // rows (width 128, inner 128) took 207 us as at::mm calls and 65 as brgemm calls, one thread:
 // oneDNN's per-call work and, for the weight gradients, a transposed operand. Packing costs
 // some of it back: a 128-wide MoE layer is ~12% faster. brgemm takes B packed in VNNI pairs
-// ([K/2, N, 2]), packed here: the weights once an expert a step, the row blocks as they are
-// used. The weight gradients accumulate over the blocks in fp32 (the at::mm path rounds them
-// to bf16). The blocks of all experts are shared out between the threads in runs of about
-// equal rows (for_each_part), so one wide expert (a dense MLP) splits over them too. Rows of
-// width 128 or less only (amx_wanted). NANOSEEK_AMX=0 keeps the at::mm path (to compare).
+// ([K/2, N, 2]), packed here: the weights once an expert a step (fp32 ones rounded to bf16 as
+// they are packed), the row blocks as they are used. The weight gradients accumulate over the
+// blocks in fp32 (the at::mm path rounds them to bf16), in place when the gradient is fp32 and
+// the expert one thread's. The blocks of all experts are shared out between the threads in
+// runs of about equal rows (for_each_part), so one wide expert (a dense MLP) splits over them
+// too. Rows of width 128 or less only (amx_wanted). NANOSEEK_AMX=0 keeps the at::mm path (to
+// compare).
 constexpr int64_t CHUNK = 64;  // rows a block: moe.PAD, so in training every block is this size
 
 bool amx_wanted(at::ScalarType dt, int64_t d, int64_t I, at::IntArrayRef sizes) {
@@ -486,6 +489,23 @@ inline void brgemm(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, 
 
 inline void store(const float* c, bf16* out, int64_t n) { at::vec::convert(c, out, n); }
 
+// A weight's bf16 values: its own, or its fp32 values rounded into buf (as .to(bf16) rounds
+// them) while the expert is packed: one pass in cache instead of a cast of every weight
+// beforehand, which wrote and read again a bf16 copy of them all (~6 ms a step of the
+// 128-wide MoE, one thread)
+const bf16* bf16_values(const at::Tensor& w, bf16* buf) {
+    if (w.scalar_type() == at::kBFloat16) return w.data_ptr<bf16>();
+    at::vec::convert(w.data_ptr<float>(), buf, w.numel());
+    return buf;
+}
+
+// A buffer of n values left unset, for a thread's blocks (std::vector's zeroing of them all
+// cost ~1-2 ms a step of the 128-wide MoE)
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+    return std::make_unique_for_overwrite<T[]>(n);
+}
+
 void forward_amx(const at::Tensor& x, const at::Tensor& src, const at::Tensor& rw,
                  const std::vector<at::Tensor>& w13, const std::vector<at::Tensor>& w2,
                  at::IntArrayRef sizes, at::Tensor& xs, at::Tensor& h, at::Tensor& a,
@@ -496,17 +516,18 @@ void forward_amx(const at::Tensor& x, const at::Tensor& src, const at::Tensor& r
     bf16* Y = ys.data_ptr<bf16>();
     const int64_t* S = src.data_ptr<int64_t>();
     for_each_part(sizes, [&](int64_t e, int64_t r0, int64_t r1, int64_t) {
-        std::vector<float> hf(CHUNK * 2 * I), yf(CHUNK * d);  // a block's products in fp32
-        std::vector<bf16> w13p(d * 2 * I), w2p(I * d);
-        pack_transposed(w13[e].data_ptr<bf16>(), 2 * I, d, w13p.data());
-        pack_transposed(w2[e].data_ptr<bf16>(), d, I, w2p.data());
+        auto hf = scratch<float>(CHUNK * 2 * I), yf = scratch<float>(CHUNK * d);  // in fp32
+        auto w13p = scratch<bf16>(d * 2 * I), w2p = scratch<bf16>(I * d);
+        auto wb = scratch<bf16>(d * 2 * I);
+        pack_transposed(bf16_values(w13[e], wb.get()), 2 * I, d, w13p.get());
+        pack_transposed(bf16_values(w2[e], wb.get()), d, I, w2p.get());
         for (int64_t r = r0; r < r1; r += CHUNK) {
             const int64_t m = std::min(CHUNK, r1 - r);
             gather_rows(X, S + r, XS + r * d, m, d);
-            brgemm(m, 2 * I, d, XS + r * d, d, w13p.data(), hf.data(), false);
-            swiglu_forward_fp32(hf.data(), RW + r, H + r * 2 * I, A + r * I, m, I);
-            brgemm(m, d, I, A + r * I, I, w2p.data(), yf.data(), false);
-            store(yf.data(), Y + r * d, m * d);
+            brgemm(m, 2 * I, d, XS + r * d, d, w13p.get(), hf.get(), false);
+            swiglu_forward_fp32(hf.get(), RW + r, H + r * 2 * I, A + r * I, m, I);
+            brgemm(m, d, I, A + r * I, I, w2p.get(), yf.get(), false);
+            store(yf.get(), Y + r * d, m * d);
         }
         at::native::cpublas::brgemm_release();
     });
@@ -535,40 +556,48 @@ void backward_amx(const at::Tensor& dout, const at::Tensor& src, const at::Tenso
     std::vector<std::tuple<int64_t, int64_t, at::Tensor>> partial;
     std::mutex lock;
     for_each_part(sizes, [&](int64_t e, int64_t r0, int64_t r1, int64_t t) {
-        std::vector<float> acc(3 * I * d), c(CHUNK * std::max(I, d));  // [dw2 | dw13]; da, dxs
-        float *dw2acc = acc.data(), *dw13acc = dw2acc + I * d;
-        std::vector<bf16> w2p(d * I), w13p(2 * I * d), dy(CHUNK * d), dh(CHUNK * 2 * I);
-        std::vector<bf16> tr(CHUNK * std::max(d, 2 * I)), pk(CHUNK * std::max(I, d));
-        pack_rows(w2[e].data_ptr<bf16>(), d, I, I, w2p.data());
-        pack_rows(w13[e].data_ptr<bf16>(), 2 * I, d, d, w13p.data());
+        const int64_t start = std::accumulate(sizes.begin(), sizes.begin() + e, int64_t{0});
+        // the whole expert's fp32 gradients accumulate in place; a part's, or a bf16 one's,
+        // in a buffer ([dw2 | dw13]) first
+        const bool whole = r0 == start && r1 == start + sizes[e];
+        const bool in_place = whole && dw2[e].scalar_type() == at::kFloat;
+        auto acc = scratch<float>(in_place ? 0 : 3 * I * d);
+        float* dw2acc = in_place ? dw2[e].data_ptr<float>() : acc.get();
+        float* dw13acc = in_place ? dw13[e].data_ptr<float>() : dw2acc + I * d;
+        auto c = scratch<float>(CHUNK * std::max(I, d));  // da, dxs
+        auto w2p = scratch<bf16>(d * I), w13p = scratch<bf16>(2 * I * d);
+        auto dy = scratch<bf16>(CHUNK * d), dh = scratch<bf16>(CHUNK * 2 * I);
+        auto tr = scratch<bf16>(CHUNK * std::max(d, 2 * I));
+        auto pk = scratch<bf16>(CHUNK * std::max(I, d)), wb = scratch<bf16>(2 * I * d);
+        pack_rows(bf16_values(w2[e], wb.get()), d, I, I, w2p.get());
+        pack_rows(bf16_values(w13[e], wb.get()), 2 * I, d, d, w13p.get());
         for (int64_t r = r0; r < r1; r += CHUNK) {
             const int64_t m = std::min(CHUNK, r1 - r);
             const bool add = r > r0;
-            gather_rows(DO, S + r, dy.data(), m, d);
+            gather_rows(DO, S + r, dy.get(), m, d);
             // dw2 += dy^T a
-            transpose(dy.data(), m, d, d, tr.data());
-            pack_rows(A + r * I, m, I, I, pk.data());
-            brgemm(d, I, m, tr.data(), m, pk.data(), dw2acc, add);
+            transpose(dy.get(), m, d, d, tr.get());
+            pack_rows(A + r * I, m, I, I, pk.get());
+            brgemm(d, I, m, tr.get(), m, pk.get(), dw2acc, add);
             // da = dy w2, then the SwiGLU's backward: dh and the gate weight's gradient
-            brgemm(m, I, d, dy.data(), d, w2p.data(), c.data(), false);
-            swiglu_backward<bf16, float>(c.data(), H + r * 2 * I, RW + r, dh.data(), DRW + r, m,
-                                         I);
+            brgemm(m, I, d, dy.get(), d, w2p.get(), c.get(), false);
+            swiglu_backward<bf16, float>(c.get(), H + r * 2 * I, RW + r, dh.get(), DRW + r, m, I);
             // dw13 += dh^T xs
-            transpose(dh.data(), m, 2 * I, 2 * I, tr.data());
-            pack_rows(XS + r * d, m, d, d, pk.data());
-            brgemm(2 * I, d, m, tr.data(), m, pk.data(), dw13acc, add);
+            transpose(dh.get(), m, 2 * I, 2 * I, tr.get());
+            pack_rows(XS + r * d, m, d, d, pk.get());
+            brgemm(2 * I, d, m, tr.get(), m, pk.get(), dw13acc, add);
             // dxs = dh w13
-            brgemm(m, d, 2 * I, dh.data(), 2 * I, w13p.data(), c.data(), false);
-            store(c.data(), DXS + r * d, m * d);
+            brgemm(m, d, 2 * I, dh.get(), 2 * I, w13p.get(), c.get(), false);
+            store(c.get(), DXS + r * d, m * d);
         }
         at::native::cpublas::brgemm_release();
-        const int64_t start = std::accumulate(sizes.begin(), sizes.begin() + e, int64_t{0});
-        if (r0 == start && r1 == start + sizes[e]) {  // the whole expert: its gradient
+        if (in_place) return;
+        if (whole) {  // the whole expert: its gradient, converted
             store_grad(dw2[e], dw2acc);
             store_grad(dw13[e], dw13acc);
             return;
         }
-        at::Tensor part = at::from_blob(acc.data(), {3 * I * d}, at::kFloat).clone();
+        at::Tensor part = at::from_blob(acc.get(), {3 * I * d}, at::kFloat).clone();
         std::lock_guard<std::mutex> hold(lock);
         partial.emplace_back(e, t, part);
     });
@@ -612,16 +641,27 @@ at::Tensor slot_columns(const at::Tensor& slot, int64_t N, int64_t K, int64_t fr
     return slot.view({N, K}).narrow(1, from, n).reshape(-1);
 }
 
+// The weights in the compute dtype dt: as they are on AMX tiles (fp32 ones are rounded to
+// bf16 as each expert is packed), else cast (once, whole)
+std::vector<at::Tensor> weights_for(const at::Tensor& routed, const at::Tensor& shared,
+                                    at::ScalarType dt, bool amx) {
+    if (amx || routed.scalar_type() == dt) return per_expert(routed, shared);
+    return per_expert(routed.to(dt), shared.defined() ? shared.to(dt) : shared);
+}
+
 // x [N, d] (fp32 or bf16), weights [N, k] (each token's gate weights), the routed experts'
-// w13, w2 and the shared ones' sw13, sw2 (or undefined) in the compute dtype -> (out [N, d] in
-// x's dtype, xs [R, d], h [R, 2I], a [R, I], rw [R]); all but out for the backward
+// w13, w2 and the shared ones' sw13, sw2 (or undefined), to run in `dtype` (default: theirs)
+// -> (out [N, d] in x's dtype, xs [R, d], h [R, 2I], a [R, I], rw [R]); all but out for the
+// backward, which computes in xs's dtype
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_fwd(
     const at::Tensor& x, const at::Tensor& weights, const at::Tensor& w13, const at::Tensor& w2,
     const std::optional<at::Tensor>& sw13, const std::optional<at::Tensor>& sw2,
-    const at::Tensor& src, const at::Tensor& slot, at::IntArrayRef sizes) {
+    const at::Tensor& src, const at::Tensor& slot, at::IntArrayRef sizes,
+    std::optional<at::ScalarType> dtype) {
     const at::Tensor shared13 = sw13.value_or(at::Tensor()), shared2 = sw2.value_or(at::Tensor());
     check(w13, w2, shared13, shared2, src, slot, sizes);
-    const auto dt = w13.scalar_type();
+    const auto dt = dtype.value_or(w13.scalar_type());
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "experts kernels: fp32 or bf16 only");
     const int64_t R = src.size(0), I = w2.size(2), N = x.size(0), d = x.size(1);
     const int64_t k = weights.size(1), K = N ? slot.size(0) / N : k;
     TORCH_CHECK(weights.size(0) == N && slot.size(0) == N * K && K >= k,
@@ -630,14 +670,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_f
     // row k times at random (1.5x the time)
     const at::Tensor xc = x.to(dt).contiguous();
     at::Tensor xs = at::empty({R, d}, xc.options());
-    at::Tensor rw = at::zeros({R}, w13.options());  // padding rows weigh 0
+    at::Tensor rw = at::zeros({R}, xc.options());  // padding rows weigh 0
     rw.index_copy_(0, slot_columns(slot, N, K, 0, k), weights.reshape(-1).to(dt));
     if (K > k) rw.index_fill_(0, slot_columns(slot, N, K, k, K - k), 1.0);  // shared rows: 1
     at::Tensor h = at::empty({R, 2 * I}, xs.options());
     at::Tensor a = at::empty({R, I}, xs.options());
     at::Tensor ys = at::empty({R, d}, xs.options());
-    const auto W13 = per_expert(w13, shared13), W2 = per_expert(w2, shared2);
-    if (amx_wanted(dt, d, I, sizes))
+    const bool amx = amx_wanted(dt, d, I, sizes);
+    const auto W13 = weights_for(w13, shared13, dt, amx), W2 = weights_for(w2, shared2, dt, amx);
+    if (amx)
         forward_amx(xc, src, rw, W13, W2, sizes, xs, h, a, ys);
     else if (dt == at::kFloat)
         forward_loop<float>(xc, src, rw, W13, W2, sizes, xs, h, a, ys);
@@ -702,7 +743,8 @@ void backward_loop(const at::Tensor& dout, const at::Tensor& src, const at::Tens
 }
 
 // -> (dx [N, d] in dout's dtype, dweights [N * k] fp32, dw13 [E, 2I, d], dw2 [E, d, I], the
-// shared experts' dsw13, dsw2 (empty without them)); weight gradients in weight_grad_dtype
+// shared experts' dsw13, dsw2 (empty without them)); weight gradients in weight_grad_dtype;
+// the products in xs's dtype, the weights' as experts_fwd ran them
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_bwd(
     const at::Tensor& dout, const at::Tensor& xs, const at::Tensor& h, const at::Tensor& a,
     const at::Tensor& rw, const at::Tensor& w13, const at::Tensor& w2,
@@ -719,9 +761,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor dsw13 = at::empty({s, w13.size(1), w13.size(2)}, grad);
     at::Tensor dsw2 = at::empty({s, w2.size(1), w2.size(2)}, grad);
     at::Tensor dxs = at::empty({R, d}, xs.options());
-    const auto W13 = per_expert(w13, shared13), W2 = per_expert(w2, shared2);
+    const bool amx = amx_wanted(xs.scalar_type(), d, w2.size(2), sizes);
+    const auto W13 = weights_for(w13, shared13, xs.scalar_type(), amx);
+    const auto W2 = weights_for(w2, shared2, xs.scalar_type(), amx);
     auto dW13 = per_expert(dw13, dsw13), dW2 = per_expert(dw2, dsw2);
-    if (amx_wanted(xs.scalar_type(), d, w2.size(2), sizes))
+    if (amx)
         backward_amx(doutc, src, xs, h, a, rw, W13, W2, sizes, drw, dW13, dW2, dxs);
     else if (xs.scalar_type() == at::kFloat)
         backward_loop<float>(doutc, src, xs, h, a, rw, W13, W2, sizes, drw, dW13, dW2, dxs);
@@ -739,7 +783,7 @@ TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
     m.def("experts_dispatch(Tensor indices, int n_experts, int pad, int n_shared=0) "
           "-> (Tensor, Tensor, Tensor)");
     m.def("experts_fwd(Tensor x, Tensor weights, Tensor w13, Tensor w2, Tensor? sw13, "
-          "Tensor? sw2, Tensor src, Tensor slot, int[] sizes) "
+          "Tensor? sw2, Tensor src, Tensor slot, int[] sizes, ScalarType? dtype=None) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def("experts_bwd(Tensor dout, Tensor xs, Tensor h, Tensor a, Tensor rw, Tensor w13, "
           "Tensor w2, Tensor? sw13, Tensor? sw2, Tensor src, Tensor slot, int k, int[] sizes, "

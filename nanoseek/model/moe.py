@@ -289,13 +289,16 @@ class _FusedExpertLoop(torch.autograd.Function):
         autograd's cast of the whole [E, 2I, d] gradient afterwards cost ~2% of a `small`
         step)."""
         ctx.weight_dtype, ctx.weights_shape = w13.dtype, weights.shape
-        w13, w2 = w13.to(dtype), w2.to(dtype)
-        if shared_w13 is not None:
-            shared_w13, shared_w2 = shared_w13.to(dtype), shared_w2.to(dtype)
+        # on AMX tiles the kernel rounds fp32 weights to bf16 as it packs each expert (the
+        # same bits as this cast, without a pass over every weight); elsewhere cast here
+        if not (dtype == torch.bfloat16 and torch.ops.nanoseek.experts_amx(*w2.shape[1:])):
+            w13, w2 = w13.to(dtype), w2.to(dtype)
+            if shared_w13 is not None:
+                shared_w13, shared_w2 = shared_w13.to(dtype), shared_w2.to(dtype)
         shared = (shared_w13, shared_w2)
         with torch.autocast(x.device.type, enabled=False):
             out, xs, h, a, rw = torch.ops.nanoseek.experts_fwd(
-                x, weights, w13, w2, *shared, src, slot, sizes
+                x, weights, w13, w2, *shared, src, slot, sizes, dtype
             )
         ctx.save_for_backward(xs, h, a, rw, w13, w2, *shared, src, slot)
         ctx.sizes = sizes

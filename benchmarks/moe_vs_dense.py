@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -520,10 +521,10 @@ def print_comparison(
 def branch_configs(
     trunk: TrainConfig, fractions: list[float], budget: float, side_by_side: bool
 ) -> dict[str, TrainConfig]:
-    """The MoE's decay branches (its run `trunk` kept its checkpoints), by checkpoint name:
-    one for each fraction of the dense model's token `budget`, from the kept checkpoint of the
-    trunk's stable phase nearest where that budget's decay starts. The kept checkpoints not
-    branched from are removed (each holds the weights and AdamW moments)."""
+    """The MoE's decay branches (its run `trunk` kept its checkpoints), by run directory
+    name: one for each fraction of the dense model's token `budget`, from the kept checkpoint
+    of the trunk's stable phase nearest where that budget's decay starts. The kept checkpoints
+    not branched from are removed (each holds the weights and AdamW moments)."""
     out, start = Path(trunk.out), 1 - trunk.decay_frac
     kept = {p: read_train_state(p).tokens for p in sorted(out.glob("ckpt-*"))}
     stable = {p: t for p, t in kept.items() if t <= start * trunk.tokens}  # a branch starts there
@@ -701,12 +702,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"training small and dense-small on {human(args.tokens)} tokens, {how}{which}",
                 flush=True,
             )
-            then = None
+            then = None  # the MoE's decay branches, once its run has ended
             if args.branches:
-
-                def then(trunk: TrainConfig = configs["small"]) -> dict[str, TrainConfig]:
-                    return branch_configs(trunk, args.branches, args.tokens, side_by_side)
-
+                trunk = configs["small"]
+                then = functools.partial(
+                    branch_configs, trunk, args.branches, args.tokens, side_by_side
+                )
             done = run_both(configs, side_by_side, then)
         trials.append(Trial(recipe, configs, {p: done.pop(p) for p in configs}))
         decayed = {out / name: summary for name, summary in done.items()}  # its branches

@@ -13,6 +13,7 @@ import torch
 from benchmarks.moe_vs_dense import (
     best_of,
     expert_load,
+    extrapolate_budget,
     first_reach,
     iso_budget,
     lead_at,
@@ -213,6 +214,14 @@ def test_iso_budget_interpolates_between_the_decayed_budgets():
     assert iso_budget(points, 2.5) == pytest.approx((250.0, 26.5))  # a quarter of 200 -> 400
     assert iso_budget(points, 3.1) == "below"
     assert iso_budget(points, 2.1) == "above"
+    # 0.4 nats a doubling: 2.1 one quarter doubling past 400 tokens, 2**0.25 * 400 = 475.7
+    tokens, seconds, slope = extrapolate_budget(points, 2.1)
+    assert (tokens, slope) == pytest.approx((400 * 2**0.25, 0.4))
+    assert seconds == pytest.approx(40 + (tokens - 400) * 18 / 200)
+    tokens, _, slope = extrapolate_budget(points, 3.2)  # below: the smallest two
+    assert (tokens, slope) == pytest.approx((100 / 2**0.5, 0.4))
+    assert extrapolate_budget(points[:1], 2.1) is None
+    assert extrapolate_budget([(100.0, 10.0, 2.5), (200.0, 20.0, 2.6)], 2.1) is None
     kept = {Path("a"): 90, Path("b"): 130, Path("c"): 180}
     assert nearest_kept(kept, 150) == Path("b") and nearest_kept(kept, 170) == Path("c")
     assert parse_fractions("0.7, 0.6,") == [0.6, 0.7]

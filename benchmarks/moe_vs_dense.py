@@ -14,7 +14,8 @@ Both train on the same shards, batches and token budget with the same recipe (bu
 same windows. By default the two trainings run side by side, at the same time, each on half
 the cores: a shared machine's drift (other jobs, clock and cache state) then falls on both
 alike, which two 15-minute runs one after the other did not give (their tokens/s ratio moved
-by 0.1 between sessions). --sequential runs them one after the other on all the cores; on a
+by 0.1 between sessions); on Linux the two trainings end with the benchmark, however it is
+killed. --sequential runs them one after the other on all the cores; on a
 GPU (`--train device=cuda`, or `auto` where there is one) they always run one after the
 other. --model KEY=VALUE overrides a field of both models' configs (their shape: e.g.
 --model hidden_size=384 --model moe_intermediate_size=384), the dense model's MLP kept as
@@ -51,12 +52,15 @@ Like `nanoseek train`, it runs on tcmalloc where that is installed (NANOSEEK_TCM
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import functools
 import json
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import textwrap
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -297,6 +301,16 @@ def runs_side_by_side(sequential: bool, cores: int, device: torch.device) -> boo
     return not sequential and cores >= 2 and device.type == "cpu"
 
 
+def die_with(parent: int) -> None:
+    """A training worker's initializer: Linux ends the worker (SIGTERM) when the benchmark's
+    process dies, however it dies; killing the benchmark used to leave its two trainings
+    running on the cores (their checkpoints stay, for `nanoseek train --resume`)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above: nothing will signal
+        os._exit(1)
+
+
 def run_both(
     configs: dict[str, TrainConfig],
     side_by_side: bool,
@@ -311,7 +325,9 @@ def run_both(
         done = {name: train(tc) for name, tc in configs.items()}
         return done | {name: train(tc) for name, tc in (then() if then else {}).items()}
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(2, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(
+        2, mp_context=ctx, initializer=die_with, initargs=(os.getpid(),)
+    ) as pool:
         futures = {name: pool.submit(train, tc) for name, tc in configs.items()}
         if then:
             futures["small"].result()

@@ -266,6 +266,59 @@ def test_side_by_side_the_branches_start_in_the_slot_the_moe_run_frees(monkeypat
     assert second[1] >= first[2] and second[2] < dense_end  # the slot the first one freed
 
 
+def write_pid_and_sleep(job: tuple[str, float]) -> None:
+    """A training stand-in that says which process it is, then outlives the test."""
+    import os
+    import time
+
+    path, seconds = job
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(seconds)
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a container's init may never reap an orphan)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_killing_the_benchmark_ends_its_trainings(tmp_path):
+    """kill -9 of the benchmark's process takes its two training workers with it."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    script = (
+        "import benchmarks.moe_vs_dense as bench, test_moe_vs_dense as t\n"
+        "bench.train = t.write_pid_and_sleep\n"
+        f"bench.run_both({{'small': ({str(a)!r}, 120), 'dense-small': ({str(b)!r}, 120)}}, True)\n"
+    )
+    root = Path(__file__).parents[1]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    bench = subprocess.Popen([sys.executable, "-c", script], cwd=root, env=env)
+    deadline = time.monotonic() + 60  # two spawned interpreters import torch
+    while not (a.exists() and b.exists()):
+        assert bench.poll() is None and time.monotonic() < deadline, "workers never started"
+        time.sleep(0.1)
+    time.sleep(0.2)  # both pid files complete
+    workers = [int(a.read_text()), int(b.read_text())]
+    assert all(running(pid) for pid in workers)
+    bench.kill()
+    bench.wait()
+    deadline = time.monotonic() + 10
+    while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in workers if running(pid)]
+    for pid in left:  # not the test's to leave behind
+        os.kill(pid, 9)
+    assert not left
+
+
 def test_branches_decay_the_moe_at_each_budget(tmp_path, capsys):
     """A tiny pair with --branches 0.5,0.75: the MoE keeps a checkpoint at every evaluation,
     two branches decay from those nearest 0.8 x 0.5 and 0.8 x 0.75 of the budget (each a run

@@ -623,29 +623,30 @@ def print_branches(
     print("\nthe MoE decayed at each budget (branches of its run) against the dense final loss:")
     print(format_table(rows, header=head))
     found = iso_budget(points, target)
-    if found == "below":
-        t, sec, _ = points[0]
-        print(
-            f"the MoE's smallest budget ({t / budget:.0%} of the dense tokens, {sec / dense_s:.0%} "
-            f"of its training time) already ends at or below the dense final loss ({target:.4f})"
-        )
-    elif found == "above":
-        print(f"no MoE budget up to the full one reaches the dense final loss ({target:.4f})")
-    if isinstance(found, str) and (guess := extrapolate_budget(points, target)):
-        t, sec, slope = guess
-        ends = "largest" if found == "above" else "smallest"
-        print(
-            f"extrapolated from its two {ends} budgets ({slope:.3f} nats a doubling of the "
-            f"tokens): it would meet it at ~{human(t)} tokens, ~{t / budget:.0%} of the dense "
-            f"tokens, in ~{sec / dense_s:.0%} of the dense training time (an estimate, not a run)"
-        )
-    elif not isinstance(found, str):
+    if not isinstance(found, str):
         t, sec = found
         how = "; the decays ran two at a time, the full runs side by side" if side_by_side else ""
         print(
             f"the MoE's decayed loss meets the dense final loss ({target:.4f}) at a budget of "
             f"{human(t)} tokens: {t / budget:.0%} of the dense tokens, trained in "
             f"{sec / dense_s:.0%} of the dense training time (interpolated between budgets{how})"
+        )
+        return
+    if found == "below":
+        t, sec, _ = points[0]
+        print(
+            f"the MoE's smallest budget ({t / budget:.0%} of the dense tokens, {sec / dense_s:.0%} "
+            f"of its training time) already ends at or below the dense final loss ({target:.4f})"
+        )
+    else:
+        print(f"no MoE budget up to the full one reaches the dense final loss ({target:.4f})")
+    if guess := extrapolate_budget(points, target):
+        t, sec, slope = guess
+        ends = "largest" if found == "above" else "smallest"
+        print(
+            f"extrapolated from its two {ends} budgets ({slope:.3f} nats a doubling of the "
+            f"tokens): it would meet it at ~{human(t)} tokens, ~{t / budget:.0%} of the dense "
+            f"tokens, in ~{sec / dense_s:.0%} of the dense training time (an estimate, not a run)"
         )
 
 

@@ -487,6 +487,50 @@ def test_topk_rows_picks_what_torch_topk_picks(E, k):
         torch.ops.nanoseek.topk_rows(scores, E + 1)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},  # `small`'s: top 4 of 32 in one group, normalised, scaled by 2.5
+        {"norm_topk_prob": False, "routed_scaling_factor": 1.0},
+        {"n_group": 4, "topk_group": 2, "num_experts_per_tok": 3},
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_gate_backward_equals_autograd(threads, changes, dtype):
+    """The gate's backward from each token's k chosen scores (experts.cpp's gate_bwd) against
+    autograd through Gate.route's torch ops: the same weights, experts and scores, bit for
+    bit; the input's and the gate weight's gradients equal up to the order of fp32 sums."""
+    from nanoseek.model import moe as M
+
+    M.expert_kernel_builds()
+    cfg = nanoseek.get_preset("small").replace(hidden_size=64, **changes)
+    torch.manual_seed(0)
+    gate = M.Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.1)
+    gate.bias.normal_(0, 0.05)  # a bias that changes choices: the selection has no gradient
+    x = torch.randn(517, 64).to(dtype)
+    probe = torch.randn(517, cfg.num_experts_per_tok)
+
+    def run(scores_grad):
+        gate.weight.grad = None
+        xi = x.clone().requires_grad_(True)
+        weights, indices, scores = gate(xi, scores_grad=scores_grad)
+        (weights * probe).sum().backward()
+        return weights, indices, scores, xi.grad, gate.weight.grad
+
+    sparse = _with_threads(threads, lambda: run(False))
+    dense = run(True)  # the scores feed a loss: autograd's path
+    assert sparse[2].grad_fn is None and dense[2].grad_fn is not None
+    for got, want in zip(sparse[:3], dense[:3], strict=True):
+        assert torch.equal(got, want)
+    for got, want in zip(sparse[3:], dense[3:], strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        tol = 1e-2 if got.dtype == torch.bfloat16 else 1e-5
+        assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+    assert sparse[4].abs().max() > 0
+
+
 @pytest.mark.parametrize("pad", [1, 64])
 def test_experts_dispatch_sorts_as_argsort_and_pads(pad):
     """The C++ counting sort puts the (token, expert) pairs where the stable argsort and

@@ -287,6 +287,9 @@ def test_forward_reports_expert_counts_and_balance_loss():
     assert torch.equal(with_mtp.expert_counts[:ran], plain.expert_counts[:ran])
     want = with_mtp.main_loss + 0.3 * with_mtp.mtp_losses[0] + 0.1 * with_mtp.balance_loss
     assert torch.allclose(with_mtp.loss, want) and with_mtp.balance_loss > 0
+    with_mtp.balance_loss.backward()  # through all the scores: not the gate's sparse backward
+    for moe in model.moe_layers():
+        assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().max() > 0
 
 
 def test_expert_counts_leave_out_the_tokens_not_counted():

@@ -6,7 +6,8 @@ torch's threads; ops nanoseek::gemm_f32, gemm_q8, moe_f32 and moe_q8.
 `experts.cpp`: the experts' training step on CPU, fp32 or bf16 (`moe._FusedExpertLoop`):
 the per-expert matmuls with the SwiGLU and gate weight fused between them, the rows sorted,
 gathered and summed back, the shared experts run as experts; ops nanoseek::experts_dispatch,
-experts_fwd, experts_bwd, and topk_rows (the gate's top-k).
+experts_fwd, experts_bwd, topk_rows (the gate's top-k) and gate_bwd (its backward from the chosen
+scores).
 `loss.cpp`: the cross-entropy's softmax on a chunk of logits, in place (`model/loss.py`);
 op nanoseek::softmax_xent_.
 `optim.cpp`: AdamW with bf16 moments for fp32 parameters (`train.adamw.BF16AdamW`), one

@@ -1,7 +1,7 @@
 /* The routed experts' training step on CPU, fp32 or bf16, built and loaded by nanoseek/kernels
  * as the torch ops nanoseek::experts_dispatch, experts_fwd and experts_bwd
  * (moe._FusedExpertLoop is the autograd node; moe._ExpertLoop is the same math in Python, the
- * path everywhere else), and the gate's top-k, nanoseek::topk_rows.
+ * path everywhere else), and the gate's top-k and backward, nanoseek::topk_rows and gate_bwd.
  *
  * Rows are (token, expert) pairs sorted by expert, sizes[e] rows for expert e (in bf16 padded
  * with rows of weight 0, see moe.Experts.sorted); src[r] is the token row r reads, rw[r] its
@@ -314,6 +314,75 @@ at::Tensor topk_rows(const at::Tensor& scores, int64_t k) {
         }
     });
     return out;
+}
+
+// The gate's backward for sigmoid scores (moe._SparseGate): only the k chosen scores of a
+// row carry a gradient (the bias only selects), so where autograd scatters them into a dense
+// [N, E] gradient and runs two fp32 matmuls over it, this reads the k: per row, from the
+// chosen scores s [N, k] and their weights' gradient g [N, k] (w_j = scale * s_j / (sum s + 1e-20)
+// with norm, else scale * s_j), the logits' gradient dl_j = ds_j * s_j * (1 - s_j), then
+// dx[n] = sum_j dl_j * w[idx_j] and dw[idx_j] += dl_j * x[n] (each thread into its own [E, d]
+// sum, added in thread order: the same bits every run for a thread count).
+std::tuple<at::Tensor, at::Tensor> gate_bwd(const at::Tensor& x, const at::Tensor& w,
+                                            const at::Tensor& idx, const at::Tensor& s,
+                                            const at::Tensor& g, double scale, bool norm) {
+    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) &&
+                    x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
+                "gate_bwd: x [N, d] and w [E, d] fp32");
+    TORCH_CHECK(idx.sizes() == s.sizes() && s.sizes() == g.sizes() && idx.dim() == 2 &&
+                    idx.size(0) == x.size(0) && idx.scalar_type() == at::kLong &&
+                    s.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat,
+                "gate_bwd: idx, s, g [N, k] (long, fp32, fp32)");
+    const int64_t N = x.size(0), d = x.size(1), E = w.size(0), k = idx.size(1);
+    at::Tensor xc = x.contiguous(), wc = w.contiguous(), ic = idx.contiguous(),
+               sc = s.contiguous(), gc = g.contiguous();
+    at::Tensor dx = at::empty({N, d}, xc.options());
+    const int threads = at::get_num_threads();
+    at::Tensor parts = at::zeros({threads, E, d}, xc.options());
+    const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>(),
+                *sp = sc.data_ptr<float>(), *gp = gc.data_ptr<float>();
+    const int64_t* ip = ic.data_ptr<int64_t>();
+    float *dxp = dx.data_ptr<float>(), *pp = parts.data_ptr<float>();
+    const float c = static_cast<float>(scale);
+    at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
+        float* dw = pp + at::get_thread_num() * E * d;
+        std::vector<float> dl(k);
+        for (int64_t r = r0; r < r1; r++) {
+            const float *sr = sp + r * k, *gr = gp + r * k;
+            float sum = 0.f, gs = 0.f;
+            for (int64_t j = 0; j < k; j++) sum += sr[j];
+            sum += 1e-20f;
+            for (int64_t j = 0; j < k; j++) gs += gr[j] * sr[j];
+            for (int64_t j = 0; j < k; j++) {
+                const float ds = norm ? c / sum * (gr[j] - gs / sum) : c * gr[j];
+                dl[j] = ds * sr[j] * (1.f - sr[j]);
+            }
+            const float* xr = xp + r * d;
+            float* out = dxp + r * d;
+            int64_t i = 0;
+            for (; i + Vec::size() <= d; i += Vec::size()) {
+                Vec acc(0.f);
+                const Vec xv = Vec::loadu(xr + i);
+                for (int64_t j = 0; j < k; j++) {
+                    const int64_t e = ip[r * k + j];
+                    acc = at::vec::fmadd(Vec(dl[j]), Vec::loadu(wp + e * d + i), acc);
+                    float* dwe = dw + e * d + i;
+                    at::vec::fmadd(Vec(dl[j]), xv, Vec::loadu(dwe)).store(dwe);
+                }
+                acc.store(out + i);
+            }
+            for (; i < d; i++) {
+                float acc = 0.f;
+                for (int64_t j = 0; j < k; j++) {
+                    const int64_t e = ip[r * k + j];
+                    acc += dl[j] * wp[e * d + i];
+                    dw[e * d + i] += dl[j] * xr[i];
+                }
+                out[i] = acc;
+            }
+        }
+    });
+    return {dx, parts.sum(0)};
 }
 
 void check(const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& sw13,
@@ -789,6 +858,8 @@ TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
           "Tensor w2, Tensor? sw13, Tensor? sw2, Tensor src, Tensor slot, int k, int[] sizes, "
           "ScalarType weight_grad_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def("topk_rows(Tensor scores, int k) -> Tensor");
+    m.def("gate_bwd(Tensor x, Tensor w, Tensor idx, Tensor s, Tensor g, float scale, bool norm) "
+          "-> (Tensor, Tensor)");
     m.def("experts_amx(int d, int inter) -> bool", experts_amx);  // no tensors: one kernel
 }
 
@@ -797,4 +868,5 @@ TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
     m.impl("experts_fwd", experts_fwd);
     m.impl("experts_bwd", experts_bwd);
     m.impl("topk_rows", topk_rows);
+    m.impl("gate_bwd", gate_bwd);
 }

@@ -133,6 +133,28 @@ def test_routers_train_at_router_lr():
     assert all("lr_scale" not in g for g in plain.param_groups) and len(plain.param_groups) == 2
 
 
+def test_routed_experts_take_their_own_beta2():
+    """--expert-beta2: the routed experts' second moments (and only theirs, not the shared
+    experts' or the routers') average at their own beta2; unset, the groups are as before."""
+    model = Transformer(get_preset("tiny"))
+    experts = {id(m.experts.w13) for m in model.moe_layers()} | {
+        id(m.experts.w2) for m in model.moe_layers()
+    }
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99), expert_beta2=0.5)
+    for scale in (1.0, 2.0):  # v = b2 (1 - b2) + (1 - b2) 4 after two steps
+        for p in model.parameters():
+            p.grad = torch.full_like(p, scale)
+        opt.step()
+    for p in model.parameters():
+        b2 = 0.5 if id(p) in experts else 0.99
+        want = b2 * (1 - b2) + (1 - b2) * 4
+        assert opt.state[p]["exp_avg_sq"].flatten()[0].item() == pytest.approx(want, rel=1e-5)
+    same = build_optimizer(model, lr=1e-3, weight_decay=0.1, expert_beta2=0.95)
+    assert len(same.param_groups) == 2  # the default beta2 already: no group of its own
+    with pytest.raises(TrainError, match="expert_beta2 must be in"):
+        make_config(preset="tiny", tokens=1e5, expert_beta2=1.0)
+
+
 # --- runtime, budget, run state ------------------------------------------------------------
 
 

@@ -135,6 +135,11 @@ class TrainConfig(RunConfig):
     weight_decay: float = _h("AdamW weight decay (matrices only)", default=0.1)
     beta1: float = _h("AdamW beta1", default=0.9)
     beta2: float = _h("AdamW beta2", default=0.95)
+    expert_beta2: float | None = _h(
+        "AdamW beta2 of the routed experts alone (default: --beta2). Their loads move with "
+        "the balancing bias, so the scale of their gradients moves faster than the rest's",
+        default=None,
+    )
     optim_states: str = _h(
         "fp32, or bf16: AdamW's moments stored in bf16 (DeepSeek-V3's recipe: half the "
         "optimizer memory and traffic; needs beta2 <= 0.99)",
@@ -275,8 +280,13 @@ class TrainConfig(RunConfig):
             f"--optim-states bf16 is for --optimizer adamw, not {self.optimizer}",
         )
         need(
-            self.optim_states == "fp32" or self.beta2 <= MAX_BF16_BETA2,
-            f"--optim-states bf16 needs --beta2 <= {MAX_BF16_BETA2} (got {self.beta2}): smaller "
+            self.expert_beta2 is None or 0 <= self.expert_beta2 < 1,
+            f"expert_beta2 must be in [0, 1), got {self.expert_beta2}",
+        )
+        beta2 = max(self.beta2, self.expert_beta2 or 0.0)
+        need(
+            self.optim_states == "fp32" or beta2 <= MAX_BF16_BETA2,
+            f"--optim-states bf16 needs --beta2 <= {MAX_BF16_BETA2} (got {beta2}): smaller "
             "updates to the second moment round away in bf16",
         )
         need(
@@ -329,6 +339,7 @@ IDENTITY = (
     "weight_decay",
     "beta1",
     "beta2",
+    "expert_beta2",
     "optim_states",
     "mtp_weight",
     "gamma",
@@ -342,7 +353,7 @@ IDENTITY = (
 TrainConfig.IDENTITY = IDENTITY
 # Settings added after runs were saved without them, with the value those runs trained with
 # (a resumed run must go on computing what it started with, not a newer default).
-LEGACY = {"router_lr": 1.0, "optim_states": "fp32"}
+LEGACY = {"router_lr": 1.0, "optim_states": "fp32", "expert_beta2": None}
 
 
 def _default(f: dataclasses.Field) -> Any:

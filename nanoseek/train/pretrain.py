@@ -179,6 +179,7 @@ def start_training(
         tc.optimizer,
         tc.router_lr,
         tc.optim_states,
+        tc.expert_beta2,
     )
     if found:
         restore_optimizer(found, model, optimizer)

@@ -76,6 +76,7 @@ def build_optimizer(
     kind: str = "adamw",
     router_lr: float = 1.0,
     states: str = "fp32",
+    expert_beta2: float | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (`kind` "adamw"), or Muon for the blocks' weight matrices and AdamW for the rest
     ("muon", train/muon.py). Weight decay on matrices only, not on norms (nor biases). The
@@ -83,7 +84,9 @@ def build_optimizer(
     applied by set_lr). Under FSDP2 / EP the parameters sharded alike share a group (one
     fused kernel cannot mix whole and sharded tensors, or two meshes). `states` "bf16" keeps
     AdamW's moments in bf16 (DeepSeek-V3's recipe, train/adamw.py); "fp32" is torch's fused
-    AdamW."""
+    AdamW. `expert_beta2`: the routed experts' AdamW beta2, where it differs from betas[1]
+    (their loads move with the balancing bias, so their gradients' scale moves faster than
+    the rest's)."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {kind!r}; use one of {', '.join(OPTIMIZERS)}")
     if states not in OPTIMIZER_STATES:
@@ -97,16 +100,19 @@ def build_optimizer(
         from nanoseek.train.muon import muon_parameters
 
         muon = {id(p) for p in muon_parameters(model)[0]}
-    groups: dict[tuple[bool, bool, bool, int], list[nn.Parameter]] = {}
+    own_beta2 = expert_beta2 is not None and expert_beta2 != betas[1]
+    groups: dict[tuple[bool, bool, bool, bool, int], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         router = router_lr != 1.0 and is_router(name)
-        key = (id(p) in muon, p.dim() >= 2, router, id(getattr(p, "device_mesh", None)))
-        groups.setdefault(key, []).append(p)
+        expert = own_beta2 and is_routed_expert(name) and id(p) not in muon
+        mesh = id(getattr(p, "device_mesh", None))
+        groups.setdefault((id(p) in muon, p.dim() >= 2, router, expert, mesh), []).append(p)
     param_groups = [
         {"params": params, "weight_decay": weight_decay if decay else 0.0}
         | ({"muon": True} if is_muon else {})
         | ({"lr_scale": router_lr} if router else {})
-        for (is_muon, decay, router, _), params in sorted(
+        | ({"betas": (betas[0], expert_beta2)} if expert else {})
+        for (is_muon, decay, router, expert, _), params in sorted(
             groups.items(), key=lambda kv: not kv[0][1]
         )
     ]
@@ -135,6 +141,12 @@ def build_kernels(rt: Runtime) -> None:
 def is_router(name: str) -> bool:
     """An MoE router's weight (V3's `gate`, V4's routers), by parameter name."""
     return ".gate." in name and name.endswith("weight")
+
+
+def is_routed_expert(name: str) -> bool:
+    """A routed expert's weight (V3's stacked `experts.w13` / `w2`, V4's), by parameter name:
+    not the shared experts, not the router."""
+    return ".experts." in name
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:

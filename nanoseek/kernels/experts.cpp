@@ -319,8 +319,9 @@ at::Tensor topk_rows(const at::Tensor& scores, int64_t k) {
 // The gate's backward for sigmoid scores (moe._SparseGate): only the k chosen scores of a
 // row carry a gradient (the bias only selects), so where autograd scatters them into a dense
 // [N, E] gradient and runs two fp32 matmuls over it, this reads the k: per row, from the
-// chosen scores s [N, k] and their weights' gradient g [N, k] (w_j = scale * s_j / (sum s + 1e-20)
-// with norm, else scale * s_j), the logits' gradient dl_j = ds_j * s_j * (1 - s_j), then
+// chosen scores s [N, k] and their weights' gradient g [N, k] (the weights are
+// w_j = scale * s_j / (sum s + 1e-20) with norm, else scale * s_j), the logits' gradient
+// dl_j = ds_j * s_j * (1 - s_j), then
 // dx[n] = sum_j dl_j * w[idx_j] and dw[idx_j] += dl_j * x[n] (each thread into its own [E, d]
 // sum, added in thread order: the same bits every run for a thread count).
 std::tuple<at::Tensor, at::Tensor> gate_bwd(const at::Tensor& x, const at::Tensor& w,

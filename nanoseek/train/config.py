@@ -136,8 +136,9 @@ class TrainConfig(RunConfig):
     beta1: float = _h("AdamW beta1", default=0.9)
     beta2: float = _h("AdamW beta2", default=0.95)
     expert_beta2: float | None = _h(
-        "AdamW beta2 of the routed experts alone (default: --beta2). Their loads move with "
-        "the balancing bias, so the scale of their gradients moves faster than the rest's",
+        "AdamW beta2 of the routed experts alone (default: --beta2): their second moment "
+        "apart from the rest's (at beta2 0.99 the MoE fell behind either way, with the "
+        "experts at 0.95 or the rest: docs/benchmarks.md)",
         default=None,
     )
     optim_states: str = _h(

@@ -84,9 +84,8 @@ def build_optimizer(
     applied by set_lr). Under FSDP2 / EP the parameters sharded alike share a group (one
     fused kernel cannot mix whole and sharded tensors, or two meshes). `states` "bf16" keeps
     AdamW's moments in bf16 (DeepSeek-V3's recipe, train/adamw.py); "fp32" is torch's fused
-    AdamW. `expert_beta2`: the routed experts' AdamW beta2, where it differs from betas[1]
-    (their loads move with the balancing bias, so their gradients' scale moves faster than
-    the rest's)."""
+    AdamW. `expert_beta2`: the routed experts' AdamW beta2 (a group of their own), where it
+    differs from betas[1]."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {kind!r}; use one of {', '.join(OPTIMIZERS)}")
     if states not in OPTIMIZER_STATES:

@@ -485,6 +485,22 @@ def test_default_schedule_is_wsd_and_a_cosine_run_resumes_with_cosine(shards, tm
     assert cos_lrs[1] < cos_lrs[0] and cos_lrs[3] == pytest.approx(3e-4)
 
 
+def test_wsd_decays_linearly_or_as_one_minus_sqrt():
+    from nanoseek.train.schedule import LRSchedule
+
+    lin = LRSchedule(1.0, 0, "wsd", 0.0, 0.5)
+    sqrt = LRSchedule(1.0, 0, "wsd", 0.0, 0.5, "sqrt")
+    for s in (lin, sqrt):  # the same stable phase and ends
+        assert s(0, 0.3) == s(0, 0.5) == 1.0 and s(0, 1.0) == 0.0
+    assert lin(0, 0.75) == pytest.approx(0.5)
+    assert sqrt(0, 0.75) == pytest.approx(1 - math.sqrt(0.5))  # lower sooner
+    assert sqrt(0, 0.625) == pytest.approx(0.5)  # halfway down a quarter of the way in
+    floored = LRSchedule(2.0, 0, "wsd", 0.1, 0.5, "sqrt")
+    assert floored(0, 0.75) == pytest.approx(0.2 + 1.8 * (1 - math.sqrt(0.5)))
+    with pytest.raises(TrainError, match="decay_shape must be linear or sqrt"):
+        make_config(preset="tiny", steps=5, decay_shape="cosine")
+
+
 def test_unused_mtp_costs_no_flops(shards, tmp_path):
     from nanoseek.compute import flops_per_token
 
@@ -748,16 +764,22 @@ def test_gamma_tokens_must_not_be_negative(shards, tmp_path):
 def test_a_decay_branch_is_the_run_of_its_budget(shards, tmp_path, monkeypatch):
     """A 20-step wsd run keeping its checkpoints, branched at step 8: the branch is a 10-step
     run (its decay from step 8 on) loss for loss, LR for LR, and final validation loss; killed
-    mid-decay, the branch resumes on the same curve. A 25% decay from step 12 is a 16-step run."""
+    mid-decay, the branch resumes on the same curve. A 25% decay from step 12 is a 16-step run,
+    with either decay shape."""
     kw = dict(eval_every=0, gamma_tokens=8 * 4 * 32, gamma=0.1, gamma_final=0.001)
     trunk = tmp_path / "trunk"
     train(tiny_run(shards, trunk, steps=20, save_every=2, keep_every=4, **kw))
     kept = sorted(p.name for p in trunk.glob("ckpt-*"))
     assert kept == [f"ckpt-{s:07d}" for s in (4, 8, 12, 16, 20)]
-    for budget, at, extra in ((10, 8, {}), (16, 12, {"decay_frac": 0.25})):
-        ref = tmp_path / f"run{budget}"
+    cases = (
+        (10, 8, {}),
+        (16, 12, {"decay_frac": 0.25}),
+        (16, 12, {"decay_frac": 0.25, "decay_shape": "sqrt"}),
+    )
+    for budget, at, extra in cases:
+        ref = tmp_path / f"run{budget}{extra.get('decay_shape', '')}"
         train(tiny_run(shards, ref, steps=budget, **kw, **extra))
-        branch = tmp_path / f"branch{budget}"
+        branch = tmp_path / f"branch{budget}{extra.get('decay_shape', '')}"
         train(make_config(decay_from=str(trunk / f"ckpt-{at:07d}"), out=str(branch), **extra))
         for key in ("loss", "lr"):
             assert losses(branch, key) == losses(ref, key)
@@ -766,6 +788,9 @@ def test_a_decay_branch_is_the_run_of_its_budget(shards, tmp_path, monkeypatch):
         saved = json.loads((branch / "train_config.json").read_text())
         assert saved["steps"] == budget and saved["decay_from"].endswith(f"ckpt-{at:07d}")
         assert saved["keep_every"] == 0 and not list(branch.glob("ckpt-*"))  # not the trunk's
+        assert saved["decay_shape"] == extra.get("decay_shape", "linear")
+    sqrt_lrs, linear_lrs = losses(tmp_path / "run16sqrt", "lr"), losses(tmp_path / "run16", "lr")
+    assert sqrt_lrs[:12] == linear_lrs[:12] and sqrt_lrs[13] < linear_lrs[13]
     part = tmp_path / "part"
     _crash_in_step(monkeypatch, 2)  # the branch's second step: step 10 of 10 is never taken
     with pytest.raises(KeyboardInterrupt):

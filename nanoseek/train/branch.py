@@ -47,9 +47,10 @@ def branch_horizon(state: RunState, decay_frac: float) -> Budget:
 
 
 def open_branch(tc: TrainConfig) -> tuple[TrainConfig, Path]:
-    """-> (the branch's settings: the trunk's, with --decay-frac if given, the budget that
-    decays from the checkpoint, and this launch's machine settings; the checkpoint). The
-    trunk's metrics up to the checkpoint are copied into the branch's, so it reads as one run."""
+    """-> (the branch's settings: the trunk's, with --decay-frac and --decay-shape if given,
+    the budget that decays from the checkpoint, and this launch's machine settings; the
+    checkpoint). The trunk's metrics up to the checkpoint are copied into the branch's, so it
+    reads as one run."""
     found = find_checkpoint(tc.decay_from)
     if found is None:
         raise TrainError(f"--decay-from: no checkpoint in {tc.decay_from}")
@@ -81,14 +82,21 @@ def open_branch(tc: TrainConfig) -> tuple[TrainConfig, Path]:
             f"decay began ({start:.0%}); branch from a checkpoint of the stable phase"
         )
     frac = tc.decay_frac if "decay_frac" in given else saved["decay_frac"]
+    shape = tc.decay_shape if "decay_shape" in given else saved.get("decay_shape", "linear")
     horizon = branch_horizon(state, frac)
     trunk = dataclasses.replace(tc, decay_from=None, overwrite=False)
-    trunk.given = frozenset(given - {"decay_from", "overwrite", "decay_frac"})
+    trunk.given = frozenset(given - {"decay_from", "overwrite", "decay_frac", "decay_shape"})
     # a branch's own checkpoints are in its decay, where no branch may start: none kept
     keep = tc.keep_every if "keep_every" in given else 0
     merged = resume_config(
         trunk,
-        {**saved, "decay_frac": frac, "keep_every": keep, **horizon.to_dict()},
+        {
+            **saved,
+            "decay_frac": frac,
+            "decay_shape": shape,
+            "keep_every": keep,
+            **horizon.to_dict(),
+        },
         "--decay-from",
     )
     branch = dataclasses.replace(

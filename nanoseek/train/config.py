@@ -22,6 +22,7 @@ from nanoseek.train.budget import Budget
 
 OPTIMIZER_STATES = ("fp32", "bf16")  # AdamW's moments (train/adamw.py: bf16)
 MAX_BF16_BETA2 = 0.99  # bf16's 8-bit mantissa swallows the second moment's updates above this
+DECAY_SHAPES = ("linear", "sqrt")  # wsd's decay: train/schedule.py
 
 try:
     import tomllib
@@ -127,6 +128,11 @@ class TrainConfig(RunConfig):
         default="wsd",
     )
     decay_frac: float = _h("wsd: the final fraction of the run that decays", default=0.2)
+    decay_shape: str = _h(
+        "wsd: the decay's shape, linear or sqrt (1 - sqrt(x) over the decay's progress x: "
+        "lower sooner, then slower; Hägele et al. 2024 found it ended lower than linear)",
+        default="linear",
+    )
     optimizer: str = _h(
         "adamw, or muon (Muon for the blocks' weight matrices, experts included; AdamW for "
         "embeddings, head, router and norms; the same --lr and schedule)",
@@ -300,6 +306,10 @@ class TrainConfig(RunConfig):
         )
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
         need(0 < self.decay_frac <= 1, "decay_frac must be in (0, 1]")
+        need(
+            self.decay_shape in DECAY_SHAPES,
+            f"decay_shape must be linear or sqrt, got {self.decay_shape!r}",
+        )
         need(self.keep_every >= 0, f"keep_every must be >= 0, got {self.keep_every}")
         need(
             not (self.resume and self.decay_from),
@@ -336,6 +346,7 @@ IDENTITY = (
     "warmup_steps",
     "schedule",
     "decay_frac",
+    "decay_shape",
     "optimizer",
     "weight_decay",
     "beta1",
@@ -354,7 +365,7 @@ IDENTITY = (
 TrainConfig.IDENTITY = IDENTITY
 # Settings added after runs were saved without them, with the value those runs trained with
 # (a resumed run must go on computing what it started with, not a newer default).
-LEGACY = {"router_lr": 1.0, "optim_states": "fp32", "expert_beta2": None}
+LEGACY = {"router_lr": 1.0, "optim_states": "fp32", "expert_beta2": None, "decay_shape": "linear"}
 
 
 def _default(f: dataclasses.Field) -> Any:

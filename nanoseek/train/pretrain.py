@@ -94,7 +94,9 @@ def train(tc: TrainConfig) -> dict[str, Any]:
 
         # --- the loop --------------------------------------------------------------------------
         stop, horizon = tc.budget(), state.lr_horizon  # where the run ends; what the LR runs over
-        schedule = LRSchedule(tc.lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, tc.decay_frac)
+        schedule = LRSchedule(
+            tc.lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, tc.decay_frac, tc.decay_shape
+        )
         guard = StepGuard(tc.max_bad_steps, ckpt_dir, warn=rt.master)
         n_experts = (len(moe_layers), cfg.n_routed_experts)
         counts = torch.zeros(n_experts, dtype=torch.long, device=rt.device)  # tokens per expert

@@ -24,6 +24,7 @@ from nanoseek.train.metrics import copy_metrics
 from nanoseek.utils import atomic_dir
 
 KEPT = "ckpt-{step:07d}"  # a kept checkpoint's directory name in OUT
+BRANCH_MAY_CHANGE = ("decay_frac", "decay_shape")  # the decay's settings, not the trunk's
 
 
 def keep_checkpoint(ckpt_dir: Path, step: int) -> Path:
@@ -81,22 +82,15 @@ def open_branch(tc: TrainConfig) -> tuple[TrainConfig, Path]:
             f"--decay-from: {found} is {at:.0%} through its run's LR horizon, past where its "
             f"decay began ({start:.0%}); branch from a checkpoint of the stable phase"
         )
-    frac = tc.decay_frac if "decay_frac" in given else saved["decay_frac"]
-    shape = tc.decay_shape if "decay_shape" in given else saved.get("decay_shape", "linear")
-    horizon = branch_horizon(state, frac)
+    decay = {k: getattr(tc, k) for k in BRANCH_MAY_CHANGE if k in given}  # else the trunk's
+    horizon = branch_horizon(state, decay.get("decay_frac", saved["decay_frac"]))
     trunk = dataclasses.replace(tc, decay_from=None, overwrite=False)
-    trunk.given = frozenset(given - {"decay_from", "overwrite", "decay_frac", "decay_shape"})
+    trunk.given = frozenset(given - {"decay_from", "overwrite", *BRANCH_MAY_CHANGE})
     # a branch's own checkpoints are in its decay, where no branch may start: none kept
     keep = tc.keep_every if "keep_every" in given else 0
     merged = resume_config(
         trunk,
-        {
-            **saved,
-            "decay_frac": frac,
-            "decay_shape": shape,
-            "keep_every": keep,
-            **horizon.to_dict(),
-        },
+        {**saved, **decay, "keep_every": keep, **horizon.to_dict()},
         "--decay-from",
     )
     branch = dataclasses.replace(

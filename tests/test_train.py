@@ -674,6 +674,20 @@ def test_cli_errors_are_one_line(shards, tmp_path, cli):
         assert "not available" in err and "cpu" in err
 
 
+@pytest.mark.parametrize("amx, avx512_bf16", [(False, False), (True, False), (False, True)])
+def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_in_bf16(monkeypatch, amx, avx512_bf16):
+    """oneDNN accepts bf16 on any AVX-512 CPU (emulated without AMX or AVX512-BF16, there
+    ~3x slower than fp32 a training step): 'auto' asks for the instructions themselves."""
+    from nanoseek.device import resolve_dtype
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    want = torch.bfloat16 if amx or avx512_bf16 else torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == want
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # asked for: given
+
+
 def _ddp_worker(rank: int, world: int, ports: list[int], shards: str, out: str) -> None:
     import os
 

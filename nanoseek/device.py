@@ -60,8 +60,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AMX tiles or AVX512-BF16 instructions, as the OS exposes them (a VM may hide AMX)."""
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    """AMX tiles or AVX512-BF16 instructions, as the OS exposes them (a VM may hide AMX).
+    A torch without these private probes falls back to oneDNN's own answer."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if amx is None or avx512_bf16 is None:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return amx() or avx512_bf16()
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters

@@ -686,6 +686,8 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_in_bf16(monkeypatch, a
     want = torch.bfloat16 if amx or avx512_bf16 else torch.float32
     assert resolve_dtype("auto", torch.device("cpu")) == want
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # asked for: given
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probe
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16  # oneDNN's answer
 
 
 def _ddp_worker(rank: int, world: int, ports: list[int], shards: str, out: str) -> None:

@@ -166,7 +166,9 @@ class TrainConfig(RunConfig):
         "budget). A fixed count keeps the MoE's routing recipe the same whatever the budget: "
         "under wsd a longer run then repeats a shorter one's curve up to the shorter one's "
         "decay (over the budget, a 60M-token run's bias moved faster than a 30M one's and its "
-        "curve parted from it by up to 0.15 nats: docs/benchmarks.md)",
+        "curve parted from it by up to 0.15 nats: docs/benchmarks.md). Too short a fall "
+        "costs the MoE its lead: at 24M tokens a fall over 12M lost it by 12M, one over 24M "
+        "kept it (0.09 nats)",
         default=0.0,
     )
     alpha: float = _h("sequence-wise balance loss weight (0: off)", default=0.0)

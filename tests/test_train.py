@@ -816,6 +816,35 @@ def test_a_decay_branch_is_the_run_of_its_budget(shards, tmp_path, monkeypatch):
     assert losses(part) == losses(tmp_path / "run10")
 
 
+def test_a_wsd_run_extended_at_its_peak_lr_is_the_run_of_its_new_budget(
+    shards, tmp_path, monkeypatch
+):
+    """Resumed at its peak LR with a longer budget, a wsd run plans its decay over the new one
+    (a decay branch's converse): loss for loss and LR for LR the run of that budget. With the
+    bias speed falling over the horizon (no --gamma-tokens) it keeps its horizon: a new one
+    would jump the bias speed."""
+    kw = dict(eval_every=0, gamma=0.1, gamma_final=0.001, save_every=1)
+    ref = tmp_path / "ref"
+    train(tiny_run(shards, ref, steps=15, gamma_tokens=8 * 4 * 32, **kw))
+    for gamma_tokens in (8 * 4 * 32, 0):
+        out = tmp_path / f"extended{gamma_tokens}"
+        _crash_in_step(monkeypatch, 7)  # steps 1-6 saved: at the peak LR of a 10-step run
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_run(shards, out, steps=10, gamma_tokens=gamma_tokens, **kw))
+        monkeypatch.undo()
+        if gamma_tokens:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no "original horizon" warning
+                train(make_config(out=str(out), resume=True, steps=15))
+            for key in ("loss", "lr"):
+                assert losses(out, key) == losses(ref, key)
+        else:
+            with pytest.warns(UserWarning, match="original horizon"):
+                train(make_config(out=str(out), resume=True, steps=15))
+            lrs = losses(out, "lr")
+            assert lrs[9] > 3e-4 and lrs[10:] == [pytest.approx(3e-4)] * 5  # over 10 steps
+
+
 def test_decay_branches_refuse_what_they_cannot_be(shards, tmp_path, cli):
     trunk = tmp_path / "trunk"
     train(tiny_run(shards, trunk, steps=10, eval_every=0, keep_every=3))  # decays from 8

@@ -219,8 +219,10 @@ class TrainConfig(RunConfig):
         "with (OUT/train_config.json). Flags may change the budget, evaluation/checkpoint/log "
         "cadence, --grad-clip and the machine (device, dtype, threads, compile), but not what "
         "the run computes (batch, seed, LR schedule, model, data, MTP, balancing): that is an "
-        "error. A new budget moves where the run stops, not its LR schedule, which keeps the "
-        "original horizon (past it the LR stays at its final value)",
+        "error. A new budget moves where the run stops; its LR schedule keeps the original "
+        "horizon (past it the LR stays at its final value), except a wsd run at its peak LR "
+        "under both budgets (and a MoE's bias speed fixed by --gamma-tokens), which then "
+        "decays as a run of the new budget would",
         default=False,
     )
     decay_from: str | None = _h(

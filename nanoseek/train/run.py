@@ -51,8 +51,9 @@ def open_run(tc: Config) -> tuple[Config, Path | None]:
 def check_resume(
     state: RunState, tc: RunConfig, tokenizer_hash: str, data: Path, warn: bool
 ) -> None:
-    """A resumed run goes on with the tokenizer it was trained with; a changed budget moves
-    where it stops, not its LR schedule (said once, by rank 0: `warn`)."""
+    """A resumed run goes on with the tokenizer it was trained with; a changed budget that
+    did not become its LR horizon moves where it stops, not its LR schedule (said once, by
+    rank 0: `warn`)."""
     if state.tokenizer != tokenizer_hash:
         raise TrainError(
             f"{tc.out}/ckpt was trained with tokenizer {state.tokenizer}, but the shards in "

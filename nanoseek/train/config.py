@@ -168,7 +168,8 @@ class TrainConfig(RunConfig):
         "decay (over the budget, a 60M-token run's bias moved faster than a 30M one's and its "
         "curve parted from it by up to 0.15 nats: docs/benchmarks.md). Too short a fall "
         "costs the MoE its lead: at 24M tokens a fall over 12M lost it by 12M, one over 24M "
-        "kept it (0.09 nats; one run each)",
+        "kept it (0.09 nats, seed 0), one over 48M was behind that by 0.02-0.08 at 6-10M "
+        "on both seeds",
         default=0.0,
     )
     alpha: float = _h("sequence-wise balance loss weight (0: off)", default=0.0)

@@ -198,12 +198,12 @@ def accounting(tc: TrainConfig, cfg: ModelConfig | V4Config, rt: Runtime) -> tup
     return fpt, peak
 
 
-def extends_stable_phase(state: RunState, tc: TrainConfig, has_experts: bool) -> bool:
-    """Whether a resumed wsd run takes its new budget as its LR horizon: when it is still at
-    its peak LR under both budgets, nothing jumps, and it decays as a run of the new budget
+def replans_decay(state: RunState, tc: TrainConfig, has_experts: bool) -> bool:
+    """Whether a wsd run resumed with a new budget takes it as its LR horizon: when it is at
+    its peak LR under both budgets nothing jumps, and it decays as a run of the new budget
     would (a decay branch's converse). Not when the experts' bias speed falls over the
     horizon (`--gamma-tokens 0`): that would jump."""
-    if tc.decay_from or tc.schedule != "wsd" or state.lr_horizon == tc.budget():
+    if tc.schedule != "wsd" or state.lr_horizon == tc.budget():
         return False
     start = 1.0 - tc.decay_frac
     stable = max(state.progress(state.lr_horizon), state.progress(tc.budget())) <= start
@@ -224,7 +224,7 @@ def start_model(
     rng = None
     if found:
         model, state, rng = load_checkpoint(found, rt.device)
-        if tc.decay_from or extends_stable_phase(state, tc, bool(model.moe_layers())):
+        if tc.decay_from or replans_decay(state, tc, bool(model.moe_layers())):
             state.lr_horizon = tc.budget()  # the decay planned over the new budget
         check_resume(state, tc, tokenizer["hash"], data, warn=rt.master)
     else:

@@ -47,6 +47,12 @@ def branch_horizon(state: RunState, decay_frac: float) -> Budget:
     )
 
 
+def at_peak_lr(state: RunState, horizon: Budget, decay_frac: float) -> bool:
+    """Whether `state` is still in the stable phase of a wsd run over `horizon` (a checkpoint
+    exactly where the decay starts counts, whatever the float rounding)."""
+    return state.progress(horizon) <= 1.0 - decay_frac + 1e-9
+
+
 def open_branch(tc: TrainConfig) -> tuple[TrainConfig, Path]:
     """-> (the branch's settings: the trunk's, with --decay-frac and --decay-shape if given,
     the budget that decays from the checkpoint, and this launch's machine settings; the
@@ -76,11 +82,11 @@ def open_branch(tc: TrainConfig) -> tuple[TrainConfig, Path]:
             f"--decay-from branches a wsd run (its LR at the peak until the decay); {found} "
             f"was trained with {saved.get('schedule')!r}"
         )
-    at, start = state.progress(state.lr_horizon), 1.0 - saved["decay_frac"]
-    if at > start + 1e-9:
+    if not at_peak_lr(state, state.lr_horizon, saved["decay_frac"]):
         raise TrainError(
-            f"--decay-from: {found} is {at:.0%} through its run's LR horizon, past where its "
-            f"decay began ({start:.0%}); branch from a checkpoint of the stable phase"
+            f"--decay-from: {found} is {state.progress(state.lr_horizon):.0%} through its run's "
+            f"LR horizon, past where its decay began ({1.0 - saved['decay_frac']:.0%}); branch "
+            "from a checkpoint of the stable phase"
         )
     decay = {k: getattr(tc, k) for k in BRANCH_MAY_CHANGE if k in given}  # else the trunk's
     horizon = branch_horizon(state, decay.get("decay_frac", saved["decay_frac"]))

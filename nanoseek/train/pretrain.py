@@ -31,7 +31,7 @@ from nanoseek.model import Transformer, V4Transformer
 from nanoseek.model.indexer import indexer_kl
 from nanoseek.model.v4 import indexer_kl_v4
 from nanoseek.train.balance import gamma_at, load_imbalance, update_expert_bias
-from nanoseek.train.branch import keep_checkpoint, open_branch
+from nanoseek.train.branch import at_peak_lr, keep_checkpoint, open_branch
 from nanoseek.train.budget import Budget
 from nanoseek.train.checkpoint import (
     RunState,
@@ -205,8 +205,7 @@ def replans_decay(state: RunState, tc: TrainConfig, has_experts: bool) -> bool:
     horizon (`--gamma-tokens 0`): that would jump."""
     if tc.schedule != "wsd" or state.lr_horizon == tc.budget():
         return False
-    start = 1.0 - tc.decay_frac
-    stable = max(state.progress(state.lr_horizon), state.progress(tc.budget())) <= start
+    stable = all(at_peak_lr(state, h, tc.decay_frac) for h in (state.lr_horizon, tc.budget()))
     return stable and (tc.gamma_tokens > 0 or not has_experts)
 
 

@@ -774,6 +774,44 @@ def test_gamma_tokens_must_not_be_negative(shards, tmp_path):
         tiny_run(shards, tmp_path / "run", gamma_tokens=-1.0)
 
 
+def test_gamma_decay_sets_the_bias_speed_while_the_lr_decays(shards, tmp_path, monkeypatch):
+    """--gamma-decay 0 (DeepSeek-V3's last 500B tokens) stops the bias in exactly the steps
+    whose LR is below the peak, in a run and in a decay branch of a run without it; before
+    the decay every step is the plain run's. A cosine run has no such phase: refused."""
+    speeds: list[float] = []
+    real_update = pretrain_mod.update_expert_bias
+
+    def record(layers, counts, gamma):
+        speeds.append(gamma)
+        return real_update(layers, counts, gamma)
+
+    monkeypatch.setattr(pretrain_mod, "update_expert_bias", record)
+    kw = dict(steps=20, eval_every=0, gamma=0.1, gamma_final=0.001, gamma_tokens=20 * 4 * 32)
+    runs = {}
+    for name, extra in {"plain": {}, "held": {"gamma_decay": 0.0}}.items():
+        speeds.clear()
+        train(tiny_run(shards, tmp_path / name, keep_every=8, **kw, **extra))
+        runs[name] = (list(speeds), losses(tmp_path / name), losses(tmp_path / name, "lr"))
+    (plain, plain_loss, lrs), (held, held_loss, _) = runs["plain"], runs["held"]
+    decaying = [i for i, lr in enumerate(lrs) if lr < 3e-3 and i >= 2]  # past the warm-up
+    assert decaying == [17, 18, 19]  # the LR of step 16 (0.8 x 20) is still the peak
+    assert held[:17] == plain[:17] and min(plain) > 0 and held[17:] == [0.0] * 3
+    assert held_loss[:18] == plain_loss[:18] and held_loss[18:] != plain_loss[18:]
+    speeds.clear()
+    branch = tmp_path / "branch"
+    train(
+        make_config(
+            decay_from=str(tmp_path / "plain" / "ckpt-0000008"), out=str(branch), gamma_decay=0.0
+        )
+    )
+    assert speeds[:1] == plain[8:9] and speeds[1:] == [0.0] * 1  # a 10-step run: decays at 9
+    assert json.loads((branch / "train_config.json").read_text())["gamma_decay"] == 0.0
+    with pytest.raises(TrainError, match="gamma_decay must be >= 0 and needs the wsd"):
+        tiny_run(shards, tmp_path / "cosine", schedule="cosine", gamma_decay=0.0)
+    with pytest.raises(TrainError, match="gamma_decay must be >= 0"):
+        tiny_run(shards, tmp_path / "negative", gamma_decay=-0.1)
+
+
 # --- decay branches -----------------------------------------------------------------------
 
 

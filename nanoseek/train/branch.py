@@ -24,7 +24,7 @@ from nanoseek.train.metrics import copy_metrics
 from nanoseek.utils import atomic_dir
 
 KEPT = "ckpt-{step:07d}"  # a kept checkpoint's directory name in OUT
-BRANCH_MAY_CHANGE = ("decay_frac", "decay_shape")  # the decay's settings, not the trunk's
+BRANCH_MAY_CHANGE = ("decay_frac", "decay_shape", "gamma_decay")  # the decay's, not the trunk's
 
 
 def keep_checkpoint(ckpt_dir: Path, step: int) -> Path:
@@ -54,9 +54,9 @@ def at_peak_lr(state: RunState, horizon: Budget, decay_frac: float) -> bool:
 
 
 def open_branch(tc: TrainConfig) -> tuple[TrainConfig, Path]:
-    """-> (the branch's settings: the trunk's, with --decay-frac and --decay-shape if given,
-    the budget that decays from the checkpoint, and this launch's machine settings; the
-    checkpoint). The trunk's metrics up to the checkpoint are copied into the branch's, so it
+    """-> (the branch's settings: the trunk's, with --decay-frac, --decay-shape and
+    --gamma-decay if given, the budget that decays from the checkpoint, and this launch's
+    machine settings; the checkpoint). The trunk's metrics up to the checkpoint are copied into the branch's, so it
     reads as one run."""
     found = find_checkpoint(tc.decay_from)
     if found is None:

@@ -172,6 +172,12 @@ class TrainConfig(RunConfig):
         "on both seeds",
         default=0.0,
     )
+    gamma_decay: float | None = _h(
+        "expert-bias update speed while a wsd run's LR decays (DeepSeek-V3 set it to 0 for its "
+        "last 500B tokens: the routing holds still while the model settles); default: the "
+        "--gamma schedule goes on. A decay branch may change it",
+        default=None,
+    )
     alpha: float = _h("sequence-wise balance loss weight (0: off)", default=0.0)
     router_lr: float = _h(
         "the MoE routers' learning rate as a fraction of --lr (their weights move the choice of "
@@ -277,6 +283,11 @@ class TrainConfig(RunConfig):
         need(self.router_lr >= 0, f"router_lr must be >= 0, got {self.router_lr}")
         need(self.gamma_tokens >= 0, f"gamma_tokens must be >= 0, got {self.gamma_tokens}")
         need(
+            self.gamma_decay is None or (self.gamma_decay >= 0 and self.schedule == "wsd"),
+            f"gamma_decay must be >= 0 and needs the wsd schedule, got {self.gamma_decay} "
+            f"with {self.schedule}",
+        )
+        need(
             self.parallel in ("fsdp", "ddp"), f"parallel must be fsdp or ddp, got {self.parallel!r}"
         )
         need(self.ep >= 1, f"ep must be >= 1, got {self.ep}")
@@ -363,6 +374,7 @@ IDENTITY = (
     "gamma",
     "gamma_final",
     "gamma_tokens",
+    "gamma_decay",
     "alpha",
     "router_lr",
     "indexer_warmup_steps",

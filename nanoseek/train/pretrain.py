@@ -113,6 +113,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         with progress:
             while state.progress(stop) < 1.0:
                 step, t0 = state.step, time.perf_counter()
+                decaying = not at_peak_lr(state, horizon, tc.decay_frac)  # wsd's decay
                 lr = set_lr(optimizer, schedule(step, state.progress(horizon)))
                 batch = tc.batch_at(state.tokens)
                 accumulate_gradients(
@@ -135,7 +136,8 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                 tokens_per_step = batch * tc.seq_len * tc.grad_accum  # over all ranks
                 state.tokens += tokens_per_step
                 if taken and moe_layers:  # a skipped step moves no bias either
-                    update_expert_bias(moe_layers, counts, bias_speed(tc, state, horizon))
+                    speed = bias_speed(tc, state, horizon, decaying)
+                    update_expert_bias(moe_layers, counts, speed)
                 dt = tick(state, t0, t_start, rt, stop, horizon)
 
                 # --- metrics, evaluation, checkpoints ------------------------------------------
@@ -209,8 +211,11 @@ def replans_decay(state: RunState, tc: TrainConfig, has_experts: bool) -> bool:
     return stable and (tc.gamma_tokens > 0 or not has_experts)
 
 
-def bias_speed(tc: TrainConfig, state: RunState, horizon: Budget) -> float:
-    """gamma after this step: falling over --gamma-tokens, or over the run's horizon."""
+def bias_speed(tc: TrainConfig, state: RunState, horizon: Budget, decaying: bool) -> float:
+    """gamma after this step: --gamma-decay if given and the step's LR was decaying, else
+    falling over --gamma-tokens, or over the run's horizon."""
+    if decaying and tc.gamma_decay is not None and tc.schedule == "wsd":
+        return tc.gamma_decay
     done = state.tokens / tc.gamma_tokens if tc.gamma_tokens else state.progress(horizon)
     return gamma_at(done, tc.gamma, tc.gamma_final)
 

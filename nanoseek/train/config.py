@@ -175,7 +175,8 @@ class TrainConfig(RunConfig):
     gamma_decay: float | None = _h(
         "expert-bias update speed while a wsd run's LR decays (DeepSeek-V3 set it to 0 for its "
         "last 500B tokens: the routing holds still while the model settles); default: the "
-        "--gamma schedule goes on. A decay branch may change it",
+        "--gamma schedule goes on. A decay branch may change it. Measured: 0 lowered a 24M-token "
+        "MoE's decayed loss by 0.001 on two seeds",
         default=None,
     )
     alpha: float = _h("sequence-wise balance loss weight (0: off)", default=0.0)

@@ -56,8 +56,8 @@ def at_peak_lr(state: RunState, horizon: Budget, decay_frac: float) -> bool:
 def open_branch(tc: TrainConfig) -> tuple[TrainConfig, Path]:
     """-> (the branch's settings: the trunk's, with --decay-frac, --decay-shape and
     --gamma-decay if given, the budget that decays from the checkpoint, and this launch's
-    machine settings; the checkpoint). The trunk's metrics up to the checkpoint are copied into the branch's, so it
-    reads as one run."""
+    machine settings; the checkpoint). The trunk's metrics up to the checkpoint are copied
+    into the branch's, so it reads as one run."""
     found = find_checkpoint(tc.decay_from)
     if found is None:
         raise TrainError(f"--decay-from: no checkpoint in {tc.decay_from}")

@@ -113,7 +113,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         with progress:
             while state.progress(stop) < 1.0:
                 step, t0 = state.step, time.perf_counter()
-                decaying = not at_peak_lr(state, horizon, tc.decay_frac)  # wsd's decay
+                decaying = tc.schedule == "wsd" and not at_peak_lr(state, horizon, tc.decay_frac)
                 lr = set_lr(optimizer, schedule(step, state.progress(horizon)))
                 batch = tc.batch_at(state.tokens)
                 accumulate_gradients(
@@ -212,9 +212,9 @@ def replans_decay(state: RunState, tc: TrainConfig, has_experts: bool) -> bool:
 
 
 def bias_speed(tc: TrainConfig, state: RunState, horizon: Budget, decaying: bool) -> float:
-    """gamma after this step: --gamma-decay if given and the step's LR was decaying, else
-    falling over --gamma-tokens, or over the run's horizon."""
-    if decaying and tc.gamma_decay is not None and tc.schedule == "wsd":
+    """gamma after this step: --gamma-decay if given and the step's wsd LR was decaying,
+    else falling over --gamma-tokens, or over the run's horizon."""
+    if decaying and tc.gamma_decay is not None:
         return tc.gamma_decay
     done = state.tokens / tc.gamma_tokens if tc.gamma_tokens else state.progress(horizon)
     return gamma_at(done, tc.gamma, tc.gamma_final)

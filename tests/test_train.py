@@ -639,6 +639,12 @@ def test_config_file_and_flags(tmp_path):
     (tmp_path / "bad.toml").write_text("stepz = 3\n")
     with pytest.raises(TrainError, match="unknown setting 'stepz'"):
         make_config(tmp_path / "bad.toml")
+    # a run's saved train_config.json holds nulls for the settings that take them
+    (tmp_path / "c.json").write_text('{"preset": "tiny", "steps": 5, "minutes": null}')
+    assert make_config(tmp_path / "c.json").minutes is None
+    (tmp_path / "null.json").write_text('{"preset": "tiny", "steps": 5, "batch_ramp": null}')
+    with pytest.raises(TrainError, match="batch_ramp cannot be null .*default, 0.0"):
+        make_config(tmp_path / "null.json")
     with pytest.raises(TrainError, match="budget"):
         make_config(preset="tiny")
 

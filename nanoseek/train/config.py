@@ -415,6 +415,11 @@ def read_config_file(path: str | Path, cls: type[RunConfig] = TrainConfig) -> di
         name = key.replace("-", "_")
         if name not in fields:
             raise TrainError(f"{path}: unknown setting {key!r}; known: {', '.join(fields)}")
+        if value is None and "None" not in str(fields[name].type):  # JSON null, YAML ~
+            raise TrainError(
+                f"{path}: {key} cannot be null (leave it out for its default, "
+                f"{_default(fields[name])!r})"
+            )
         out[name] = value
     return out
 

@@ -5,6 +5,7 @@ DeepseekV3ForCausalLM with the same config, batch, dtype and optimizer settings.
                                           [--dtype auto|bf16|fp32] [--steps 10] [--warmup 3]
                                           [--compile] [--twin dense-small] [--python-experts]
                                           [--bf16-states] [--mm-products]
+                                          [--model KEY=VALUE ...]
 
 Both sides: random tokens, AdamW, gradient clipping, bf16 autocast where the hardware has
 native bf16 matmul (else fp32). `transformers` has no MTP, so nanoseek is timed twice: with
@@ -29,6 +30,10 @@ pages for each step's gradients). The first row is `transformers` as a plain loo
 every later row, `transformers` again among them, runs under it: the like-for-like ratio is
 against that second `transformers` row. --default-malloc leaves glibc's defaults for all
 rows.
+
+--model KEY=VALUE overrides a model config field of every row (repeatable), with
+`benchmarks.moe_vs_dense`'s rule for a `dense-small` twin (its MLP as wide as the MoE's
+experts a token): the pair that benchmark trains, e.g. `--model hidden_size=128`.
 """
 
 from __future__ import annotations
@@ -37,12 +42,14 @@ import argparse
 import functools
 import os
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 
+from benchmarks.moe_vs_dense import model_overrides, parse_override
 from benchmarks.timing import interleaved_medians, median_seconds
 from nanoseek.compute import flops_per_token, measure_matmul_peak
-from nanoseek.config import get_preset
+from nanoseek.config import ModelConfig, get_preset
 from nanoseek.device import keep_freed_memory, resolve_dtype
 from nanoseek.model import Transformer, moe
 from nanoseek.train.balance import update_expert_bias
@@ -110,6 +117,13 @@ def transformers_step(cfg, x, autocast):
     return step
 
 
+def preset_configs(presets: list[str], shape: dict[str, Any]) -> dict[str, ModelConfig]:
+    """Each preset's model config with --model's overrides; a `dense-small` twin gets its MLP
+    width from the overridden MoE, as in `benchmarks.moe_vs_dense`."""
+    per_preset = model_overrides(shape, {}) if shape else {}
+    return {p: get_preset(p).replace(**per_preset.get(p, shape)) for p in presets}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -142,9 +156,18 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="keep glibc's allocator defaults for every row (no keep_freed_memory)",
     )
+    ap.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model config field of every row (the twin's MLP follows the MoE)",
+    )
     args = ap.parse_args(argv)
 
-    cfg = get_preset(args.preset)
+    shape = dict(parse_override(item) for item in args.model)
+    configs = preset_configs([args.preset] + ([args.twin] if args.twin else []), shape)
+    cfg = configs[args.preset]
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     autocast = (
         (lambda: torch.autocast("cpu", dtype=dtype)) if dtype != torch.float32 else nullcontext
@@ -173,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     for preset in [args.preset] + ([args.twin] if args.twin else []):
-        c = get_preset(preset)
+        c = configs[preset]
         for compiled in [False] + ([True] if args.compile else []):
             label = f"nanoseek {preset} (MTP on{', compiled' if compiled else ''})"
             make = functools.partial(nanoseek_step, c, x, y, autocast, 0.3, compiled)
@@ -213,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.steps} steps, the rows' steps interleaved"
     )
     print(f"matmul peak ({str(dtype)[6:]}, measured): {peak / 1e12:.2f} TFLOP/s")
+    if shape:
+        print(f"model overrides: {shape}")
     table = [
         (name, f"{sec * 1e3:.0f}", f"{tps:,.0f}", f"{mfu:.1%}", f"{tps / base:.2f}x")
         for name, sec, tps, mfu in rows

@@ -386,3 +386,20 @@ def test_branches_below_a_shorter_moe_run_and_the_report_of_them(tmp_path, capsy
     assert (tmp_path / "plot.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no finished run"):
         main([*args[:-2], "--out", str(tmp_path / "none"), "--report"])
+
+
+def test_train_throughput_times_the_pair_this_benchmark_trains():
+    from benchmarks.train_throughput import preset_configs
+    from nanoseek.config import get_preset
+
+    shape = {"hidden_size": 128, "moe_intermediate_size": 128}
+    moe, dense = preset_configs(["small", "dense-small"], shape).values()
+    assert moe.hidden_size == dense.hidden_size == 128
+    assert moe.moe_intermediate_size == 128
+    experts_a_token = moe.num_experts_per_tok + moe.n_shared_experts
+    assert (
+        dense.intermediate_size
+        == experts_a_token * 128
+        == model_overrides(shape, {})["dense-small"]["intermediate_size"]
+    )
+    assert preset_configs(["small"], {}) == {"small": get_preset("small")}

@@ -39,6 +39,7 @@ experts a token): the pair that benchmark trains, e.g. `--model hidden_size=128`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 from contextlib import nullcontext
@@ -46,7 +47,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.moe_vs_dense import model_overrides, parse_override
+from benchmarks.moe_vs_dense import DENSE_OWN, model_overrides, parse_override
 from benchmarks.timing import interleaved_medians, median_seconds
 from nanoseek.compute import flops_per_token, measure_matmul_peak
 from nanoseek.config import ModelConfig, get_preset
@@ -120,7 +121,17 @@ def transformers_step(cfg, x, autocast):
 def preset_configs(presets: list[str], shape: dict[str, Any]) -> dict[str, ModelConfig]:
     """Each preset's model config with --model's overrides; a `dense-small` twin gets its MLP
     width from the overridden MoE, as in `benchmarks.moe_vs_dense`."""
-    per_preset = model_overrides(shape, {}) if shape else {}
+    unknown = shape.keys() - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise SystemExit(f"--model: no model config field {', '.join(sorted(unknown))}")
+    if "dense-small" not in presets or not shape:
+        return {p: get_preset(p).replace(**shape) for p in presets}
+    if DENSE_OWN & shape.keys():
+        raise SystemExit(
+            f"--model cannot set {', '.join(sorted(DENSE_OWN & shape.keys()))} with a "
+            "dense-small twin, which derives them; time that MoE layout without --twin"
+        )
+    per_preset = model_overrides(shape, {})
     return {p: get_preset(p).replace(**per_preset.get(p, shape)) for p in presets}
 
 
@@ -195,8 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                 fpt,
             )
         )
-    for preset in [args.preset] + ([args.twin] if args.twin else []):
-        c = configs[preset]
+    for preset, c in configs.items():
         for compiled in [False] + ([True] if args.compile else []):
             label = f"nanoseek {preset} (MTP on{', compiled' if compiled else ''})"
             make = functools.partial(nanoseek_step, c, x, y, autocast, 0.3, compiled)

@@ -403,3 +403,10 @@ def test_train_throughput_times_the_pair_this_benchmark_trains():
         == model_overrides(shape, {})["dense-small"]["intermediate_size"]
     )
     assert preset_configs(["small"], {}) == {"small": get_preset("small")}
+    # without a dense twin nothing is derived, so the MoE's own layout may change
+    alone = preset_configs(["small"], {"n_routed_experts": 64})["small"]
+    assert alone == get_preset("small").replace(n_routed_experts=64)
+    with pytest.raises(SystemExit, match="derives them; time that MoE layout without"):
+        preset_configs(["small", "dense-small"], {"n_routed_experts": 64})
+    with pytest.raises(SystemExit, match="no model config field widht"):
+        preset_configs(["small"], {"widht": 64})

@@ -252,14 +252,19 @@ DENSE_OWN = frozenset(
 )
 
 
+def refuse_unknown_fields(shape: dict[str, Any]) -> None:
+    """--model's keys must be model config fields."""
+    unknown = shape.keys() - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise SystemExit(f"--model: no model config field {', '.join(sorted(unknown))}")
+
+
 def model_overrides(shape: dict[str, Any], moe: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """--model (both models) and --moe (the MoE alone) -> each preset's model overrides. The
     dense twin keeps `dense-small`'s rule: an MLP as wide as the MoE's shared + routed experts
     a token, with the MoE's shape (before --moe's recipe changes, as top-k runs compare
     against the same dense model)."""
-    unknown = shape.keys() - {f.name for f in dataclasses.fields(ModelConfig)}
-    if unknown:
-        raise SystemExit(f"--model: no model config field {', '.join(sorted(unknown))}")
+    refuse_unknown_fields(shape)
     if DENSE_OWN & shape.keys():
         raise SystemExit(
             f"--model cannot set {', '.join(sorted(DENSE_OWN & shape.keys()))}: the dense "

@@ -39,7 +39,6 @@ experts a token): the pair that benchmark trains, e.g. `--model hidden_size=128`
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 from contextlib import nullcontext
@@ -47,7 +46,12 @@ from typing import Any
 
 import torch
 
-from benchmarks.moe_vs_dense import DENSE_OWN, model_overrides, parse_override
+from benchmarks.moe_vs_dense import (
+    DENSE_OWN,
+    model_overrides,
+    parse_override,
+    refuse_unknown_fields,
+)
 from benchmarks.timing import interleaved_medians, median_seconds
 from nanoseek.compute import flops_per_token, measure_matmul_peak
 from nanoseek.config import ModelConfig, get_preset
@@ -121,9 +125,7 @@ def transformers_step(cfg, x, autocast):
 def preset_configs(presets: list[str], shape: dict[str, Any]) -> dict[str, ModelConfig]:
     """Each preset's model config with --model's overrides; a `dense-small` twin gets its MLP
     width from the overridden MoE, as in `benchmarks.moe_vs_dense`."""
-    unknown = shape.keys() - {f.name for f in dataclasses.fields(ModelConfig)}
-    if unknown:
-        raise SystemExit(f"--model: no model config field {', '.join(sorted(unknown))}")
+    refuse_unknown_fields(shape)
     if "dense-small" not in presets or not shape:
         return {p: get_preset(p).replace(**shape) for p in presets}
     if DENSE_OWN & shape.keys():

@@ -155,6 +155,33 @@ def test_routed_experts_take_their_own_beta2():
         make_config(preset="tiny", tokens=1e5, expert_beta2=1.0)
 
 
+def test_routed_experts_take_their_own_lr():
+    """--expert-lr: the routed experts (and only they: not the shared experts, not the
+    routers, which keep router_lr) step at expert_lr x the learning rate, under AdamW and
+    Muon alike; a bad value is a one-line error."""
+    model = Transformer(get_preset("tiny"))
+    experts = {id(m.experts.w13) for m in model.moe_layers()} | {
+        id(m.experts.w2) for m in model.moe_layers()
+    }
+    routers = {id(m.gate.weight) for m in model.moe_layers()}
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.0, router_lr=0.1, expert_lr=0.5)
+    set_lr(opt, 2e-3)
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # Adam's first step moves every weight by its group's lr
+    for p in model.parameters():
+        if p.requires_grad:
+            want = 1e-3 if id(p) in experts else 2e-4 if id(p) in routers else 2e-3
+            assert (before[id(p)] - p.detach()).abs().max().item() == pytest.approx(want, rel=1e-3)
+    muon = build_optimizer(model, lr=1e-3, weight_decay=0.0, kind="muon", expert_lr=0.5)
+    scaled = [g for g in muon.param_groups if g.get("lr_scale") == 0.5]
+    assert {id(p) for g in scaled for p in g["params"]} == experts
+    assert all(g.get("muon") for g in scaled)
+    with pytest.raises(TrainError, match="expert_lr must be > 0"):
+        make_config(preset="tiny", tokens=1e5, expert_lr=0.0)
+
+
 # --- runtime, budget, run state ------------------------------------------------------------
 
 

@@ -185,6 +185,11 @@ class TrainConfig(RunConfig):
         "experts for every token: at the full rate they outrun the balancing bias early on)",
         default=0.1,
     )
+    expert_lr: float = _h(
+        "the routed experts' learning rate as a fraction of --lr (each sees only its top-k "
+        "share of the tokens)",
+        default=1.0,
+    )
     indexer_warmup_steps: int = _h(
         "V3.2 models: before training, this many steps train only the lightning indexers, by "
         "KL to the dense attention (one process)",
@@ -282,6 +287,7 @@ class TrainConfig(RunConfig):
             )
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.router_lr >= 0, f"router_lr must be >= 0, got {self.router_lr}")
+        need(self.expert_lr > 0, f"expert_lr must be > 0, got {self.expert_lr}")
         need(self.gamma_tokens >= 0, f"gamma_tokens must be >= 0, got {self.gamma_tokens}")
         need(
             self.gamma_decay is None or (self.gamma_decay >= 0 and self.schedule == "wsd"),
@@ -378,13 +384,20 @@ IDENTITY = (
     "gamma_decay",
     "alpha",
     "router_lr",
+    "expert_lr",
     "indexer_warmup_steps",
     "indexer_loss_weight",
 )
 TrainConfig.IDENTITY = IDENTITY
 # Settings added after runs were saved without them, with the value those runs trained with
 # (a resumed run must go on computing what it started with, not a newer default).
-LEGACY = {"router_lr": 1.0, "optim_states": "fp32", "expert_beta2": None, "decay_shape": "linear"}
+LEGACY = {
+    "router_lr": 1.0,
+    "optim_states": "fp32",
+    "expert_beta2": None,
+    "decay_shape": "linear",
+    "expert_lr": 1.0,
+}
 
 
 def _default(f: dataclasses.Field) -> Any:

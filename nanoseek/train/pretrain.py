@@ -184,6 +184,7 @@ def start_training(
         tc.router_lr,
         tc.optim_states,
         tc.expert_beta2,
+        tc.expert_lr,
     )
     if found:
         restore_optimizer(found, model, optimizer)

@@ -78,6 +78,7 @@ def build_optimizer(
     router_lr: float = 1.0,
     states: str = "fp32",
     expert_beta2: float | None = None,
+    expert_lr: float = 1.0,
 ) -> torch.optim.Optimizer:
     """AdamW (`kind` "adamw"), or Muon for the blocks' weight matrices and AdamW for the rest
     ("muon", train/muon.py). Weight decay on matrices only, not on norms (nor biases). The
@@ -85,8 +86,8 @@ def build_optimizer(
     applied by set_lr). Under FSDP2 / EP the parameters sharded alike share a group (one
     fused kernel cannot mix whole and sharded tensors, or two meshes). `states` "bf16" keeps
     AdamW's moments in bf16 (DeepSeek-V3's recipe, train/adamw.py); "fp32" is torch's fused
-    AdamW. `expert_beta2`: the routed experts' AdamW beta2 (a group of their own), where it
-    differs from betas[1]."""
+    AdamW. `expert_beta2`: the routed experts' AdamW beta2, and `expert_lr`: their learning
+    rate as a fraction of the rest's (a group of their own where either differs)."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {kind!r}; use one of {', '.join(OPTIMIZERS)}")
     if states not in OPTIMIZER_STATES:
@@ -101,17 +102,19 @@ def build_optimizer(
 
         muon = {id(p) for p in muon_parameters(model)[0]}
     own_beta2 = expert_beta2 is not None and expert_beta2 != betas[1]
+    own_lr = expert_lr != 1.0
     groups: dict[tuple[bool, bool, bool, bool, int], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         router = router_lr != 1.0 and is_router(name)
-        expert = own_beta2 and is_routed_expert(name) and id(p) not in muon
+        expert = is_routed_expert(name) and (own_lr or (own_beta2 and id(p) not in muon))
         mesh = id(getattr(p, "device_mesh", None))
         groups.setdefault((id(p) in muon, p.dim() >= 2, router, expert, mesh), []).append(p)
     param_groups = [
         {"params": params, "weight_decay": weight_decay if decay else 0.0}
         | ({"muon": True} if is_muon else {})
         | ({"lr_scale": router_lr} if router else {})
-        | ({"betas": (betas[0], expert_beta2)} if expert else {})
+        | ({"lr_scale": expert_lr} if expert and own_lr else {})
+        | ({"betas": (betas[0], expert_beta2)} if expert and own_beta2 and not is_muon else {})
         for (is_muon, decay, router, expert, _), params in sorted(
             groups.items(), key=lambda kv: not kv[0][1]
         )

@@ -102,22 +102,27 @@ def build_optimizer(
 
         muon = {id(p) for p in muon_parameters(model)[0]}
     own_beta2 = expert_beta2 is not None and expert_beta2 != betas[1]
-    own_lr = expert_lr != 1.0
-    groups: dict[tuple[bool, bool, bool, bool, int], list[nn.Parameter]] = {}
+
+    def own_settings(name: str, p: nn.Parameter) -> tuple[tuple[str, Any], ...]:
+        """The settings a parameter's group holds apart from the optimizer's defaults."""
+        if router_lr != 1.0 and is_router(name):
+            return (("lr_scale", router_lr),)
+        if not is_routed_expert(name):
+            return ()
+        lr_scale = (("lr_scale", expert_lr),) if expert_lr != 1.0 else ()
+        beta2 = (("betas", (betas[0], expert_beta2)),) if own_beta2 and id(p) not in muon else ()
+        return lr_scale + beta2
+
+    groups: dict[tuple[bool, bool, tuple, int], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        router = router_lr != 1.0 and is_router(name)
-        expert = is_routed_expert(name) and (own_lr or (own_beta2 and id(p) not in muon))
         mesh = id(getattr(p, "device_mesh", None))
-        groups.setdefault((id(p) in muon, p.dim() >= 2, router, expert, mesh), []).append(p)
+        key = (id(p) in muon, p.dim() >= 2, own_settings(name, p), mesh)
+        groups.setdefault(key, []).append(p)
     param_groups = [
         {"params": params, "weight_decay": weight_decay if decay else 0.0}
         | ({"muon": True} if is_muon else {})
-        | ({"lr_scale": router_lr} if router else {})
-        | ({"lr_scale": expert_lr} if expert and own_lr else {})
-        | ({"betas": (betas[0], expert_beta2)} if expert and own_beta2 and not is_muon else {})
-        for (is_muon, decay, router, expert, _), params in sorted(
-            groups.items(), key=lambda kv: not kv[0][1]
-        )
+        | dict(own)
+        for (is_muon, decay, own, _), params in sorted(groups.items(), key=lambda kv: not kv[0][1])
     ]
     if kind == "muon":
         from nanoseek.train.muon import MuonAdamW

@@ -182,6 +182,29 @@ def test_routed_experts_take_their_own_lr():
         make_config(preset="tiny", tokens=1e5, expert_lr=0.0)
 
 
+def test_routed_experts_take_their_own_weight_decay():
+    """--expert-weight-decay: the routed experts (and only they) decay at their own rate; the
+    other matrices keep --weight-decay and the norms none; a bad value is a one-line error."""
+    model = Transformer(get_preset("tiny"))
+    experts = {id(m.experts.w13) for m in model.moe_layers()} | {
+        id(m.experts.w2) for m in model.moe_layers()
+    }
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.1, expert_weight_decay=0.0)
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's update is 0: only the decay moves a weight
+    opt.step()
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        shrink = 0.0 if id(p) in experts or p.dim() < 2 else 1e-2 * 0.1
+        torch.testing.assert_close(p.detach(), before[id(p)] * (1 - shrink))
+    same = build_optimizer(model, lr=1e-3, weight_decay=0.1, expert_weight_decay=0.1)
+    assert len(same.param_groups) == 2  # the default decay already: no group of its own
+    with pytest.raises(TrainError, match="expert_weight_decay must be >= 0"):
+        make_config(preset="tiny", tokens=1e5, expert_weight_decay=-0.1)
+
+
 # --- runtime, budget, run state ------------------------------------------------------------
 
 

@@ -140,6 +140,10 @@ class TrainConfig(RunConfig):
         default="adamw",
     )
     weight_decay: float = _h("AdamW weight decay (matrices only)", default=0.1)
+    expert_weight_decay: float | None = _h(
+        "weight decay of the routed experts alone (default: --weight-decay)",
+        default=None,
+    )
     beta1: float = _h("AdamW beta1", default=0.9)
     beta2: float = _h("AdamW beta2", default=0.95)
     expert_beta2: float | None = _h(
@@ -288,6 +292,10 @@ class TrainConfig(RunConfig):
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.router_lr >= 0, f"router_lr must be >= 0, got {self.router_lr}")
         need(self.expert_lr > 0, f"expert_lr must be > 0, got {self.expert_lr}")
+        need(
+            self.expert_weight_decay is None or self.expert_weight_decay >= 0,
+            f"expert_weight_decay must be >= 0, got {self.expert_weight_decay}",
+        )
         need(self.gamma_tokens >= 0, f"gamma_tokens must be >= 0, got {self.gamma_tokens}")
         need(
             self.gamma_decay is None or (self.gamma_decay >= 0 and self.schedule == "wsd"),
@@ -373,6 +381,7 @@ IDENTITY = (
     "decay_shape",
     "optimizer",
     "weight_decay",
+    "expert_weight_decay",
     "beta1",
     "beta2",
     "expert_beta2",
@@ -397,6 +406,7 @@ LEGACY = {
     "expert_beta2": None,
     "decay_shape": "linear",
     "expert_lr": 1.0,
+    "expert_weight_decay": None,
 }
 
 

@@ -185,6 +185,7 @@ def start_training(
         tc.optim_states,
         tc.expert_beta2,
         tc.expert_lr,
+        tc.expert_weight_decay,
     )
     if found:
         restore_optimizer(found, model, optimizer)

@@ -79,6 +79,7 @@ def build_optimizer(
     states: str = "fp32",
     expert_beta2: float | None = None,
     expert_lr: float = 1.0,
+    expert_weight_decay: float | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (`kind` "adamw"), or Muon for the blocks' weight matrices and AdamW for the rest
     ("muon", train/muon.py). Weight decay on matrices only, not on norms (nor biases). The
@@ -86,8 +87,9 @@ def build_optimizer(
     applied by set_lr). Under FSDP2 / EP the parameters sharded alike share a group (one
     fused kernel cannot mix whole and sharded tensors, or two meshes). `states` "bf16" keeps
     AdamW's moments in bf16 (DeepSeek-V3's recipe, train/adamw.py); "fp32" is torch's fused
-    AdamW. `expert_beta2`: the routed experts' AdamW beta2, and `expert_lr`: their learning
-    rate as a fraction of the rest's (a group of their own where either differs)."""
+    AdamW. `expert_beta2`: the routed experts' AdamW beta2, `expert_lr`: their learning rate as
+    a fraction of the rest's, and `expert_weight_decay` their weight decay (a group of their
+    own where any differs)."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {kind!r}; use one of {', '.join(OPTIMIZERS)}")
     if states not in OPTIMIZER_STATES:
@@ -102,6 +104,7 @@ def build_optimizer(
 
         muon = {id(p) for p in muon_parameters(model)[0]}
     own_beta2 = expert_beta2 is not None and expert_beta2 != betas[1]
+    own_wd = expert_weight_decay is not None and expert_weight_decay != weight_decay
 
     def own_settings(name: str, p: nn.Parameter) -> tuple[tuple[str, Any], ...]:
         """The settings a parameter's group holds apart from the optimizer's defaults."""
@@ -111,7 +114,8 @@ def build_optimizer(
             return ()
         lr_scale = (("lr_scale", expert_lr),) if expert_lr != 1.0 else ()
         beta2 = (("betas", (betas[0], expert_beta2)),) if own_beta2 and id(p) not in muon else ()
-        return lr_scale + beta2
+        wd = (("weight_decay", expert_weight_decay),) if own_wd else ()
+        return lr_scale + beta2 + wd
 
     groups: dict[tuple[bool, bool, tuple, int], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():

@@ -133,13 +133,16 @@ def test_routers_train_at_router_lr():
     assert all("lr_scale" not in g for g in plain.param_groups) and len(plain.param_groups) == 2
 
 
+def routed_expert_ids(model: Transformer) -> set[int]:
+    """ids of the routed experts' stacked weights (not the shared experts', not the routers')."""
+    return {id(w) for m in model.moe_layers() for w in (m.experts.w13, m.experts.w2)}
+
+
 def test_routed_experts_take_their_own_beta2():
     """--expert-beta2: the routed experts' second moments (and only theirs, not the shared
     experts' or the routers') average at their own beta2; unset, the groups are as before."""
     model = Transformer(get_preset("tiny"))
-    experts = {id(m.experts.w13) for m in model.moe_layers()} | {
-        id(m.experts.w2) for m in model.moe_layers()
-    }
+    experts = routed_expert_ids(model)
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99), expert_beta2=0.5)
     for scale in (1.0, 2.0):  # v = b2 (1 - b2) + (1 - b2) 4 after two steps
         for p in model.parameters():
@@ -160,9 +163,7 @@ def test_routed_experts_take_their_own_lr():
     routers, which keep router_lr) step at expert_lr x the learning rate, under AdamW and
     Muon alike; a bad value is a one-line error."""
     model = Transformer(get_preset("tiny"))
-    experts = {id(m.experts.w13) for m in model.moe_layers()} | {
-        id(m.experts.w2) for m in model.moe_layers()
-    }
+    experts = routed_expert_ids(model)
     routers = {id(m.gate.weight) for m in model.moe_layers()}
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.0, router_lr=0.1, expert_lr=0.5)
     set_lr(opt, 2e-3)
@@ -186,9 +187,7 @@ def test_routed_experts_take_their_own_weight_decay():
     """--expert-weight-decay: the routed experts (and only they) decay at their own rate; the
     other matrices keep --weight-decay and the norms none; a bad value is a one-line error."""
     model = Transformer(get_preset("tiny"))
-    experts = {id(m.experts.w13) for m in model.moe_layers()} | {
-        id(m.experts.w2) for m in model.moe_layers()
-    }
+    experts = routed_expert_ids(model)
     opt = build_optimizer(model, lr=1e-2, weight_decay=0.1, expert_weight_decay=0.0)
     before = {id(p): p.detach().clone() for p in model.parameters()}
     for p in model.parameters():

@@ -114,7 +114,8 @@ def build_optimizer(
             return ()
         lr_scale = (("lr_scale", expert_lr),) if expert_lr != 1.0 else ()
         beta2 = (("betas", (betas[0], expert_beta2)),) if own_beta2 and id(p) not in muon else ()
-        wd = (("weight_decay", expert_weight_decay),) if own_wd else ()
+        # matrices only, as the shared decay: a 1-D expert weight would keep no decay
+        wd = (("weight_decay", expert_weight_decay),) if own_wd and p.dim() >= 2 else ()
         return lr_scale + beta2 + wd
 
     groups: dict[tuple[bool, bool, tuple, int], list[nn.Parameter]] = {}

@@ -7,7 +7,7 @@ model's (`dense-small`: same activated parameters) final validation loss with le
                                       [--train KEY=VALUE ...]
                                       [--moe-train KEY=VALUE ...] [--moe-budget FRACTION]
                                       [--recipe KEY=VALUE[,KEY=VALUE...] ...] [--branches F,F]
-                                      [--report]
+                                      [--report | --resume]
 
 Both train on the same shards, batches and token budget with the same recipe (but what
 --moe-lr / --moe-train change); validation loss is measured every --eval-every steps on the
@@ -39,7 +39,12 @@ budgets must be below B, the MoE run's own. A table gives each budget's decayed 
 training time against the dense model's, and the budget where the MoE's decayed loss meets
 the dense final loss, interpolated (where no two budgets bracket it, extrapolated from the two
 nearest and printed as an estimate). --report trains nothing: given the flags of a finished
-benchmark, it prints and plots the runs in --out again. Prints a table, the MoE's lead over
+benchmark, it prints and plots the runs in --out again. --resume, given with the flags a
+killed benchmark was started with, goes on with its runs, each from its last checkpoint
+(add --train save_every=N for the dense run to keep one; the MoE keeps one at every
+evaluation with --branches), so a run longer than a sitting can span several; the wall
+times add up over the pieces, so compare them only where every piece ran on one kind of
+machine (the tokens/s ratio, both read over the same seconds, holds either way). Prints a table, the MoE's lead over
 the run (at 25/50/75/100% of the tokens), the lead as a compute multiplier read before
 either run's decay (`token_multiplier`: the dense tokens for the MoE's loss over the MoE's
 tokens) and the share of the dense wall time it implies, where it reaches the dense final
@@ -74,7 +79,7 @@ from nanoseek.config import ModelConfig, dense_twin, get_preset, param_counts
 from nanoseek.data import prepare
 from nanoseek.device import preload_tcmalloc, resolve_device
 from nanoseek.train import TrainConfig, make_config, train
-from nanoseek.train.checkpoint import read_train_state
+from nanoseek.train.checkpoint import find_checkpoint, read_train_state
 from nanoseek.train.metrics import read_metrics
 from nanoseek.utils import format_table, human
 
@@ -425,7 +430,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="train nothing: print and plot the runs already in --out (give the flags they "
         "were trained with)",
     )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with the runs in --out where they stopped (each from its last checkpoint; "
+        "give the flags they were started with); runs never started start afresh",
+    )
     args = ap.parse_args(argv)
+    if args.resume and args.report:
+        raise SystemExit("--report reads finished runs; --resume trains: not both")
     if not 0 < args.moe_budget <= 1:
         raise SystemExit(f"--moe-budget must be in (0, 1], got {args.moe_budget}")
     if args.branches and len(args.recipe) > 1:
@@ -560,13 +573,27 @@ def print_comparison(
         )
 
 
+def continued(tc: TrainConfig) -> TrainConfig:
+    """--resume: a run that left a checkpoint goes on from it (a finished one is only read
+    back); one that never saved starts afresh."""
+    if find_checkpoint(Path(tc.out) / "ckpt") is None:
+        return tc
+    print(f"resuming {tc.out}", flush=True)  # a branch goes on; it does not branch again
+    return dataclasses.replace(tc, resume=True, overwrite=False, decay_from=None)
+
+
 def branch_configs(
-    trunk: TrainConfig, fractions: list[float], budget: float, side_by_side: bool
+    trunk: TrainConfig,
+    fractions: list[float],
+    budget: float,
+    side_by_side: bool,
+    resume: bool = False,
 ) -> dict[str, TrainConfig]:
     """The MoE's decay branches (its run `trunk` kept its checkpoints), by run directory
     name: one for each fraction of the dense model's token `budget`, from the kept checkpoint
     of the trunk's stable phase nearest where that budget's decay starts. The kept checkpoints
-    not branched from are removed (each holds the weights and AdamW moments)."""
+    not branched from are removed (each holds the weights and AdamW moments); `resume`: a
+    branch that left a checkpoint goes on from it."""
     out, start = Path(trunk.out), 1 - trunk.decay_frac
     kept = {p: read_train_state(p).tokens for p in sorted(out.glob("ckpt-*"))}
     stable = {p: t for p, t in kept.items() if t <= start * trunk.tokens}  # a branch starts there
@@ -576,7 +603,7 @@ def branch_configs(
     for p in kept.keys() - set(picks):
         shutil.rmtree(p)
     print(f"decaying the MoE from {len(picks)} of its checkpoints", flush=True)
-    return {
+    branches = {
         f"small-decay-{p.name[5:]}": make_config(
             decay_from=str(p),
             out=str(out.with_name(f"small-decay-{p.name[5:]}")),
@@ -586,6 +613,7 @@ def branch_configs(
         )
         for p in picks
     }
+    return {name: continued(tc) for name, tc in branches.items()} if resume else branches
 
 
 def read_runs(configs: dict[str, TrainConfig]) -> dict[str, dict]:
@@ -753,11 +781,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"training small and dense-small on {human(args.tokens)} tokens, {how}{which}",
                 flush=True,
             )
+            if args.resume:
+                configs = {preset: continued(tc) for preset, tc in configs.items()}
             then = None  # the MoE's decay branches, once its run has ended
             if args.branches:
                 trunk = configs["small"]
                 then = functools.partial(
-                    branch_configs, trunk, args.branches, args.tokens, side_by_side
+                    branch_configs, trunk, args.branches, args.tokens, side_by_side, args.resume
                 )
             done = run_both(configs, side_by_side, then)
         trials.append(Trial(recipe, configs, {p: done.pop(p) for p in configs}))

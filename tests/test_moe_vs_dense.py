@@ -388,6 +388,68 @@ def test_branches_below_a_shorter_moe_run_and_the_report_of_them(tmp_path, capsy
         main([*args[:-2], "--out", str(tmp_path / "none"), "--report"])
 
 
+def test_resume_goes_on_with_a_killed_benchmarks_runs(tmp_path, monkeypatch, capsys):
+    """A benchmark stopped in its first decay branch (after that branch's checkpoint at step
+    36), then given --resume: the finished MoE and dense runs are read back, not trained
+    again; the stopped branch goes on from its checkpoint and the unstarted one starts, and
+    every run ends at the loss of the same benchmark run through (resume is exact)."""
+    import json
+
+    import benchmarks.moe_vs_dense as bench
+    import nanoseek.train.pretrain as pretrain
+
+    def flags(where: Path) -> list[str]:
+        where.mkdir()
+        args = tiny_pair_args(where, 10240)  # 80 dense steps of 128 tokens
+        args += ["--moe-train", "gamma_tokens=8192", "--moe-budget", "0.75"]
+        return [*args, "--branches", "0.5,0.625", "--train", "save_every=4"]
+
+    bench.main(flags(tmp_path / "through"))
+    through = tmp_path / "through" / "runs"
+
+    original, branching = pretrain.end_of_step, []
+
+    def stop_in_the_first_branch(state, *args):
+        original(state, *args)
+        if branching and state.step == 37:  # the branch from step 32 saved at 36
+            raise KeyboardInterrupt
+
+    def branch_configs(*args):
+        branching.append(True)
+        return original_branches(*args)
+
+    original_branches = bench.branch_configs
+    monkeypatch.setattr(pretrain, "end_of_step", stop_in_the_first_branch)
+    monkeypatch.setattr(bench, "branch_configs", branch_configs)
+    args = flags(tmp_path / "stopped")
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(args)
+    monkeypatch.undo()
+    runs = tmp_path / "stopped" / "runs"
+    assert not (runs / "small-decay-0000032" / "summary.json").exists()
+    assert not (runs / "small-decay-0000040").exists()
+    lines = {p: len((runs / p / "metrics.jsonl").read_text().splitlines()) for p in ROLES}
+    capsys.readouterr()
+
+    bench.main([*args, "--resume"])
+    out = capsys.readouterr().out
+    for name in (*ROLES, "small-decay-0000032"):
+        assert f"resuming {runs / name}" in out
+    assert f"resuming {runs / 'small-decay-0000040'}" not in out
+    for p in ROLES:  # read back, not trained again
+        assert len((runs / p / "metrics.jsonl").read_text().splitlines()) == lines[p]
+    for name in (*ROLES, "small-decay-0000032", "small-decay-0000040"):
+        resumed = json.loads((runs / name / "summary.json").read_text())
+        reference = json.loads((through / name / "summary.json").read_text())
+        assert resumed["tokens_seen"] == reference["tokens_seen"]
+        assert resumed["final_val_loss"] == reference["final_val_loss"], name
+    with pytest.raises(SystemExit, match="not both"):
+        bench.main([*args, "--resume", "--report"])
+
+
+ROLES = ("small", "dense-small")
+
+
 def test_train_throughput_times_the_pair_this_benchmark_trains():
     from benchmarks.train_throughput import preset_configs
     from nanoseek.config import get_preset

@@ -44,13 +44,13 @@ killed benchmark was started with, goes on with its runs, each from its last che
 (add --train save_every=N for the dense run to keep one; the MoE keeps one at every
 evaluation with --branches), so a run longer than a sitting can span several; the wall
 times add up over the pieces, so compare them only where every piece ran on one kind of
-machine (the tokens/s ratio, both read over the same seconds, holds either way). Prints a table, the MoE's lead over
-the run (at 25/50/75/100% of the tokens), the lead as a compute multiplier read before
-either run's decay (`token_multiplier`: the dense tokens for the MoE's loss over the MoE's
-tokens) and the share of the dense wall time it implies, where it reaches the dense final
-loss, its expert load (the worst early in the run, where tokens herd onto few experts, and
-at the end), and saves docs/moe_vs_dense.png (validation loss against training FLOPs and
-against wall time).
+machine (the tokens/s ratio, both read over the same seconds, holds either way). Prints a
+table, the MoE's lead over the run (at 25/50/75/100% of the tokens), the lead as a compute
+multiplier read before either run's decay (`token_multiplier`: the dense tokens for the
+MoE's loss over the MoE's tokens) and the share of the dense wall time it implies, where it
+reaches the dense final loss, its expert load (the worst early in the run, where tokens
+herd onto few experts, and at the end), and saves docs/moe_vs_dense.png (validation loss
+against training FLOPs and against wall time).
 Like `nanoseek train`, it runs on tcmalloc where that is installed (NANOSEEK_TCMALLOC=0: glibc).
 """
 

@@ -34,6 +34,8 @@ TINY_PAIR = [
     ).split()
 ]
 
+ROLES = ("small", "dense-small")  # the MoE's and the dense model's run directories
+
 
 def tiny_pair_args(tmp_path: Path, tokens: int) -> list[str]:
     """The benchmark's flags for the tiny pair on a tiny corpus, one model after the other,
@@ -445,9 +447,6 @@ def test_resume_goes_on_with_a_killed_benchmarks_runs(tmp_path, monkeypatch, cap
         assert resumed["final_val_loss"] == reference["final_val_loss"], name
     with pytest.raises(SystemExit, match="not both"):
         bench.main([*args, "--resume", "--report"])
-
-
-ROLES = ("small", "dense-small")
 
 
 def test_train_throughput_times_the_pair_this_benchmark_trains():

@@ -15,7 +15,8 @@ same windows. By default the two trainings run side by side, at the same time, e
 the cores: a shared machine's drift (other jobs, clock and cache state) then falls on both
 alike, which two 15-minute runs one after the other did not give (their tokens/s ratio moved
 by 0.1 between sessions); on Linux the two trainings end with the benchmark, however it is
-killed. --sequential runs them one after the other on all the cores; on a
+killed. Side by side they draw no progress bars: every ten minutes a line says where each
+run stands (tokens of its budget, last validation loss, speed, time left). --sequential runs them one after the other on all the cores; on a
 GPU (`--train device=cuda`, or `auto` where there is one) they always run one after the
 other. --model KEY=VALUE overrides a field of both models' configs (their shape: e.g.
 --model hidden_size=384 --model moe_intermediate_size=384), the dense model's MLP kept as
@@ -67,8 +68,9 @@ import shutil
 import signal
 import sys
 import textwrap
+import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -330,7 +332,8 @@ def run_both(
     each sets its own thread count), or one after the other in this process. `then`, called
     when the MoE's run ("small") has ended, gives more configs (its decay branches): side by
     side they start at once, in the slot it frees, beside the dense run if that is still
-    training; else after the rest."""
+    training; else after the rest. Side by side, where no progress bars are drawn, a line
+    every PROGRESS_EVERY seconds says where each run stands."""
     if not side_by_side:
         done = {name: train(tc) for name, tc in configs.items()}
         return done | {name: train(tc) for name, tc in (then() if then else {}).items()}
@@ -340,9 +343,55 @@ def run_both(
     ) as pool:
         futures = {name: pool.submit(train, tc) for name, tc in configs.items()}
         if then:
-            futures["small"].result()
-            futures |= {name: pool.submit(train, tc) for name, tc in then().items()}
+            wait_showing_progress(futures, configs, futures["small"])
+            branches = then()
+            configs = {**configs, **branches}
+            futures |= {name: pool.submit(train, tc) for name, tc in branches.items()}
+        wait_showing_progress(futures, configs)
         return {name: f.result() for name, f in futures.items()}
+
+
+PROGRESS_EVERY = 600.0  # seconds between progress lines while runs train side by side
+
+
+def wait_showing_progress(
+    futures: dict[str, Future],
+    configs: dict[str, TrainConfig],
+    until: Future | None = None,
+    every: float | None = None,
+) -> None:
+    """Wait for `until` (else for every run), printing where each unfinished run stands every
+    `every` seconds: side by side the runs draw no progress bars, and a pair on 60M tokens
+    trains for hours."""
+    every = PROGRESS_EVERY if every is None else every
+    while wait([until] if until else list(futures.values()), timeout=every).not_done:
+        lines = [run_progress(n, Path(configs[n].out)) for n, f in futures.items() if not f.done()]
+        print(f"[{time.strftime('%H:%M')}] " + " | ".join(lines), flush=True)
+
+
+def run_progress(name: str, run: Path, window: float = 300.0) -> str:
+    """One run's place, read from its directory: tokens of its budget, its last validation
+    loss, its speed over the last `window` training seconds and the time left at that speed."""
+    recs = read_metrics(run / "metrics.jsonl")
+    steps = [r for r in recs if "tok_per_s" in r]
+    if not steps:
+        return f"{name}: starting"
+    last = steps[-1]
+    since = next(r for r in steps if r["train_seconds"] >= last["train_seconds"] - window)
+    seconds = last["train_seconds"] - since["train_seconds"]
+    rate = (last["tokens"] - since["tokens"]) / seconds if seconds > 0 else last["tok_per_s"]
+    budget = json.loads((run / "train_config.json").read_text()).get("tokens")
+    line = f"{name}: {human(last['tokens'])}"
+    if budget:
+        line += f" of {human(budget)} tokens ({last['tokens'] / budget:.0%})"
+    vals = [r for r in recs if "val_loss" in r]
+    if vals:
+        line += f", val {vals[-1]['val_loss']:.4f} at {human(vals[-1]['tokens'])}"
+    line += f", {rate:,.0f} tokens/s"
+    if budget and rate > 0:
+        left = max(budget - last["tokens"], 0) / rate
+        line += f", ~{left / 3600:.1f} h left" if left >= 3600 else f", ~{left / 60:.0f} min left"
+    return line
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -268,6 +268,73 @@ def test_side_by_side_the_branches_start_in_the_slot_the_moe_run_frees(monkeypat
     assert second[1] >= first[2] and second[2] < dense_end  # the slot the first one freed
 
 
+def write_run(run: Path, budget: float | None, steps: list[tuple[int, float]], vals: list[int]):
+    """A run directory as training leaves it: train_config.json with its token budget and
+    metrics.jsonl with a record for each (tokens, train seconds), a validation record after
+    each tokens count in `vals`."""
+    import json
+
+    run.mkdir(parents=True)
+    (run / "train_config.json").write_text(json.dumps({"tokens": budget}))
+    recs = []
+    for i, (tokens, secs) in enumerate(steps):
+        recs.append({"step": i + 1, "tokens": tokens, "tok_per_s": 1.0, "train_seconds": secs})
+        if tokens in vals:
+            recs.append({"step": i + 1, "tokens": tokens, "val_loss": 3.0 - tokens / 1e6})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_run_progress_reads_tokens_loss_recent_speed_and_time_left(tmp_path):
+    from benchmarks.moe_vs_dense import run_progress
+
+    # 1,000 tokens/s for 400 s, then 2,000 tokens/s: the last 300 s read 2,000
+    steps = [(t * 1000, float(t)) for t in range(0, 400, 10)]
+    steps += [(400_000 + 2000 * t, 400.0 + t) for t in range(10, 310, 10)]
+    write_run(tmp_path / "a", 4e6, steps, vals=[200_000, 600_000])
+    line = run_progress("small", tmp_path / "a")
+    # (4M - 1M tokens) / 2,000 tokens/s = 1,500 s
+    assert line == "small: 1M of 4M tokens (25%), val 2.4000 at 600K, 2,000 tokens/s, ~25 min left"
+    write_run(tmp_path / "b", 1e6, [(0, 0.0), (900_000, 100.0), (918_000, 102.0)], vals=[])
+    assert run_progress("b", tmp_path / "b").endswith("(92%), 9,000 tokens/s, ~0 min left")
+    write_run(tmp_path / "c", None, [(10_000, 5.0)], vals=[])  # one record, no budget
+    assert run_progress("c", tmp_path / "c") == "c: 10K, 1 tokens/s"
+    (tmp_path / "d").mkdir()
+    assert run_progress("d", tmp_path / "d") == "d: starting"
+
+
+def test_waiting_side_by_side_prints_where_each_unfinished_run_stands(tmp_path, capsys):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from benchmarks.moe_vs_dense import wait_showing_progress
+
+    write_run(tmp_path / "moe", 2e6, [(0, 0.0), (500_000, 100.0)], vals=[500_000])
+    write_run(tmp_path / "dense", 2e6, [(0, 0.0), (400_000, 100.0)], vals=[])
+    configs = {"small": SimpleNamespace(out=tmp_path / "moe")}
+    configs["dense-small"] = SimpleNamespace(out=tmp_path / "dense")
+    moe_done, dense_done = threading.Event(), threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        futures = {
+            "small": pool.submit(moe_done.wait, 9),
+            "dense-small": pool.submit(dense_done.wait, 9),
+        }
+        threading.Timer(0.3, moe_done.set).start()
+        wait_showing_progress(futures, configs, futures["small"], every=0.05)
+        assert futures["small"].done() and not futures["dense-small"].done()
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) >= 3  # about one a 0.05 s until the MoE's run ended
+        assert all(" small: 500K of 2M tokens (25%), val 2.5000 at 500K" in x for x in lines)
+        assert all(
+            "| dense-small: 400K of 2M tokens (20%), 4,000 tokens/s, ~7 min left" in x
+            for x in lines
+        )
+        threading.Timer(0.2, dense_done.set).start()
+        wait_showing_progress(futures, configs, every=0.05)  # every run: the dense one alone
+        lines = capsys.readouterr().out.splitlines()
+        assert lines and all("small" not in x.replace("dense-small", "") for x in lines)
+
+
 def write_pid_and_sleep(job: tuple[str, float]) -> None:
     """A training stand-in that says which process it is, then outlives the test."""
     import os

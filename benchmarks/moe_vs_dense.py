@@ -16,9 +16,9 @@ the cores: a shared machine's drift (other jobs, clock and cache state) then fal
 alike, which two 15-minute runs one after the other did not give (their tokens/s ratio moved
 by 0.1 between sessions); on Linux the two trainings end with the benchmark, however it is
 killed. Side by side they draw no progress bars: every ten minutes a line says where each
-run stands (tokens of its budget, last validation loss, speed, time left). --sequential runs them one after the other on all the cores; on a
-GPU (`--train device=cuda`, or `auto` where there is one) they always run one after the
-other. --model KEY=VALUE overrides a field of both models' configs (their shape: e.g.
+run stands (tokens of its budget, last validation loss, speed, time left). --sequential
+runs them one after the other on all the cores; on a GPU (`--train device=cuda`, or `auto`
+where there is one) they always run one after the other. --model KEY=VALUE overrides a field of both models' configs (their shape: e.g.
 --model hidden_size=384 --model moe_intermediate_size=384), the dense model's MLP kept as
 wide as the MoE's shared and routed experts a token; --moe KEY=VALUE then a field of the
 MoE's alone (e.g. --moe routed_scaling_factor=1.0) to try a recipe; --train KEY=VALUE a
@@ -389,9 +389,14 @@ def run_progress(name: str, run: Path, window: float = 300.0) -> str:
         line += f", val {vals[-1]['val_loss']:.4f} at {human(vals[-1]['tokens'])}"
     line += f", {rate:,.0f} tokens/s"
     if budget and rate > 0:
-        left = max(budget - last["tokens"], 0) / rate
-        line += f", ~{left / 3600:.1f} h left" if left >= 3600 else f", ~{left / 60:.0f} min left"
+        line += ", " + time_left(max(budget - last["tokens"], 0) / rate)
     return line
+
+
+def time_left(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"~{seconds / 3600:.1f} h left"
+    return f"~{seconds / 60:.0f} min left" if seconds >= 60 else "under a minute left"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -268,7 +268,9 @@ def test_side_by_side_the_branches_start_in_the_slot_the_moe_run_frees(monkeypat
     assert second[1] >= first[2] and second[2] < dense_end  # the slot the first one freed
 
 
-def write_run(run: Path, budget: float | None, steps: list[tuple[int, float]], vals: list[int]):
+def write_run(
+    run: Path, budget: float | None, steps: list[tuple[int, float]], vals: list[int]
+) -> None:
     """A run directory as training leaves it: train_config.json with its token budget and
     metrics.jsonl with a record for each (tokens, train seconds), a validation record after
     each tokens count in `vals`."""
@@ -295,7 +297,7 @@ def test_run_progress_reads_tokens_loss_recent_speed_and_time_left(tmp_path):
     # (4M - 1M tokens) / 2,000 tokens/s = 1,500 s
     assert line == "small: 1M of 4M tokens (25%), val 2.4000 at 600K, 2,000 tokens/s, ~25 min left"
     write_run(tmp_path / "b", 1e6, [(0, 0.0), (900_000, 100.0), (918_000, 102.0)], vals=[])
-    assert run_progress("b", tmp_path / "b").endswith("(92%), 9,000 tokens/s, ~0 min left")
+    assert run_progress("b", tmp_path / "b").endswith("(92%), 9,000 tokens/s, under a minute left")
     write_run(tmp_path / "c", None, [(10_000, 5.0)], vals=[])  # one record, no budget
     assert run_progress("c", tmp_path / "c") == "c: 10K, 1 tokens/s"
     (tmp_path / "d").mkdir()
@@ -319,11 +321,11 @@ def test_waiting_side_by_side_prints_where_each_unfinished_run_stands(tmp_path, 
             "small": pool.submit(moe_done.wait, 9),
             "dense-small": pool.submit(dense_done.wait, 9),
         }
-        threading.Timer(0.3, moe_done.set).start()
+        threading.Timer(0.5, moe_done.set).start()
         wait_showing_progress(futures, configs, futures["small"], every=0.05)
         assert futures["small"].done() and not futures["dense-small"].done()
         lines = capsys.readouterr().out.splitlines()
-        assert len(lines) >= 3  # about one a 0.05 s until the MoE's run ended
+        assert len(lines) >= 3  # about one a 0.05 s until the MoE's run ends at 0.5 s
         assert all(" small: 500K of 2M tokens (25%), val 2.5000 at 500K" in x for x in lines)
         assert all(
             "| dense-small: 400K of 2M tokens (20%), 4,000 tokens/s, ~7 min left" in x

@@ -18,8 +18,9 @@ by 0.1 between sessions); on Linux the two trainings end with the benchmark, how
 killed. Side by side they draw no progress bars: every ten minutes a line says where each
 run stands (tokens of its budget, last validation loss, speed, time left). --sequential
 runs them one after the other on all the cores; on a GPU (`--train device=cuda`, or `auto`
-where there is one) they always run one after the other. --model KEY=VALUE overrides a field of both models' configs (their shape: e.g.
---model hidden_size=384 --model moe_intermediate_size=384), the dense model's MLP kept as
+where there is one) they always run one after the other. --model KEY=VALUE overrides a
+field of both models' configs (their shape: e.g. --model hidden_size=384 --model
+moe_intermediate_size=384), the dense model's MLP kept as
 wide as the MoE's shared and routed experts a token; --moe KEY=VALUE then a field of the
 MoE's alone (e.g. --moe routed_scaling_factor=1.0) to try a recipe; --train KEY=VALUE a
 training setting of both (e.g. --train batch_size=16), --moe-train KEY=VALUE one of the

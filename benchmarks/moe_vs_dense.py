@@ -375,8 +375,8 @@ def run_progress(name: str, run: Path, window: float = 300.0) -> str:
     loss, its speed over the last `window` training seconds and the time left at that speed."""
     recs = read_metrics(run / "metrics.jsonl")
     steps = [r for r in recs if "tok_per_s" in r]
-    if not steps:
-        return f"{name}: starting"
+    if not steps:  # queued for a free core, or loading before its first step
+        return f"{name}: waiting to start"
     last = steps[-1]
     since = next(r for r in steps if r["train_seconds"] >= last["train_seconds"] - window)
     seconds = last["train_seconds"] - since["train_seconds"]

@@ -301,7 +301,7 @@ def test_run_progress_reads_tokens_loss_recent_speed_and_time_left(tmp_path):
     write_run(tmp_path / "c", None, [(10_000, 5.0)], vals=[])  # one record, no budget
     assert run_progress("c", tmp_path / "c") == "c: 10K, 1 tokens/s"
     (tmp_path / "d").mkdir()
-    assert run_progress("d", tmp_path / "d") == "d: starting"
+    assert run_progress("d", tmp_path / "d") == "d: waiting to start"
 
 
 def test_waiting_side_by_side_prints_where_each_unfinished_run_stands(tmp_path, capsys):

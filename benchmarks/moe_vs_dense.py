@@ -51,8 +51,9 @@ table, the MoE's lead over the run (at 25/50/75/100% of the tokens), the lead as
 multiplier read before either run's decay (`token_multiplier`: the dense tokens for the
 MoE's loss over the MoE's tokens) and the share of the dense wall time it implies, where it
 reaches the dense final loss, its expert load (the worst early in the run, where tokens
-herd onto few experts, and at the end), and saves docs/moe_vs_dense.png (validation loss
-against training FLOPs and against wall time).
+herd onto few experts, and at the end), and saves a plot of validation loss against training
+FLOPs and against wall time in --out (moe_vs_dense.png; --png puts it elsewhere), so a run
+never overwrites the README's figures.
 Like `nanoseek train`, it runs on tcmalloc where that is installed (NANOSEEK_TCMALLOC=0: glibc).
 """
 
@@ -410,7 +411,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--out", default="runs/moe_vs_dense")
     ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--png", default="docs/moe_vs_dense.png")
+    ap.add_argument("--png", default=None, help="the plot (default: OUT/moe_vs_dense.png)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="train both under torch.compile")
     ap.add_argument(
@@ -492,6 +493,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "give the flags they were started with); runs never started start afresh",
     )
     args = ap.parse_args(argv)
+    if args.png is None:
+        args.png = str(Path(args.out) / "moe_vs_dense.png")
     if args.resume and args.report:
         raise SystemExit("--report reads finished runs; --resume trains: not both")
     if not 0 < args.moe_budget <= 1:

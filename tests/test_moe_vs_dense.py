@@ -19,6 +19,7 @@ from benchmarks.moe_vs_dense import (
     lead_at,
     model_overrides,
     nearest_kept,
+    parse_args,
     parse_fractions,
     parse_recipe,
     runs_side_by_side,
@@ -114,6 +115,12 @@ def test_moe_budget_outside_zero_to_one_is_refused_before_training(budget):
 
     with pytest.raises(SystemExit, match="--moe-budget must be in"):
         main(["--moe-budget", budget])
+
+
+def test_the_plot_goes_into_the_run_dir_unless_png_says_elsewhere():
+    # a run must not overwrite the figures the README and docs/benchmarks.md show
+    assert parse_args(["--out", "runs/x"]).png == str(Path("runs/x") / "moe_vs_dense.png")
+    assert parse_args(["--out", "runs/x", "--png", "p.png"]).png == "p.png"
 
 
 def test_side_by_side_only_on_a_cpu_with_cores_to_split():

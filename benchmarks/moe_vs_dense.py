@@ -7,7 +7,7 @@ model's (`dense-small`: same activated parameters) final validation loss with le
                                       [--train KEY=VALUE ...]
                                       [--moe-train KEY=VALUE ...] [--moe-budget FRACTION]
                                       [--recipe KEY=VALUE[,KEY=VALUE...] ...] [--branches F,F]
-                                      [--report | --resume]
+                                      [--report | --resume] [--against OUT]
 
 Both train on the same shards, batches and token budget with the same recipe (but what
 --moe-lr / --moe-train change); validation loss is measured every --eval-every steps on the
@@ -41,7 +41,9 @@ budgets must be below B, the MoE run's own. A table gives each budget's decayed 
 training time against the dense model's, and the budget where the MoE's decayed loss meets
 the dense final loss, interpolated (where no two budgets bracket it, extrapolated from the two
 nearest and printed as an estimate). --report trains nothing: given the flags of a finished
-benchmark, it prints and plots the runs in --out again. --resume, given with the flags a
+benchmark, it prints and plots the runs in --out again; --against OUT sets them beside another
+finished run of the same flags but --seed (losses and leads at the same tokens, each pair's
+multiplier before the decay), so a lead can be told from one seed's luck. --resume, given with the flags a
 killed benchmark was started with, goes on with its runs, each from its last checkpoint
 (add --train save_every=N for the dense run to keep one; the MoE keeps one at every
 evaluation with --branches), so a run longer than a sitting can span several; the wall
@@ -185,14 +187,38 @@ def lead_at(
     leads: list[float | None] = []
     for f in fractions:
         t = f * dense["tokens"][-1]
-        # a run whose batch grew ends a step's worth of tokens off the other's end
-        inside = [c["tokens"][0] <= t <= c["tokens"][-1] * 1.001 for c in (moe, dense)]
-        if not all(inside):
-            leads.append(None)
-            continue
-        interp = [float(np.interp(t, c["tokens"], c["val"])) for c in (dense, moe)]
-        leads.append(interp[0] - interp[1])
+        d, m = loss_at(dense, t), loss_at(moe, t)
+        leads.append(None if d is None or m is None else d - m)
     return leads
+
+
+def beside_seed(
+    runs: dict[str, dict[str, np.ndarray]],
+    other: dict[str, dict[str, np.ndarray]],
+    fractions: list[float],
+) -> list[tuple[float, list[float | None]]]:
+    """Two pairs of runs of one benchmark (two seeds: `runs` and `other`, each by preset) at
+    the same tokens, each fraction of this pair's dense tokens -> (tokens, [MoE, dense, lead;
+    the other pair's MoE, dense, lead]), a loss None where its run does not reach that point
+    (a lead None where either of its pair's does not). Whether the MoE's lead is one seed's
+    luck shows in where the two leads part."""
+    rows = []
+    for f in fractions:
+        t = f * runs["dense-small"]["tokens"][-1]
+        row: list[float | None] = []
+        for pair in (runs, other):
+            moe, dense = (loss_at(pair[p], t) for p in ("small", "dense-small"))
+            row += [moe, dense, None if moe is None or dense is None else dense - moe]
+        rows.append((t, row))
+    return rows
+
+
+def loss_at(c: dict[str, np.ndarray], t: float) -> float | None:
+    """A run's validation loss at `t` tokens, interpolated linearly; None outside its curve
+    (a run whose batch grew ends a step's worth of tokens short: 0.1% counts as its end)."""
+    if not c["tokens"][0] <= t <= c["tokens"][-1] * 1.001:
+        return None
+    return float(np.interp(t, c["tokens"], c["val"]))
 
 
 def token_multiplier(
@@ -487,6 +513,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "were trained with)",
     )
     ap.add_argument(
+        "--against",
+        default=None,
+        metavar="OUT",
+        help="set the runs beside another finished run of this benchmark (its --out; the "
+        "same flags but --seed): losses and leads at the same tokens, both multipliers",
+    )
+    ap.add_argument(
         "--resume",
         action="store_true",
         help="go on with the runs in --out where they stopped (each from its last checkpoint; "
@@ -575,6 +608,15 @@ def print_models(summaries: dict[str, dict], models: dict[str, dict[str, Any]]) 
     return ratio
 
 
+def stable_tokens(configs: dict[str, TrainConfig]) -> dict[str, float | None]:
+    """Where each run's LR starts to fall (by preset): wsd's decay; cosine has no stable
+    phase (None)."""
+    return {
+        p: tc.tokens * (1 - tc.decay_frac) if tc.schedule == "wsd" and tc.tokens else None
+        for p, tc in configs.items()
+    }
+
+
 def print_comparison(
     configs: dict[str, TrainConfig],
     runs: dict[str, dict[str, np.ndarray]],
@@ -603,10 +645,7 @@ def print_comparison(
     quarters = [0.25, 0.5, 0.75, 1.0]
     leads = " / ".join("-" if x is None else f"{x:+.3f}" for x in lead_at(moe, dense, quarters))
     print(f"the MoE's lead (dense - MoE validation loss) at 25/50/75/100% of the tokens: {leads}")
-    stable = {  # where each run's LR starts to fall: wsd's decay; cosine has no stable phase
-        p: tc.tokens * (1 - tc.decay_frac) if tc.schedule == "wsd" and tc.tokens else None
-        for p, tc in configs.items()
-    }
+    stable = stable_tokens(configs)
     if stable["small"] and stable["dense-small"]:
         found = token_multiplier(moe, dense, stable["small"], stable["dense-small"])
         if found is not None:
@@ -629,6 +668,46 @@ def print_comparison(
             f"{f_reach / dense['flops'][-1]:.0%} of the dense training FLOPs and "
             f"{t_reach / dense['seconds'][-1]:.0%} of its training time"
         )
+
+
+def print_beside_seed(
+    runs: dict[str, dict[str, np.ndarray]], configs: dict[str, TrainConfig], against: Path
+) -> None:
+    """--against: this pair beside another finished pair of the same benchmark (another
+    seed), at every tenth of the dense tokens, and each pair's multiplier before the decay
+    (both read at this benchmark's schedules: give the same flags but --seed and --out)."""
+    missing = [p for p in ROLE if not (against / p / "summary.json").exists()]
+    if missing:
+        raise SystemExit(
+            f"--against: no finished run in {', '.join(str(against / p) for p in missing)}"
+        )
+    other = {p: curve(against / p) for p in ROLE}
+
+    def shown(i: int, x: float | None) -> str:  # a loss, or a lead (every third column)
+        return "" if x is None else f"{x:+.4f}" if i % 3 == 2 else f"{x:.4f}"
+
+    tenths = [i / 10 for i in range(1, 11)]
+    rows = [
+        (human(t), *(shown(i, x) for i, x in enumerate(row)))
+        for t, row in beside_seed(runs, other, tenths)
+    ]
+    head = ("tokens", "MoE", "dense", "lead", "MoE (against)", "dense (against)", "lead (against)")
+    print(f"\nbeside {against} (lead: dense - MoE validation loss at the same tokens):")
+    print(format_table(rows, header=head))
+    stable = stable_tokens(configs)
+    if stable["small"] and stable["dense-small"]:
+        found = [
+            token_multiplier(
+                pair["small"], pair["dense-small"], stable["small"], stable["dense-small"]
+            )
+            for pair in (runs, other)
+        ]
+        if all(found):
+            (m, n), (m_other, n_other) = found
+            print(
+                f"before the decay the dense model needs {m:.2f}x the MoE's tokens here "
+                f"({n} points), {m_other:.2f}x in {against} ({n_other} points)"
+            )
 
 
 def continued(tc: TrainConfig) -> TrainConfig:
@@ -889,6 +968,9 @@ def main(argv: list[str] | None = None) -> None:
         branches = {
             f"MoE decayed at {human(s['tokens_seen'])}": curve(d) for d, s in decayed.items()
         }
+
+    if args.against:
+        print_beside_seed(runs, configs, Path(args.against))
 
     budget = {"budget": f"{args.moe_budget:g}x"} if args.moe_budget != 1 else {}
     recipe = ", ".join(f"{k}={v}" for k, v in {**moe_model, **moe_only, **budget}.items())

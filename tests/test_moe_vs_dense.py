@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks.moe_vs_dense import (
+    beside_seed,
     best_of,
     expert_load,
     extrapolate_budget,
@@ -87,6 +88,26 @@ def test_lead_at_interpolates_both_curves_and_marks_points_a_short_run_lacks():
     # a ramped run ends a few tokens short of the other's end: its last loss is its final one
     moe_ramped = {"tokens": np.array([100.0, 200.0, 399.8]), "val": np.array([5.8, 4.9, 3.9])}
     assert lead_at(moe_ramped, dense, [1.0]) == pytest.approx([0.1])
+
+
+def test_beside_seed_sets_two_pairs_at_the_same_tokens():
+    """Each tenth of this pair's dense tokens: both pairs' losses and leads, interpolated;
+    a point one pair's MoE (on a shorter budget) does not reach has no loss and no lead."""
+    tokens = np.array([100.0, 200.0, 400.0])
+    runs = {
+        "small": {"tokens": np.array([100.0, 200.0, 300.0]), "val": np.array([5.8, 4.9, 4.6])},
+        "dense-small": {"tokens": tokens, "val": np.array([6.0, 5.0, 4.0])},
+    }
+    other = {
+        "small": {"tokens": tokens, "val": np.array([5.7, 4.7, 3.7])},
+        "dense-small": {"tokens": tokens, "val": np.array([6.1, 5.1, 4.1])},
+    }
+    rows = beside_seed(runs, other, [0.5, 0.75, 1.0])
+    assert [t for t, _ in rows] == [200.0, 300.0, 400.0]
+    assert rows[0][1] == pytest.approx([4.9, 5.0, 0.1, 4.7, 5.1, 0.4])
+    assert rows[1][1] == pytest.approx([4.6, 4.5, -0.1, 4.2, 4.6, 0.4])
+    assert rows[2][1][:3] == [None, 4.0, None]  # this MoE ended at 300 tokens
+    assert rows[2][1][3:] == pytest.approx([3.7, 4.1, 0.4])
 
 
 def test_token_multiplier_reads_the_lead_before_either_decay():
@@ -464,6 +485,17 @@ def test_branches_below_a_shorter_moe_run_and_the_report_of_them(tmp_path, capsy
     assert (tmp_path / "plot.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no finished run"):
         main([*args[:-2], "--out", str(tmp_path / "none"), "--report"])
+    main([*args, "--report", "--against", str(runs)])  # the pair beside itself: leads agree
+    beside = capsys.readouterr().out.split(f"beside {runs}")[1].splitlines()[2:12]
+    assert len(beside) == 10  # a row at every tenth of the dense tokens
+    final = json.loads((runs / "dense-small" / "summary.json").read_text())["final_val_loss"]
+    final = f"{final:.4f}"
+    assert beside[-1].split() == ["5.12K", final, final]  # the MoE ran on 75%: only the dense
+    for row in beside[:7]:  # up to 70%, both pairs' MoE, dense and lead, twice the same
+        cells = row.split()[1:]
+        assert len(cells) == 6 and cells[:3] == cells[3:]
+    with pytest.raises(SystemExit, match="--against: no finished run"):
+        main([*args, "--report", "--against", str(tmp_path / "none")])
 
 
 def test_resume_goes_on_with_a_killed_benchmarks_runs(tmp_path, monkeypatch, capsys):

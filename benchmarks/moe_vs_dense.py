@@ -41,10 +41,10 @@ budgets must be below B, the MoE run's own. A table gives each budget's decayed 
 training time against the dense model's, and the budget where the MoE's decayed loss meets
 the dense final loss, interpolated (where no two budgets bracket it, extrapolated from the two
 nearest and printed as an estimate). --report trains nothing: given the flags of a finished
-benchmark, it prints and plots the runs in --out again; --against OUT sets them beside another
-finished run of the same flags but --seed (losses and leads at the same tokens, each pair's
-multiplier before the decay), so a lead can be told from one seed's luck. --resume, given with the flags a
-killed benchmark was started with, goes on with its runs, each from its last checkpoint
+benchmark, it prints and plots the runs in --out again; --against OUT sets them beside
+another finished run of the same flags but --seed (losses and leads at the same tokens, each
+pair's multiplier before the decay), so a lead can be told from one seed's luck. --resume,
+given with the flags a killed benchmark was started with, goes on with its runs, each from its last checkpoint
 (add --train save_every=N for the dense run to keep one; the MoE keeps one at every
 evaluation with --branches), so a run longer than a sitting can span several; the wall
 times add up over the pieces, so compare them only where every piece ran on one kind of
